@@ -1,0 +1,1 @@
+"""One module per ``dorafit`` subcommand (see ``dorafit.cli``)."""

@@ -1,0 +1,192 @@
+"""Pure tensor functions: the DoRA math, in one place.
+
+Layout (PyTorch): a weight W0 has shape (out, in); y = x W0ᵀ + b. Conv weights are viewed as
+(out, in/groups · k...), embeddings as the linear map one-hot -> embedding_dim, i.e. (dim, vocab).
+
+    LoRA:  W = W0 + s · B A                      A (r, in), B (out, r), s = alpha / r
+    DoRA:  W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖  (paper Eq. 5), norm per output feature (row),
+           m (out,) initialised to ‖W0‖ so that W' = W0 at step 0.
+
+The factored norm never builds the (out, in) matrix W0 + s B A:
+
+    ‖W0_i + s (BA)_i‖² = ‖W0_i‖² + 2s · Σ_j B_ij (A W0ᵀ)_ji + s² · Σ_jk B_ij (A Aᵀ)_jk B_ik
+
+with ‖W0_i‖² cached at attach time, the cross term C = A W0ᵀ (r, out) computed by running the
+frozen base layer on A's rows, and A Aᵀ (r, r). Everything here is float32.
+
+The unmerged forward reuses the base layer's output:
+
+    g = m / ‖W0 + s B A‖                         (out,)
+    y = g ⊙ (x W0ᵀ + s · (x Aᵀ) Bᵀ) + b          (bias never scaled by g)
+
+Every optimised function has a short reference next to it (``reference_*``) that the tests
+hold equal.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+# Clamp before the square root: a row of W0 + s B A can be (numerically) zero.
+NORM_EPS = 1e-12
+# Rows of a half-precision weight converted to float32 at a time for the cross term, so that no
+# float32 copy of the whole (out, in) weight ever exists.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def weight_norm_sq_per_output(weight_2d: torch.Tensor) -> torch.Tensor:
+    """‖W_i‖² per output feature (row) of a (out, in) weight, in float32: (out,).
+
+    Works through row chunks so that a half-precision weight is never copied whole.
+    """
+    out_features = weight_2d.shape[0]
+    rows = max(1, _CHUNK_ELEMENTS // max(1, weight_2d[0].numel()))
+    parts = []
+    for start in range(0, out_features, rows):
+        chunk = weight_2d[start : start + rows].to(torch.float32)
+        parts.append(chunk.pow(2).sum(dim=1))
+    return torch.cat(parts)
+
+
+def weight_norm_per_output(weight_2d: torch.Tensor) -> torch.Tensor:
+    """‖W_i‖ per output feature (row) of a (out, in) weight, float32: (out,)."""
+    return weight_norm_sq_per_output(weight_2d).sqrt()
+
+
+def rows_times_weight_t(rows: torch.Tensor, weight_2d: torch.Tensor) -> torch.Tensor:
+    """R Wᵀ in float32 for R (r, in) and W (out, in): (r, out).
+
+    A float32 weight is used directly; a half-precision one is converted in row chunks, so the
+    result is exact to float32 without a float32 copy of W.
+    """
+    rows = rows.to(torch.float32)
+    if weight_2d.dtype == torch.float32:
+        return rows @ weight_2d.t()
+    step = max(1, _CHUNK_ELEMENTS // max(1, weight_2d.shape[1]))
+    parts = [rows @ weight_2d[s : s + step].to(torch.float32).t() for s in range(0, weight_2d.shape[0], step)]
+    return torch.cat(parts, dim=1)
+
+
+def factored_norm(
+    w0_norm_sq: torch.Tensor,
+    cross: torch.Tensor,
+    lora_a_2d: torch.Tensor,
+    lora_b_2d: torch.Tensor,
+    scaling: float,
+    eps: float = NORM_EPS,
+) -> torch.Tensor:
+    """‖W0 + s B A‖ per output feature without forming the (out, in) matrix: (out,), float32.
+
+    w0_norm_sq: (out,) ‖W0_i‖²; cross: (r, out) = A W0ᵀ; lora_a_2d: (r, in); lora_b_2d: (out, r).
+    """
+    a = lora_a_2d.to(torch.float32)
+    b = lora_b_2d.to(torch.float32)
+    cross = cross.to(torch.float32)
+    gram = a @ a.t()  # (r, r)
+    cross_term = (b * cross.t()).sum(dim=1)  # (out,) = Σ_j B_ij (A W0ᵀ)_ji
+    quad_term = ((b @ gram) * b).sum(dim=1)  # (out,) = (B AAᵀ Bᵀ)_ii
+    norm_sq = w0_norm_sq.to(torch.float32) + (2.0 * scaling) * cross_term + (scaling * scaling) * quad_term
+    return norm_sq.clamp_min(eps).sqrt()
+
+
+def reference_norm(w0_2d: torch.Tensor, lora_a_2d: torch.Tensor, lora_b_2d: torch.Tensor, scaling: float) -> torch.Tensor:
+    """‖W0 + s B A‖ per row by materialising the matrix (tests and merge only): (out,), float32."""
+    w = w0_2d.to(torch.float32) + scaling * (lora_b_2d.to(torch.float32) @ lora_a_2d.to(torch.float32))
+    return torch.linalg.vector_norm(w, dim=1)
+
+
+def magnitude_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """g = m / ‖W0 + s B A‖: (out,), float32."""
+    return magnitude.to(torch.float32) / norm
+
+
+def dora_compose(
+    base_out: torch.Tensor,
+    lowrank_out: Optional[torch.Tensor],
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """y = g ⊙ (base_out − b + lowrank_out) + b, with g broadcast along the output axis.
+
+    base_out: the base layer's output x W0ᵀ + b; lowrank_out: s · (x Aᵀ) Bᵀ; scale: g already
+    shaped to broadcast (e.g. (out,) for a linear, (out, 1, 1) for a conv2d). A missing
+    lowrank_out (magnitude-only) counts as zero.
+    """
+    dtype = base_out.dtype
+    scale = scale.to(dtype)
+    z = base_out if bias is None else base_out - bias.to(dtype)
+    if lowrank_out is not None:
+        z = z + lowrank_out.to(dtype)
+    out = scale * z
+    return out if bias is None else out + bias.to(dtype)
+
+
+def dora_compose_dropout(
+    base_out: torch.Tensor,
+    base_dropped_nobias: torch.Tensor,
+    lowrank_dropped: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """Exact DoRA with dropout on the whole update (official code, PEFT):
+
+    y = W0 x + b + (g − 1) ⊙ W0 drop(x) + g ⊙ s B A drop(x)
+    """
+    dtype = base_out.dtype
+    scale = scale.to(dtype)
+    return base_out + (scale - 1) * base_dropped_nobias + scale * lowrank_dropped.to(dtype)
+
+
+def merged_weight_2d(
+    w0_2d: torch.Tensor,
+    lora_a_2d: torch.Tensor,
+    lora_b_2d: torch.Tensor,
+    scaling: float,
+    magnitude: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Merged (out, in) weight in float32: W0 + s B A (LoRA) or g ⊙ (W0 + s B A) (DoRA)."""
+    w = w0_2d.to(torch.float32) + scaling * (lora_b_2d.to(torch.float32) @ lora_a_2d.to(torch.float32))
+    if magnitude is None:
+        return w
+    norm = torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS ** 0.5)
+    return (magnitude.to(torch.float32) / norm).unsqueeze(1) * w
+
+
+def reference_dora_weight(
+    w0_2d: torch.Tensor,
+    lora_a_2d: torch.Tensor,
+    lora_b_2d: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    detach_norm: bool = True,
+) -> torch.Tensor:
+    """Paper Eq. 5 written out: W' = m ⊙ V / ‖V‖ with V = W0 + s B A, float32, differentiable.
+
+    With ``detach_norm`` the norm is a constant in backward (paper section 4.3).
+    """
+    v = w0_2d.to(torch.float32) + scaling * (lora_b_2d.to(torch.float32) @ lora_a_2d.to(torch.float32))
+    norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    if detach_norm:
+        norm = norm.detach()
+    return magnitude.to(torch.float32).unsqueeze(1) * v / norm
+
+
+def magnitude_direction_delta(w0_2d: torch.Tensor, w_2d: torch.Tensor, axis: int = 1) -> Tuple[float, float]:
+    """The paper's weight-decomposition statistics (section 3, Figure 2):
+
+        ΔM = mean_i |‖W_i‖ − ‖W0_i‖|,   ΔD = mean_i (1 − cos(W_i, W0_i))
+
+    over output features i (rows, ``axis=1``: norms taken over the input dimension), or over
+    columns with ``axis=0``. Returns Python floats (ΔM, ΔD).
+    """
+    if w0_2d.shape != w_2d.shape or w0_2d.dim() != 2:
+        raise ValueError(f"magnitude_direction_delta needs two 2-D weights of one shape, got {tuple(w0_2d.shape)} and {tuple(w_2d.shape)}")
+    if axis not in (0, 1):
+        raise ValueError(f"axis must be 1 (per output feature) or 0 (per input feature), got {axis}")
+    w0 = w0_2d.detach().to(torch.float64)
+    w = w_2d.detach().to(torch.float64)
+    m0 = torch.linalg.vector_norm(w0, dim=axis)
+    m = torch.linalg.vector_norm(w, dim=axis)
+    cos = (w0 * w).sum(dim=axis) / (m0 * m).clamp_min(1e-300)
+    return float((m - m0).abs().mean()), float((1.0 - cos).mean())

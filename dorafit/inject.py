@@ -1,0 +1,262 @@
+"""Attach and detach adapters on any nn.Module by model surgery.
+
+``attach`` finds the target modules by name, checks everything first (config, matches, module
+types, ranks), then swaps each target for an adapter with ``setattr(parent, name, adapter)``.
+Only adapter parameters (and ``modules_to_save`` copies) stay trainable. The single extension
+point is ``ADAPTER_TYPES``: {module type -> adapter class}.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple, Type
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, ConfigError, pattern_matches, resolve_module_options
+from .layers import AdapterError, AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
+
+ADAPTER_TYPES: Dict[Type[nn.Module], Type[AdapterLayer]] = {
+    nn.Linear: LinearAdapter,
+    nn.Conv1d: ConvAdapter,
+    nn.Conv2d: ConvAdapter,
+    nn.Conv3d: ConvAdapter,
+    nn.Embedding: EmbeddingAdapter,
+}
+
+# Method -> factory(module, adapter class, options) for methods that need their own layer
+# classes (VeRA-style); "lora", "dora" and "magnitude" use the classes above directly.
+METHOD_BUILDERS: Dict[str, Callable[..., AdapterLayer]] = {}
+
+# Attribute on the root module recording the config the adapters were built from.
+CONFIG_ATTR = "dorafit_config"
+
+
+def adapter_types() -> Dict[Type[nn.Module], Type[AdapterLayer]]:
+    """The dispatch table, plus transformers' GPT-2 Conv1D when transformers is loaded.
+
+    A model containing a Conv1D has imported transformers already, so this never imports it.
+    """
+    table = dict(ADAPTER_TYPES)
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    if pytorch_utils is not None and hasattr(pytorch_utils, "Conv1D"):
+        table[pytorch_utils.Conv1D] = Conv1DAdapter
+    return table
+
+
+def _adapter_class(module: nn.Module) -> Optional[Type[AdapterLayer]]:
+    table = adapter_types()
+    for cls in type(module).__mro__:
+        if cls in table:
+            return table[cls]
+    return None
+
+
+def adapter_modules(model: nn.Module) -> List[Tuple[str, AdapterLayer]]:
+    """(qualified name, adapter) for every adapter in the model."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+class ModulesToSave(nn.Module):
+    """A fully trainable copy of a module (e.g. a classification head) saved with the adapter.
+
+    ``original`` is kept frozen so that ``detach`` can restore it.
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original = original
+        self.trainable = copy.deepcopy(original)
+        for p in self.original.parameters():
+            p.requires_grad_(False)
+        for p in self.trainable.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, *args, **kwargs):
+        return self.trainable(*args, **kwargs)
+
+
+def _output_head_names(model: nn.Module) -> set:
+    names = {"lm_head"}
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            head = get_out()
+        except Exception:  # some models raise NotImplementedError
+            head = None
+        if head is not None:
+            for name, m in model.named_modules():
+                if m is head:
+                    names.add(name)
+    return names
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    cls = _adapter_class(module)
+    return cls in (LinearAdapter, Conv1DAdapter)
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> List[str]:
+    """Names of the modules ``config`` selects, in model order. Raises when nothing matches."""
+    heads = _output_head_names(model)
+    selected = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        hit = False
+        for pattern in config.targets:
+            if pattern == "all-linear":
+                if _is_linear_like(module) and name.split(".")[-1] not in heads and name not in heads:
+                    hit = True
+            elif pattern_matches(pattern, name):
+                hit = True
+        if hit and not any(pattern_matches(p, name) for p in config.exclude):
+            selected.append(name)
+    # A pattern matching a container and one of its children would adapt both; keep leaves.
+    if not selected:
+        leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
+        shown = ", ".join(leaves[:40]) + (f", ... ({len(leaves)} in all)" if len(leaves) > 40 else "")
+        raise ConfigError(f"targets {config.targets} (exclude {config.exclude}) match no module; modules: {shown}")
+    return selected
+
+
+def _check_not_attached(model: nn.Module) -> None:
+    existing = adapter_modules(model)
+    if existing:
+        raise AdapterError(
+            f"model already has dorafit adapters ({len(existing)}, e.g. {existing[0][0]}); "
+            "call dorafit.detach(model) or dorafit.merge(model) first instead of stacking adapters"
+        )
+
+
+def build_adapter(module: nn.Module, name: str, config: AdapterConfig) -> AdapterLayer:
+    """The adapter for one module under ``config`` (after per-module patterns)."""
+    cls = _adapter_class(module)
+    if cls is None:
+        supported = ", ".join(sorted(c.__name__ for c in adapter_types()))
+        raise AdapterError(f"module {name!r} is a {type(module).__name__}, which dorafit cannot adapt (supported: {supported})")
+    opts = resolve_module_options(config, name)
+    kwargs = dict(
+        method=opts["method"],
+        rank=opts["rank"],
+        alpha=opts["alpha"],
+        scaling=opts["scaling"],
+        dropout=config.dropout,
+        dropout_mode=config.dropout_mode,
+        detach_norm=config.detach_norm,
+        adapter_dtype=config.adapter_dtype,
+    )
+    builder = METHOD_BUILDERS.get(opts["method"])
+    try:
+        if builder is not None:
+            return builder(module, cls, config, name, **kwargs)
+        return cls(module, **kwargs)
+    except AdapterError as exc:
+        raise AdapterError(f"module {name!r}: {exc}") from None
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Attach adapters to ``model`` in place and return it; only adapter parameters train.
+
+    Everything is validated before the first module is replaced: on error the model is untouched.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be a dorafit.AdapterConfig, got {type(config).__name__}")
+    _check_not_attached(model)
+    names = find_targets(model, config)
+    # Leaves only: adapting a container and its child at once is ambiguous.
+    names = [n for n in names if not any(o.startswith(n + ".") for o in names)]
+    modules = {n: model.get_submodule(n) for n in names}
+    adapters = {n: build_adapter(m, n, config) for n, m in modules.items()}  # may raise: nothing swapped yet
+    save_names = []
+    for pattern in config.modules_to_save:
+        hits = [n for n, _ in model.named_modules() if n and pattern_matches(pattern, n) and n not in adapters]
+        hits = [n for n in hits if not any(n.startswith(o + ".") for o in hits if o != n)]
+        if not hits:
+            raise ConfigError(f"modules_to_save entry {pattern!r} matches no module")
+        save_names.extend(hits)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, adapter in adapters.items():
+        _set_submodule(model, name, adapter)
+    for name in dict.fromkeys(save_names):
+        _set_submodule(model, name, ModulesToSave(model.get_submodule(name)))
+    for _, adapter in adapter_modules(model):
+        for pname in adapter.adapter_parameter_names():
+            getattr(adapter, pname).requires_grad_(True)
+    setattr(model, CONFIG_ATTR, config)
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove all adapters and restore the untouched base modules (and their original weights)."""
+    for name, adapter in adapter_modules(model):
+        _set_submodule(model, name, adapter.base)
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]:
+        _set_submodule(model, name, module.original)
+    if hasattr(model, CONFIG_ATTR):
+        delattr(model, CONFIG_ATTR)
+    return model
+
+
+def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """{"<module>.<param>": tensor} of every adapter parameter and modules_to_save copy."""
+    state = {}
+    for name, adapter in adapter_modules(model):
+        for pname in adapter.adapter_parameter_names():
+            state[f"{name}.{pname}"] = getattr(adapter, pname).detach()
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            for key, t in module.trainable.state_dict().items():
+                state[f"{name}.trainable.{key}"] = t.detach()
+    return state
+
+
+@dataclass
+class TrainableReport:
+    """What ``attach`` made trainable: adapted modules and parameter counts."""
+
+    modules: List[str] = field(default_factory=list)
+    methods: Dict[str, int] = field(default_factory=dict)
+    trainable: int = 0
+    total: int = 0
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        methods = ", ".join(f"{m} × {k}" for m, k in sorted(self.methods.items())) or "none"
+        return (
+            f"adapted modules   {len(self.modules)} ({methods})\n"
+            f"trainable params  {self.trainable:,}\n"
+            f"all params        {self.total:,}\n"
+            f"trainable %       {self.percent:.4f}"
+        )
+
+
+def trainable_report(model: nn.Module) -> TrainableReport:
+    """Adapted modules, trainable parameter count and share of all parameters."""
+    report = TrainableReport()
+    for name, adapter in adapter_modules(model):
+        report.modules.append(name)
+        report.methods[adapter.method] = report.methods.get(adapter.method, 0) + 1
+    seen = set()
+    for p in model.parameters():  # parameters() de-duplicates shared tensors
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        report.total += p.numel()
+        if p.requires_grad:
+            report.trainable += p.numel()
+    return report

@@ -1,0 +1,212 @@
+"""Adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+The format is fixed:
+- ``adapter_config.json``: {"format": "dorafit", "dorafit_version", "config": AdapterConfig,
+  "base_model": {"class", "name_or_path"}, "modules": {name: {"type", "weight_shape", "method",
+  "rank"}}}
+- ``adapter_model.safetensors``: "<module>.lora_a", "<module>.lora_b", "<module>.magnitude"
+  (and "<module>.trainable.<key>" for modules_to_save copies), tensors only, never pickled.
+
+Writes go to a temporary directory that is renamed into place. Loading validates the directory,
+the config, every module's base shape and every key and shape before any weight is copied, and
+leaves the model untouched when something does not fit. A directory written by PEFT
+(``"peft_type"`` in its config) is handed to ``dorafit.interop``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import AdapterConfig, ConfigError
+from .files import atomic_directory
+from .inject import CONFIG_ATTR, adapter_modules, adapter_state_dict, attach, detach
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "dorafit"
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory or file that cannot be loaded onto this model."""
+
+
+def _base_identity(model: nn.Module) -> Dict[str, Any]:
+    cfg = getattr(model, "config", None)
+    name = getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return {
+        "class": type(model).__name__,
+        "name_or_path": str(name) if name else None,
+        "model_type": getattr(cfg, "model_type", None),
+    }
+
+
+def _module_record(adapter) -> Dict[str, Any]:
+    return {
+        "type": type(adapter.base).__name__,
+        "weight_shape": list(adapter.base.weight.shape),
+        "method": adapter.method,
+        "rank": adapter.rank,
+        "alpha": adapter.alpha,
+    }
+
+
+def save_adapter(model: nn.Module, path: Union[str, os.PathLike], format: str = "dorafit") -> Path:
+    """Write the model's adapters to directory ``path`` (replaced atomically); returns the path.
+
+    ``format="peft"`` writes PEFT's layout instead (see ``dorafit.interop``).
+    """
+    if format == "peft":
+        from .interop import save_peft_adapter
+
+        return save_peft_adapter(model, path)
+    if format != "dorafit":
+        raise ValueError(f"format must be 'dorafit' or 'peft', got {format!r}")
+    config = getattr(model, CONFIG_ATTR, None)
+    if config is None or not adapter_modules(model):
+        raise AdapterFileError("model has no dorafit adapters to save (attach or load an adapter first)")
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    meta = {
+        "format": FORMAT,
+        "dorafit_version": __version__,
+        "config": config.to_dict(),
+        "base_model": _base_identity(model),
+        "modules": {name: _module_record(a) for name, a in adapter_modules(model)},
+    }
+    extra = getattr(model, "dorafit_extra_tensors", None)
+    if callable(extra):  # method-specific tensors (e.g. VeRA's shared matrices when asked to store them)
+        state.update({k: v.detach().cpu().contiguous() for k, v in extra().items()})
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT, "dorafit_version": __version__})
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_adapter_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The parsed ``adapter_config.json`` of an adapter directory, with clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise AdapterFileError(f"adapter path {path} does not exist")
+    if not path.is_dir():
+        raise AdapterFileError(f"{path} is not an adapter directory (expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise AdapterFileError(f"{path} is not an adapter directory: {CONFIG_NAME} is missing")
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{cfg_file} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{cfg_file} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_safetensors(file: Path) -> Dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, or an AdapterFileError naming the file."""
+    if not file.is_file():
+        raise AdapterFileError(f"adapter weights file {file} is missing")
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt data
+        raise AdapterFileError(f"{file} is truncated or corrupt and cannot be read as safetensors: {exc}") from None
+
+
+def _check_base(model: nn.Module, modules: Dict[str, Any], source: Path) -> None:
+    for name, record in modules.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterFileError(f"{source}: module {name!r} of the adapter does not exist in this base model") from None
+        weight = getattr(module, "weight", None)
+        want = record.get("weight_shape")
+        if weight is None or (want is not None and list(weight.shape) != list(want)):
+            got = None if weight is None else tuple(weight.shape)
+            raise AdapterFileError(
+                f"{source}: module {name!r} has weight shape {got} in this base model but the adapter "
+                f"was trained on shape {tuple(want)} (a base model of another shape?)"
+            )
+
+
+def load_adapter(base_model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+    """Attach the adapter stored in ``path`` to ``base_model`` and load its weights.
+
+    Validates everything first; on any mismatch raises AdapterFileError naming the module, key or
+    shape, and leaves ``base_model`` as it was.
+    """
+    path = Path(path)
+    data = read_adapter_config(path)
+    if "peft_type" in data:
+        from .interop import load_peft_adapter
+
+        return load_peft_adapter(base_model, path)
+    if data.get("format") != FORMAT or "config" not in data:
+        raise AdapterFileError(f"{path / CONFIG_NAME} is not a dorafit adapter config (no \"format\": \"dorafit\")")
+    try:
+        config = AdapterConfig.from_dict(data["config"])
+    except (ConfigError, TypeError) as exc:
+        raise AdapterFileError(f"{path / CONFIG_NAME}: invalid adapter config: {exc}") from None
+    modules = data.get("modules") or {}
+    if not isinstance(modules, dict):
+        raise AdapterFileError(f"{path / CONFIG_NAME}: \"modules\" must be an object")
+    _check_base(base_model, modules, path)
+    tensors = read_safetensors(path / WEIGHTS_NAME)
+
+    attach(base_model, config)
+    try:
+        attached = {name: a for name, a in adapter_modules(base_model)}
+        if modules and set(attached) != set(modules):
+            extra = sorted(set(attached) - set(modules))
+            absent = sorted(set(modules) - set(attached))
+            raise AdapterFileError(
+                f"{path}: the config's targets select other modules on this model than the adapter holds "
+                f"(only in the model: {extra[:10]}, only in the adapter: {absent[:10]})"
+            )
+        for name, a in attached.items():
+            record = modules.get(name, {})
+            for field_name in ("method", "rank"):
+                if field_name in record and record[field_name] != getattr(a, field_name):
+                    raise AdapterFileError(
+                        f"{path}: module {name!r} is recorded with {field_name} {record[field_name]!r} but the "
+                        f"config gives {getattr(a, field_name)!r}"
+                    )
+        expected = adapter_state_dict(base_model)
+        extra_fn = getattr(base_model, "dorafit_extra_tensors", None)
+        optional = set(extra_fn()) if callable(extra_fn) else set()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected) - optional)
+        if missing or unexpected:
+            raise AdapterFileError(
+                f"{path / WEIGHTS_NAME} does not match the config (method {config.method!r}, rank {config.rank}): "
+                f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+                f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
+            )
+        for key, want in expected.items():
+            got = tensors[key]
+            if tuple(got.shape) != tuple(want.shape):
+                raise AdapterFileError(
+                    f"{path / WEIGHTS_NAME}: key {key!r} has shape {tuple(got.shape)} but this model and config "
+                    f"(method {config.method!r}, rank {config.rank}) need {tuple(want.shape)}"
+                )
+            if not got.is_floating_point():
+                raise AdapterFileError(f"{path / WEIGHTS_NAME}: key {key!r} has dtype {got.dtype}, expected floating point")
+        with torch.no_grad():
+            for key, want in expected.items():
+                want.copy_(tensors[key].to(device=want.device, dtype=want.dtype))
+            load_extra = getattr(base_model, "dorafit_load_extra_tensors", None)
+            if callable(load_extra):
+                load_extra({k: v for k, v in tensors.items() if k in optional})
+    except BaseException:
+        detach(base_model)
+        raise
+    return base_model

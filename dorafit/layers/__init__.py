@@ -1,0 +1,8 @@
+"""One adapter class per layer type; see ``dorafit.inject`` for the dispatch table."""
+
+from .base import AdapterError, AdapterLayer
+from .conv import ConvAdapter
+from .embedding import EmbeddingAdapter
+from .linear import Conv1DAdapter, LinearAdapter
+
+__all__ = ["AdapterError", "AdapterLayer", "ConvAdapter", "EmbeddingAdapter", "Conv1DAdapter", "LinearAdapter"]

@@ -1,0 +1,296 @@
+"""AdapterLayer: one flat LoRA / DoRA adapter around one frozen base module.
+
+For a base with weight W0 viewed as (out, in) (see ``functional``), the adapter holds
+
+    lora_a     (r, in)   Kaiming-uniform (a = sqrt(5), as nn.Linear)
+    lora_b     (out, r)  zeros, so the adapted layer equals the base at step 0
+    magnitude  (out,)    DoRA only, initialised to ‖W0‖ per output feature
+
+and computes, with s = alpha / r and x' = dropout(x),
+
+    LoRA:  y = base(x) + s · B A x'
+    DoRA:  y = g ⊙ (x W0ᵀ + s · B A x) + b,  g = m / ‖W0 + s B A‖   (dropout 0 or eval)
+           y = base(x) + (g − 1) ⊙ W0 x' + g ⊙ s B A x'             (dropout, "input" mode)
+           y = g ⊙ (x W0ᵀ + s · B A x') + b                          (dropout, "lowrank" mode)
+    magnitude-only: y = m / ‖W0‖ ⊙ x W0ᵀ + b
+
+LoRA and DoRA run through the same forward so they are measured on equal terms. The DoRA norm
+is the factored one of ``functional.factored_norm``; with ``detach_norm`` (paper section 4.3)
+it is a constant in backward and is cached until A, B or W0 change (version counters), so it is
+paid once per optimizer step across gradient-accumulation micro-batches, activation-checkpoint
+recomputation and evaluation.
+
+Each layer type (linear.py, conv.py, embedding.py) only says how its weight is laid out, how
+to run the low-rank path and how to get the cross term A W0ᵀ from the frozen base.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import functional as DF
+
+
+class AdapterError(ValueError):
+    """An adapter cannot be built or used on this module."""
+
+
+def is_compiling() -> bool:
+    """True while torch.compile traces (the norm cache is Python state, so it is bypassed)."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()  # torch < 2.3
+
+
+class AdapterLayer(nn.Module):
+    """Base class: parameters, norm cache, the shared forward, reference forward and merge.
+
+    Subclasses define the layout hooks below; everything about the method lives here.
+    """
+
+    # Which axis of the layer's output holds the output features (-1 linear, 1 conv).
+    out_axis: int = -1
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        method: str = "dora",
+        rank: int = 8,
+        alpha: float = 16.0,
+        scaling: Optional[float] = None,
+        dropout: float = 0.0,
+        dropout_mode: str = "input",
+        detach_norm: bool = True,
+        adapter_dtype: str = "float32",
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.method = method
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.scaling = float(scaling if scaling is not None else alpha / rank)
+        self.dropout_mode = dropout_mode
+        self.detach_norm = bool(detach_norm)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+
+        weight = self.base_weight_2d()
+        if weight.device.type == "meta":
+            raise AdapterError(
+                f"{type(base).__name__}: base weights are on the meta device; load the base weights "
+                "before attaching (the magnitude is initialised from ‖W0‖)"
+            )
+        out_features, in_features = weight.shape
+        if self.rank > min(out_features, in_features) and method in ("lora", "dora"):
+            raise AdapterError(
+                f"rank {self.rank} is larger than the layer allows: weight (out, in) = "
+                f"({out_features}, {in_features}), rank must be ≤ {min(out_features, in_features)}"
+            )
+        dtype = torch.float32 if adapter_dtype == "float32" else self.base_dtype()
+        device = weight.device
+
+        # ‖W0‖² per output feature, float32, computed once (DESIGN.md §2).
+        self.register_buffer("w0_norm_sq", DF.weight_norm_sq_per_output(weight.detach()), persistent=False)
+        self.lora_a: Optional[nn.Parameter] = None
+        self.lora_b: Optional[nn.Parameter] = None
+        self.magnitude: Optional[nn.Parameter] = None
+        if method in ("lora", "dora"):
+            a = torch.empty(self.lora_a_shape(), dtype=dtype, device=device)
+            nn.init.kaiming_uniform_(a.view(self.rank, -1), a=math.sqrt(5))
+            self.lora_a = nn.Parameter(a)
+            self.lora_b = nn.Parameter(torch.zeros(self.lora_b_shape(), dtype=dtype, device=device))
+        if method in ("dora", "magnitude"):
+            self.magnitude = nn.Parameter(self.w0_norm_sq.sqrt().to(dtype))
+        self._norm_cache: Optional[Tuple[tuple, torch.Tensor]] = None
+
+    # ----------------------------------------------------------------------------------------
+    # Layout hooks (subclasses)
+    def base_weight_2d(self) -> torch.Tensor:
+        """W0 as (out, in_flat), a view of the base weight (no copy)."""
+        raise NotImplementedError
+
+    def lora_a_shape(self) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    def lora_b_shape(self) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    def base_bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.base, "bias", None)
+
+    def base_nobias(self, x: torch.Tensor) -> torch.Tensor:
+        """x W0ᵀ without the bias, in the output layout."""
+        raise NotImplementedError
+
+    def lowrank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(x Aᵀ) Bᵀ in the output layout (unscaled), in the adapter dtype."""
+        raise NotImplementedError
+
+    def cross_term(self, a_2d: torch.Tensor) -> torch.Tensor:
+        """C = A W0ᵀ, (r, out) float32: the frozen base applied to A's rows, without bias."""
+        return DF.rows_times_weight_t(a_2d, self.base_weight_2d())
+
+    def weight_from_2d(self, weight_2d: torch.Tensor) -> torch.Tensor:
+        """An (out, in_flat) weight in the base module's own layout and dtype."""
+        raise NotImplementedError
+
+    def write_merged(self, merged_2d: torch.Tensor) -> nn.Module:
+        """Put a merged (out, in_flat) weight into the base module as a new frozen Parameter.
+
+        A new Parameter rather than an in-place copy: a weight tied elsewhere (an output head
+        tied to the embedding) keeps the value it had in the adapted model.
+        """
+        self.base.weight = nn.Parameter(self.weight_from_2d(merged_2d), requires_grad=False)
+        return self.base
+
+    # ----------------------------------------------------------------------------------------
+    # Method hooks (VeRA-style subclasses override these two)
+    def lowrank_factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The A (r, in...) and B (out, r...) of the directional update."""
+        return self.lora_a, self.lora_b
+
+    def norm_dependencies(self) -> List[torch.Tensor]:
+        """Tensors whose change invalidates the cached norm."""
+        return [self.lora_a, self.lora_b, self.base_weight_2d()]
+
+    def adapter_parameter_names(self) -> List[str]:
+        """Names of this adapter's own trainable parameters (what save/freeze/report use)."""
+        return [n for n in ("lora_a", "lora_b", "magnitude") if getattr(self, n) is not None]
+
+    # ----------------------------------------------------------------------------------------
+    def base_dtype(self) -> torch.dtype:
+        return self.base_weight_2d().dtype
+
+    def dropping(self) -> bool:
+        """True when dropout changes the input (training with p > 0)."""
+        return self.training and isinstance(self.dropout, nn.Dropout)
+
+    def scale_shape(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
+        """Shape an (out,) vector to broadcast along ``out_axis`` of an ndim-dim output."""
+        if self.out_axis == -1:
+            return v
+        shape = [1] * ndim
+        shape[self.out_axis] = -1
+        return v.view(shape)
+
+    def _compute_norm(self) -> torch.Tensor:
+        if self.method == "magnitude":
+            return self.w0_norm_sq.clamp_min(DF.NORM_EPS).sqrt()
+        a, b = self.lowrank_factors()
+        a_2d = a.reshape(a.shape[0], -1)
+        b_2d = b.reshape(b.shape[0], -1)
+        return DF.factored_norm(self.w0_norm_sq, self.cross_term(a_2d), a_2d, b_2d, self.scaling)
+
+    def _cache_key(self) -> tuple:
+        deps = self.norm_dependencies()
+        return tuple((t.data_ptr(), t._version) for t in deps) + (self.scaling,)
+
+    def weight_norm(self) -> torch.Tensor:
+        """‖W0 + s B A‖ per output feature, (out,) float32 (factored, never materialised).
+
+        Detached (paper section 4.3) and cached until A, B or W0 change, unless the full
+        gradient is asked for while autograd records.
+        """
+        if not self.detach_norm and torch.is_grad_enabled():
+            return self._compute_norm()
+        if is_compiling():
+            with torch.no_grad():
+                return self._compute_norm()
+        key = self._cache_key()
+        cached = self._norm_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            norm = self._compute_norm()
+        self._norm_cache = (key, norm)
+        return norm
+
+    def magnitude_scale(self) -> torch.Tensor:
+        """g = m / ‖W0 + s B A‖, (out,) float32."""
+        return DF.magnitude_scale(self.magnitude, self.weight_norm())
+
+    # ----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base_out = self.base(x)
+        if self.method == "magnitude":
+            g = self.scale_shape(self.magnitude_scale(), base_out.dim())
+            return DF.dora_compose(base_out, None, g, self.base_bias())
+        a, b = self.lowrank_factors()
+        xd = self.dropout(x) if self.dropping() else x
+        lowrank = self.lowrank(xd, a, b) * self.scaling
+        if self.magnitude is None:  # LoRA / VeRA
+            return base_out + lowrank.to(base_out.dtype)
+        g = self.scale_shape(self.magnitude_scale(), base_out.dim())
+        if xd is not x and self.dropout_mode == "input":
+            # Dropout on the input of the whole DoRA update: W0 drop(x) needs a second matmul.
+            return DF.dora_compose_dropout(base_out, self.base_nobias(xd), lowrank, g)
+        return DF.dora_compose(base_out, lowrank, g, self.base_bias())
+
+    def delta_weight_2d(self) -> torch.Tensor:
+        """s · B A as (out, in_flat), float32 (materialised: merge and tests only)."""
+        a, b = self.lowrank_factors()
+        return self.scaling * (b.reshape(b.shape[0], -1).float() @ a.reshape(a.shape[0], -1).float())
+
+    def merged_weight_2d(self) -> torch.Tensor:
+        """The adapted weight as (out, in_flat), float32: W0 + sBA, or g ⊙ (W0 + sBA)."""
+        w0 = self.base_weight_2d()
+        if self.method == "magnitude":
+            return (self.magnitude.float() / self.w0_norm_sq.clamp_min(DF.NORM_EPS).sqrt()).unsqueeze(1) * w0.float()
+        w = w0.float() + self.delta_weight_2d()
+        if self.magnitude is None:
+            return w
+        norm = torch.linalg.vector_norm(w, dim=1).clamp_min(DF.NORM_EPS ** 0.5)
+        return (self.magnitude.float() / norm).unsqueeze(1) * w
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward by materialising W' (paper Eq. 5) and running the base op with it.
+
+        Kept deliberately plain for tests: it must equal ``forward`` (outputs and gradients).
+        """
+        w0 = self.base_weight_2d()
+        xd = self.dropout(x) if self.dropping() else x
+        if self.method == "magnitude":
+            norm = self.w0_norm_sq.sqrt()
+            w = (self.magnitude.float() / norm).unsqueeze(1) * w0.float()
+            return self.apply_weight(x, w)
+        a, b = self.lowrank_factors()
+        a_2d, b_2d = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        if self.magnitude is None:
+            w = w0.float() + self.scaling * (b_2d.float() @ a_2d.float())
+            return self.apply_weight(x, w0.float()) + self.apply_weight(xd, w - w0.float(), bias=False)
+        w_prime = DF.reference_dora_weight(w0, a_2d, b_2d, self.scaling, self.magnitude, self.detach_norm)
+        if xd is x or self.dropout_mode == "lowrank":
+            # W' x' with x' = x except on the low-rank path in "lowrank" mode.
+            norm = torch.linalg.vector_norm(w0.float() + self.scaling * (b_2d.float() @ a_2d.float()), dim=1)
+            if self.detach_norm:
+                norm = norm.detach()
+            g = self.magnitude.float() / norm
+            w0_scaled = g.unsqueeze(1) * w0.float()
+            delta_scaled = g.unsqueeze(1) * self.scaling * (b_2d.float() @ a_2d.float())
+            return self.apply_weight(x, w0_scaled) + self.apply_weight(xd, delta_scaled, bias=False)
+        # "input" dropout: y = W0 x + b + (W' − W0) drop(x)
+        return self.apply_weight(x, w0.float()) + self.apply_weight(xd, w_prime - w0.float(), bias=False)
+
+    def apply_weight(self, x: torch.Tensor, weight_2d: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """Run the base op with another (out, in_flat) float32 weight (reference path)."""
+        raise NotImplementedError
+
+    def to_plain_module(self) -> nn.Module:
+        """The base module with the merged weight (a new Parameter; the bias is unchanged)."""
+        with torch.no_grad():
+            merged = self.merged_weight_2d()
+        return self.write_merged(merged)
+
+    def extra_repr(self) -> str:
+        return (
+            f"method={self.method}, rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
+            f"detach_norm={self.detach_norm}, dropout_mode={self.dropout_mode}"
+        )

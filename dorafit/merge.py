@@ -1,0 +1,40 @@
+"""Merge adapters into plain modules for serving.
+
+    LoRA:  W = W0 + s B A           DoRA:  W = g ⊙ (W0 + s B A),  g = m / ‖W0 + s B A‖
+
+rows scaled per output feature, bias unchanged. The result is made of the original module
+classes (nn.Linear, Conv1D, ...), so ``save_pretrained`` after a merge writes a checkpoint that
+loads without dorafit. Merging a model without adapters changes nothing (idempotent).
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import nn
+
+from .inject import CONFIG_ATTR, ModulesToSave, _set_submodule, adapter_modules
+
+
+def merged_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """{"<module>.weight": merged weight in the base layout and dtype}, leaving the model as is."""
+    with torch.no_grad():
+        return {f"{name}.weight": a.weight_from_2d(a.merged_weight_2d()) for name, a in adapter_modules(model)}
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Replace every adapter by its base module carrying the merged weight; returns the model.
+
+    modules_to_save copies replace their originals. Calling it again is a no-op.
+    """
+    with torch.no_grad():
+        for name, adapter in adapter_modules(model):
+            _set_submodule(model, name, adapter.to_plain_module())
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]:
+        for p in module.trainable.parameters():
+            p.requires_grad_(False)
+        _set_submodule(model, name, module.trainable)
+    if hasattr(model, CONFIG_ATTR):
+        delattr(model, CONFIG_ATTR)
+    return model
