@@ -102,6 +102,48 @@ def magnitude_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor
     return magnitude.to(torch.float32) / norm
 
 
+class _DoraCompose(torch.autograd.Function):
+    """y = g ⊙ (z + l) + b with z = base_out − b, saving y instead of z + l.
+
+    The magnitude's gradient needs z + l = (y − b) / g. Autograd would keep that (tokens, out)
+    sum alive for backward; the layer output y is usually kept alive anyway by the next
+    operation (attention keeps v, SiLU keeps gate, the product keeps up), so saving y instead
+    costs no memory there, and no base matmul is ever recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, base_out, lowrank_out, scale, bias):
+        dtype = base_out.dtype
+        s = scale.to(dtype)
+        z = base_out if bias is None else base_out - bias.to(dtype)
+        if lowrank_out is not None:
+            z = z + lowrank_out.to(dtype)
+        y = z.mul_(s) if z is not base_out else z * s
+        if bias is not None:
+            y.add_(bias.to(dtype))
+        ctx.save_for_backward(y, scale, bias)
+        ctx.lowrank_dtype = None if lowrank_out is None else lowrank_out.dtype
+        ctx.has_lowrank = lowrank_out is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        y, scale, bias = ctx.saved_tensors
+        s = scale.to(grad_y.dtype)
+        grad_z = grad_y * s if (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) else None
+        grad_base = grad_z if ctx.needs_input_grad[0] else None
+        grad_low = None
+        if ctx.has_lowrank and ctx.needs_input_grad[1]:
+            grad_low = grad_z.to(ctx.lowrank_dtype)
+        grad_scale = None
+        if ctx.needs_input_grad[2]:
+            # Σ over every axis but the output one of grad_y ⊙ (y − b) / g, in float32.
+            z = y.to(torch.float32) if bias is None else y.to(torch.float32) - bias.to(torch.float32)
+            prod = grad_y.to(torch.float32) * z
+            grad_scale = prod.sum_to_size(scale.shape) / scale.to(torch.float32)
+        return grad_base, grad_low, grad_scale, None
+
+
 def dora_compose(
     base_out: torch.Tensor,
     lowrank_out: Optional[torch.Tensor],
@@ -112,14 +154,24 @@ def dora_compose(
 
     base_out: the base layer's output x W0ᵀ + b; lowrank_out: s · (x Aᵀ) Bᵀ; scale: g already
     shaped to broadcast (e.g. (out,) for a linear, (out, 1, 1) for a conv2d). A missing
-    lowrank_out (magnitude-only) counts as zero.
+    lowrank_out (magnitude-only) counts as zero. Memory-lean: see ``_DoraCompose``;
+    ``reference_dora_compose`` is the same formula through plain autograd.
     """
+    return _DoraCompose.apply(base_out, lowrank_out, scale, bias)
+
+
+def reference_dora_compose(
+    base_out: torch.Tensor,
+    lowrank_out: Optional[torch.Tensor],
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``dora_compose`` written with plain autograd (keeps z + l for backward)."""
     dtype = base_out.dtype
-    scale = scale.to(dtype)
     z = base_out if bias is None else base_out - bias.to(dtype)
     if lowrank_out is not None:
         z = z + lowrank_out.to(dtype)
-    out = scale * z
+    out = scale.to(dtype) * z
     return out if bias is None else out + bias.to(dtype)
 
 

@@ -181,6 +181,10 @@ class AdapterLayer(nn.Module):
         shape[self.out_axis] = -1
         return v.view(shape)
 
+    def shaped_bias(self, ndim: int) -> Optional[torch.Tensor]:
+        bias = self.base_bias()
+        return None if bias is None else self.scale_shape(bias, ndim)
+
     def _compute_norm(self) -> torch.Tensor:
         if self.method == "magnitude":
             return self.w0_norm_sq.clamp_min(DF.NORM_EPS).sqrt()
@@ -222,7 +226,7 @@ class AdapterLayer(nn.Module):
         base_out = self.base(x)
         if self.method == "magnitude":
             g = self.scale_shape(self.magnitude_scale(), base_out.dim())
-            return DF.dora_compose(base_out, None, g, self.base_bias())
+            return DF.dora_compose(base_out, None, g, self.shaped_bias(base_out.dim()))
         a, b = self.lowrank_factors()
         xd = self.dropout(x) if self.dropping() else x
         lowrank = self.lowrank(xd, a, b) * self.scaling
@@ -232,7 +236,7 @@ class AdapterLayer(nn.Module):
         if xd is not x and self.dropout_mode == "input":
             # Dropout on the input of the whole DoRA update: W0 drop(x) needs a second matmul.
             return DF.dora_compose_dropout(base_out, self.base_nobias(xd), lowrank, g)
-        return DF.dora_compose(base_out, lowrank, g, self.base_bias())
+        return DF.dora_compose(base_out, lowrank, g, self.shaped_bias(base_out.dim()))
 
     def delta_weight_2d(self) -> torch.Tensor:
         """s · B A as (out, in_flat), float32 (materialised: merge and tests only)."""

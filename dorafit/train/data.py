@@ -1,0 +1,341 @@
+"""Training data: reading files, recognising row formats, prompts and batches.
+
+Files (JSON array, JSONL, CSV, parquet) are read through the ``datasets`` library. Three row
+formats are recognised:
+
+- commonsense / instruction rows (the LLM-Adapters files the DoRA paper trains on):
+  ``{instruction, input, output, answer}`` (``input`` and ``answer`` optional);
+- multiple-choice rows: ``{question, choices: [str, ...], label: int}``;
+- classification rows: ``{text, label}`` (optionally ``text_pair``).
+
+For a causal LM a row becomes the paper's prompt plus the response; the loss is taken on the
+response tokens only (prompt positions carry label -100). For an encoder a commonsense row is
+parsed into its question and choices (see ``dorafit.eval.tasks.parse_instruction``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dorafit.eval.tasks import Task, parse_instruction
+
+# The LLM-Adapters prompt, used by the DoRA paper's commonsense recipe for training and
+# evaluation alike.
+PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+IGNORE_INDEX = -100
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+class DataError(ValueError):
+    """Bad training or evaluation data; the message names the file and, if known, the row."""
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The paper's prompt for one row, ending right where the response starts."""
+    if input and input.strip():
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT.format(instruction=instruction)
+
+
+def _locate_json_error(path: Path) -> str | None:
+    """Find the first syntax error of a JSON / JSONL file, as 'line N: message'."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number}: invalid JSON ({err.msg}, column {err.colno})"
+            if not isinstance(value, dict):
+                return f"line {number}: expected a JSON object, got {type(value).__name__}"
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        return f"line {err.lineno}: invalid JSON ({err.msg}, column {err.colno})"
+    if isinstance(value, list):
+        for number, row in enumerate(value, start=1):
+            if not isinstance(row, dict):
+                return f"row {number}: expected a JSON object, got {type(row).__name__}"
+    return None
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """Read every row of a JSON / JSONL / CSV / parquet file as a dict, via ``datasets``."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise DataError(f"{path}: not a readable file")
+    builder = _BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(_BUILDERS)}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    if builder == "json":
+        # The datasets error for a broken JSON file does not say where; find the line first.
+        problem = _locate_json_error(path)
+        if problem is not None:
+            raise DataError(f"{path}: {problem}")
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # datasets wraps parser errors in several exception types
+        cause = err.__cause__ or err
+        raise DataError(f"{path}: could not be read as {builder}: {cause}") from err
+    rows = dataset.to_list()
+    if not rows:
+        raise DataError(f"{path}: the data set is empty")
+    return rows
+
+
+def detect_format(rows: list[dict], path) -> str:
+    """'commonsense', 'multiple_choice' or 'classification', from the first row's keys."""
+    keys = set(rows[0])
+    if {"instruction", "output"} <= keys:
+        return "commonsense"
+    if {"question", "choices", "label"} <= keys:
+        return "multiple_choice"
+    if {"text", "label"} <= keys:
+        return "classification"
+    raise DataError(
+        f"{path}: row 1 has keys {sorted(keys)}; expected {{instruction, output[, input, answer]}}, "
+        "{question, choices, label} or {text, label}"
+    )
+
+
+def _text(row: dict, key: str, path, number: int, required: bool = True) -> str:
+    value = row.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise DataError(f"{path}: row {number}: missing or empty {key!r}")
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{path}: row {number}: {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+@dataclass
+class ChoiceExample:
+    """A question with its candidate answers and the index of the right one."""
+
+    question: str
+    choices: list[str]
+    label: int
+
+
+@dataclass
+class TextExample:
+    """A text (or text pair) with a class label, for sequence classification."""
+
+    text: str
+    text_pair: str | None
+    label: int
+
+
+def to_choice_examples(rows: list[dict], kind: str, path, task: Task | None = None) -> list[ChoiceExample]:
+    """Multiple-choice examples from commonsense or multiple-choice rows (row numbers 1-based)."""
+    examples = []
+    for number, row in enumerate(rows, start=1):
+        if kind == "commonsense":
+            instruction = _text(row, "instruction", path, number)
+            try:
+                question, choices, words = parse_instruction(instruction)
+            except ValueError as err:
+                raise DataError(f"{path}: row {number}: {err}") from None
+            answer = row.get("answer") or _answer_from_output(row.get("output") or "", words)
+            if answer not in words:
+                raise DataError(
+                    f"{path}: row {number}: answer {answer!r} is not one of {'/'.join(words)}"
+                )
+            if task is not None and not set(words) <= set(task.answer_words):
+                raise DataError(
+                    f"{path}: row {number}: answer words {'/'.join(words)} do not belong to task {task.name}"
+                )
+            examples.append(ChoiceExample(question, choices, words.index(answer)))
+        elif kind == "multiple_choice":
+            question = _text(row, "question", path, number)
+            choices = row.get("choices")
+            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+                raise DataError(f"{path}: row {number}: 'choices' must be a list of at least two strings")
+            label = row.get("label")
+            if not isinstance(label, int) or not 0 <= label < len(choices):
+                raise DataError(f"{path}: row {number}: 'label' must be an index into 'choices', got {label!r}")
+            examples.append(ChoiceExample(question, list(choices), label))
+        else:
+            raise DataError(f"{path}: {kind} rows cannot be read as multiple choice")
+    return examples
+
+
+def _answer_from_output(output: str, words: list[str]) -> str | None:
+    """The answer word named in an output such as 'the correct answer is answer3'."""
+    hits = [(output.find(w), w) for w in words if w in output]
+    return min(hits)[1] if hits else None
+
+
+def to_text_examples(rows: list[dict], path, labels: list | None = None) -> tuple[list[TextExample], list]:
+    """Classification examples; string labels are mapped to ids in order of first appearance."""
+    if labels is None:
+        labels = sorted({row.get("label") for row in rows if row.get("label") is not None}, key=str)
+    index = {label: i for i, label in enumerate(labels)}
+    examples = []
+    for number, row in enumerate(rows, start=1):
+        text = _text(row, "text", path, number)
+        pair = _text(row, "text_pair", path, number, required=False) or None
+        if row.get("label") not in index:
+            raise DataError(f"{path}: row {number}: label {row.get('label')!r} is not one of {labels}")
+        examples.append(TextExample(text, pair, index[row["label"]]))
+    return examples, labels
+
+
+def to_instruction_pairs(rows: list[dict], kind: str, path) -> list[tuple[str, str]]:
+    """(prompt, response) pairs for causal-LM tuning, with the paper's template."""
+    if kind != "commonsense":
+        raise DataError(f"{path}: a causal LM needs instruction rows {{instruction, output}}, not {kind} rows")
+    pairs = []
+    for number, row in enumerate(rows, start=1):
+        instruction = _text(row, "instruction", path, number)
+        output = _text(row, "output", path, number)
+        inp = _text(row, "input", path, number, required=False)
+        pairs.append((format_prompt(instruction, inp), output))
+    return pairs
+
+
+def tokenize_instruction_pairs(pairs, tokenizer, max_length: int, path) -> list[dict]:
+    """Token ids and labels with the prompt masked out (loss on the response only).
+
+    Every example is cut at ``max_length`` tokens. If that cut leaves no response token in
+    ANY example the max length is too small for this data, which is an error; examples that
+    lose their whole response individually are dropped (they would add nothing to the loss).
+    """
+    eos = tokenizer.eos_token or ""
+    examples, too_long, shortest = [], 0, None
+    for prompt, response in pairs:
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        full_ids = tokenizer(prompt + response + eos, add_special_tokens=True)["input_ids"]
+        shortest = len(full_ids) if shortest is None else min(shortest, len(full_ids))
+        if len(full_ids) > max_length:
+            too_long += 1
+        ids = full_ids[:max_length]
+        labels = [IGNORE_INDEX] * min(len(prompt_ids), len(ids)) + ids[len(prompt_ids):]
+        if any(label != IGNORE_INDEX for label in labels):
+            examples.append({"input_ids": ids, "labels": labels})
+    if too_long == len(pairs) or not examples:
+        raise DataError(
+            f"{path}: max length {max_length} truncates every example (the shortest has "
+            f"{shortest} tokens); raise --max-length"
+        )
+    return examples
+
+
+def check_encoder_lengths(examples, tokenizer, max_length: int, path) -> None:
+    """Refuse a max length that would cut every encoder example."""
+    shortest = None
+    for ex in examples:
+        if isinstance(ex, ChoiceExample):
+            n = max(len(tokenizer(ex.question, c)["input_ids"]) for c in ex.choices)
+        else:
+            n = len(tokenizer(ex.text, ex.text_pair)["input_ids"])
+        shortest = n if shortest is None else min(shortest, n)
+        if n <= max_length:
+            return
+    raise DataError(
+        f"{path}: max length {max_length} truncates every example (the shortest has {shortest} "
+        "tokens); raise --max-length"
+    )
+
+
+def split_validation(items: list, size: float, seed: int) -> tuple[list, list]:
+    """Hold out a validation split: ``size`` rows if >= 1, else that fraction of the rows."""
+    if size <= 0:
+        return items, []
+    n_val = int(size) if size >= 1 else math.ceil(size * len(items))
+    if n_val >= len(items):
+        raise DataError(
+            f"validation size {size} leaves no training rows (the data set has {len(items)})"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(items), generator=generator).tolist()
+    val_ids = set(order[:n_val])
+    train = [x for i, x in enumerate(items) if i not in val_ids]
+    val = [x for i, x in enumerate(items) if i in val_ids]
+    return train, val
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+def collate_causal(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenized examples into (B, T) tensors."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_choices(examples: list[ChoiceExample], tokenizer, max_length: int,
+                    scoring: str = "pair") -> dict[str, torch.Tensor]:
+    """Question/choice batches; rows with fewer choices are padded with empty choices.
+
+    ``choice_mask`` (B, C) marks the real choices so that padded ones can be left out of the
+    softmax. With ``scoring="pair"`` (a cross-encoder such as ``...ForMultipleChoice``) each
+    (question, choice) pair is one sequence: ``input_ids`` (B, C, T). With
+    ``scoring="similarity"`` the two texts are encoded separately: ``question_*`` (B, Tq) and
+    ``choice_*`` (B*C, Tc).
+    """
+    n_choices = max(len(e.choices) for e in examples)
+    mask = torch.zeros((len(examples), n_choices), dtype=torch.bool)  # (B, C)
+    questions, choices = [], []
+    for i, e in enumerate(examples):
+        mask[i, : len(e.choices)] = True
+        questions.append(e.question)
+        choices += e.choices + [""] * (n_choices - len(e.choices))
+    batch = {"choice_mask": mask, "labels": torch.tensor([e.label for e in examples])}
+    if scoring == "pair":
+        firsts = [q for q in questions for _ in range(n_choices)]
+        enc = tokenizer(firsts, choices, padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        batch.update({k: v.view(len(examples), n_choices, -1) for k, v in enc.items()})  # (B, C, T)
+    elif scoring == "similarity":
+        enc_q = tokenizer(questions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc_c = tokenizer(choices, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch.update({f"question_{k}": v for k, v in enc_q.items()})  # (B, Tq)
+        batch.update({f"choice_{k}": v for k, v in enc_c.items()})  # (B*C, Tc)
+    else:
+        raise ValueError(f"unknown scoring {scoring!r}; use 'pair' or 'similarity'")
+    return batch
+
+
+def collate_texts(examples: list[TextExample], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
+    """Texts (or text pairs) as (B, T) tensors with their labels."""
+    pairs = [e.text_pair for e in examples]
+    enc = tokenizer([e.text for e in examples], pairs if any(p is not None for p in pairs) else None,
+                    padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    batch = dict(enc)
+    batch["labels"] = torch.tensor([e.label for e in examples])
+    return batch
