@@ -344,7 +344,7 @@ def _dorafit_config(
         try:
             candidate = AdapterConfig(
                 targets=[targets] if isinstance(targets, str) else sorted(targets),
-                exclude=([exclude] if isinstance(exclude, str) else sorted(exclude or [])) + [_exact(s) for s in saves],
+                exclude=[exclude] if isinstance(exclude, str) else sorted(exclude or []),
                 rank_pattern={k: int(v) for k, v in (cfg.get("rank_pattern") or {}).items()},
                 alpha_pattern={k: float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()},
                 modules_to_save=[_exact(s) for s in saves],
@@ -543,6 +543,11 @@ def _base_names(module: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.M
         yield from _base_names(child, f"{prefix}.{child_name}" if prefix else child_name)
 
 
+def _number(value: float) -> Union[int, float]:
+    """An integral alpha as a JSON int (PEFT writes lora_alpha as an int)."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
 def _mode(values: List[Any]) -> Any:
     """Most common value (ties: the first seen), so that patterns are only needed for exceptions."""
     return Counter(values).most_common(1)[0][0]
@@ -635,8 +640,8 @@ def peft_config_and_state(model: nn.Module) -> Tuple[Dict[str, Any], Dict[str, t
         "(?:" + "|".join(re.escape(n) for n in names) + ")" if ambiguous else sorted(names)
     )
     r = int(_mode([ranks[n] for n in names]))
-    alpha = _mode([alphas[n] for n in names])
-    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    alpha = _number(_mode([alphas[n] for n in names]))
+    alphas = {n: _number(a) for n, a in alphas.items()}
 
     dropout = float(config.dropout) if config is not None else 0.0
     if config is not None and dropout > 0 and config.dropout_mode != "input":
