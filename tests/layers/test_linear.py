@@ -1,0 +1,512 @@
+"""LinearAdapter and Conv1DAdapter (transformers GPT-2 Conv1D) against paper Eq. 5.
+
+Also the layer invariants: initialisation (A Kaiming-uniform, B zero, m = ‖W0‖), scaling
+(alpha / r, rsLoRA), bias not scaled, dropout semantics, the factored norm's cost (no (out, in)
+temporary, no identity), its cache, and dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dorafit
+from dorafit.layers import Conv1DAdapter, LinearAdapter
+from transformers.pytorch_utils import Conv1D
+
+
+def make_linear(in_f=12, out_f=10, bias=True, method="dora", rank=4, alpha=8.0, **kw):
+    return LinearAdapter(nn.Linear(in_f, out_f, bias=bias), method=method, rank=rank, alpha=alpha, **kw)
+
+
+def make_conv1d(in_f=12, out_f=10, method="dora", rank=4, alpha=8.0, **kw):
+    base = Conv1D(out_f, in_f)  # transformers: Conv1D(nf=out, nx=in), weight (in, out)
+    with torch.no_grad():
+        base.weight.normal_(0, 0.2)
+        base.bias.normal_(0, 0.2)
+    return Conv1DAdapter(base, method=method, rank=rank, alpha=alpha, **kw)
+
+
+FACTORIES = {"linear": make_linear, "linear_nobias": lambda **kw: make_linear(bias=False, **kw), "conv1d_gpt2": make_conv1d}
+
+
+# ------------------------------------------------------------------------------------------
+# Initialisation and scaling
+
+
+@pytest.mark.parametrize("kind", list(FACTORIES))
+def test_init_and_layout(kind):
+    layer = FACTORIES[kind](method="dora", rank=4)
+    w0 = layer.base.weight if kind != "conv1d_gpt2" else layer.base.weight.t()
+    assert layer.lora_a.shape == (4, 12)
+    assert layer.lora_b.shape == (10, 4)
+    assert layer.magnitude.shape == (10,)
+    assert torch.count_nonzero(layer.lora_b) == 0
+    torch.testing.assert_close(layer.magnitude.detach(), torch.linalg.vector_norm(w0.detach(), dim=1))
+    # Kaiming-uniform with a = sqrt(5): bound = 1 / sqrt(fan_in)
+    bound = 1 / math.sqrt(12)
+    assert layer.lora_a.abs().max() <= bound + 1e-7
+    assert layer.lora_a.abs().max() > 0.5 * bound  # not zero, not a tiny init
+    assert all(not p.requires_grad for p in layer.base.parameters())
+
+
+def test_kaiming_uniform_statistics():
+    layer = make_linear(in_f=256, out_f=256, rank=64)
+    bound = 1 / math.sqrt(256)
+    a = layer.lora_a.detach()
+    # uniform(-bound, bound): mean 0, variance bound² / 3
+    assert abs(a.mean().item()) < 0.05 * bound
+    assert a.var().item() == pytest.approx(bound**2 / 3, rel=0.05)
+
+
+def test_scaling_and_rslora():
+    assert make_linear(rank=4, alpha=8).scaling == pytest.approx(2.0)
+    cfg = dorafit.AdapterConfig(rank=4, alpha=8, rslora=True, targets=["0"])
+    model = dorafit.attach(nn.Sequential(nn.Linear(12, 10)), cfg)
+    assert model[0].scaling == pytest.approx(8 / math.sqrt(4))
+    cfg = dorafit.AdapterConfig(rank=4, alpha=8, targets=["0"])
+    assert dorafit.attach(nn.Sequential(nn.Linear(12, 10)), cfg)[0].scaling == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("kind", list(FACTORIES))
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_step0_identity(kind, method):
+    layer = FACTORIES[kind](method=method)
+    x = torch.randn(3, 5, 12)
+    torch.testing.assert_close(layer(x), layer.base(x), rtol=1e-6, atol=1e-6)
+    assert layer.magnitude is None if method == "lora" else layer.magnitude is not None
+
+
+# ------------------------------------------------------------------------------------------
+# Eq. 5: outputs and gradients
+
+
+@pytest.mark.parametrize("kind", list(FACTORIES))
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_matches_eq5(ref, kind, method, detach_norm):
+    layer = ref.randomize_adapter(FACTORIES[kind](method=method, detach_norm=detach_norm))
+    x = torch.randn(2, 7, 12)
+    ref.check_against_eq5(layer, x, detach_norm=detach_norm)
+    ref.check_reference_forward(layer, x)
+
+
+@pytest.mark.parametrize("kind", list(FACTORIES))
+def test_eval_matches_eq5(ref, kind):
+    layer = ref.randomize_adapter(FACTORIES[kind](method="dora", dropout=0.3)).eval()
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        y = layer(x)
+        y_ref = ref.eq5_forward(layer, x.double(), dtype=torch.float64)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_detach_changes_gradient_of_a_and_b(ref):
+    """Detached and full gradients differ (else the detach test above would be vacuous)."""
+    grads = {}
+    for detach in (True, False):
+        layer = ref.randomize_adapter(make_linear(detach_norm=detach))
+        layer(torch.randn(5, 12, generator=torch.Generator().manual_seed(3))).pow(2).sum().backward()
+        grads[detach] = layer.lora_a.grad.clone()
+    assert (grads[True] - grads[False]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_gpt2"])
+def test_bias_not_scaled_by_magnitude(ref, kind):
+    """y − b must equal W' x: the bias is added after the magnitude scaling."""
+    layer = ref.randomize_adapter(FACTORIES[kind]())
+    with torch.no_grad():
+        layer.magnitude.mul_(3.0)
+        layer.base.bias.fill_(5.0)
+    x = torch.randn(4, 12)
+    w0 = ref.base_w0_2d(layer).detach()
+    w_prime = ref.eq5_weight(w0, layer.lora_a.detach(), layer.lora_b.detach(), layer.scaling, layer.magnitude.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x) - 5.0, x @ w_prime.t(), rtol=1e-5, atol=1e-4)
+        # merged weights agree with the unmerged output (the bias unchanged)
+        merged = layer.merged_weight_2d()
+        torch.testing.assert_close(layer(x), x @ merged.t() + layer.base.bias, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", list(FACTORIES))
+@pytest.mark.parametrize("mode", ["input", "lowrank"])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_dropout_semantics(ref, kind, mode, method):
+    layer = ref.randomize_adapter(FACTORIES[kind](method=method, dropout=0.4, dropout_mode=mode))
+    x = torch.randn(3, 6, 12)
+    ref.check_against_eq5(layer, x, dropout_p=0.4, dropout_mode=mode)
+    assert layer.dropout.calls == 1  # the same dropped input feeds W0 x' and B A x'
+
+
+def test_dropout_input_mode_differs_from_lowrank(ref):
+    """The two modes really are different formulas (guards the test above)."""
+    x = torch.randn(3, 12)
+    outs = []
+    for mode in ("input", "lowrank"):
+        layer = ref.randomize_adapter(make_linear(dropout=0.5, dropout_mode=mode))
+        layer.dropout = ref.FixedMaskDropout(0.5)
+        outs.append(layer(x).detach())
+    assert (outs[0] - outs[1]).abs().max() > 1e-3
+
+
+def test_dropout_real_module_and_eval():
+    layer = make_linear(dropout=0.5)
+    assert isinstance(layer.dropout, nn.Dropout) and layer.dropout.p == 0.5
+    layer.eval()
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(layer(x), layer(x))  # deterministic in eval
+    layer.train()
+    torch.manual_seed(1)
+    y1 = layer(x)
+    torch.manual_seed(2)
+    y2 = layer(x)
+    # B = 0 at init: dropout has no effect at step 0 in either mode
+    torch.testing.assert_close(y1, y2, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_reference_forward_with_dropout_fixed_mask(ref, method):
+    for mode in ("input", "lowrank"):
+        layer = ref.randomize_adapter(make_linear(method=method, dropout=0.3, dropout_mode=mode))
+        layer.dropout = ref.FixedMaskDropout(0.3)
+        ref.check_reference_forward(layer, torch.randn(5, 12))
+
+
+# ------------------------------------------------------------------------------------------
+# Property tests: random shapes, ranks, dtypes
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    in_f=st.integers(1, 24),
+    out_f=st.integers(1, 24),
+    rank_frac=st.floats(0.01, 1.0),
+    alpha=st.floats(0.5, 32.0),
+    bias=st.booleans(),
+    method=st.sampled_from(["lora", "dora"]),
+    detach=st.booleans(),
+    gpt2=st.booleans(),
+    tokens=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_property_random_shapes(in_f, out_f, rank_frac, alpha, bias, method, detach, gpt2, tokens, seed):
+    from conftest import check_against_eq5, randomize_adapter
+
+    torch.manual_seed(seed)
+    rank = max(1, int(rank_frac * min(in_f, out_f)))
+    if gpt2:
+        layer = make_conv1d(in_f, out_f, method=method, rank=rank, alpha=alpha, detach_norm=detach)
+    else:
+        layer = make_linear(in_f, out_f, bias=bias, method=method, rank=rank, alpha=alpha, detach_norm=detach)
+    randomize_adapter(layer, scale=0.3, seed=seed)
+    check_against_eq5(layer, torch.randn(tokens, in_f), detach_norm=detach, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    out_f=st.integers(1, 40),
+    in_f=st.integers(1, 40),
+    rank=st.integers(1, 8),
+    scaling=st.floats(0.01, 10.0),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_factored_norm(out_f, in_f, rank, scaling, dtype, seed):
+    """weight_norm() is float32 and equals ‖W0 + sBA‖ computed in float64, for any base dtype."""
+    torch.manual_seed(seed)
+    rank = min(rank, in_f, out_f)
+    layer = LinearAdapter(nn.Linear(in_f, out_f).to(dtype), rank=rank, alpha=scaling * rank)
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    norm = layer.weight_norm()
+    assert norm.dtype == torch.float32
+    w0 = layer.base.weight.detach().double()
+    want = torch.linalg.vector_norm(w0 + layer.scaling * (layer.lora_b.double() @ layer.lora_a.double()), dim=1)
+    torch.testing.assert_close(norm.double(), want, rtol=2e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# Dtypes
+
+
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("adapter_dtype", ["float32", "base"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d_gpt2"])
+def test_half_precision_bases(ref, base_dtype, adapter_dtype, kind):
+    layer = FACTORIES[kind](in_f=32, out_f=24, rank=4, adapter_dtype=adapter_dtype)
+    layer.base.to(base_dtype)
+    # the adapter was built on an fp32 base here; rebuild on the half base to get the dtype rule
+    layer = type(layer)(layer.base, rank=4, alpha=8.0, adapter_dtype=adapter_dtype)
+    want_dtype = torch.float32 if adapter_dtype == "float32" else base_dtype
+    assert layer.lora_a.dtype == layer.lora_b.dtype == layer.magnitude.dtype == want_dtype
+    ref.randomize_adapter(layer, scale=0.3)
+    norm = layer.weight_norm()
+    assert norm.dtype == torch.float32
+    assert layer.w0_norm_sq.dtype == torch.float32
+    x = torch.randn(3, 5, 32).to(base_dtype)
+    y = layer(x)
+    assert y.dtype == base_dtype
+    y.float().sum().backward()
+    assert layer.lora_a.grad is not None and layer.lora_a.grad.dtype == want_dtype
+    with torch.no_grad():
+        y_ref = ref.eq5_forward(layer, x.double(), dtype=torch.float64)
+    tol = 2e-2 if base_dtype == torch.bfloat16 else 4e-3
+    torch.testing.assert_close(y.double(), y_ref, rtol=tol, atol=tol * 2)
+
+
+def test_bf16_base_fp32_adapter_under_autocast():
+    base = nn.Linear(16, 16).to(torch.bfloat16)
+    layer = LinearAdapter(base, rank=4, adapter_dtype="float32")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(2, 16))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.magnitude.grad is not None
+
+
+def test_norm_not_computed_in_half(monkeypatch):
+    """Every matmul of the norm computation runs in float32 even for a bf16 base and adapter."""
+    layer = LinearAdapter(nn.Linear(32, 16).to(torch.bfloat16), rank=4, adapter_dtype="base")
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+                seen.append(out.dtype)
+            return out
+
+    with Record():
+        norm = layer._compute_norm()
+    assert norm.dtype == torch.float32
+    assert seen and all(d == torch.float32 for d in seen), seen
+
+
+# ------------------------------------------------------------------------------------------
+# The factored norm's cost: no (out, in) temporary, no identity matrix
+
+
+class AllocationRecorder(TorchDispatchMode):
+    """Records the numel of every newly allocated tensor (views and in-place results excluded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes = []
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.ops.append(func)
+        inputs = set()
+        for a in list(args) + list(kwargs.values()):
+            for t in a if isinstance(a, (list, tuple)) else [a]:
+                if isinstance(t, torch.Tensor):
+                    inputs.add(t.untyped_storage().data_ptr())
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        for t in outs:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.sizes.append((t.numel(), func))
+        return out
+
+
+@pytest.mark.parametrize("detach_norm", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_no_out_by_in_temporary_and_no_eye(detach_norm, dropout):
+    out_f = in_f = 512
+    layer = LinearAdapter(nn.Linear(in_f, out_f), rank=4, alpha=8, detach_norm=detach_norm, dropout=dropout)
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    x = torch.randn(8, in_f, requires_grad=True)
+    eye_calls = []
+    real_eye = torch.eye
+
+    def spy_eye(*a, **k):
+        eye_calls.append(a)
+        return real_eye(*a, **k)
+
+    torch.eye = spy_eye
+    try:
+        with AllocationRecorder() as rec:
+            layer.train()
+            layer(x).sum().backward()
+            layer.eval()
+            with torch.no_grad():
+                layer(x)
+    finally:
+        torch.eye = real_eye
+    big = [(n, str(f)) for n, f in rec.sizes if n >= out_f * in_f // 4]
+    assert not big, f"tensors of (out, in) scale allocated: {big}"
+    assert not eye_calls
+    assert torch.ops.aten.eye.default not in rec.ops and torch.ops.aten.eye.m not in rec.ops
+    assert layer.lora_b.grad is not None
+
+
+def test_allocation_recorder_sees_materialisation():
+    """The recorder does catch an (out, in) temporary (so the test above can fail)."""
+    layer = LinearAdapter(nn.Linear(512, 512), rank=4)
+    with AllocationRecorder() as rec:
+        layer.reference_forward(torch.randn(8, 512)).sum().backward()
+    assert any(n >= 512 * 512 for n, _ in rec.sizes)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="layers/base.py:145-147 AdapterLayer.cross_term computes A W0ᵀ from the weight tensor "
+    "(functional.rows_times_weight_t) instead of running the frozen base layer on A's rows (DESIGN §2)",
+)
+def test_cross_term_runs_the_base_layer():
+    base = nn.Linear(16, 12)
+    inputs = []
+    base.register_forward_hook(lambda mod, args, out: inputs.append(tuple(args[0].shape)))
+    layer = LinearAdapter(base, rank=4)
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    inputs.clear()
+    layer.weight_norm()
+    assert (4, 16) in inputs, f"base layer inputs during the norm: {inputs}"
+
+
+# ------------------------------------------------------------------------------------------
+# Norm cache: accumulation, optimizer step, eval, checkpoint recomputation
+
+
+def _count_norms(monkeypatch, layer):
+    calls = []
+    real = layer._compute_norm
+
+    def counted():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(layer, "_compute_norm", counted)
+    return calls
+
+
+def test_norm_cache_across_microbatches_and_steps(monkeypatch):
+    layer = make_linear(in_f=16, out_f=16)
+    calls = _count_norms(monkeypatch, layer)
+    opt = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # two micro-batches, one norm
+        layer(torch.randn(4, 16)).pow(2).sum().backward()
+    assert len(calls) == 1
+    opt.step()
+    opt.zero_grad()
+    layer(torch.randn(4, 16)).pow(2).sum().backward()
+    assert len(calls) == 2  # A and B changed: recomputed
+    # the recomputed norm is the current one
+    layer.eval()
+    with torch.no_grad():
+        for _ in range(3):
+            layer(torch.randn(2, 16))
+    assert len(calls) == 2  # kept in eval
+    w = layer.base.weight.detach() + layer.scaling * layer.lora_b.detach() @ layer.lora_a.detach()
+    torch.testing.assert_close(layer.weight_norm(), torch.linalg.vector_norm(w, dim=1), rtol=1e-5, atol=1e-6)
+
+
+def test_norm_cache_with_checkpoint_recomputation(monkeypatch, ref):
+    layer = ref.randomize_adapter(make_linear(in_f=16, out_f=16))
+    calls = _count_norms(monkeypatch, layer)
+    x = torch.randn(4, 16, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    y.pow(2).sum().backward()
+    assert len(calls) == 1
+    g_ckpt = [layer.lora_a.grad.clone(), layer.lora_b.grad.clone(), layer.magnitude.grad.clone(), x.grad.clone()]
+    ref.zero_grads([layer.lora_a, layer.lora_b, layer.magnitude, x])
+    layer(x).pow(2).sum().backward()
+    for a, b in zip(g_ckpt, [layer.lora_a.grad, layer.lora_b.grad, layer.magnitude.grad, x.grad]):
+        torch.testing.assert_close(a, b)
+
+
+def test_full_gradient_norm_under_checkpoint_matches_reference(ref):
+    layer = ref.randomize_adapter(make_linear(in_f=16, out_f=16, detach_norm=False))
+    x = torch.randn(4, 16)
+    y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    y.pow(2).sum().backward()
+    got = [layer.lora_a.grad.clone(), layer.lora_b.grad.clone(), layer.magnitude.grad.clone()]
+    ref.zero_grads([layer.lora_a, layer.lora_b, layer.magnitude])
+    ref.eq5_forward(layer, x.double(), detach_norm=False, dtype=torch.float64).pow(2).sum().backward()
+    want = [layer.lora_a.grad, layer.lora_b.grad, layer.magnitude.grad]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_norm_cache_invalidated_by_load_state_dict(ref):
+    layer = make_linear(in_f=16, out_f=16)
+    x = torch.randn(3, 16)
+    layer(x)  # caches the step-0 norm
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["lora_b"].normal_()
+    state["lora_a"].normal_()
+    layer.load_state_dict(state)
+    torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="layers/base.py:109 w0_norm_sq (‖W0‖²) is computed once at construction and never refreshed: "
+    "after the base weight changes (load_state_dict of base weights, in-place edit) the cache key sees the "
+    "new W0 version but _compute_norm (base.py:198) still uses the stale ‖W0‖², so the norm is wrong",
+)
+def test_norm_follows_base_weight_change():
+    layer = make_linear(in_f=16, out_f=16)
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    x = torch.randn(3, 16)
+    layer(x)
+    with torch.no_grad():
+        layer.base.weight.mul_(2.0)
+    torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="layers/base.py:219-222 weight_norm caches a norm computed under torch.inference_mode(); "
+    "a later training forward saves that inference tensor for backward and raises",
+)
+def test_norm_cache_after_inference_mode():
+    layer = make_linear(in_f=16, out_f=16).eval()
+    with torch.inference_mode():
+        layer(torch.randn(2, 16))
+    layer.train()
+    layer(torch.randn(2, 16)).sum().backward()
+    assert layer.magnitude.grad is not None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="layers/base.py:200-202 the norm cache key (data_ptr, _version) misses writes through "
+    "param.data (p.data.copy_ / p.data.normal_), which do not bump the version counter: stale norm",
+)
+def test_norm_cache_after_write_through_data():
+    layer = make_linear(in_f=16, out_f=16)
+    x = torch.randn(3, 16)
+    layer(x)
+    layer.lora_b.data.normal_()
+    torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# torch.compile: no graph break in the adapter forward (one compile per mode, CPU is slow)
+
+
+def test_compile_no_graph_breaks(ref):
+    torch._dynamo.reset()
+    layer = ref.randomize_adapter(make_linear(in_f=16, out_f=16))
+    x = torch.randn(3, 16)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    y = compiled(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+    assert layer.lora_a.grad is not None
+    layer.eval()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
