@@ -1,0 +1,87 @@
+"""EmbeddingAdapter against paper Eq. 5 in PEFT's layout.
+
+The embedding is the linear map one-hot(token) -> row of W (vocab, dim), i.e. the (dim, vocab)
+weight Wᵀ; A (r, vocab), B (dim, r), m (dim,), norm per embedding dimension over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dorafit
+from dorafit.layers import EmbeddingAdapter
+
+
+def make_embedding(vocab=11, dim=6, **kw):
+    kw.setdefault("rank", 3)
+    kw.setdefault("alpha", 6.0)
+    return EmbeddingAdapter(nn.Embedding(vocab, dim), **kw)
+
+
+def ids(vocab=11):
+    return torch.randint(0, vocab, (3, 7), generator=torch.Generator().manual_seed(4))
+
+
+def test_layout_and_init():
+    layer = make_embedding()
+    assert layer.lora_a.shape == (3, 11)
+    assert layer.lora_b.shape == (6, 3)
+    assert layer.magnitude.shape == (6,)
+    # per embedding dimension: a column norm of the stored (vocab, dim) table
+    torch.testing.assert_close(layer.magnitude.detach(), torch.linalg.vector_norm(layer.base.weight.detach(), dim=0))
+    x = ids()
+    torch.testing.assert_close(layer(x), layer.base(x))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_matches_eq5(ref, method, detach_norm):
+    layer = ref.randomize_adapter(make_embedding(method=method, detach_norm=detach_norm))
+    x = ids()
+    ref.check_against_eq5(layer, x, detach_norm=detach_norm)
+    ref.check_reference_forward(layer, x)
+
+
+def test_dropout_config_is_accepted_and_ignored(ref):
+    """Dropout on token ids has no meaning: the adapter applies none."""
+    layer = ref.randomize_adapter(make_embedding(dropout=0.5))
+    layer.train()
+    x = ids()
+    torch.testing.assert_close(layer(x), layer(x))
+    ref.check_against_eq5(layer, x)
+
+
+def test_merge_parity_and_row_norms(ref):
+    layer = ref.randomize_adapter(make_embedding())
+    x = ids()
+    with torch.no_grad():
+        y = layer(x)
+        plain = layer.to_plain_module()
+    assert type(plain) is nn.Embedding
+    torch.testing.assert_close(plain(x), y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.linalg.vector_norm(plain.weight, dim=0), layer.magnitude.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_attach_on_embedding_and_tied_head_keeps_value(ref):
+    """Merging an adapted embedding whose weight is tied to an output head: the head keeps its weight."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(11, 6)
+            self.head = nn.Linear(6, 11, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, x):
+            return self.head(self.embed(x))
+
+    model = Tied()
+    dorafit.attach(model, dorafit.AdapterConfig(rank=2, targets=["embed"]))
+    ref.randomize_adapter(model.embed)
+    x = ids()
+    with torch.no_grad():
+        y = model(x)
+        dorafit.merge(model)
+        torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
