@@ -201,8 +201,8 @@ CASES = {
     ),
     "minilm_dora": Case(
         "minilm_dora", "Linear (real MiniLM)", _minilm,
-        dict(r=8, lora_alpha=16, use_dora=True, target_modules=["query", "key", "value", "dense"]),
-        dict(method="dora", rank=8, alpha=16, targets=["query", "key", "value", "dense"]),
+        dict(r=8, lora_alpha=16, use_dora=True, target_modules=["query", "key", "value", "attention.output.dense"]),
+        dict(method="dora", rank=8, alpha=16, targets=["query", "key", "value", "attention.output.dense"]),
         _minilm_input,
     ),
 }

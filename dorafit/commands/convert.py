@@ -1,0 +1,145 @@
+"""``dorafit convert SRC DST --to peft|dorafit --model BASE``: convert an adapter directory
+between dorafit's format and Hugging Face PEFT's.
+
+The conversion goes through the base model: the adapter is loaded onto it (which checks every
+module, key, shape and option against the real model) and saved in the other format. Going
+through the model is what tells a GPT-2 ``Conv1D`` from a ``Linear``, resolves PEFT's target
+and pattern rules, and turns an adapter for another base into an error instead of a file.
+The base weights themselves are not written anywhere.
+
+Which transformers class to build: ``--model-class`` if given, else the class recorded in the
+adapter (PEFT's ``auto_mapping`` / ``task_type``, dorafit's ``base_model.class``), else the
+checkpoint's own ``architectures`` entry, else ``AutoModel``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+HELP = "convert an adapter between the dorafit and PEFT formats (loads the base model to check it)"
+
+# PEFT's task_type -> the transformers auto class PEFT itself pairs with it.
+_TASK_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC", help="adapter directory to read (dorafit or PEFT format)")
+    parser.add_argument("dst", metavar="DST", help="adapter directory to write")
+    parser.add_argument("--to", required=True, choices=("peft", "dorafit"), help="format to write")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="base model folder or hub id the adapter belongs to (default: the base recorded in SRC)",
+    )
+    parser.add_argument(
+        "--model-class",
+        default=None,
+        help="transformers class to build the base with, e.g. AutoModelForCausalLM (default: from SRC or the checkpoint)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=_DTYPES,
+        help="dtype to load the base weights in (adapter tensors keep their own dtype; default: the checkpoint's)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+
+
+def _fail(message: str) -> int:
+    print(f"dorafit convert: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _source_format(cfg: Dict[str, Any]) -> Optional[str]:
+    if "peft_type" in cfg:
+        return "peft"
+    if cfg.get("format") == "dorafit":
+        return "dorafit"
+    return None
+
+
+def _recorded_base(cfg: Dict[str, Any]) -> Optional[str]:
+    if "peft_type" in cfg:
+        return cfg.get("base_model_name_or_path") or None
+    return (cfg.get("base_model") or {}).get("name_or_path") or None
+
+
+def _class_name(cfg: Dict[str, Any], requested: Optional[str], model: str) -> str:
+    if requested:
+        return requested
+    if "peft_type" in cfg:
+        mapping = cfg.get("auto_mapping") or {}
+        if mapping.get("base_model_class"):
+            return mapping["base_model_class"]
+        if cfg.get("task_type") in _TASK_CLASSES:
+            return _TASK_CLASSES[cfg["task_type"]]
+    else:
+        recorded = (cfg.get("base_model") or {}).get("class")
+        if recorded:
+            return recorded
+    from transformers import AutoConfig
+
+    architectures = getattr(AutoConfig.from_pretrained(model), "architectures", None) or []
+    return architectures[0] if architectures else "AutoModel"
+
+
+def load_base_model(model: str, class_name: str, dtype: str):
+    """Build the base model ``class_name`` (a transformers class) from ``model``."""
+    import torch
+    import transformers
+
+    cls = getattr(transformers, class_name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ValueError(f"--model-class {class_name!r} is not a transformers model class")
+    kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
+    base = cls.from_pretrained(model, **kwargs)
+    return base.eval()
+
+
+def run(args: argparse.Namespace) -> int:
+    import dorafit
+    from dorafit.io import AdapterFileError, read_adapter_config
+
+    src, dst = Path(args.src), Path(args.dst)
+    try:
+        cfg = read_adapter_config(src)
+    except AdapterFileError as exc:
+        return _fail(str(exc))
+    fmt = _source_format(cfg)
+    if fmt is None:
+        return _fail(f"{src / 'adapter_config.json'} is neither a dorafit nor a PEFT adapter config")
+    if fmt == args.to:
+        return _fail(f"{src} is already in the {fmt} format")
+    if dst.exists() and not args.force and (not dst.is_dir() or any(dst.iterdir())):
+        return _fail(f"{dst} exists; pass --force to replace it")
+    model = args.model or _recorded_base(cfg)
+    if not model:
+        return _fail(f"{src} does not record its base model: pass --model FOLDER_OR_HUB_ID")
+
+    try:
+        class_name = _class_name(cfg, args.model_class, model)
+        print(f"loading base model {model} as {class_name} (dtype {args.dtype})", file=sys.stderr)
+        base = load_base_model(model, class_name, args.dtype)
+    except (OSError, ValueError) as exc:
+        return _fail(f"cannot load base model {model!r}: {exc}")
+
+    try:
+        dorafit.load_adapter(base, src)
+        dorafit.save_adapter(base, dst, format=args.to)
+    except (ValueError, OSError) as exc:  # AdapterFileError, PeftFormatError, ConfigError, AdapterError
+        return _fail(str(exc))
+    adapters = dorafit.adapter_modules(base)
+    methods = sorted({a.method for _, a in adapters})
+    print(f"wrote {dst} ({args.to} format): {len(adapters)} adapted modules, method {', '.join(methods)}")
+    return 0
