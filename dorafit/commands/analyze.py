@@ -1,0 +1,114 @@
+"""``dorafit analyze``: the paper's magnitude/direction analysis (Figure 2) for any fine-tune.
+
+    dorafit analyze --base BASE TUNED [TUNED ...]
+    dorafit analyze --base BASE --checkpoints RUN1/ckpt-1 RUN1/ckpt-2 ... --checkpoints RUN2/ckpt-1 ...
+
+BASE is a Hugging Face model folder (or hub id); each TUNED is a full fine-tune (model.safetensors),
+a dorafit adapter or a PEFT adapter folder (merged in memory). Writes OUT/analysis.csv,
+OUT/analysis.json (rows + per-panel Pearson r and slope) and the figure (OUT/figure2.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+HELP = "magnitude/direction analysis of fine-tuned weights (paper Figure 2): table + plot"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("tuned", nargs="*", metavar="TUNED",
+                        help="fine-tuned checkpoints: model folder/.safetensors file, dorafit or PEFT adapter folder")
+    parser.add_argument("--base", required=True, help="the pretrained model (Hugging Face folder or hub id)")
+    parser.add_argument("--checkpoints", nargs="+", action="append", default=[], metavar="CKPT",
+                        help="one training run's intermediate checkpoints, in training order (repeat per run)")
+    parser.add_argument("--modules", default=None,
+                        help="regex matched (fullmatch) against module names; default: the adapted modules, "
+                             "or for full fine-tunes alone the attention query projections")
+    parser.add_argument("--axis", choices=["out", "in"], default="out",
+                        help="'out': one norm per output feature (rows, DoRA's magnitude axis; default); 'in': per column")
+    parser.add_argument("--method", action="append", default=[], metavar="PATH=NAME",
+                        help="override the method (panel) of a checkpoint, e.g. --method runs/a/ckpt-1=DoRA-r4")
+    parser.add_argument("--base-class", default=None,
+                        help="transformers class to load BASE with (default: the config's architectures[0])")
+    parser.add_argument("--out", default="dorafit-analysis", help="output folder for analysis.csv/json (and the plot)")
+    parser.add_argument("--plot", default=None, help="PNG path of the figure (default OUT/figure2.png)")
+    parser.add_argument("--no-plot", action="store_true", help="write the table only")
+    parser.add_argument("--title", default=None, help="figure title")
+    parser.add_argument("--reference", action="append", default=[], metavar="METHOD=R",
+                        help="a correlation to print beside a panel's, e.g. the paper's: --reference FT=-0.62")
+
+
+def load_base_model(base: str, class_name: str = None):
+    """The plain pretrained model: class from --base-class, else the config's architecture."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(base)
+    names = [class_name] if class_name else list(getattr(config, "architectures", None) or [])
+    for name in names:
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            if class_name:
+                raise SystemExit(f"dorafit analyze: --base-class {class_name} is not a transformers class")
+            continue
+        return cls.from_pretrained(base)
+    return transformers.AutoModel.from_pretrained(base)
+
+
+def _report(rows, stats) -> str:
+    lines = [f"{'method':<10} {'module':<46} {'points':>6} {'pearson r':>10} {'slope':>10}"]
+    for s in stats:
+        r = "nan" if math.isnan(s.pearson) else f"{s.pearson:+.3f}"
+        lines.append(f"{s.method:<10} {s.kind:<46} {s.points:>6} {r:>10} {s.slope:>10.3g}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dorafit.analysis import AnalysisError, Checkpoint, analyze, panel_stats, plot_figure2, write_table
+
+    specs = []
+    for k, path in enumerate(args.tuned):
+        specs.append(Checkpoint(path, run=k, order=0))
+    for g, group in enumerate(args.checkpoints):
+        for k, path in enumerate(group):
+            specs.append(Checkpoint(path, run=len(args.tuned) + g, order=k))
+    if not specs:
+        print("dorafit analyze: give at least one TUNED checkpoint or --checkpoints", file=sys.stderr)
+        return 2
+    overrides = {}
+    for item in args.method:
+        path, sep, name = item.rpartition("=")
+        if not sep or not path or not name:
+            print(f"dorafit analyze: --method expects PATH=NAME, got {item!r}", file=sys.stderr)
+            return 2
+        overrides[str(Path(path))] = name
+    for s in specs:
+        s.method = overrides.get(str(Path(s.path)), s.method)
+    reference = {}
+    for item in args.reference:
+        method, sep, value = item.partition("=")
+        try:
+            reference[method] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not method:
+            print(f"dorafit analyze: --reference expects METHOD=NUMBER, got {item!r}", file=sys.stderr)
+            return 2
+
+    try:
+        model = load_base_model(args.base, args.base_class)
+        rows = analyze(model, specs, modules=args.modules, axis=1 if args.axis == "out" else 0)
+        out = Path(args.out)
+        write_table(rows, out / "analysis.csv", out / "analysis.json")
+        stats = panel_stats(rows)
+        print(_report(rows, stats))
+        print(f"table: {out / 'analysis.csv'}, {out / 'analysis.json'}")
+        if not args.no_plot:
+            png = plot_figure2(rows, args.plot or out / "figure2.png", title=args.title, reference=reference)
+            print(f"figure: {png}")
+    except (AnalysisError, OSError, ValueError) as exc:
+        print(f"dorafit analyze: {exc}", file=sys.stderr)
+        return 1
+    return 0
