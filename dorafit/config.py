@@ -118,8 +118,13 @@ class AdapterConfig:
         for pattern, method in self.method_pattern.items():
             if method not in METHODS:
                 raise ConfigError(f"method_pattern[{pattern!r}] must be one of {METHODS}, got {method!r}")
-        if not isinstance(self.vera_seed, int):
+        if isinstance(self.vera_seed, bool) or not isinstance(self.vera_seed, int):
             raise ConfigError(f"vera_seed must be an integer, got {self.vera_seed!r}")
+        if isinstance(self.vera_d_init, bool) or not isinstance(self.vera_d_init, (int, float)) or self.vera_d_init == 0:
+            # d = 0 together with b = 0 makes every gradient of d and b zero: VeRA would never train.
+            raise ConfigError(f"vera_d_init must be a non-zero number (the VeRA paper uses 0.1), got {self.vera_d_init!r}")
+        if not isinstance(self.save_vera_matrices, bool):
+            raise ConfigError(f"save_vera_matrices must be true or false, got {self.save_vera_matrices!r}")
 
     def scaling_for(self, rank: int, alpha: float) -> float:
         """The update's scale s: alpha / rank, or alpha / sqrt(rank) for rsLoRA."""

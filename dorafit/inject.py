@@ -18,6 +18,8 @@ from torch import nn
 
 from .config import AdapterConfig, ConfigError, pattern_matches, resolve_module_options
 from .layers import AdapterError, AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
+from .layers.magnitude import build_magnitude_adapter
+from .layers.vera import build_vera_adapter, build_vera_shared
 
 ADAPTER_TYPES: Dict[Type[nn.Module], Type[AdapterLayer]] = {
     nn.Linear: LinearAdapter,
@@ -28,8 +30,20 @@ ADAPTER_TYPES: Dict[Type[nn.Module], Type[AdapterLayer]] = {
 }
 
 # Method -> factory(module, adapter class, options) for methods that need their own layer
-# classes (VeRA-style); "lora", "dora" and "magnitude" use the classes above directly.
-METHOD_BUILDERS: Dict[str, Callable[..., AdapterLayer]] = {}
+# classes (VeRA-style; magnitude-only, whose norm cache depends on W0 alone); "lora" and "dora"
+# use the classes above directly.
+METHOD_BUILDERS: Dict[str, Callable[..., AdapterLayer]] = {
+    "vera": build_vera_adapter,
+    "dvora": build_vera_adapter,
+    "magnitude": build_magnitude_adapter,
+}
+
+# (factory, methods): state shared by all of a model's layers using any of ``methods``, built
+# once per attach from [(name, module, rank)] and the config, and given to their builders as
+# ``shared=`` (VeRA's frozen random matrices: one pair per model for "vera" and "dvora" alike).
+SHARED_STATE_FACTORIES: List[Tuple[Callable[..., object], Tuple[str, ...]]] = [
+    (build_vera_shared, ("vera", "dvora")),
+]
 
 # Attribute on the root module recording the config the adapters were built from.
 CONFIG_ATTR = "dorafit_config"
@@ -44,6 +58,11 @@ def adapter_types() -> Dict[Type[nn.Module], Type[AdapterLayer]]:
     pytorch_utils = sys.modules.get("transformers.pytorch_utils")
     if pytorch_utils is not None and hasattr(pytorch_utils, "Conv1D"):
         table[pytorch_utils.Conv1D] = Conv1DAdapter
+    # bitsandbytes' quantized layers subclass nn.Linear: their own entries must win the MRO walk.
+    if "bitsandbytes" in sys.modules:
+        from .quant import quantized_adapter_types
+
+        table.update(quantized_adapter_types())
     return table
 
 
@@ -96,7 +115,7 @@ def _output_head_names(model: nn.Module) -> set:
 
 def _is_linear_like(module: nn.Module) -> bool:
     cls = _adapter_class(module)
-    return cls in (LinearAdapter, Conv1DAdapter)
+    return cls is not None and issubclass(cls, (LinearAdapter, Conv1DAdapter))
 
 
 def find_targets(model: nn.Module, config: AdapterConfig) -> List[str]:
@@ -132,8 +151,28 @@ def _check_not_attached(model: nn.Module) -> None:
         )
 
 
-def build_adapter(module: nn.Module, name: str, config: AdapterConfig) -> AdapterLayer:
-    """The adapter for one module under ``config`` (after per-module patterns)."""
+def shared_states(modules: Dict[str, nn.Module], config: AdapterConfig) -> Dict[str, object]:
+    """{method: shared state} for the methods of SHARED_STATE_FACTORIES that ``modules`` use."""
+    states: Dict[str, object] = {}
+    for factory, methods in SHARED_STATE_FACTORIES:
+        members = []
+        for name, module in modules.items():
+            opts = resolve_module_options(config, name)
+            if opts["method"] in methods:
+                members.append((name, module, opts["rank"]))
+        if members:
+            state = factory(members, config)
+            states.update({m: state for m in methods})
+    return states
+
+
+def build_adapter(
+    module: nn.Module, name: str, config: AdapterConfig, shared: Optional[Dict[str, object]] = None
+) -> AdapterLayer:
+    """The adapter for one module under ``config`` (after per-module patterns).
+
+    ``shared`` holds the per-model state of ``shared_states`` (built on demand when omitted).
+    """
     cls = _adapter_class(module)
     if cls is None:
         supported = ", ".join(sorted(c.__name__ for c in adapter_types()))
@@ -151,6 +190,10 @@ def build_adapter(module: nn.Module, name: str, config: AdapterConfig) -> Adapte
     )
     builder = METHOD_BUILDERS.get(opts["method"])
     try:
+        if shared is None:
+            shared = shared_states({name: module}, config)
+        if opts["method"] in shared:
+            kwargs["shared"] = shared[opts["method"]]
         if builder is not None:
             return builder(module, cls, config, name, **kwargs)
         return cls(module, **kwargs)
@@ -176,7 +219,8 @@ def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
     # Leaves only: adapting a container and its child at once is ambiguous.
     names = [n for n in names if not any(o.startswith(n + ".") for o in names)]
     modules = {n: model.get_submodule(n) for n in names}
-    adapters = {n: build_adapter(m, n, config) for n, m in modules.items()}  # may raise: nothing swapped yet
+    shared = shared_states(modules, config)  # one VeRA matrix pair per model
+    adapters = {n: build_adapter(m, n, config, shared) for n, m in modules.items()}  # may raise: nothing swapped yet
     save_names = []
     for pattern in config.modules_to_save:
         hits = [n for n, _ in model.named_modules() if n and pattern_matches(pattern, n) and n not in adapters]

@@ -47,10 +47,38 @@ def _base_identity(model: nn.Module) -> Dict[str, Any]:
     }
 
 
+def _weight_shape(module: nn.Module) -> Optional[list]:
+    """The logical shape of a module's weight; a 4-bit weight is stored packed, its quant_state
+    knows the shape it stands for (so an adapter trained on a 4-bit base loads on a full one)."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return None
+    quant_state = getattr(weight, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    return list(shape if shape is not None else weight.shape)
+
+
+def _extra_tensors(model: nn.Module, names_only: bool = False):
+    """Method-specific tensors stored beside the adapter parameters (VeRA's shared matrices when
+    ``save_vera_matrices``): from the model-level hook and from adapters' ``extra_tensors()``.
+    With ``names_only``, the set of keys a file may hold for them."""
+    names, tensors = set(), {}
+    extra = getattr(model, "dorafit_extra_tensors", None)
+    if callable(extra):
+        tensors.update(extra())
+        names.update(tensors)
+    for _, adapter in adapter_modules(model):
+        if callable(getattr(adapter, "extra_tensor_names", None)):
+            names.update(adapter.extra_tensor_names())
+            if not names_only:
+                tensors.update(adapter.extra_tensors())
+    return names if names_only else tensors
+
+
 def _module_record(adapter) -> Dict[str, Any]:
     return {
         "type": type(adapter.base).__name__,
-        "weight_shape": list(adapter.base.weight.shape),
+        "weight_shape": _weight_shape(adapter.base),
         "method": adapter.method,
         "rank": adapter.rank,
         "alpha": adapter.alpha,
@@ -81,9 +109,8 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], format: str = 
         "base_model": _base_identity(model),
         "modules": {name: _module_record(a) for name, a in adapter_modules(model)},
     }
-    extra = getattr(model, "dorafit_extra_tensors", None)
-    if callable(extra):  # method-specific tensors (e.g. VeRA's shared matrices when asked to store them)
-        state.update({k: v.detach().cpu().contiguous() for k, v in extra().items()})
+    # method-specific tensors (e.g. VeRA's shared matrices when asked to store them)
+    state.update({k: v.detach().cpu().contiguous() for k, v in _extra_tensors(model).items()})
     path = Path(path)
     with atomic_directory(path) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT, "dorafit_version": __version__})
@@ -128,10 +155,10 @@ def _check_base(model: nn.Module, modules: Dict[str, Any], source: Path) -> None
             module = model.get_submodule(name)
         except AttributeError:
             raise AdapterFileError(f"{source}: module {name!r} of the adapter does not exist in this base model") from None
-        weight = getattr(module, "weight", None)
+        shape = _weight_shape(module)
         want = record.get("weight_shape")
-        if weight is None or (want is not None and list(weight.shape) != list(want)):
-            got = None if weight is None else tuple(weight.shape)
+        if shape is None or (want is not None and shape != list(want)):
+            got = None if shape is None else tuple(shape)
             raise AdapterFileError(
                 f"{source}: module {name!r} has weight shape {got} in this base model but the adapter "
                 f"was trained on shape {tuple(want)} (a base model of another shape?)"
@@ -181,8 +208,7 @@ def load_adapter(base_model: nn.Module, path: Union[str, os.PathLike]) -> nn.Mod
                         f"config gives {getattr(a, field_name)!r}"
                     )
         expected = adapter_state_dict(base_model)
-        extra_fn = getattr(base_model, "dorafit_extra_tensors", None)
-        optional = set(extra_fn()) if callable(extra_fn) else set()
+        optional = _extra_tensors(base_model, names_only=True)
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected) - optional)
         if missing or unexpected:
@@ -203,9 +229,16 @@ def load_adapter(base_model: nn.Module, path: Union[str, os.PathLike]) -> nn.Mod
         with torch.no_grad():
             for key, want in expected.items():
                 want.copy_(tensors[key].to(device=want.device, dtype=want.dtype))
+            stored_extra = {k: v for k, v in tensors.items() if k in optional}
             load_extra = getattr(base_model, "dorafit_load_extra_tensors", None)
             if callable(load_extra):
-                load_extra({k: v for k, v in tensors.items() if k in optional})
+                load_extra(stored_extra)
+            for _, adapter in adapter_modules(base_model):
+                if callable(getattr(adapter, "load_extra_tensors", None)):
+                    try:
+                        adapter.load_extra_tensors(stored_extra)
+                    except ValueError as exc:
+                        raise AdapterFileError(f"{path / WEIGHTS_NAME}: {exc}") from None
     except BaseException:
         detach(base_model)
         raise

@@ -4,5 +4,21 @@ from .base import AdapterError, AdapterLayer
 from .conv import ConvAdapter
 from .embedding import EmbeddingAdapter
 from .linear import Conv1DAdapter, LinearAdapter
+from .magnitude import MagnitudeConv1DAdapter, MagnitudeConvAdapter, MagnitudeEmbeddingAdapter, MagnitudeLinearAdapter
+from .vera import VeraConv1DAdapter, VeraLinearAdapter, VeraShared
 
-__all__ = ["AdapterError", "AdapterLayer", "ConvAdapter", "EmbeddingAdapter", "Conv1DAdapter", "LinearAdapter"]
+__all__ = [
+    "AdapterError",
+    "AdapterLayer",
+    "ConvAdapter",
+    "EmbeddingAdapter",
+    "Conv1DAdapter",
+    "LinearAdapter",
+    "MagnitudeConv1DAdapter",
+    "MagnitudeConvAdapter",
+    "MagnitudeEmbeddingAdapter",
+    "MagnitudeLinearAdapter",
+    "VeraConv1DAdapter",
+    "VeraLinearAdapter",
+    "VeraShared",
+]
