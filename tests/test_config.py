@@ -1,0 +1,91 @@
+"""AdapterConfig: validation with clear messages, dict round trip, per-module patterns."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dorafit import AdapterConfig, ConfigError
+from dorafit.config import pattern_matches, resolve_module_options
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rank=0), r"rank must be a positive integer, got 0"),
+        (dict(rank=-3), r"rank must be a positive integer, got -3"),
+        (dict(rank=2.5), r"rank must be a positive integer"),
+        (dict(rank=True), r"rank must be a positive integer"),
+        (dict(alpha=0), r"alpha must be > 0, got 0"),
+        (dict(alpha=-1.0), r"alpha must be > 0"),
+        (dict(alpha=float("nan")), r"alpha must be > 0"),
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+        (dict(dropout=-0.1), r"dropout must be in \[0, 1\)"),
+        (dict(dropout=float("nan")), r"dropout must be in \[0, 1\)"),
+        (dict(method="qlora"), r"method must be one of .*'qlora'"),
+        (dict(dropout_mode="output"), r"dropout_mode must be one of"),
+        (dict(adapter_dtype="float16"), r"adapter_dtype must be one of"),
+        (dict(targets=[]), r"targets must be a non-empty list"),
+        (dict(targets=[""]), r"targets must be a non-empty list"),
+        (dict(targets=["q_proj("]), r"not a valid regex"),
+        (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\] must be a positive integer"),
+        (dict(rank_pattern={"q_proj": 2.5}), r"rank_pattern\['q_proj'\]"),
+        (dict(alpha_pattern={"q_proj": -2}), r"alpha_pattern\['q_proj'\] must be > 0"),
+        (dict(method_pattern={"mlp": "foo"}), r"method_pattern\['mlp'\] must be one of"),
+        (dict(rank_pattern=["q_proj"]), r"rank_pattern must be a dict"),
+    ],
+)
+def test_bad_values_raise_clear_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        AdapterConfig(**kwargs)
+
+
+def test_defaults_and_string_targets():
+    cfg = AdapterConfig(targets="query", exclude="x", modules_to_save="classifier")
+    assert cfg.targets == ["query"] and cfg.exclude == ["x"] and cfg.modules_to_save == ["classifier"]
+    assert cfg.method == "dora" and cfg.detach_norm is True and cfg.dropout_mode == "input"
+    assert cfg.adapter_dtype == "float32"
+
+
+def test_scaling_for():
+    assert AdapterConfig(rank=8, alpha=16).scaling_for(8, 16) == pytest.approx(2.0)
+    assert AdapterConfig(rank=8, alpha=16, rslora=True).scaling_for(16, 16) == pytest.approx(16 / math.sqrt(16))
+
+
+def test_dict_and_json_round_trip():
+    cfg = AdapterConfig(
+        method="lora", rank=4, alpha=8, targets=["q", "v"], rank_pattern={"v": 2}, alpha_pattern={"q": 4.0},
+        dropout=0.1, dropout_mode="lowrank", rslora=True, detach_norm=False,
+    )
+    again = AdapterConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+
+
+def test_from_dict_rejects_unknown_keys():
+    d = AdapterConfig().to_dict()
+    d["lora_rank"] = 4
+    with pytest.raises(ConfigError, match=r"unknown adapter config key\(s\) \['lora_rank'\]"):
+        AdapterConfig.from_dict(d)
+    with pytest.raises(ConfigError, match="JSON object"):
+        AdapterConfig.from_dict(["rank", 4])
+
+
+def test_pattern_matching_rules():
+    name = "model.layers.0.self_attn.q_proj"
+    assert pattern_matches("q_proj", name)  # dotted suffix
+    assert pattern_matches("self_attn.q_proj", name)
+    assert pattern_matches(name, name)  # exact
+    assert pattern_matches(r".*layers\.0\..*proj", name)  # full regex
+    assert not pattern_matches("proj", name)  # not a partial word
+    assert not pattern_matches("q_pro", name)
+    assert not pattern_matches("layers", name)  # not a prefix
+
+
+def test_resolve_module_options_longest_pattern_wins():
+    cfg = AdapterConfig(rank=8, alpha=16, rank_pattern={"proj": 2, "q_proj": 4}, alpha_pattern={"v_proj": 1.0})
+    q = resolve_module_options(cfg, "layers.0.q_proj")
+    assert q["rank"] == 4 and q["alpha"] == 16 and q["scaling"] == pytest.approx(4.0)
+    v = resolve_module_options(cfg, "layers.0.v_proj")
+    assert v["rank"] == 8 and v["alpha"] == 1.0 and v["scaling"] == pytest.approx(1 / 8)
