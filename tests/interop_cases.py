@@ -158,8 +158,10 @@ CASES = {
     ),
     "llama_lora_rslora_regex": Case(
         "llama_lora_rslora_regex", "Linear", _llama,
-        dict(r=4, lora_alpha=6, use_dora=False, use_rslora=True, target_modules=r".*\.(q_proj|v_proj|up_proj)"),
-        dict(method="lora", rank=4, alpha=6, rslora=True, targets=[r".*\.(q_proj|v_proj|up_proj)"]),
+        dict(r=4, lora_alpha=6, use_dora=False, use_rslora=True, target_modules=r".*\.(q_proj|v_proj|up_proj)",
+             exclude_modules=["layers.1.mlp.up_proj"]),
+        dict(method="lora", rank=4, alpha=6, rslora=True, targets=[r".*\.(q_proj|v_proj|up_proj)"],
+             exclude=["layers.1.mlp.up_proj"]),
         lambda: _ids(64),
     ),
     "llama_dora_layers_to_transform": Case(

@@ -346,3 +346,17 @@ def test_legacy_bin_weights_are_read_without_unpickling(tmp_path):
     (path / "adapter_model.safetensors").unlink()
     model = dorafit.load_adapter(base_for(case), path)
     assert len(dorafit.adapter_modules(model)) == 2
+
+
+def test_regex_targets_and_exclude_follow_peft(tmp_path):
+    case = CASES["llama_lora_rslora_regex"]
+    make_peft_model(case, base_for(case)).save_pretrained(str(tmp_path))
+    model = dorafit.load_adapter(base_for(case), tmp_path)
+    names = {n for n, _ in dorafit.adapter_modules(model)}
+    assert "model.layers.0.mlp.up_proj" in names and "model.layers.1.mlp.up_proj" not in names
+    assert len(names) == 5
+    cfg = model.dorafit_config
+    # PEFT's own patterns carried over (they select the same modules under dorafit's rules)
+    assert cfg.targets == [r".*\.(q_proj|v_proj|up_proj)"] and cfg.exclude == ["layers.1.mlp.up_proj"]
+    assert cfg.rslora and cfg.method == "lora"
+    assert all(a.scaling == pytest.approx(6 / 4**0.5) for _, a in dorafit.adapter_modules(model))
