@@ -1,0 +1,339 @@
+"""Adapter files: round trip, validation errors naming module/key/shape, atomic writes, no pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import safetensors.torch
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import dorafit
+from dorafit import AdapterConfig, AdapterFileError
+from dorafit.io import CONFIG_NAME, WEIGHTS_NAME
+
+
+class Net(nn.Module):
+    def __init__(self, hidden=16):
+        super().__init__()
+        self.embed = nn.Embedding(20, hidden)
+        self.q_proj = nn.Linear(hidden, hidden)
+        self.v_proj = nn.Linear(hidden, hidden, bias=False)
+        self.out = nn.Linear(hidden, 4)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        return self.out(torch.tanh(self.q_proj(h)) + self.v_proj(h)).mean(dim=1)
+
+
+def fresh(hidden=16):
+    torch.manual_seed(123)  # the same base weights every time
+    return Net(hidden)
+
+
+CFG = AdapterConfig(rank=4, alpha=8, targets=["q_proj", "v_proj", "embed"])
+IDS = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def saved(tmp_path, ref):
+    model = dorafit.attach(fresh(), CFG)
+    for i, (_, a) in enumerate(dorafit.adapter_modules(model)):
+        ref.randomize_adapter(a, scale=0.3, seed=i)
+    path = dorafit.save_adapter(model, tmp_path / "adapter")
+    with torch.no_grad():
+        y = model(IDS)
+    return path, y, model
+
+
+def module_types(model):
+    return [(n, type(m)) for n, m in model.named_modules()]
+
+
+def test_round_trip(saved):
+    path, y, model = saved
+    assert sorted(os.listdir(path)) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    assert [p.name for p in path.parent.iterdir()] == ["adapter"]  # no temp dirs left
+    meta = json.loads((path / CONFIG_NAME).read_text())
+    assert meta["format"] == "dorafit" and meta["dorafit_version"] == dorafit.__version__
+    assert AdapterConfig.from_dict(meta["config"]) == CFG
+    assert meta["base_model"]["class"] == "Net"
+    assert meta["modules"]["q_proj"]["weight_shape"] == [16, 16]
+    tensors = load_file(str(path / WEIGHTS_NAME))
+    assert sorted(tensors) == sorted(dorafit.adapter_state_dict(model))
+    loaded = dorafit.load_adapter(fresh(), path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS), y)
+    for key, t in dorafit.adapter_state_dict(loaded).items():
+        assert torch.equal(t, tensors[key]), key
+    # the loaded adapter trains
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == set(tensors)
+
+
+def test_save_overwrites_atomically(saved, ref):
+    path, _, model = saved
+    ref.randomize_adapter(model.q_proj, seed=9)
+    dorafit.save_adapter(model, path)
+    assert [p.name for p in path.parent.iterdir()] == ["adapter"]
+    loaded = dorafit.load_adapter(fresh(), path)
+    assert torch.equal(loaded.q_proj.lora_b, model.q_proj.lora_b)
+
+
+def test_save_without_adapters_raises(tmp_path):
+    with pytest.raises(AdapterFileError, match="no dorafit adapters"):
+        dorafit.save_adapter(fresh(), tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Loading errors: each names the module / key / shape / file
+
+
+def expect_load_error(path, match, base=None):
+    base = fresh() if base is None else base
+    types_before = module_types(base)
+    with pytest.raises(AdapterFileError, match=match):
+        dorafit.load_adapter(base, path)
+    assert module_types(base) == types_before  # left as it was
+    return base
+
+
+def test_other_base_shape(saved):
+    path, _, _ = saved
+    expect_load_error(path, r"module 'embed' has weight shape \(20, 24\) .* trained on shape \(20, 16\)", base=fresh(24))
+
+
+def rewrite_tensors(path, change):
+    tensors = load_file(str(path / WEIGHTS_NAME))
+    change(tensors)
+    save_file(tensors, str(path / WEIGHTS_NAME))
+
+
+def test_missing_key(saved):
+    path, _, _ = saved
+    rewrite_tensors(path, lambda t: t.pop("v_proj.magnitude"))
+    expect_load_error(path, r"missing keys \['v_proj.magnitude'\]")
+
+
+def test_unexpected_key(saved):
+    path, _, _ = saved
+    rewrite_tensors(path, lambda t: t.update({"k_proj.lora_a": torch.zeros(4, 16)}))
+    expect_load_error(path, r"unexpected keys \['k_proj.lora_a'\]")
+
+
+def test_wrong_tensor_shape(saved):
+    path, _, _ = saved
+    rewrite_tensors(path, lambda t: t.update({"q_proj.lora_b": torch.zeros(16, 3)}))
+    expect_load_error(path, r"key 'q_proj.lora_b' has shape \(16, 3\) .* need \(16, 4\)")
+
+
+def edit_config(path, change):
+    meta = json.loads((path / CONFIG_NAME).read_text())
+    change(meta)
+    (path / CONFIG_NAME).write_text(json.dumps(meta))
+
+
+def test_rank_mismatch_between_config_and_tensors(saved):
+    path, _, _ = saved
+
+    def to_rank_8(meta):
+        meta["config"]["rank"] = 8
+        for rec in meta["modules"].values():
+            rec["rank"] = 8
+
+    edit_config(path, to_rank_8)
+    expect_load_error(path, r"key '(embed|q_proj|v_proj).lora_a' has shape \(4, (20|16)\) .*rank 8.* need \(8, (20|16)\)")
+
+
+def test_rank_mismatch_with_module_record(saved):
+    path, _, _ = saved
+    edit_config(path, lambda meta: meta["config"].update(rank=2))
+    expect_load_error(path, r"module '(embed|q_proj|v_proj)' is recorded with rank 4 but the config gives 2")
+
+
+def test_method_mismatch(saved):
+    path, _, _ = saved
+    edit_config(path, lambda meta: meta["config"].update(method="lora"))
+    expect_load_error(path, r"module '(embed|q_proj|v_proj)' is recorded with method 'dora' but the config gives 'lora'")
+
+
+def test_method_mismatch_without_module_records(saved):
+    path, _, _ = saved
+
+    def strip(meta):
+        meta["config"]["method"] = "lora"
+        for rec in meta["modules"].values():
+            rec.pop("method")
+
+    edit_config(path, strip)
+    expect_load_error(path, r"method 'lora'.*unexpected keys \['embed.magnitude', 'q_proj.magnitude', 'v_proj.magnitude'\]")
+
+
+def test_truncated_safetensors(saved):
+    path, _, _ = saved
+    data = (path / WEIGHTS_NAME).read_bytes()
+    (path / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    expect_load_error(path, rf"{WEIGHTS_NAME} is truncated or corrupt")
+
+
+def test_garbage_safetensors(saved):
+    path, _, _ = saved
+    (path / WEIGHTS_NAME).write_bytes(os.urandom(256))
+    expect_load_error(path, rf"{WEIGHTS_NAME} is truncated or corrupt")
+
+
+def test_missing_weights_file(saved):
+    path, _, _ = saved
+    (path / WEIGHTS_NAME).unlink()
+    expect_load_error(path, rf"adapter weights file .*{WEIGHTS_NAME} is missing")
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "notadapter").mkdir()
+    (tmp_path / "notadapter" / "model.safetensors").write_bytes(b"x")
+    expect_load_error(tmp_path / "notadapter", rf"notadapter is not an adapter directory: {CONFIG_NAME} is missing")
+
+
+def test_nonexistent_path(tmp_path):
+    expect_load_error(tmp_path / "nope", r"adapter path .*nope does not exist")
+
+
+def test_path_is_a_file(tmp_path):
+    f = tmp_path / "adapter.safetensors"
+    f.write_bytes(b"123")
+    expect_load_error(f, r"adapter.safetensors is not an adapter directory")
+
+
+def test_invalid_json(saved):
+    path, _, _ = saved
+    (path / CONFIG_NAME).write_text('{"format": "dorafit", "config": {')
+    expect_load_error(path, rf"{CONFIG_NAME} is not valid JSON")
+
+
+def test_json_not_an_object(saved):
+    path, _, _ = saved
+    (path / CONFIG_NAME).write_text("[1, 2]")
+    expect_load_error(path, r"must hold a JSON object, got list")
+
+
+def test_not_a_dorafit_config(saved):
+    path, _, _ = saved
+    (path / CONFIG_NAME).write_text(json.dumps({"hello": 1}))
+    expect_load_error(path, r"is not a dorafit adapter config")
+
+
+def test_invalid_config_values(saved):
+    path, _, _ = saved
+    edit_config(path, lambda meta: meta["config"].update(rank=-1))
+    expect_load_error(path, r"invalid adapter config: rank must be a positive integer, got -1")
+    edit_config(path, lambda meta: meta["config"].update(rank=4, bogus=1))
+    expect_load_error(path, r"invalid adapter config: unknown adapter config key\(s\) \['bogus'\]")
+
+
+def test_module_missing_in_base(saved):
+    path, _, _ = saved
+
+    class Other(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(20, 16)
+            self.q_proj = nn.Linear(16, 16)
+
+    expect_load_error(path, r"module 'v_proj' of the adapter does not exist in this base model", base=Other())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="io.py load_adapter: a validation error found after attach() (missing/unexpected key, tensor "
+    "shape) calls detach(), but attach froze every parameter of the base model (inject.py:188-189) and "
+    "detach does not restore requires_grad: the model is not left as it was",
+)
+def test_failed_load_leaves_requires_grad(saved):
+    path, _, _ = saved
+    rewrite_tensors(path, lambda t: t.pop("v_proj.magnitude"))
+    base = fresh()
+    with pytest.raises(AdapterFileError):
+        dorafit.load_adapter(base, path)
+    assert all(p.requires_grad for p in base.parameters())
+
+
+def test_nothing_is_unpickled(saved, monkeypatch):
+    path, y, _ = saved
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling during load_adapter")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    loaded = dorafit.load_adapter(fresh(), path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS), y)
+
+
+# ------------------------------------------------------------------------------------------
+# Interrupted saves
+
+
+def test_interrupted_save_keeps_old_adapter(saved, monkeypatch, ref):
+    path, y, model = saved
+    old_bytes = {n: (path / n).read_bytes() for n in (CONFIG_NAME, WEIGHTS_NAME)}
+    real_save = safetensors.torch.save_file
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:  # half a file, then the process "dies"
+            f.write(b"\x00" * 64)
+        raise KeyboardInterrupt("interrupted")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    ref.randomize_adapter(model.q_proj, seed=7)
+    with pytest.raises(KeyboardInterrupt):
+        dorafit.save_adapter(model, path)
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    assert [p.name for p in path.parent.iterdir()] == ["adapter"]  # no temp dir left behind
+    assert {n: (path / n).read_bytes() for n in old_bytes} == old_bytes
+    loaded = dorafit.load_adapter(fresh(), path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS), y)
+
+
+def test_interrupted_first_save_leaves_nothing(tmp_path, monkeypatch):
+    model = dorafit.attach(fresh(), CFG)
+
+    def crash(tensors, filename, metadata=None):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        dorafit.save_adapter(model, tmp_path / "adapter")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="files.py atomic_directory: when the final os.replace(tmp, path) fails after the old directory "
+    "was moved aside to '.<name>.*.old', the except branch deletes tmp and re-raises without moving the "
+    "old directory back: the adapter disappears from its path",
+)
+def test_failed_final_rename_keeps_old_adapter(saved, monkeypatch):
+    import dorafit.files as files
+
+    path, y, model = saved
+    real_replace = os.replace
+    calls = []
+
+    def flaky_replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # old moved aside, then the new one cannot be renamed in
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", flaky_replace)
+    with pytest.raises(OSError):
+        dorafit.save_adapter(model, path)
+    monkeypatch.setattr(files.os, "replace", real_replace)
+    assert (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
