@@ -476,8 +476,9 @@ def plot_figure2(rows: Sequence[DeltaRow], path: PathLike, title: Optional[str] 
                 text = f"r = {s.pearson:+.2f}\nslope = {s.slope:.3g}"
                 if reference and method in reference:
                     text += f"\n(paper: {reference[method]:+.2f})"
-            ax.text(0.97, 0.97, text, transform=ax.transAxes, ha="right", va="top", fontsize=9,
-                    bbox=dict(boxstyle="round", fc="white", ec="0.7", alpha=0.9))
+            # a legend with no entries is a text box that matplotlib places away from the points
+            box = ax.legend(handles=[], title=text, loc="best", fontsize=9, title_fontsize=9, framealpha=0.9)
+            box.get_title().set_multialignment("right")
             ax.set_title(method if len(kinds) == 1 else f"{method}: {kind.rsplit('.', 1)[-1]}", fontsize=10, pad=12)
             ax.set_xlabel("ΔD  (mean 1 − cos)")
             if j == 0:

@@ -62,11 +62,14 @@ def load_task(root: Path, task: str, split: str) -> List[Question]:
 
 
 def load_subset(root: Path, tasks: Sequence[str], split: str, per_task: int, seed: int = 0) -> List[Question]:
-    """`per_task` questions of each task (all of them if per_task <= 0), drawn with `seed`."""
+    """`per_task` questions of each task (all of them if per_task <= 0), drawn with `seed`; a
+    smaller subset is a prefix of a larger one."""
     out: List[Question] = []
     for task in tasks:
         questions = load_task(root, task, split)
         if 0 < per_task < len(questions):
-            questions = random.Random(f"{seed}-{task}-{split}").sample(questions, per_task)
+            questions = list(questions)
+            random.Random(f"{seed}-{task}-{split}").shuffle(questions)
+            questions = questions[:per_task]
         out.extend(questions)
     return out

