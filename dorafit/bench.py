@@ -1,0 +1,208 @@
+"""Measuring adapter cost: step time, memory saved for backward and step peak memory.
+
+Used by ``benchmarks/`` and by ``dorafit bench``. Variants are timed alternately in one
+process (warm-up first, then rounds that run every variant once), so that a noisy machine
+affects them alike; results are medians with min and max.
+
+- step time: wall time of forward + loss + backward + optimizer step (+ zero_grad);
+- saved for backward: bytes of the distinct storages autograd keeps for backward, parameters
+  excluded (``torch.autograd.graph.saved_tensors_hooks``);
+- step peak: the highest total of memory allocated during one step above what was allocated
+  before it, from the allocator events of ``torch.profiler`` (``profile_memory=True``; on CUDA,
+  ``torch.cuda.max_memory_allocated``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class Timing:
+    """Seconds per call over repeats."""
+
+    samples: List[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def low(self) -> float:
+        return min(self.samples)
+
+    @property
+    def high(self) -> float:
+        return max(self.samples)
+
+    def __str__(self) -> str:
+        return f"{1e3 * self.median:9.2f} ms ({1e3 * self.low:.2f}–{1e3 * self.high:.2f})"
+
+
+def _sync(device: Optional[torch.device]) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_alternating(
+    fns: Dict[str, Callable[[], None]],
+    repeats: int = 5,
+    warmup: int = 2,
+    device: Optional[torch.device] = None,
+) -> Dict[str, Timing]:
+    """Time each function ``repeats`` times, interleaved round by round, after ``warmup`` rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    out = {name: Timing() for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            out[name].samples.append(time.perf_counter() - start)
+    return out
+
+
+def saved_for_backward_bytes(forward: Callable[[], torch.Tensor], params: Sequence[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages that autograd saves during ``forward()``, parameters excluded."""
+    exclude = {p.untyped_storage().data_ptr() for p in params}
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in exclude and ptr != 0:
+            seen[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    total = sum(seen.values())
+    del out
+    return total
+
+
+def step_peak_bytes(step: Callable[[], None], device: Optional[torch.device] = None) -> int:
+    """Peak bytes allocated during ``step()`` above the allocation level before it."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"]
+    events.sort(key=lambda e: e.start_ns())
+    level = peak = 0
+    for e in events:
+        level += e.nbytes()
+        peak = max(peak, level)
+    return peak
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain Markdown table."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+
+    def line(vals: Sequence[str]) -> str:
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep] + [line(r) for r in cells])
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+# ------------------------------------------------------------------------------------------
+# Side-by-side comparison of adapter variants on one workload
+
+@dataclass
+class Variant:
+    """One model under test: a step function for training and a forward for evaluation."""
+
+    name: str
+    model: torch.nn.Module
+    train_step: Callable[[], None]
+    eval_forward: Callable[[], torch.Tensor]
+    train_forward: Callable[[], torch.Tensor]
+
+
+def make_variant(
+    name: str,
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module], torch.Tensor],
+    lr: float = 1e-4,
+    accumulation: int = 1,
+    autocast_dtype: Optional[torch.dtype] = None,
+) -> Variant:
+    """Wrap an adapted model in a training step (AdamW, ``accumulation`` micro-batches) and an
+    evaluation forward (``no_grad``, eval mode)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr) if params else None
+    device = next(model.parameters()).device
+
+    def ctx():
+        if autocast_dtype is None:
+            return torch.autocast(device.type, enabled=False)
+        return torch.autocast(device.type, dtype=autocast_dtype)
+
+    def train_forward() -> torch.Tensor:
+        model.train()
+        with ctx():
+            return loss_fn(model)
+
+    def train_step() -> None:
+        for _ in range(accumulation):
+            loss = train_forward() / accumulation
+            if loss.requires_grad:  # a frozen base model with inputs that need no gradient: forward only
+                loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def eval_forward() -> torch.Tensor:
+        model.eval()
+        with torch.no_grad(), ctx():
+            return loss_fn(model)
+
+    return Variant(name, model, train_step, eval_forward, train_forward)
+
+
+def measure_variants(
+    variants: Sequence[Variant],
+    repeats: int = 5,
+    warmup: int = 2,
+    memory: bool = True,
+    eval_too: bool = True,
+) -> Dict[str, Dict[str, object]]:
+    """Step time, eval time, saved-for-backward bytes and step peak for each variant."""
+    device = next(variants[0].model.parameters()).device
+    results: Dict[str, Dict[str, object]] = {v.name: {} for v in variants}
+    train = time_alternating({v.name: v.train_step for v in variants}, repeats, warmup, device)
+    for v in variants:
+        results[v.name]["step"] = train[v.name]
+    if eval_too:
+        evals = time_alternating({v.name: v.eval_forward for v in variants}, repeats, 1, device)
+        for v in variants:
+            results[v.name]["eval"] = evals[v.name]
+    if memory:
+        for v in variants:
+            params = list(v.model.parameters())
+            results[v.name]["saved"] = saved_for_backward_bytes(v.train_forward, params)
+            results[v.name]["peak"] = step_peak_bytes(v.train_step, device)
+    return results
