@@ -254,13 +254,14 @@ def _adapter_kind(module: nn.Module) -> Optional[type]:
 def _expected_shapes(module: nn.Module, kind: type, rank: int) -> Dict[str, Tuple[int, ...]]:
     """PEFT shapes of A, B and the magnitude for ``module`` (a base layer) at ``rank``."""
     w = module.weight
-    if kind is LinearAdapter:
-        out_f, in_f = w.shape
-    elif kind is Conv1DAdapter:
+    if issubclass(kind, LinearAdapter):
+        # in/out_features rather than the weight's shape: a 4-bit base stores its weight packed.
+        out_f, in_f = module.out_features, module.in_features
+    elif issubclass(kind, Conv1DAdapter):
         in_f, out_f = w.shape
-    elif kind is EmbeddingAdapter:
+    elif issubclass(kind, EmbeddingAdapter):
         in_f, out_f = w.shape  # (vocab, dim): as a linear map one-hot -> dim
-    elif kind is ConvAdapter:
+    elif issubclass(kind, ConvAdapter):
         out_f, in_ch = w.shape[:2]
         spatial = tuple(w.shape[2:])
         return {
@@ -274,6 +275,8 @@ def _expected_shapes(module: nn.Module, kind: type, rank: int) -> Dict[str, Tupl
 
 
 def _describe(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return f"{type(module).__name__}({module.in_features} -> {module.out_features})"
     return f"{type(module).__name__} with weight {tuple(module.weight.shape)}"
 
 
@@ -401,12 +404,12 @@ def load_peft_adapter(base_model: nn.Module, path: Union[str, os.PathLike]) -> n
         kind = _adapter_kind(module)
         if kind is None:
             raise PeftFormatError(f"{weights_file}: module {name!r} is a {type(module).__name__}, which dorafit cannot adapt")
-        if kind is EmbeddingAdapter and hasattr(module, "embed_scale"):
+        if issubclass(kind, EmbeddingAdapter) and hasattr(module, "embed_scale"):
             raise PeftFormatError(
                 f"module {name!r} is a scaled embedding ({type(module).__name__}.embed_scale); PEFT scales the "
                 "adapter output by embed_scale, which dorafit's embedding adapter does not do"
             )
-        if kind is ConvAdapter and module.groups != 1:
+        if issubclass(kind, ConvAdapter) and module.groups != 1:
             raise PeftFormatError(f"module {name!r}: {type(module).__name__} with groups={module.groups} is not supported")
         missing = [f for f in ("lora_a", "lora_b") if f not in found]
         if use_dora and "magnitude" not in found:
@@ -431,7 +434,7 @@ def load_peft_adapter(base_model: nn.Module, path: Union[str, os.PathLike]) -> n
                 continue
             got = tuple(found[factor].shape)
             want = expected[factor]
-            ok = got == want or (factor == "magnitude" and kind is ConvAdapter and got == (want[1],))
+            ok = got == want or (factor == "magnitude" and issubclass(kind, ConvAdapter) and got == (want[1],))
             if not ok:
                 raise PeftFormatError(
                     f"{weights_file}: module {name!r}: {factor} has shape {got} but this base model's "
@@ -441,7 +444,7 @@ def load_peft_adapter(base_model: nn.Module, path: Union[str, os.PathLike]) -> n
                 raise PeftFormatError(f"{weights_file}: module {name!r}: {factor} has dtype {found[factor].dtype}")
         alpha = float(peft_pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"]))
         layers[name] = (rank, alpha)
-        if kind is ConvAdapter:
+        if issubclass(kind, ConvAdapter):
             _check_conv_semantics(name, module, "loading PEFT adapter:")
 
     targeted = peft_targets(base_model, cfg)
@@ -566,6 +569,20 @@ def _pattern_keys(values: Dict[str, Any], default: Any, names: List[str]) -> Dic
     raise PeftFormatError("cannot express the per-module ranks/alphas as PEFT rank_pattern/alpha_pattern")
 
 
+def _task_type(model: nn.Module, saves: List[str], base_modules: Dict[str, nn.Module]) -> Optional[str]:
+    """PEFT's task_type for the model class, so that PEFT builds its task wrapper (generate() for
+    causal LMs). A sequence classifier only when its head is saved: PEFT's SEQ_CLS wrapper adds
+    every module named *classifier / *score to modules_to_save and would miss their weights."""
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    if name.endswith("ForSequenceClassification"):
+        heads = [n for n in base_modules if n.endswith("classifier") or n.endswith("score")]
+        if heads and all(any(h == s or h.startswith(s + ".") for s in saves) for h in heads):
+            return "SEQ_CLS"
+    return None
+
+
 def peft_config_and_state(model: nn.Module) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """The ``adapter_config.json`` dict and the safetensors state dict PEFT expects for ``model``."""
     adapters = adapter_modules(model)
@@ -654,7 +671,7 @@ def peft_config_and_state(model: nn.Module) -> Tuple[Dict[str, Any], Dict[str, t
     name_or_path = getattr(base_cfg, "_name_or_path", None) or None
     peft_cfg = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": _task_type(model, saves, base_modules),
         "base_model_name_or_path": str(name_or_path) if name_or_path else None,
         "revision": None,
         "inference_mode": True,

@@ -300,7 +300,7 @@ def dorafit_to_peft(case: Case, tmp) -> Dict[str, float]:
     dorafit.save_adapter(model, tmp, format="peft")
     peft_model, messages = load_in_peft(base_for(case), tmp)
     x = case.make_input()
-    errs = {"key_warnings": key_warnings(messages)}
+    errs = {"key_warnings": key_warnings(messages), "peft_class": type(peft_model).__name__}
     with torch.no_grad():
         for mode in ("train", "eval"):
             peft_model.train(mode == "train")

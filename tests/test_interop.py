@@ -69,6 +69,9 @@ def test_peft_adapter_loads_with_parity(name, tmp_path):
 def test_dorafit_export_loads_in_peft_with_parity(name, tmp_path):
     errs = dorafit_to_peft(CASES[name], tmp_path / "peft")
     assert errs["key_warnings"] == []
+    # the task wrapper PEFT builds from the exported task_type
+    expected = {"llama": "PeftModelForCausalLM", "gpt2": "PeftModelForCausalLM", "bert_cls": "PeftModelForSequenceClassification"}
+    assert errs["peft_class"] == next((v for k, v in expected.items() if name.startswith(k)), "PeftModel")
     _check(errs)
 
 
