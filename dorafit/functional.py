@@ -91,6 +91,45 @@ def factored_norm(
     return norm_sq.clamp_min(eps).sqrt()
 
 
+class _LinearWithRows(torch.autograd.Function):
+    """[x; R] W0ᵀ in one matmul: the base output and the cross term R W0ᵀ together.
+
+    At few tokens a matmul is bound by reading W0, so computing the cross term inside the base
+    forward saves a whole pass over the weight. Backward gives the input gradient only (W0 is
+    frozen; R is used as a constant, the norm being detached).
+    """
+
+    @staticmethod
+    def forward(ctx, x_2d, rows, weight, bias):
+        n = x_2d.shape[0]
+        out = torch.nn.functional.linear(torch.cat([x_2d, rows.to(x_2d.dtype)]), weight)  # (n + r, out)
+        cross = out[n:].clone()
+        y = out[:n] if bias is None else out[:n] + bias
+        ctx.save_for_backward(weight)
+        ctx.mark_non_differentiable(cross)
+        return y, cross
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_cross):
+        (weight,) = ctx.saved_tensors
+        grad_x = grad_y @ weight.to(grad_y.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad_y.sum(0) if ctx.needs_input_grad[3] else None
+        return grad_x, None, None, grad_bias
+
+
+def linear_with_rows(
+    x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x W0ᵀ + b, R W0ᵀ) for x (..., in), R (r, in), a frozen W0 (out, in); one matmul.
+
+    The second result is float32 and carries no gradient. Reference: two ``F.linear`` calls.
+    """
+    if weight.requires_grad:
+        raise ValueError("linear_with_rows needs a frozen weight")
+    y, cross = _LinearWithRows.apply(x.reshape(-1, x.shape[-1]), rows.detach(), weight, bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1]), cross.to(torch.float32)
+
+
 def reference_norm(w0_2d: torch.Tensor, lora_a_2d: torch.Tensor, lora_b_2d: torch.Tensor, scaling: float) -> torch.Tensor:
     """‖W0 + s B A‖ per row by materialising the matrix (tests and merge only): (out,), float32."""
     w = w0_2d.to(torch.float32) + scaling * (lora_b_2d.to(torch.float32) @ lora_a_2d.to(torch.float32))
@@ -137,10 +176,11 @@ class _DoraCompose(torch.autograd.Function):
             grad_low = grad_z.to(ctx.lowrank_dtype)
         grad_scale = None
         if ctx.needs_input_grad[2]:
-            # Σ over every axis but the output one of grad_y ⊙ (y − b) / g, in float32.
-            z = y.to(torch.float32) if bias is None else y.to(torch.float32) - bias.to(torch.float32)
-            prod = grad_y.to(torch.float32) * z
-            grad_scale = prod.sum_to_size(scale.shape) / scale.to(torch.float32)
+            # Σ over every axis but the output one of grad_y ⊙ (y − b) / g, in at least float32.
+            acc = torch.promote_types(y.dtype, torch.float32)
+            z = y.to(acc) if bias is None else y.to(acc) - bias.to(acc)
+            prod = grad_y.to(acc) * z
+            grad_scale = (prod.sum_to_size(scale.shape) / scale.to(acc)).to(scale.dtype)
         return grad_base, grad_low, grad_scale, None
 
 

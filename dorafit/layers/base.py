@@ -185,54 +185,79 @@ class AdapterLayer(nn.Module):
         bias = self.base_bias()
         return None if bias is None else self.scale_shape(bias, ndim)
 
-    def _compute_norm(self) -> torch.Tensor:
+    def _compute_norm(self, cross: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.method == "magnitude":
             return self.w0_norm_sq.clamp_min(DF.NORM_EPS).sqrt()
         a, b = self.lowrank_factors()
         a_2d = a.reshape(a.shape[0], -1)
         b_2d = b.reshape(b.shape[0], -1)
-        return DF.factored_norm(self.w0_norm_sq, self.cross_term(a_2d), a_2d, b_2d, self.scaling)
+        if cross is None:
+            cross = self.cross_term(a_2d)
+        return DF.factored_norm(self.w0_norm_sq, cross, a_2d, b_2d, self.scaling)
 
     def _cache_key(self) -> tuple:
         deps = self.norm_dependencies()
         return tuple((t.data_ptr(), t._version) for t in deps) + (self.scaling,)
 
-    def weight_norm(self) -> torch.Tensor:
+    def weight_norm(self, cross: Optional[torch.Tensor] = None) -> torch.Tensor:
         """‖W0 + s B A‖ per output feature, (out,) float32 (factored, never materialised).
 
         Detached (paper section 4.3) and cached until A, B or W0 change, unless the full
-        gradient is asked for while autograd records.
+        gradient is asked for while autograd records. ``cross`` (A W0ᵀ) may be passed in when
+        it was computed together with the base output.
         """
         if not self.detach_norm and torch.is_grad_enabled():
             return self._compute_norm()
         if is_compiling():
             with torch.no_grad():
-                return self._compute_norm()
+                return self._compute_norm(cross)
         key = self._cache_key()
         cached = self._norm_cache
         if cached is not None and cached[0] == key:
             return cached[1]
         with torch.no_grad():
-            norm = self._compute_norm()
+            norm = self._compute_norm(cross)
         self._norm_cache = (key, norm)
         return norm
 
-    def magnitude_scale(self) -> torch.Tensor:
+    def norm_is_stale(self) -> bool:
+        """True when the next ``weight_norm()`` computes a detached norm (cache empty or outdated)."""
+        if self.magnitude is None or self.method == "magnitude" or is_compiling():
+            return False
+        if not self.detach_norm and torch.is_grad_enabled():
+            return False
+        cached = self._norm_cache
+        return cached is None or cached[0] != self._cache_key()
+
+    def base_and_cross(self, x: torch.Tensor, a: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(base(x), A W0ᵀ) from one pass over W0, where the layer type can; else None."""
+        return None
+
+    def magnitude_scale(self, cross: Optional[torch.Tensor] = None) -> torch.Tensor:
         """g = m / ‖W0 + s B A‖, (out,) float32."""
-        return DF.magnitude_scale(self.magnitude, self.weight_norm())
+        return DF.magnitude_scale(self.magnitude, self.weight_norm(cross))
 
     # ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base_out = self.base(x)
         if self.method == "magnitude":
+            base_out = self.base(x)
             g = self.scale_shape(self.magnitude_scale(), base_out.dim())
             return DF.dora_compose(base_out, None, g, self.shaped_bias(base_out.dim()))
         a, b = self.lowrank_factors()
+        g = None
+        fused = self.base_and_cross(x, a) if self.norm_is_stale() else None
+        if fused is not None:
+            # First forward after A or B changed: the cross term rides along the base matmul.
+            base_out, cross = fused
+            g = self.scale_shape(self.magnitude_scale(cross), base_out.dim())
+        else:
+            base_out = self.base(x)
         xd = self.dropout(x) if self.dropping() else x
         lowrank = self.lowrank(xd, a, b) * self.scaling
         if self.magnitude is None:  # LoRA / VeRA
             return base_out + lowrank.to(base_out.dtype)
-        g = self.scale_shape(self.magnitude_scale(), base_out.dim())
+        if g is None:
+            g = self.scale_shape(self.magnitude_scale(), base_out.dim())
         if xd is not x and self.dropout_mode == "input":
             # Dropout on the input of the whole DoRA update: W0 drop(x) needs a second matmul.
             return DF.dora_compose_dropout(base_out, self.base_nobias(xd), lowrank, g)

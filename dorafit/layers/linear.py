@@ -17,6 +17,13 @@ from .. import functional as DF
 from .base import AdapterLayer
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 class LinearAdapter(AdapterLayer):
     """LoRA / DoRA on nn.Linear (with or without bias)."""
 
@@ -31,6 +38,22 @@ class LinearAdapter(AdapterLayer):
 
     def base_nobias(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.base.weight)
+
+    def base_and_cross(self, x: torch.Tensor, a: torch.Tensor):
+        """One matmul [x; A] W0ᵀ for a plain float32 nn.Linear (no hooks, no autocast).
+
+        Anything else (half precision: the cross term must be float32; quantized or sharded
+        weights; hooks that expect to see the call) takes the separate path.
+        """
+        base, w = self.base, self.base.weight
+        plain = type(base) is nn.Linear and type(w.data) is torch.Tensor and not w.requires_grad
+        if not plain or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        if w.dtype != torch.float32 or x.dtype != torch.float32 or a.dtype != torch.float32:
+            return None
+        if _autocast_enabled(x.device.type):
+            return None
+        return DF.linear_with_rows(x, a, w, base.bias)
 
     def lowrank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x.to(a.dtype), a), b)  # (..., r) -> (..., out)
