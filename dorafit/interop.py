@@ -343,7 +343,7 @@ def _dorafit_config(
     targets = cfg.get("target_modules")
     exclude = cfg.get("exclude_modules")
     candidate = None
-    if targets and not cfg.get("layers_to_transform") and targets != "all-linear":
+    if targets and not cfg.get("layers_to_transform"):
         try:
             candidate = AdapterConfig(
                 targets=[targets] if isinstance(targets, str) else sorted(targets),

@@ -363,3 +363,25 @@ def test_regex_targets_and_exclude_follow_peft(tmp_path):
     assert cfg.targets == [r".*\.(q_proj|v_proj|up_proj)"] and cfg.exclude == ["layers.1.mlp.up_proj"]
     assert cfg.rslora and cfg.method == "lora"
     assert all(a.scaling == pytest.approx(6 / 4**0.5) for _, a in dorafit.adapter_modules(model))
+
+
+def test_all_linear_and_unprefixed_keys(tmp_path):
+    """target_modules="all-linear", and keys without "base_model.model." (transformers' own PEFT
+    integration writes them so)."""
+    from safetensors.torch import load_file, save_file
+
+    case = CASES["llama_dora"]
+    peft_model = peft.get_peft_model(
+        base_for(case), peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", use_dora=True, init_lora_weights=False)
+    )
+    peft_model.save_pretrained(str(tmp_path))
+    file = tmp_path / "adapter_model.safetensors"
+    save_file({k.removeprefix("base_model.model."): v for k, v in load_file(str(file)).items()}, str(file))
+    model = dorafit.load_adapter(base_for(case), tmp_path)
+    names = sorted(n for n, _ in dorafit.adapter_modules(model))
+    assert len(names) == 14 and "lm_head" not in names  # 7 projections x 2 layers, not the head
+    # PEFT saves "all-linear" expanded to module names; they carry over as they are
+    assert model.dorafit_config.targets == names
+    x = case.make_input()
+    with torch.no_grad():
+        assert rel_err(output_of(model.eval(), x), output_of(peft_model.eval(), x)) < TOL
