@@ -66,7 +66,8 @@ def adapter_types() -> Dict[Type[nn.Module], Type[AdapterLayer]]:
     return table
 
 
-def _adapter_class(module: nn.Module) -> Optional[Type[AdapterLayer]]:
+def adapter_class_for(module: nn.Module) -> Optional[Type[AdapterLayer]]:
+    """The adapter class the dispatch table gives ``module`` (most specific type first), or None."""
     table = adapter_types()
     for cls in type(module).__mro__:
         if cls in table:
@@ -114,7 +115,7 @@ def _output_head_names(model: nn.Module) -> set:
 
 
 def _is_linear_like(module: nn.Module) -> bool:
-    cls = _adapter_class(module)
+    cls = adapter_class_for(module)
     return cls is not None and issubclass(cls, (LinearAdapter, Conv1DAdapter))
 
 
@@ -173,7 +174,7 @@ def build_adapter(
 
     ``shared`` holds the per-model state of ``shared_states`` (built on demand when omitted).
     """
-    cls = _adapter_class(module)
+    cls = adapter_class_for(module)
     if cls is None:
         supported = ", ".join(sorted(c.__name__ for c in adapter_types()))
         raise AdapterError(f"module {name!r} is a {type(module).__name__}, which dorafit cannot adapt (supported: {supported})")

@@ -246,9 +246,9 @@ def peft_modules_to_save(model: nn.Module, names: List[str]) -> List[str]:
 # ------------------------------------------------------------------------------------------------
 # Shapes: what the PEFT tensors of one module must look like
 def _adapter_kind(module: nn.Module) -> Optional[type]:
-    from .inject import _adapter_class
+    from .inject import adapter_class_for
 
-    return _adapter_class(module)
+    return adapter_class_for(module)
 
 
 def _expected_shapes(module: nn.Module, kind: type, rank: int) -> Dict[str, Tuple[int, ...]]:
@@ -404,11 +404,6 @@ def load_peft_adapter(base_model: nn.Module, path: Union[str, os.PathLike]) -> n
         kind = _adapter_kind(module)
         if kind is None:
             raise PeftFormatError(f"{weights_file}: module {name!r} is a {type(module).__name__}, which dorafit cannot adapt")
-        if issubclass(kind, EmbeddingAdapter) and hasattr(module, "embed_scale"):
-            raise PeftFormatError(
-                f"module {name!r} is a scaled embedding ({type(module).__name__}.embed_scale); PEFT scales the "
-                "adapter output by embed_scale, which dorafit's embedding adapter does not do"
-            )
         if issubclass(kind, ConvAdapter) and module.groups != 1:
             raise PeftFormatError(f"module {name!r}: {type(module).__name__} with groups={module.groups} is not supported")
         missing = [f for f in ("lora_a", "lora_b") if f not in found]
@@ -611,8 +606,6 @@ def peft_config_and_state(model: nn.Module) -> Tuple[Dict[str, Any], Dict[str, t
             )
         if isinstance(a, ConvAdapter):
             _check_conv_semantics(name, a.base, "saving for PEFT:")
-        if isinstance(a, EmbeddingAdapter) and hasattr(a.base, "embed_scale"):
-            raise PeftFormatError(f"module {name!r}: a scaled embedding (embed_scale) adapts differently in PEFT")
         if isinstance(a, Conv1DAdapter):
             fan_in_fan_out = True
         emb = isinstance(a, EmbeddingAdapter)

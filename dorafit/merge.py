@@ -9,6 +9,7 @@ loads without dorafit. Merging a model without adapters changes nothing (idempot
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict
 
 import torch
@@ -23,11 +24,38 @@ def merged_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
         return {f"{name}.weight": a.weight_from_2d(a.merged_weight_2d()) for name, a in adapter_modules(model)}
 
 
+def _untie_shared_weights(model: nn.Module) -> None:
+    """A merged weight that was shared (an output head tied to the embedding) is untied.
+
+    The adapted model used the merged table in one place and the original in the other, so the
+    merged model keeps both; a transformers config is told not to tie them again at load.
+    """
+    adapted = {id(a.base.weight) for _, a in adapter_modules(model)}
+    users: Dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            users[id(p)] = users.get(id(p), 0) + 1
+    if not any(users.get(i, 0) > 1 for i in adapted):
+        return
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+        text_config = getattr(config, "get_text_config", None)
+        if callable(text_config) and text_config() is not config:
+            text_config().tie_word_embeddings = False
+    warnings.warn(
+        "dorafit.merge: an adapted weight was shared with another module (tied embeddings); the merged "
+        "model keeps the two apart" + (" and its config now says tie_word_embeddings=False" if config is not None else ""),
+        stacklevel=3,
+    )
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Replace every adapter by its base module carrying the merged weight; returns the model.
 
     modules_to_save copies replace their originals. Calling it again is a no-op.
     """
+    _untie_shared_weights(model)
     with torch.no_grad():
         for name, adapter in adapter_modules(model):
             _set_submodule(model, name, adapter.to_plain_module())

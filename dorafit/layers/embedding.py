@@ -8,7 +8,9 @@ weight is Wᵀ (dim, vocab). So, as in PEFT:
     of the stored (vocab, dim) weight)
     cross = A W (r, dim)
 
-Dropout on token ids has no meaning; the adapter applies none (as PEFT).
+Dropout on token ids has no meaning; the adapter applies none (as PEFT). A scaled embedding
+(``embed_scale``, as Gemma's) multiplies the looked-up rows by a constant; the low-rank path is
+scaled alike, so that the merged table W' gives the adapted output (as PEFT does).
 """
 
 from __future__ import annotations
@@ -48,11 +50,17 @@ class EmbeddingAdapter(AdapterLayer):
     def base_nobias(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x)
 
+    def _embed_scale(self, out: torch.Tensor) -> torch.Tensor:
+        scale = getattr(self.base, "embed_scale", None)
+        if scale is None:
+            return out
+        return out * (scale.to(out.dtype) if torch.is_tensor(scale) else scale)
+
     def lowrank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._embed(x, a.t()), b)  # (..., r) -> (..., dim)
+        return self._embed_scale(F.linear(self._embed(x, a.t()), b))  # (..., r) -> (..., dim)
 
     def apply_weight(self, x: torch.Tensor, weight_2d: torch.Tensor, bias: bool = True) -> torch.Tensor:
-        return self._embed(x, weight_2d.t().float())
+        return self._embed_scale(self._embed(x, weight_2d.t().float()))
 
     def weight_from_2d(self, weight_2d: torch.Tensor) -> torch.Tensor:
         return weight_2d.t().contiguous().to(self.base.weight.dtype)
