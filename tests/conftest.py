@@ -24,6 +24,10 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# The test tensors are tiny: intra-op threads only add synchronisation, and on a loaded machine
+# their spin-waits make the suite many times slower. One thread also keeps results reproducible.
+torch.set_num_threads(1)
+
 
 def eq5_weight(w0_2d, a_2d, b_2d, scaling, magnitude, detach_norm=True):
     """W' = m ⊙ (W0 + sBA) / ‖W0 + sBA‖ per row, in float64 when the inputs are float64."""

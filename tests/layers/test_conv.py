@@ -128,3 +128,26 @@ def test_property_random_geometry(dims, in_c, out_c, k, stride, padding, dilatio
     randomize_adapter(layer, scale=0.3, seed=seed)
     x = torch.randn(2, in_c, *([8] * dims))
     check_against_eq5(layer, x, detach_norm=detach, rtol=1e-4, atol=1e-4)
+
+
+def test_norm_cached_under_checkpoint_recomputation(ref):
+    """Activation-checkpoint recomputation reuses the norm (one computation) and gives the same grads."""
+    layer = ref.randomize_adapter(make_conv(2, padding=1), scale=0.3)
+    calls = []
+    real = layer._compute_norm
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    layer._compute_norm = counted
+    x = inputs(2).requires_grad_(True)
+    torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False).pow(2).sum().backward()
+    assert len(calls) == 1
+    params = [layer.lora_a, layer.lora_b, layer.magnitude, x]
+    got = ref.grads_of(params)
+    ref.zero_grads(params)
+    layer(x).pow(2).sum().backward()
+    for g, p in zip(got, params):
+        torch.testing.assert_close(g, p.grad)
+    assert len(calls) == 1
