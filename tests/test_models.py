@@ -228,3 +228,21 @@ def test_real_minilm_step0_and_merge(ref):
         y_merged = model(**batch).last_hidden_state
     assert ((y_merged - y).norm() / y.norm()).item() <= 1e-5
     assert type(model.encoder.layer[0].attention.self.query) is torch.nn.Linear
+
+
+def test_gpt2_adapted_tied_embedding_merges_to_loadable_checkpoint(tmp_path, ref):
+    """wte is tied to lm_head: after merge the two are kept apart and transformers reloads both."""
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    dorafit.attach(model, AdapterConfig(rank=4, targets=["wte", "c_attn"]))
+    randomize_all(model, ref)
+    with torch.no_grad():
+        y = outputs(model)
+    with pytest.warns(UserWarning, match="tied"):
+        dorafit.merge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(model), y, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(reloaded), y, rtol=1e-5, atol=1e-5)

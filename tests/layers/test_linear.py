@@ -54,6 +54,24 @@ def test_init_and_layout(kind):
     assert layer.lora_a.abs().max() <= bound + 1e-7
     assert layer.lora_a.abs().max() > 0.5 * bound  # not zero, not a tiny init
     assert all(not p.requires_grad for p in layer.base.parameters())
+    # ‖W0‖² per output feature is cached, in float32, when the adapter is built
+    assert layer.w0_norm_sq.dtype == torch.float32
+    torch.testing.assert_close(layer.w0_norm_sq, w0.detach().pow(2).sum(dim=1))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="layers/base.py:109 the w0_norm_sq buffer follows module.to(dtype): after attach on an fp32 "
+    "model and model.to(torch.bfloat16) it is bfloat16 (and stale: ‖W0‖ of the fp32 weight), so the norm "
+    "is built from a half-precision ‖W0‖²",
+)
+def test_w0_norm_sq_stays_float32_after_module_to_half():
+    model = nn.Sequential(nn.Linear(64, 64))
+    dorafit.attach(model, dorafit.AdapterConfig(rank=4, targets=["0"]))
+    model.to(torch.bfloat16)
+    layer = model[0]
+    assert layer.w0_norm_sq.dtype == torch.float32
+    torch.testing.assert_close(layer.w0_norm_sq, layer.base.weight.float().pow(2).sum(dim=1))
 
 
 def test_kaiming_uniform_statistics():
@@ -136,11 +154,11 @@ def test_bias_not_scaled_by_magnitude(ref, kind):
 
 @pytest.mark.parametrize("kind", list(FACTORIES))
 @pytest.mark.parametrize("mode", ["input", "lowrank"])
-@pytest.mark.parametrize("method", ["lora", "dora"])
-def test_dropout_semantics(ref, kind, mode, method):
-    layer = ref.randomize_adapter(FACTORIES[kind](method=method, dropout=0.4, dropout_mode=mode))
+@pytest.mark.parametrize("method,detach", [("lora", True), ("dora", True), ("dora", False)])
+def test_dropout_semantics(ref, kind, mode, method, detach):
+    layer = ref.randomize_adapter(FACTORIES[kind](method=method, dropout=0.4, dropout_mode=mode, detach_norm=detach))
     x = torch.randn(3, 6, 12)
-    ref.check_against_eq5(layer, x, dropout_p=0.4, dropout_mode=mode)
+    ref.check_against_eq5(layer, x, detach_norm=detach, dropout_p=0.4, dropout_mode=mode)
     assert layer.dropout.calls == 1  # the same dropped input feeds W0 x' and B A x'
 
 
