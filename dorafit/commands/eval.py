@@ -1,0 +1,141 @@
+"""``dorafit eval``: accuracy of a model, with or without an adapter, on commonsense tasks.
+
+Causal LMs: the paper's protocol (prompt, greedy generation, first regex match of the task's
+answer words), reporting accuracy and the share of unparseable outputs. Encoders: multiple-
+choice accuracy, scored the way the adapter was trained (its task.json), or as --model-kind
+says.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HELP = "evaluate a model (and adapter) on commonsense tasks"
+
+
+def add_arguments(parser) -> None:
+    from dorafit.train.config import DEFAULT_MODEL, MODEL_KINDS
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"base model folder or hub id (default: {DEFAULT_MODEL})")
+    parser.add_argument("--adapter", default="", help="adapter folder (dorafit or PEFT format); none: the base model alone")
+    parser.add_argument("--task", default="", help="task name(s), comma-separated, or 'all'; default: the adapter's task")
+    parser.add_argument("--data", default="", help="test file (JSON/JSONL/CSV/parquet) for a single task; default: <data-dir>/<task>/test.json")
+    parser.add_argument("--data-dir", default="", help="folder laid out as <task>/test.json (default: the data shipped with dorafit)")
+    parser.add_argument("--max-rows", type=int, default=0, help="evaluate only the first N rows of each task (0: all)")
+    parser.add_argument("--model-kind", default="auto", choices=MODEL_KINDS, help="how to score (default: the adapter's, else detected)")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default: 32)")
+    parser.add_argument("--max-length", type=int, default=0, help="encoder token limit (default: the adapter's, else 128)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="causal LMs: generated tokens per row (default: 32)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code to run")
+    parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _load_task_info(adapter: str) -> dict:
+    path = Path(adapter) / "task.json" if adapter else None
+    if path and path.is_file():
+        return json.loads(path.read_text())
+    return {}
+
+
+def evaluate(args) -> list:
+    """Evaluate every requested task; returns a list of EvalResult."""
+    import torch
+
+    import dorafit
+    from dorafit.eval.evaluate import evaluate_choices, evaluate_generation
+    from dorafit.eval.tasks import TASKS, get_task
+    from dorafit.train import data as D
+    from dorafit.train.models import detect_kind, load_model, load_tokenizer, read_model_config, resolve_model_path
+    from dorafit.train.trainer import BUNDLED_DATA
+
+    info = _load_task_info(args.adapter)
+    if args.adapter and not Path(args.adapter).exists():
+        raise D.DataError(f"adapter folder {args.adapter} does not exist")
+    names = args.task or info.get("task") or ""
+    if not names:
+        raise ValueError("--task is required (the adapter has no task.json naming its task)")
+    tasks = list(TASKS.values()) if names == "all" else [get_task(n) for n in names.split(",") if n.strip()]
+    if args.data and len(tasks) != 1:
+        raise ValueError("--data names one test file: give exactly one --task with it")
+    # Read every test file first, so a bad file fails before the model loads.
+    data_dir = Path(args.data_dir) if args.data_dir else BUNDLED_DATA
+    tables = []
+    for task in tasks:
+        path = Path(args.data) if args.data else data_dir / task.folder / "test.json"
+        if not path.is_file():
+            raise D.DataError(f"{path}: no test file for task {task.name}; pass --data FILE or --data-dir DIR")
+        rows = D.read_rows(path)
+        if args.max_rows:
+            rows = rows[: args.max_rows]
+        tables.append((task, path, rows))
+
+    model_path = resolve_model_path(args.model)
+    config = read_model_config(model_path, args.trust_remote_code)
+    fmt = D.detect_format(tables[0][2], tables[0][1])
+    kind = args.model_kind if args.model_kind != "auto" else info.get("model_kind") or detect_kind(model_path, config, fmt)
+    labels = info.get("labels")
+    max_length = args.max_length or info.get("max_length") or 128
+    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
+    model, _ = load_model(model_path, kind, args.trust_remote_code, num_labels=len(labels) if labels else None)
+    if args.adapter:
+        dorafit.load_adapter(model, args.adapter)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    results = []
+    for task, path, rows in tables:
+        if kind == "causal-lm":
+            for number, row in enumerate(rows, start=1):
+                D._text(row, "instruction", path, number)
+                D._text(row, "answer", path, number)
+            result = evaluate_generation(model, tokenizer, task, rows, args.max_new_tokens, args.batch_size,
+                                         device, progress=args.progress)
+        elif kind == "sequence-classification":
+            examples = D.to_text_examples(rows, path, labels)[0]
+            result = evaluate_choices(model, examples, tokenizer, kind, task.name, max_length, args.batch_size,
+                                      device, progress=args.progress)
+        else:
+            examples = D.to_choice_examples(rows, D.detect_format(rows, path), path, task)
+            result = evaluate_choices(model, examples, tokenizer, kind, task.name, max_length, args.batch_size,
+                                      device, progress=args.progress)
+        results.append(result)
+    return results
+
+
+def format_table(results, causal: bool) -> str:
+    head = f"{'task':<16}{'rows':>7}{'accuracy':>11}" + (f"{'unparseable':>14}" if causal else "")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        line = f"{r.task:<16}{r.rows:>7}{100 * r.accuracy:>10.1f}%"
+        if causal:
+            line += f"{100 * r.unparseable_share:>13.1f}%"
+        lines.append(line)
+    if len(results) > 1:
+        mean = sum(r.accuracy for r in results) / len(results)
+        lines.append(f"{'average':<16}{sum(r.rows for r in results):>7}{100 * mean:>10.1f}%")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    import dorafit
+    from dorafit.files import write_json_atomic
+    from dorafit.train.data import DataError
+    from dorafit.train.models import ModelError
+
+    try:
+        results = evaluate(args)
+    except (DataError, ModelError, dorafit.AdapterFileError, dorafit.ConfigError, ValueError) as err:
+        print(f"dorafit eval: error: {err}", file=sys.stderr)
+        return 2
+    causal = any(r.unparseable for r in results) or _is_causal(args)
+    print(format_table(results, causal))
+    if args.json:
+        write_json_atomic(args.json, [r.to_dict() for r in results])
+    return 0
+
+
+def _is_causal(args) -> bool:
+    info = _load_task_info(args.adapter)
+    return info.get("model_kind") == "causal-lm" or args.model_kind == "causal-lm"

@@ -1,0 +1,48 @@
+"""``dorafit train``: fine-tune a model with an adapter; with no options, the embedded default.
+
+Options come from TrainConfig (flags, or a YAML file with --config; flags win). With
+--resume the run folder's saved config.yaml is the starting point instead of the defaults.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HELP = "fine-tune a model with an adapter (default: DoRA on all-MiniLM-L6-v2, ARC-Easy)"
+
+
+def add_arguments(parser) -> None:
+    from dorafit.train.config import add_config_arguments
+
+    add_config_arguments(parser)
+
+
+def run(args) -> int:
+    import dorafit
+    from dorafit.train.checkpoint import CheckpointError
+    from dorafit.train.config import TrainConfigError, config_from_args
+    from dorafit.train.data import DataError
+    from dorafit.train.models import ModelError
+    from dorafit.train.trainer import TrainingError, train
+
+    try:
+        base = None
+        if getattr(args, "resume", False):
+            import yaml
+
+            output = getattr(args, "output", "")
+            saved = Path(output) / "config.yaml" if output else None
+            if saved is None or not saved.is_file():
+                raise TrainConfigError(f"--resume needs --output pointing at a run folder with config.yaml (got {output!r})")
+            base = yaml.safe_load(saved.read_text())
+        cfg = config_from_args(args, base=base)
+        train(cfg)
+    except (TrainConfigError, DataError, ModelError, dorafit.ConfigError, dorafit.AdapterError,
+            CheckpointError) as err:
+        print(f"dorafit train: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"dorafit train: stopped: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,32 @@
+"""Rebuild the commonsense subsets shipped in this folder from the LLM-Adapters files.
+
+    python dorafit/data/make_subset.py /path/to/LLM-Adapters/dataset
+
+For each task below, the rows of the original train.json and test.json are shuffled with a
+fixed seed (Python's random.Random(0)) and the first N are kept, unchanged, in the original
+{instruction, input, output, answer} format.
+"""
+
+import json
+import random
+import sys
+from pathlib import Path
+
+SUBSETS = {"ARC-Easy": {"train": 800, "test": 400}}
+SEED = 0
+
+
+def main(source: str) -> None:
+    here = Path(__file__).resolve().parent
+    for task, sizes in SUBSETS.items():
+        for split, n in sizes.items():
+            rows = json.loads((Path(source) / task / f"{split}.json").read_text())
+            random.Random(SEED).shuffle(rows)
+            out = here / task / f"{split}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(rows[:n], indent=1, ensure_ascii=False) + "\n")
+            print(f"{out}: {n} of {len(rows)} rows")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,132 @@
+"""Accuracy of a (possibly adapted) model on a commonsense task.
+
+Causal LMs follow the paper's protocol: each row's instruction goes through the training
+prompt, the model continues it greedily for ``max_new_tokens`` tokens, and the first match of
+the task's answer regex in the continuation is the prediction; a continuation with no match
+is wrong and is counted as unparseable. Encoders pick the highest-scoring choice
+(``dorafit.eval.scoring.choice_logits``). Rows are batched in order of length so that little
+compute goes into padding; the result does not depend on the order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from dorafit.eval.scoring import choice_logits
+from dorafit.eval.tasks import Task, extract_answer
+
+
+@dataclass
+class EvalResult:
+    """Counts of one evaluation: rows, right answers and (causal LMs) unparseable outputs."""
+
+    task: str
+    rows: int
+    correct: int
+    unparseable: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.rows if self.rows else 0.0
+
+    @property
+    def unparseable_share(self) -> float:
+        return self.unparseable / self.rows if self.rows else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "accuracy": self.accuracy, "unparseable_share": self.unparseable_share}
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_choices(model, examples, tokenizer, kind: str, task_name: str, max_length: int,
+                     batch_size: int = 32, device="cpu", progress: bool = False) -> EvalResult:
+    """Multiple-choice or classification accuracy of an encoder on ``examples``."""
+    from dorafit.train.data import ChoiceExample, collate_choices, collate_texts
+
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: _length_key(examples[i]))
+    correct = 0
+    starts = range(0, len(order), batch_size)
+    for start in _progress(starts, progress, f"eval {task_name}"):
+        chunk = [examples[i] for i in order[start:start + batch_size]]
+        if isinstance(chunk[0], ChoiceExample):
+            scoring = "similarity" if kind == "similarity" else "pair"
+            batch = collate_choices(chunk, tokenizer, max_length, scoring)
+        else:
+            batch = collate_texts(chunk, tokenizer, max_length)
+        batch = _to(batch, device)
+        predictions = choice_logits(model, batch, kind).argmax(-1)  # (B,)
+        correct += int((predictions == batch["labels"]).sum())
+    model.train(was_training)
+    return EvalResult(task_name, len(examples), correct)
+
+
+def _length_key(example) -> int:
+    text = getattr(example, "question", None) or getattr(example, "text", "")
+    return len(text) + sum(len(c) for c in getattr(example, "choices", []))
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
+                       device="cpu", progress: bool = False, desc: str = "generate") -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches), decoded without the prompt."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    responses: list[str] = [""] * len(prompts)
+    try:
+        for start in _progress(range(0, len(order), batch_size), progress, desc):
+            ids = order[start:start + batch_size]
+            enc = tokenizer([prompts[i] for i in ids], return_tensors="pt", padding=True)
+            enc = _to(dict(enc), device)
+            enc.pop("token_type_ids", None)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 pad_token_id=tokenizer.pad_token_id)
+            new_tokens = out[:, enc["input_ids"].shape[1]:]  # (B, new)
+            for i, text in zip(ids, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                responses[i] = text
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return responses
+
+
+def score_responses(task: Task, responses: list[str], answers: list[str]) -> EvalResult:
+    """The paper's scoring: first regex match of the task's answer words vs the gold answer."""
+    correct = unparseable = 0
+    for response, answer in zip(responses, answers):
+        predicted = extract_answer(task, response)
+        if predicted is None:
+            unparseable += 1
+        elif predicted == answer:
+            correct += 1
+    return EvalResult(task.name, len(answers), correct, unparseable)
+
+
+def evaluate_generation(model, tokenizer, task: Task, rows: list[dict], max_new_tokens: int = 32,
+                        batch_size: int = 8, device="cpu", progress: bool = False) -> EvalResult:
+    """Commonsense accuracy of a causal LM on instruction rows {instruction, input, answer}."""
+    from dorafit.train.data import format_prompt
+
+    prompts = [format_prompt(r["instruction"], r.get("input") or "") for r in rows]
+    answers = [str(r.get("answer") or "").strip() for r in rows]
+    responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, device,
+                                   progress, desc=f"eval {task.name}")
+    return score_responses(task, responses, answers)

