@@ -215,3 +215,18 @@ def test_attach_model_deepcopy_independent(tiny_mlp):
     out = dorafit.attach(tiny_mlp, AdapterConfig(rank=2, targets=["fc1"]))
     assert out is tiny_mlp
     assert not dorafit.adapter_modules(plain)
+
+
+def test_attach_again_after_merge_and_after_detach(tiny_mlp, ref):
+    ids = torch.randint(0, 20, (2, 5))
+    dorafit.attach(tiny_mlp, AdapterConfig(rank=2, targets=["fc1"]))
+    ref.randomize_adapter(tiny_mlp.fc1)
+    dorafit.merge(tiny_mlp)
+    with torch.no_grad():
+        merged_out = tiny_mlp(ids)
+    dorafit.attach(tiny_mlp, AdapterConfig(rank=2, targets=["fc1", "fc2"]))  # a second round on the merged model
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_mlp(ids), merged_out, rtol=1e-6, atol=1e-6)
+    dorafit.detach(tiny_mlp)
+    dorafit.attach(tiny_mlp, AdapterConfig(method="lora", rank=2, targets=["fc2"]))
+    assert [n for n, _ in dorafit.adapter_modules(tiny_mlp)] == ["fc2"]

@@ -337,3 +337,38 @@ def test_failed_final_rename_keeps_old_adapter(saved, monkeypatch):
         dorafit.save_adapter(model, path)
     monkeypatch.setattr(files.os, "replace", real_replace)
     assert (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+
+
+def test_round_trip_with_modules_to_save(tmp_path, ref):
+    cfg = AdapterConfig(rank=4, targets=["q_proj"], modules_to_save=["out"])
+    model = dorafit.attach(fresh(), cfg)
+    ref.randomize_adapter(model.q_proj)
+    with torch.no_grad():
+        model.out.trainable.weight.mul_(2.0)
+        y = model(IDS)
+    path = dorafit.save_adapter(model, tmp_path / "adapter")
+    assert "out.trainable.weight" in load_file(str(path / WEIGHTS_NAME))
+    loaded = dorafit.load_adapter(fresh(), path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS), y)
+
+
+def test_integer_tensor_is_refused(saved):
+    path, _, _ = saved
+    rewrite_tensors(path, lambda t: t.update({"q_proj.magnitude": torch.zeros(16, dtype=torch.int32)}))
+    expect_load_error(path, r"key 'q_proj.magnitude' has dtype torch.int32, expected floating point")
+
+
+def test_config_targets_disagree_with_recorded_modules(saved):
+    path, _, _ = saved
+    edit_config(path, lambda meta: meta["config"].update(targets=["q_proj", "embed"]))
+    expect_load_error(path, r"targets select other modules .*only in the adapter: \['v_proj'\]")
+
+
+def test_save_over_a_file_is_refused(tmp_path):
+    model = dorafit.attach(fresh(), CFG)
+    (tmp_path / "adapter").write_text("not a directory")
+    with pytest.raises(FileExistsError, match="adapter exists and is not a directory"):
+        dorafit.save_adapter(model, tmp_path / "adapter")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert (tmp_path / "adapter").read_text() == "not a directory"

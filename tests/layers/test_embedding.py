@@ -7,6 +7,8 @@ weight Wᵀ; A (r, vocab), B (dim, r), m (dim,), norm per embedding dimension ov
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
@@ -83,5 +85,26 @@ def test_attach_on_embedding_and_tied_head_keeps_value(ref):
     x = ids()
     with torch.no_grad():
         y = model(x)
-        dorafit.merge(model)
+        with pytest.warns(UserWarning, match="tied"):
+            dorafit.merge(model)
         torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+    assert model.head.weight is not model.embed.weight
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    vocab=st.integers(2, 30),
+    dim=st.integers(1, 12),
+    rank_frac=st.floats(0.1, 1.0),
+    method=st.sampled_from(["lora", "dora"]),
+    detach=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_random_shapes(vocab, dim, rank_frac, method, detach, seed):
+    from conftest import check_against_eq5, randomize_adapter
+
+    torch.manual_seed(seed)
+    rank = max(1, int(rank_frac * min(vocab, dim)))
+    layer = randomize_adapter(make_embedding(vocab, dim, rank=rank, method=method, detach_norm=detach), scale=0.3, seed=seed)
+    x = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(seed))
+    check_against_eq5(layer, x, detach_norm=detach, rtol=1e-4, atol=1e-4)
