@@ -129,7 +129,7 @@ def test_rank_too_large_names_module_and_shape():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="layers/base.py:90-91 AdapterLayer.__init__ sets requires_grad=False on the base parameters "
+    reason="layers/base.py AdapterLayer.__init__ sets requires_grad=False on the base parameters "
     "before its own checks, and inject.attach builds every adapter before validating modules_to_save: "
     "a failed attach leaves the model's parameters frozen",
 )

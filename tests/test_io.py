@@ -249,7 +249,7 @@ def test_module_missing_in_base(saved):
 @pytest.mark.xfail(
     strict=True,
     reason="io.py load_adapter: a validation error found after attach() (missing/unexpected key, tensor "
-    "shape) calls detach(), but attach froze every parameter of the base model (inject.py:188-189) and "
+    "shape) calls detach(), but attach froze every parameter of the base model (inject.attach) and "
     "detach does not restore requires_grad: the model is not left as it was",
 )
 def test_failed_load_leaves_requires_grad(saved):

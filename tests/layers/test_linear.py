@@ -61,7 +61,7 @@ def test_init_and_layout(kind):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="layers/base.py:109 the w0_norm_sq buffer follows module.to(dtype): after attach on an fp32 "
+    reason="layers/base.py AdapterLayer.__init__: the w0_norm_sq buffer follows module.to(dtype): after attach on an fp32 "
     "model and model.to(torch.bfloat16) it is bfloat16 (and stale: ‖W0‖ of the fp32 weight), so the norm "
     "is built from a half-precision ‖W0‖²",
 )
@@ -396,7 +396,7 @@ def test_allocation_recorder_sees_materialisation():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="layers/base.py:145-147 AdapterLayer.cross_term computes A W0ᵀ from the weight tensor "
+    reason="layers/base.py AdapterLayer.cross_term computes A W0ᵀ from the weight tensor "
     "(functional.rows_times_weight_t) instead of running the frozen base layer on A's rows (DESIGN §2)",
 )
 def test_cross_term_runs_the_base_layer():
@@ -494,9 +494,9 @@ def test_norm_cache_invalidated_by_load_state_dict(ref):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="layers/base.py:109 w0_norm_sq (‖W0‖²) is computed once at construction and never refreshed: "
+    reason="layers/base.py AdapterLayer.__init__: w0_norm_sq (‖W0‖²) is computed once at construction and never refreshed: "
     "after the base weight changes (load_state_dict of base weights, in-place edit) the cache key sees the "
-    "new W0 version but _compute_norm (base.py:198) still uses the stale ‖W0‖², so the norm is wrong",
+    "new W0 version but AdapterLayer._compute_norm still uses the stale ‖W0‖², so the norm is wrong",
 )
 def test_norm_follows_base_weight_change():
     layer = make_linear(in_f=16, out_f=16)
@@ -540,7 +540,7 @@ def test_norm_cache_invalidated_by_every_optimizer_kind(optimizer, flavour):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="layers/base.py:219-222 weight_norm caches a norm computed under torch.inference_mode(); "
+    reason="layers/base.py AdapterLayer.weight_norm caches a norm computed under torch.inference_mode(); "
     "a later training forward saves that inference tensor for backward and raises",
 )
 def test_norm_cache_after_inference_mode():
@@ -554,7 +554,7 @@ def test_norm_cache_after_inference_mode():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="layers/base.py:200-202 the norm cache key (data_ptr, _version) misses writes through "
+    reason="layers/base.py AdapterLayer._cache_key: the norm cache key (data_ptr, _version) misses writes through "
     "param.data (p.data.copy_ / p.data.normal_), which do not bump the version counter: stale norm",
 )
 def test_norm_cache_after_write_through_data():
