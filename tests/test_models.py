@@ -156,16 +156,27 @@ def test_targets_matching_nothing_on_llama_lists_names():
         dorafit.attach(tiny_llama(), AdapterConfig(rank=4, targets=["query"]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="layers/base.py forward (commit 18a4239, fused first forward): under non-reentrant activation "
-    "checkpointing the original forward sees a stale norm and takes base_and_cross (functional._LinearWithRows), "
-    "the recomputation finds the norm cached and takes base(x): different saved tensors -> CheckpointError",
+# The fused first forward (cross term computed with the base matmul) is taken by the original
+# forward but not by the checkpoint recomputation (the norm is cached by then).
+FUSED_CHECKPOINT_BUG = (
+    "layers/base.py AdapterLayer.forward (fused first forward): under non-reentrant activation checkpointing "
+    "the original forward sees a stale norm and takes base_and_cross (functional._LinearWithRows), the "
+    "recomputation finds the norm cached and takes base(x): different saved tensors -> CheckpointError"
 )
-def test_llama_gradient_checkpointing_matches(ref):
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        pytest.param(torch.float32, marks=pytest.mark.xfail(strict=True, reason=FUSED_CHECKPOINT_BUG)),
+        torch.bfloat16,
+    ],
+    ids=["fp32", "bf16"],
+)
+def test_llama_gradient_checkpointing_matches(ref, dtype):
     grads = {}
     for ckpt in (False, True):
-        model = tiny_llama()
+        model = tiny_llama().to(dtype)
         dorafit.attach(model, AdapterConfig(rank=4, targets=["q_proj", "v_proj", "up_proj"], dropout=0.0))
         randomize_all(model, ref)
         model.train()

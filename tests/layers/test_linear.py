@@ -450,7 +450,7 @@ def test_norm_cache_across_microbatches_and_steps(monkeypatch):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="layers/base.py forward (commit 18a4239, fused first forward): under non-reentrant activation "
+    reason="layers/base.py AdapterLayer.forward (fused first forward): under non-reentrant activation "
     "checkpointing the original forward sees a stale norm and takes base_and_cross (functional._LinearWithRows), "
     "the recomputation finds the norm cached and takes base(x): different saved tensors -> CheckpointError",
 )
