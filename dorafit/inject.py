@@ -18,7 +18,6 @@ from torch import nn
 
 from .config import AdapterConfig, ConfigError, pattern_matches, resolve_module_options
 from .layers import AdapterError, AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
-from .layers.magnitude import build_magnitude_adapter
 from .layers.vera import build_vera_adapter, build_vera_shared
 
 ADAPTER_TYPES: Dict[Type[nn.Module], Type[AdapterLayer]] = {
@@ -30,12 +29,10 @@ ADAPTER_TYPES: Dict[Type[nn.Module], Type[AdapterLayer]] = {
 }
 
 # Method -> factory(module, adapter class, options) for methods that need their own layer
-# classes (VeRA-style; magnitude-only, whose norm cache depends on W0 alone); "lora" and "dora"
-# use the classes above directly.
+# classes (VeRA-style); "lora", "dora" and "magnitude" use the classes above directly.
 METHOD_BUILDERS: Dict[str, Callable[..., AdapterLayer]] = {
     "vera": build_vera_adapter,
     "dvora": build_vera_adapter,
-    "magnitude": build_magnitude_adapter,
 }
 
 # (factory, methods): state shared by all of a model's layers using any of ``methods``, built

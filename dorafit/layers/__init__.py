@@ -4,7 +4,6 @@ from .base import AdapterError, AdapterLayer
 from .conv import ConvAdapter
 from .embedding import EmbeddingAdapter
 from .linear import Conv1DAdapter, LinearAdapter
-from .magnitude import MagnitudeConv1DAdapter, MagnitudeConvAdapter, MagnitudeEmbeddingAdapter, MagnitudeLinearAdapter
 from .vera import VeraConv1DAdapter, VeraLinearAdapter, VeraShared
 
 __all__ = [
@@ -14,10 +13,6 @@ __all__ = [
     "EmbeddingAdapter",
     "Conv1DAdapter",
     "LinearAdapter",
-    "MagnitudeConv1DAdapter",
-    "MagnitudeConvAdapter",
-    "MagnitudeEmbeddingAdapter",
-    "MagnitudeLinearAdapter",
     "VeraConv1DAdapter",
     "VeraLinearAdapter",
     "VeraShared",

@@ -159,7 +159,8 @@ class AdapterLayer(nn.Module):
 
     def norm_dependencies(self) -> List[torch.Tensor]:
         """Tensors whose change invalidates the cached norm."""
-        return [self.lora_a, self.lora_b, self.base_weight_2d()]
+        deps = [self.lora_a, self.lora_b, self.base_weight_2d()]
+        return [t for t in deps if t is not None]  # magnitude-only has no A and B
 
     def adapter_parameter_names(self) -> List[str]:
         """Names of this adapter's own trainable parameters (what save/freeze/report use)."""
