@@ -119,15 +119,13 @@ def test_half_precision_conv(ref):
     detach=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_property_random_geometry(dims, in_c, out_c, k, stride, padding, dilation, method, detach, seed):
-    from conftest import check_against_eq5, randomize_adapter
-
+def test_property_random_geometry(ref, dims, in_c, out_c, k, stride, padding, dilation, method, detach, seed):
     torch.manual_seed(seed)
     rank = max(1, min(out_c, in_c * k**dims) // 2)
     layer = make_conv(dims, in_c, out_c, k, stride, padding, dilation, method=method, rank=rank, detach_norm=detach)
-    randomize_adapter(layer, scale=0.3, seed=seed)
+    ref.randomize_adapter(layer, scale=0.3, seed=seed)
     x = torch.randn(2, in_c, *([8] * dims))
-    check_against_eq5(layer, x, detach_norm=detach, rtol=1e-4, atol=1e-4)
+    ref.check_against_eq5(layer, x, detach_norm=detach, rtol=1e-4, atol=1e-4)
 
 
 def test_norm_cached_under_checkpoint_recomputation(ref):

@@ -100,11 +100,9 @@ def test_attach_on_embedding_and_tied_head_keeps_value(ref):
     detach=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_property_random_shapes(vocab, dim, rank_frac, method, detach, seed):
-    from conftest import check_against_eq5, randomize_adapter
-
+def test_property_random_shapes(ref, vocab, dim, rank_frac, method, detach, seed):
     torch.manual_seed(seed)
     rank = max(1, int(rank_frac * min(vocab, dim)))
-    layer = randomize_adapter(make_embedding(vocab, dim, rank=rank, method=method, detach_norm=detach), scale=0.3, seed=seed)
+    layer = ref.randomize_adapter(make_embedding(vocab, dim, rank=rank, method=method, detach_norm=detach), scale=0.3, seed=seed)
     x = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(seed))
-    check_against_eq5(layer, x, detach_norm=detach, rtol=1e-4, atol=1e-4)
+    ref.check_against_eq5(layer, x, detach_norm=detach, rtol=1e-4, atol=1e-4)

@@ -213,17 +213,15 @@ def test_reference_forward_with_dropout_fixed_mask(ref, method):
     tokens=st.integers(1, 5),
     seed=st.integers(0, 2**16),
 )
-def test_property_random_shapes(in_f, out_f, rank_frac, alpha, bias, method, detach, gpt2, tokens, seed):
-    from conftest import check_against_eq5, randomize_adapter
-
+def test_property_random_shapes(ref, in_f, out_f, rank_frac, alpha, bias, method, detach, gpt2, tokens, seed):
     torch.manual_seed(seed)
     rank = max(1, int(rank_frac * min(in_f, out_f)))
     if gpt2:
         layer = make_conv1d(in_f, out_f, method=method, rank=rank, alpha=alpha, detach_norm=detach)
     else:
         layer = make_linear(in_f, out_f, bias=bias, method=method, rank=rank, alpha=alpha, detach_norm=detach)
-    randomize_adapter(layer, scale=0.3, seed=seed)
-    check_against_eq5(layer, torch.randn(tokens, in_f), detach_norm=detach, rtol=1e-4, atol=1e-4)
+    ref.randomize_adapter(layer, scale=0.3, seed=seed)
+    ref.check_against_eq5(layer, torch.randn(tokens, in_f), detach_norm=detach, rtol=1e-4, atol=1e-4)
 
 
 @settings(max_examples=10, deadline=None)
