@@ -17,10 +17,12 @@ A checkpoint can be
   with `dorafit.load_adapter`, and W is the adapter's merged weight.
 
 The paper's observation: over the layers and intermediate checkpoints of one method, full
-fine-tuning and DoRA show a negative correlation between ΔD and ΔM (FT −0.62, DoRA −0.31 on
-LLaMA query matrices), LoRA a positive one (+0.83): LoRA changes magnitude and direction together.
-`plot_figure2` draws that figure (ΔD on x, ΔM on y, one colour per layer, one marker per
-checkpoint, one panel per method) with the Pearson correlation and fitted slope on each panel.
+fine-tuning and DoRA show a negative correlation between ΔD and ΔM (FT −0.62, DoRA −0.31 over
+6 layers x 4 checkpoints of query matrices), LoRA a positive one (+0.83): LoRA changes magnitude
+and direction together. `plot_figure2` draws that figure (ΔD on x, ΔM on y, one colour per layer,
+one marker per checkpoint, one panel per method) with the Pearson correlation and fitted slope on
+each panel. `panel_stats` also gives the correlation within checkpoints, which removes the growth
+that all layers share over training (early in training it makes every method look positive).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -95,7 +97,9 @@ class PanelStats:
     pearson: float
     slope: float              # least-squares fit ΔM = slope * ΔD + intercept
     intercept: float
-    extra: Dict[str, float] = field(default_factory=dict)
+    # Pearson r after centring ΔD and ΔM within each checkpoint: the coupling across layers with
+    # the common growth over training removed (NaN with one point per checkpoint)
+    pearson_within: float = float("nan")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +387,8 @@ def analyze(base_model: nn.Module, checkpoints: Sequence[Union[Checkpoint, PathL
 
 
 def panel_stats(rows: Sequence[DeltaRow]) -> List[PanelStats]:
-    """Pearson correlation and fitted slope per (method, module kind), in first-seen order."""
+    """Pearson correlation and fitted slope per (method, module kind), in first-seen order, plus
+    the correlation within checkpoints (each checkpoint's points centred on their mean)."""
     groups: Dict[Tuple[str, str], List[DeltaRow]] = {}
     for r in rows:
         groups.setdefault((r.method, r.kind), []).append(r)
@@ -392,7 +397,18 @@ def panel_stats(rows: Sequence[DeltaRow]) -> List[PanelStats]:
         x = [r.delta_d for r in rs]
         y = [r.delta_m for r in rs]
         slope, intercept = fit_line(x, y)
-        out.append(PanelStats(method, kind, len(rs), pearson(x, y), slope, intercept))
+        by_ckpt: Dict[Tuple[int, int, str], List[DeltaRow]] = {}
+        for r in rs:
+            by_ckpt.setdefault((r.run, r.order, r.checkpoint), []).append(r)
+        xc, yc = [], []
+        for members in by_ckpt.values():
+            if len(members) > 1:
+                mx = sum(r.delta_d for r in members) / len(members)
+                my = sum(r.delta_m for r in members) / len(members)
+                xc += [r.delta_d - mx for r in members]
+                yc += [r.delta_m - my for r in members]
+        within = pearson(xc, yc) if len(by_ckpt) > 1 else float("nan")
+        out.append(PanelStats(method, kind, len(rs), pearson(x, y), slope, intercept, within))
     return out
 
 
@@ -475,7 +491,9 @@ def plot_figure2(rows: Sequence[DeltaRow], path: PathLike, title: Optional[str] 
                     ax.plot(xs, [s.slope * x + s.intercept for x in xs], color="0.3", lw=1, ls="--", zorder=2)
                 text = f"r = {s.pearson:+.2f}\nslope = {s.slope:.3g}"
                 if reference and method in reference:
-                    text += f"\n(paper: {reference[method]:+.2f})"
+                    text += f"\n(paper: r = {reference[method]:+.2f})"
+                if not math.isnan(s.pearson_within):
+                    text += f"\nr within ckpt = {s.pearson_within:+.2f}"
             # a legend with no entries is a text box that matplotlib places away from the points
             box = ax.legend(handles=[], title=text, loc="best", fontsize=9, title_fontsize=9, framealpha=0.9)
             box.get_title().set_multialignment("right")

@@ -89,6 +89,21 @@ def test_pearson_and_slope_on_known_lines():
     assert math.isnan(pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))  # constant x
 
 
+def test_within_checkpoint_correlation_removes_the_common_growth():
+    from dorafit.analysis import DeltaRow
+
+    rows = []
+    for step in range(4):            # every checkpoint moves all layers up and right ...
+        for layer in range(3):       # ... while across layers ΔM falls as ΔD rises
+            rows.append(DeltaRow("c%d" % step, "c%d" % step, "FT", 0, step, f"l.{layer}.q", "l.*.q", layer,
+                                 delta_m=10.0 * step - layer, delta_d=10.0 * step + layer, axis=1, features=4))
+    (stats,) = panel_stats(rows)
+    assert stats.pearson > 0.9
+    assert stats.pearson_within == pytest.approx(-1.0)
+    (single,) = panel_stats(rows[:3])
+    assert math.isnan(single.pearson_within)
+
+
 def test_names_and_layouts():
     assert layer_index("model.layers.11.self_attn.q_proj") == 11
     assert layer_index("head") is None

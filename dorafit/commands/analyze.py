@@ -57,11 +57,12 @@ def load_base_model(base: str, class_name: str = None):
     return transformers.AutoModel.from_pretrained(base)
 
 
-def _report(rows, stats) -> str:
-    lines = [f"{'method':<10} {'module':<46} {'points':>6} {'pearson r':>10} {'slope':>10}"]
+def _report(stats) -> str:
+    lines = [f"{'method':<10} {'module':<46} {'points':>6} {'pearson r':>10} {'slope':>10} {'r within ckpt':>14}"]
     for s in stats:
         r = "nan" if math.isnan(s.pearson) else f"{s.pearson:+.3f}"
-        lines.append(f"{s.method:<10} {s.kind:<46} {s.points:>6} {r:>10} {s.slope:>10.3g}")
+        w = "nan" if math.isnan(s.pearson_within) else f"{s.pearson_within:+.3f}"
+        lines.append(f"{s.method:<10} {s.kind:<46} {s.points:>6} {r:>10} {s.slope:>10.3g} {w:>14}")
     return "\n".join(lines)
 
 
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         write_table(rows, out / "analysis.csv", out / "analysis.json")
         stats = panel_stats(rows)
-        print(_report(rows, stats))
+        print(_report(stats))
         print(f"table: {out / 'analysis.csv'}, {out / 'analysis.json'}")
         if not args.no_plot:
             png = plot_figure2(rows, args.plot or out / "figure2.png", title=args.title, reference=reference)
