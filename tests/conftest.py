@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -168,6 +169,30 @@ class FixedMaskDropout(nn.Dropout):
         return x * self.mask_for(x).to(x.dtype)
 
 
+class AllocationRecorder(TorchDispatchMode):
+    """Records the numel of every newly allocated tensor (views and in-place results excluded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes = []
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.ops.append(func)
+        inputs = set()
+        for a in list(args) + list(kwargs.values()):
+            for t in a if isinstance(a, (list, tuple)) else [a]:
+                if isinstance(t, torch.Tensor):
+                    inputs.add(t.untyped_storage().data_ptr())
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        for t in outs:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.sizes.append((t.numel(), func))
+        return out
+
+
 @pytest.fixture(scope="session")
 def ref():
     """The independent Eq. 5 implementation and helpers, as one namespace."""
@@ -183,6 +208,7 @@ def ref():
         FixedMaskDropout=FixedMaskDropout,
         check_against_eq5=check_against_eq5,
         check_reference_forward=check_reference_forward,
+        AllocationRecorder=AllocationRecorder,
     )
 
 

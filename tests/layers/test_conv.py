@@ -162,3 +162,31 @@ def test_unbatched_input(ref, dims, spatial):
     layer = ref.randomize_adapter(make_conv(dims, in_c=3, out_c=5), scale=0.3)
     x = torch.randn(3, *spatial)  # 2d: output (5, 5, 5): H_out == out_channels
     torch.testing.assert_close(layer(x), layer(x.unsqueeze(0)).squeeze(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_no_out_by_in_temporary(ref, detach_norm):
+    """W0 viewed as (out, in·k) = (64, 576): nothing of that size is allocated in train or eval."""
+    layer = ConvAdapter(nn.Conv2d(64, 64, 3), rank=4, detach_norm=detach_norm)
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    x = torch.randn(1, 64, 4, 4, requires_grad=True)
+    with ref.AllocationRecorder() as rec:
+        layer(x).sum().backward()
+        layer.eval()
+        with torch.no_grad():
+            layer(x)
+    big = [(n, str(f)) for n, f in rec.sizes if n >= 64 * 576 // 4]
+    assert not big, big
+    assert torch.ops.aten.eye.default not in rec.ops and torch.ops.aten.eye.m not in rec.ops
+
+
+def test_compile_no_graph_breaks(ref):
+    layer = ref.randomize_adapter(make_conv(2, padding=1), scale=0.3)
+    x = inputs(2)
+    for mode in ("train", "eval"):
+        getattr(layer, mode)()
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(layer)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()

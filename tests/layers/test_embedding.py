@@ -106,3 +106,30 @@ def test_property_random_shapes(ref, vocab, dim, rank_frac, method, detach, seed
     layer = ref.randomize_adapter(make_embedding(vocab, dim, rank=rank, method=method, detach_norm=detach), scale=0.3, seed=seed)
     x = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(seed))
     ref.check_against_eq5(layer, x, detach_norm=detach, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_no_dim_by_vocab_temporary(ref, detach_norm):
+    """The (dim, vocab) = (64, 1000) matrix W0ᵀ + s B A is never allocated."""
+    layer = EmbeddingAdapter(nn.Embedding(1000, 64), rank=4, detach_norm=detach_norm)
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    x = torch.randint(0, 1000, (2, 4))
+    with ref.AllocationRecorder() as rec:
+        layer(x).sum().backward()
+        layer.eval()
+        with torch.no_grad():
+            layer(x)
+    big = [(n, str(f)) for n, f in rec.sizes if n >= 64 * 1000 // 4]
+    assert not big, big
+    assert torch.ops.aten.eye.default not in rec.ops and torch.ops.aten.eye.m not in rec.ops
+
+
+def test_compile_no_graph_breaks(ref):
+    layer = ref.randomize_adapter(make_embedding())
+    for mode in ("train", "eval"):
+        getattr(layer, mode)()
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(layer)(ids())
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()

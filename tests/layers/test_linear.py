@@ -328,33 +328,9 @@ def test_norm_float32_under_autocast():
 # The factored norm's cost: no (out, in) temporary, no identity matrix
 
 
-class AllocationRecorder(TorchDispatchMode):
-    """Records the numel of every newly allocated tensor (views and in-place results excluded)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sizes = []
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        self.ops.append(func)
-        inputs = set()
-        for a in list(args) + list(kwargs.values()):
-            for t in a if isinstance(a, (list, tuple)) else [a]:
-                if isinstance(t, torch.Tensor):
-                    inputs.add(t.untyped_storage().data_ptr())
-        outs = out if isinstance(out, (list, tuple)) else [out]
-        for t in outs:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self.sizes.append((t.numel(), func))
-        return out
-
-
 @pytest.mark.parametrize("detach_norm", [True, False])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_no_out_by_in_temporary_and_no_eye(detach_norm, dropout):
+def test_no_out_by_in_temporary_and_no_eye(ref, detach_norm, dropout):
     out_f = in_f = 512
     layer = LinearAdapter(nn.Linear(in_f, out_f), rank=4, alpha=8, detach_norm=detach_norm, dropout=dropout)
     with torch.no_grad():
@@ -369,7 +345,7 @@ def test_no_out_by_in_temporary_and_no_eye(detach_norm, dropout):
 
     torch.eye = spy_eye
     try:
-        with AllocationRecorder() as rec:
+        with ref.AllocationRecorder() as rec:
             layer.train()
             layer(x).sum().backward()
             layer.eval()
@@ -384,10 +360,10 @@ def test_no_out_by_in_temporary_and_no_eye(detach_norm, dropout):
     assert layer.lora_b.grad is not None
 
 
-def test_allocation_recorder_sees_materialisation():
+def test_allocation_recorder_sees_materialisation(ref):
     """The recorder does catch an (out, in) temporary (so the test above can fail)."""
     layer = LinearAdapter(nn.Linear(512, 512), rank=4)
-    with AllocationRecorder() as rec:
+    with ref.AllocationRecorder() as rec:
         layer.reference_forward(torch.randn(8, 512)).sum().backward()
     assert any(n >= 512 * 512 for n, _ in rec.sizes)
 
