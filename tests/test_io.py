@@ -372,3 +372,37 @@ def test_save_over_a_file_is_refused(tmp_path):
         dorafit.save_adapter(model, tmp_path / "adapter")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     assert (tmp_path / "adapter").read_text() == "not a directory"
+
+
+def test_weights_are_written_under_a_temporary_name(tmp_path, monkeypatch):
+    model = dorafit.attach(fresh(), CFG)
+    seen = []
+    real_save = safetensors.torch.save_file
+
+    def spy(tensors, filename, metadata=None):
+        seen.append(filename)
+        assert not (tmp_path / "adapter").exists()  # nothing under the final name yet
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", spy)
+    dorafit.save_adapter(model, tmp_path / "adapter")
+    assert len(seen) == 1 and "adapter" != os.path.basename(os.path.dirname(seen[0]))
+    assert os.path.dirname(os.path.dirname(seen[0])) == str(tmp_path)  # a sibling, so the rename stays on one filesystem
+
+
+def test_write_json_and_bytes_atomic(tmp_path, monkeypatch):
+    import dorafit.files as files
+
+    target = tmp_path / "sub" / "state.json"
+    files.write_json_atomic(target, {"step": 1})
+    assert json.loads(target.read_text()) == {"step": 1}
+
+    def broken_fsync(fd):
+        raise OSError("fsync failed")
+
+    monkeypatch.setattr(files.os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="fsync failed"):
+        files.write_json_atomic(target, {"step": 2})
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"step": 1}  # the old content, whole
+    assert [p.name for p in target.parent.iterdir()] == ["state.json"]  # no temp file left
