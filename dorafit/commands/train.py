@@ -36,6 +36,8 @@ def run(args) -> int:
             if saved is None or not saved.is_file():
                 raise TrainConfigError(f"--resume needs --output pointing at a run folder with config.yaml (got {output!r})")
             base = yaml.safe_load(saved.read_text())
+            # Run-control options of the first invocation do not carry over.
+            base.update(resume=True, overwrite=False, stop_after_steps=0)
         cfg = config_from_args(args, base=base)
         train(cfg)
     except (TrainConfigError, DataError, ModelError, dorafit.ConfigError, dorafit.AdapterError,

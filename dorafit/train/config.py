@@ -158,6 +158,12 @@ class TrainConfig:
         for name, ok, want in checks:
             if not ok:
                 raise TrainConfigError(f"{name} must be {want}, got {getattr(self, name)!r}")
+        from dorafit.eval.tasks import get_task
+
+        try:
+            get_task(self.task)
+        except ValueError as err:
+            raise TrainConfigError(str(err)) from None
         if self.resume and self.overwrite:
             raise TrainConfigError("--resume and --overwrite exclude each other")
         if self.resume and not self.output:

@@ -71,6 +71,8 @@ def _locate_json_error(path: Path) -> str | None:
     except json.JSONDecodeError as err:
         return f"line {err.lineno}: invalid JSON ({err.msg}, column {err.colno})"
     if isinstance(value, list):
+        if not value:
+            return "the data set is empty"
         for number, row in enumerate(value, start=1):
             if not isinstance(row, dict):
                 return f"row {number}: expected a JSON object, got {type(row).__name__}"
@@ -162,7 +164,10 @@ def to_choice_examples(rows: list[dict], kind: str, path, task: Task | None = No
                 question, choices, words = parse_instruction(instruction)
             except ValueError as err:
                 raise DataError(f"{path}: row {number}: {err}") from None
-            answer = row.get("answer") or _answer_from_output(row.get("output") or "", words)
+            answer = row.get("answer")
+            if isinstance(answer, bool):  # CSV readers turn "true"/"false" into booleans
+                answer = str(answer).lower()
+            answer = answer or _answer_from_output(row.get("output") or "", words)
             if answer not in words:
                 raise DataError(
                     f"{path}: row {number}: answer {answer!r} is not one of {'/'.join(words)}"

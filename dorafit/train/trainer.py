@@ -189,6 +189,19 @@ def load_trainable(model, state: dict[str, torch.Tensor], source) -> None:
             p.copy_(value)
 
 
+def load_fsdp_optimizer(model, optimizer, names: list[str], loaded: dict) -> None:
+    """Give every rank its shard of a full (name-keyed) optimizer state read from a checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state: dict = {}
+    for key, value in loaded["optimizer"].items():
+        name, _, field_name = key.rpartition("::")
+        state.setdefault(name, {})[field_name] = value
+    groups = [{**g, "params": list(names)} for g in loaded["state"]["optimizer_param_groups"]]
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True))
+
+
 def save_adapter_dir(model, path: Path, task_info: dict) -> None:
     """The adapter in dorafit's format plus task.json (how to score it)."""
     dorafit.save_adapter(model, path)
@@ -227,8 +240,9 @@ def validation_loss(model, examples, collate, kind, cfg, device) -> float:
 # ---------------------------------------------------------------------------- recipe
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run a whole fine-tuning job as ``cfg`` describes; returns the results (rank 0's view)."""
+def train(cfg: TrainConfig) -> TrainResult | None:
+    """Run a whole fine-tuning job as ``cfg`` describes; returns the results (rank 0's view),
+    or None when it stopped early on purpose (``stop_after_steps``)."""
     started = time.perf_counter()
     # 1. Processes, threads, output folder, resolved config.
     info = dist_utils.setup()
@@ -351,8 +365,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     if resumed is not None:
         folder, loaded = resumed
         load_trainable(model, loaded["trainable"], folder)
-        ckpt.optimizer_from_flat(optimizer, optimizer_names, loaded["optimizer"],
-                                 loaded["state"]["optimizer_param_groups"])
+        if cfg.distributed == "fsdp" and info.enabled:
+            load_fsdp_optimizer(wrapped, optimizer, optimizer_names, loaded)
+        else:
+            ckpt.optimizer_from_flat(optimizer, optimizer_names, loaded["optimizer"],
+                                     loaded["state"]["optimizer_param_groups"])
         ckpt.restore_rng(loaded["rng"], loaded["state"]["rng"])
         step = loaded["state"]["step"]
         best_val = loaded["state"]["best_val_loss"]
@@ -368,8 +385,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             full = get_optimizer_state_dict(wrapped, optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             optim_tensors = {f"{n}::{k}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-                             for n, per in full["state"].items() for k, v in per.items()}
-            optim_groups = [{k: v for k, v in g.items() if k != "params"} for g in full["param_groups"]]
+                             for n, per in full.get("state", {}).items() for k, v in per.items()}
+            # Only rank 0 receives the gathered state (cpu_offload); the others get {}.
+            optim_groups = [{k: v for k, v in g.items() if k != "params"} for g in full.get("param_groups", [])]
         else:
             optim_tensors, optim_groups = ckpt.optimizer_to_flat(optimizer, optimizer_names)
         trainable = gather_trainable(model)
@@ -467,7 +485,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 bar.close()
             _print(info, f"stopped after step {step} as asked (--stop-after-steps); continue with --resume")
             dist_utils.teardown(info)
-            raise SystemExit(0)
+            return None
     if bar is not None:
         bar.close()
     train_seconds = time.perf_counter() - train_started
