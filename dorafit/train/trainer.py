@@ -357,6 +357,13 @@ def train(cfg: TrainConfig) -> TrainResult | None:
         before = run_test("before")
         if before is not None:
             _print(info, f"accuracy before training: {before.accuracy:.4f} on {before.rows} {task.name} rows")
+        if val_examples:
+            # The untrained model's validation loss: step 0 of the log, the bar to beat.
+            record = {"step": 0, "val_loss": validation_loss(model, val_examples, collate, kind, cfg, info.device)}
+            history.append(record)
+            if info.is_main:
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
 
     wrapped = dist_utils.wrap(model, cfg.distributed, info)
     params = [p for _, p in trainable_named(model)]

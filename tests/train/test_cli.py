@@ -45,7 +45,9 @@ def test_causal_lm_train_eval_merge_reload(fixture, request, arc_files, tmp_path
     for name in ("config.yaml", "log.jsonl", "adapter/adapter_config.json", "best/adapter_config.json"):
         assert (out / name).is_file(), name
     # The run learned something: the training loss fell.
-    losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert log[0]["step"] == 0 and log[-1]["val_loss"] < log[0]["val_loss"]
     assert losses[-1] < losses[0]
 
     capsys.readouterr()
