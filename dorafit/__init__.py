@@ -13,6 +13,7 @@ from .inject import (
 )
 from .io import AdapterFileError, load_adapter, save_adapter
 from .layers import AdapterError, AdapterLayer
+from .layers.base import invalidate_norm_caches
 from .merge import merge, merged_weights
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "adapter_state_dict",
     "attach",
     "detach",
+    "invalidate_norm_caches",
     "load_adapter",
     "merge",
     "merged_weights",

@@ -89,6 +89,8 @@ class AdapterConfig:
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
             raise ConfigError(f"alpha must be > 0, got {self.alpha!r}")
+        if self.alpha == float("inf"):
+            raise ConfigError(f"alpha must be finite, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.dropout_mode not in DROPOUT_MODES:

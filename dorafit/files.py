@@ -70,10 +70,10 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
     try:
         yield tmp
         fsync_tree(tmp)
-        old = None
         if path.exists():
             if not path.is_dir():
                 raise FileExistsError(f"{path} exists and is not a directory")
@@ -85,5 +85,7 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and old.exists() and not path.exists():
+            os.replace(old, path)  # the final rename failed: put the previous directory back
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -151,23 +151,30 @@ class _DoraCompose(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, base_out, lowrank_out, scale, bias):
+    def forward(ctx, base_out, lowrank_out, scale, bias, keep_sum):
         dtype = base_out.dtype
         s = scale.to(dtype)
         z = base_out if bias is None else base_out - bias.to(dtype)
         if lowrank_out is not None:
             z = z + lowrank_out.to(dtype)
-        y = z.mul_(s) if z is not base_out else z * s
-        if bias is not None:
-            y.add_(bias.to(dtype))
-        ctx.save_for_backward(y, scale, bias)
+        if keep_sum:
+            y = z * s
+            if bias is not None:
+                y = y + bias.to(dtype)
+            ctx.save_for_backward(z, scale, None)
+        else:
+            y = z.mul_(s) if z is not base_out else z * s
+            if bias is not None:
+                y.add_(bias.to(dtype))
+            ctx.save_for_backward(y, scale, bias)
+        ctx.keep_sum = keep_sum
         ctx.lowrank_dtype = None if lowrank_out is None else lowrank_out.dtype
         ctx.has_lowrank = lowrank_out is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        y, scale, bias = ctx.saved_tensors
+        saved, scale, bias = ctx.saved_tensors
         s = scale.to(grad_y.dtype)
         grad_z = grad_y * s if (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) else None
         grad_base = grad_z if ctx.needs_input_grad[0] else None
@@ -177,11 +184,14 @@ class _DoraCompose(torch.autograd.Function):
         grad_scale = None
         if ctx.needs_input_grad[2]:
             # Σ over every axis but the output one of grad_y ⊙ (y − b) / g, in at least float32.
-            acc = torch.promote_types(y.dtype, torch.float32)
-            z = y.to(acc) if bias is None else y.to(acc) - bias.to(acc)
-            prod = grad_y.to(acc) * z
-            grad_scale = (prod.sum_to_size(scale.shape) / scale.to(acc)).to(scale.dtype)
-        return grad_base, grad_low, grad_scale, None
+            acc = torch.promote_types(saved.dtype, torch.float32)
+            if ctx.keep_sum:  # saved is z itself
+                grad_scale = (grad_y.to(acc) * saved.to(acc)).sum_to_size(scale.shape).to(scale.dtype)
+            else:  # saved is y: z = (y − b) / g
+                z = saved.to(acc) if bias is None else saved.to(acc) - bias.to(acc)
+                prod = grad_y.to(acc) * z
+                grad_scale = (prod.sum_to_size(scale.shape) / scale.to(acc)).to(scale.dtype)
+        return grad_base, grad_low, grad_scale, None, None
 
 
 def dora_compose(
@@ -189,15 +199,18 @@ def dora_compose(
     lowrank_out: Optional[torch.Tensor],
     scale: torch.Tensor,
     bias: Optional[torch.Tensor],
+    keep_sum: bool = False,
 ) -> torch.Tensor:
     """y = g ⊙ (base_out − b + lowrank_out) + b, with g broadcast along the output axis.
 
     base_out: the base layer's output x W0ᵀ + b; lowrank_out: s · (x Aᵀ) Bᵀ; scale: g already
     shaped to broadcast (e.g. (out,) for a linear, (out, 1, 1) for a conv2d). A missing
-    lowrank_out (magnitude-only) counts as zero. Memory-lean: see ``_DoraCompose``;
-    ``reference_dora_compose`` is the same formula through plain autograd.
+    lowrank_out (magnitude-only) counts as zero. Memory-lean: see ``_DoraCompose``; with
+    ``keep_sum`` it keeps z + lowrank_out instead of y (needed where some g_i = 0, or where the
+    caller may modify y in place). ``reference_dora_compose`` is the same formula through plain
+    autograd.
     """
-    return _DoraCompose.apply(base_out, lowrank_out, scale, bias)
+    return _DoraCompose.apply(base_out, lowrank_out, scale, bias, keep_sum)
 
 
 def reference_dora_compose(

@@ -44,6 +44,8 @@ SHARED_STATE_FACTORIES: List[Tuple[Callable[..., object], Tuple[str, ...]]] = [
 
 # Attribute on the root module recording the config the adapters were built from.
 CONFIG_ATTR = "dorafit_config"
+# Attribute on the root module recording each parameter's requires_grad before attach.
+REQUIRES_GRAD_ATTR = "_dorafit_requires_grad"
 
 
 def adapter_types() -> Dict[Type[nn.Module], Type[AdapterLayer]]:
@@ -217,16 +219,26 @@ def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
     # Leaves only: adapting a container and its child at once is ambiguous.
     names = [n for n in names if not any(o.startswith(n + ".") for o in names)]
     modules = {n: model.get_submodule(n) for n in names}
-    shared = shared_states(modules, config)  # one VeRA matrix pair per model
-    adapters = {n: build_adapter(m, n, config, shared) for n, m in modules.items()}  # may raise: nothing swapped yet
     save_names = []
     for pattern in config.modules_to_save:
-        hits = [n for n, _ in model.named_modules() if n and pattern_matches(pattern, n) and n not in adapters]
+        hits = [n for n, _ in model.named_modules() if n and pattern_matches(pattern, n) and n not in modules]
         hits = [n for n in hits if not any(n.startswith(o + ".") for o in hits if o != n)]
         if not hits:
             raise ConfigError(f"modules_to_save entry {pattern!r} matches no module")
         save_names.extend(hits)
+    # Remember which parameters trained, so that a failed attach and ``detach`` give the model
+    # back as it was (building an adapter freezes its base).
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        shared = shared_states(modules, config)  # one VeRA matrix pair per model
+        adapters = {n: build_adapter(m, n, config, shared) for n, m in modules.items()}  # nothing swapped yet
+    except BaseException:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+        raise
 
+    # Every check passed: from here on the model changes.
+    setattr(model, REQUIRES_GRAD_ATTR, flags)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, adapter in adapters.items():
@@ -248,6 +260,12 @@ def detach(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, module.original)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
+    flags = getattr(model, REQUIRES_GRAD_ATTR, None)
+    if flags is not None:
+        for p in model.parameters():
+            if id(p) in flags:
+                p.requires_grad_(flags[id(p)])
+        delattr(model, REQUIRES_GRAD_ATTR)
     return model
 
 

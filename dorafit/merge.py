@@ -15,7 +15,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .inject import CONFIG_ATTR, ModulesToSave, _set_submodule, adapter_modules
+from .inject import CONFIG_ATTR, REQUIRES_GRAD_ATTR, ModulesToSave, _set_submodule, adapter_modules
 
 
 def merged_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -63,6 +63,7 @@ def merge(model: nn.Module) -> nn.Module:
         for p in module.trainable.parameters():
             p.requires_grad_(False)
         _set_submodule(model, name, module.trainable)
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    for attr in (CONFIG_ATTR, REQUIRES_GRAD_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model

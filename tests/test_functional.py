@@ -125,11 +125,6 @@ def test_dora_compose_dropout_formula():
     torch.testing.assert_close(DF.dora_compose_dropout(base_out, w0xd, low, g), want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="functional.py _DoraCompose.backward: grad of the scale is Σ grad_y ⊙ (y − b) / g, which is "
-    "NaN where g = 0 (a zero row of W0 gives m_i = ‖W0_i‖ = 0); Eq. 5 gives a finite gradient",
-)
 def test_magnitude_gradient_finite_for_zero_weight_row(ref):
     lin = nn.Linear(8, 6)
     with torch.no_grad():
@@ -141,11 +136,6 @@ def test_magnitude_gradient_finite_for_zero_weight_row(ref):
     ref.check_against_eq5(layer, torch.randn(4, 8))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="functional.py _DoraCompose.forward saves its output y for backward, so an in-place op on "
-    "the adapted layer's output (nn.ReLU(inplace=True) after a conv, `h += residual`) makes backward raise",
-)
 def test_inplace_op_on_adapter_output():
     layer = ConvAdapter(nn.Conv2d(3, 4, 3), rank=2)
     net = nn.Sequential(layer, nn.ReLU(inplace=True))

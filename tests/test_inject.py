@@ -127,12 +127,6 @@ def test_rank_too_large_names_module_and_shape():
     assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="layers/base.py AdapterLayer.__init__ sets requires_grad=False on the base parameters "
-    "before its own checks, and inject.attach builds every adapter before validating modules_to_save: "
-    "a failed attach leaves the model's parameters frozen",
-)
 @pytest.mark.parametrize(
     "cfg",
     [

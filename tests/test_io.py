@@ -246,12 +246,6 @@ def test_module_missing_in_base(saved):
     expect_load_error(path, r"module 'v_proj' of the adapter does not exist in this base model", base=Other())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="io.py load_adapter: a validation error found after attach() (missing/unexpected key, tensor "
-    "shape) calls detach(), but attach froze every parameter of the base model (inject.attach) and "
-    "detach does not restore requires_grad: the model is not left as it was",
-)
 def test_failed_load_leaves_requires_grad(saved):
     path, _, _ = saved
     rewrite_tensors(path, lambda t: t.pop("v_proj.magnitude"))
@@ -313,12 +307,6 @@ def test_interrupted_first_save_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="files.py atomic_directory: when the final os.replace(tmp, path) fails after the old directory "
-    "was moved aside to '.<name>.*.old', the except branch deletes tmp and re-raises without moving the "
-    "old directory back: the adapter disappears from its path",
-)
 def test_failed_final_rename_keeps_old_adapter(saved, monkeypatch):
     import dorafit.files as files
 

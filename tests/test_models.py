@@ -158,17 +158,12 @@ def test_targets_matching_nothing_on_llama_lists_names():
 
 # The fused first forward (cross term computed with the base matmul) is taken by the original
 # forward but not by the checkpoint recomputation (the norm is cached by then).
-FUSED_CHECKPOINT_BUG = (
-    "layers/base.py AdapterLayer.forward (fused first forward): under non-reentrant activation checkpointing "
-    "the original forward sees a stale norm and takes base_and_cross (functional._LinearWithRows), the "
-    "recomputation finds the norm cached and takes base(x): different saved tensors -> CheckpointError"
-)
 
 
 @pytest.mark.parametrize(
     "dtype",
     [
-        pytest.param(torch.float32, marks=pytest.mark.xfail(strict=True, reason=FUSED_CHECKPOINT_BUG)),
+        torch.float32,
         torch.bfloat16,
     ],
     ids=["fp32", "bf16"],

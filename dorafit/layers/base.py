@@ -32,6 +32,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import functional as DF
 
@@ -40,12 +41,40 @@ class AdapterError(ValueError):
     """An adapter cannot be built or used on this module."""
 
 
+# Bumped after every optimizer step (any optimizer, fused ones included: they update parameters
+# without bumping the tensors' version counters), so a cached norm never outlives a step.
+_STEP_GENERATION = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _STEP_GENERATION[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def invalidate_norm_caches(model: nn.Module) -> None:
+    """Forget every cached norm and ‖W0‖² of ``model``'s adapters.
+
+    Needed only after writing parameters behind autograd's back (through ``.data``, or with a
+    collective such as ``broadcast``); optimizer steps and in-place ops are detected.
+    """
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            module._norm_cache = None
+            module._w0_cache = None
+
+
 def is_compiling() -> bool:
     """True while torch.compile traces (the norm cache is Python state, so it is bypassed)."""
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
         return compiler.is_compiling()
     return torch._dynamo.is_compiling()  # torch < 2.3
+
+
+def _no_autocast(device_type: str):
+    return torch.autocast(device_type, enabled=False)
 
 
 class AdapterLayer(nn.Module):
@@ -79,8 +108,6 @@ class AdapterLayer(nn.Module):
         self.dropout_mode = dropout_mode
         self.detach_norm = bool(detach_norm)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        for p in self.base.parameters():
-            p.requires_grad_(False)
 
         weight = self.base_weight_2d()
         if weight.device.type == "meta":
@@ -97,8 +124,11 @@ class AdapterLayer(nn.Module):
         dtype = torch.float32 if adapter_dtype == "float32" else self.base_dtype()
         device = weight.device
 
-        # ‖W0‖² per output feature, float32, computed once (DESIGN.md §2).
-        self.register_buffer("w0_norm_sq", DF.weight_norm_sq_per_output(weight.detach()), persistent=False)
+        # ‖W0‖² per output feature, float32 (DESIGN.md §2): computed here once, and again only if
+        # the base weight itself changes (loaded, moved, cast). A plain attribute, not a buffer,
+        # so that ``model.to(torch.bfloat16)`` cannot turn it into half precision.
+        self._w0_cache: Optional[Tuple[tuple, torch.Tensor]] = None
+        self._norm_cache: Optional[Tuple[tuple, torch.Tensor]] = None
         self.lora_a: Optional[nn.Parameter] = None
         self.lora_b: Optional[nn.Parameter] = None
         self.magnitude: Optional[nn.Parameter] = None
@@ -109,7 +139,9 @@ class AdapterLayer(nn.Module):
             self.lora_b = nn.Parameter(torch.zeros(self.lora_b_shape(), dtype=dtype, device=device))
         if method in ("dora", "magnitude"):
             self.magnitude = nn.Parameter(self.w0_norm_sq.sqrt().to(dtype))
-        self._norm_cache: Optional[Tuple[tuple, torch.Tensor]] = None
+        self._zero_m = self.magnitude is not None and bool((self.magnitude == 0).any())
+        for p in self.base.parameters():  # last, after every check (``attach`` undoes it on failure)
+            p.requires_grad_(False)
 
     # ----------------------------------------------------------------------------------------
     # Layout hooks (subclasses)
@@ -135,8 +167,27 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     def cross_term(self, a_2d: torch.Tensor) -> torch.Tensor:
-        """C = A W0ᵀ, (r, out) float32: the frozen base applied to A's rows, without bias."""
+        """C = A W0ᵀ, (r, out) float32, from the base weight (layer types override this to run
+        the frozen base layer itself on A's rows)."""
         return DF.rows_times_weight_t(a_2d, self.base_weight_2d())
+
+    def initial_weight_norm_sq(self) -> torch.Tensor:
+        """‖W0_i‖² per output feature, float32 (quantized layers override this)."""
+        return DF.weight_norm_sq_per_output(self.base_weight_2d().detach())
+
+    @property
+    def w0_norm_sq(self) -> torch.Tensor:
+        """‖W0‖² per output feature, float32, recomputed only when the base weight changed."""
+        cached = self._w0_cache
+        if is_compiling() and cached is not None:
+            return cached[1]  # traced as a constant; data pointers cannot be compared in a graph
+        w = self.base.weight
+        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        if cached is None or cached[0] != key or (cached[1].is_inference() and not torch.is_inference_mode_enabled()):
+            with torch.no_grad(), _no_autocast(w.device.type):
+                cached = (key, self.initial_weight_norm_sq().to(torch.float32))
+            self._w0_cache = cached
+        return cached[1]
 
     def weight_from_2d(self, weight_2d: torch.Tensor) -> torch.Tensor:
         """An (out, in_flat) weight in the base module's own layout and dtype."""
@@ -174,12 +225,17 @@ class AdapterLayer(nn.Module):
         """True when dropout changes the input (training with p > 0)."""
         return self.training and isinstance(self.dropout, nn.Dropout)
 
+    def output_axis(self, ndim: int) -> int:
+        """The axis of an ndim-dim output that holds the output features."""
+        return self.out_axis
+
     def scale_shape(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
-        """Shape an (out,) vector to broadcast along ``out_axis`` of an ndim-dim output."""
-        if self.out_axis == -1:
+        """Shape an (out,) vector to broadcast along the output axis of an ndim-dim output."""
+        axis = self.output_axis(ndim)
+        if axis in (-1, ndim - 1):
             return v
         shape = [1] * ndim
-        shape[self.out_axis] = -1
+        shape[axis] = -1
         return v.view(shape)
 
     def shaped_bias(self, ndim: int) -> Optional[torch.Tensor]:
@@ -192,13 +248,18 @@ class AdapterLayer(nn.Module):
         a, b = self.lowrank_factors()
         a_2d = a.reshape(a.shape[0], -1)
         b_2d = b.reshape(b.shape[0], -1)
-        if cross is None:
-            cross = self.cross_term(a_2d)
-        return DF.factored_norm(self.w0_norm_sq, cross, a_2d, b_2d, self.scaling)
+        # float32 throughout, also inside an autocast region (section 2: never half precision).
+        with _no_autocast(a_2d.device.type):
+            if cross is None:
+                cross = self.cross_term(a_2d)
+            return DF.factored_norm(self.w0_norm_sq, cross, a_2d, b_2d, self.scaling)
 
     def _cache_key(self) -> tuple:
         deps = self.norm_dependencies()
-        return tuple((t.data_ptr(), t._version) for t in deps) + (self.scaling,)
+        # Optimizer steps count too (fused optimizers do not bump version counters); a
+        # magnitude-only norm depends on the frozen W0 alone.
+        step = _STEP_GENERATION[0] if self.method != "magnitude" else 0
+        return tuple((t.data_ptr(), t._version) for t in deps) + (self.scaling, step)
 
     def weight_norm(self, cross: Optional[torch.Tensor] = None) -> torch.Tensor:
         """‖W0 + s B A‖ per output feature, (out,) float32 (factored, never materialised).
@@ -212,14 +273,20 @@ class AdapterLayer(nn.Module):
         if is_compiling():
             with torch.no_grad():
                 return self._compute_norm(cross)
-        key = self._cache_key()
         cached = self._norm_cache
-        if cached is not None and cached[0] == key:
+        if cached is not None and self._cache_valid(cached):
             return cached[1]
+        key = self._cache_key()
         with torch.no_grad():
             norm = self._compute_norm(cross)
         self._norm_cache = (key, norm)
         return norm
+
+    def _cache_valid(self, cached: Tuple[tuple, torch.Tensor]) -> bool:
+        # A norm cached under inference_mode cannot be saved for backward by a later training step.
+        if cached[1].is_inference() and not torch.is_inference_mode_enabled():
+            return False
+        return cached[0] == self._cache_key()
 
     def norm_is_stale(self) -> bool:
         """True when the next ``weight_norm()`` computes a detached norm (cache empty or outdated)."""
@@ -228,7 +295,7 @@ class AdapterLayer(nn.Module):
         if not self.detach_norm and torch.is_grad_enabled():
             return False
         cached = self._norm_cache
-        return cached is None or cached[0] != self._cache_key()
+        return cached is None or not self._cache_valid(cached)
 
     def base_and_cross(self, x: torch.Tensor, a: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """(base(x), A W0ᵀ) from one pass over W0, where the layer type can; else None."""
@@ -243,26 +310,48 @@ class AdapterLayer(nn.Module):
         if self.method == "magnitude":
             base_out = self.base(x)
             g = self.scale_shape(self.magnitude_scale(), base_out.dim())
-            return DF.dora_compose(base_out, None, g, self.shaped_bias(base_out.dim()))
+            return DF.dora_compose(base_out, None, g, self.shaped_bias(base_out.dim()), self.keep_sum())
         a, b = self.lowrank_factors()
-        g = None
-        fused = self.base_and_cross(x, a) if self.norm_is_stale() else None
-        if fused is not None:
-            # First forward after A or B changed: the cross term rides along the base matmul.
-            base_out, cross = fused
-            g = self.scale_shape(self.magnitude_scale(cross), base_out.dim())
-        else:
-            base_out = self.base(x)
+        fused = cross = None
+        if self.magnitude is not None and not is_compiling() and (self.detach_norm or not torch.is_grad_enabled()):
+            # The same operations whether or not the norm is cached, so that activation
+            # checkpointing recomputes exactly what the first forward saved; only the rows
+            # differ: the first forward after A or B changed gets the cross term A W0ᵀ along.
+            stale = self.norm_is_stale()
+            fused = self.base_and_cross(x, a if stale else a[:0])
+            if fused is not None and stale:
+                cross = fused[1]
+        base_out = fused[0] if fused is not None else self.base(x)
         xd = self.dropout(x) if self.dropping() else x
         lowrank = self.lowrank(xd, a, b) * self.scaling
         if self.magnitude is None:  # LoRA / VeRA
             return base_out + lowrank.to(base_out.dtype)
-        if g is None:
-            g = self.scale_shape(self.magnitude_scale(), base_out.dim())
+        g = self.scale_shape(self.magnitude_scale(cross), base_out.dim())
         if xd is not x and self.dropout_mode == "input":
             # Dropout on the input of the whole DoRA update: W0 drop(x) needs a second matmul.
             return DF.dora_compose_dropout(base_out, self.base_nobias(xd), lowrank, g)
-        return DF.dora_compose(base_out, lowrank, g, self.shaped_bias(base_out.dim()))
+        return DF.dora_compose(base_out, lowrank, g, self.shaped_bias(base_out.dim()), self.keep_sum())
+
+    # Whether DoRA's backward may rebuild z + BAx from the layer output y instead of keeping it
+    # (section "memory" of docs/performance.md). Conv nets often apply ReLU(inplace=True) to a
+    # conv's output, which would invalidate a saved y, so conv adapters keep the sum instead.
+    save_output_for_backward: bool = True
+
+    def keep_sum(self) -> bool:
+        """True when the compose must keep z + BAx: y cannot be used, or some g_i = 0."""
+        if not self.save_output_for_backward:
+            return True
+        if not torch.is_grad_enabled() or not self.magnitude.requires_grad:
+            return False
+        if is_compiling():
+            return getattr(self, "_zero_m", False)  # the last value seen eagerly (or at attach)
+        # g = m / n is 0 exactly where m is (e.g. a zero row of W0); (y − b) / g is then undefined.
+        # Checked once per magnitude value, not per forward (a device sync on GPUs).
+        key = (self.magnitude.data_ptr(), self.magnitude._version, _STEP_GENERATION[0])
+        if getattr(self, "_zero_m_key", None) != key:
+            self._zero_m = bool((self.magnitude == 0).any())
+            self._zero_m_key = key
+        return self._zero_m
 
     def delta_weight_2d(self) -> torch.Tensor:
         """s · B A as (out, in_flat), float32 (materialised: merge and tests only)."""

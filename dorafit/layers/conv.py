@@ -24,7 +24,8 @@ _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 class ConvAdapter(AdapterLayer):
     """LoRA / DoRA on an N-d convolution."""
 
-    out_axis = 1
+    # ReLU(inplace=True) right after a conv is common: keep z + BAx rather than the output.
+    save_output_for_backward = False
 
     def __init__(self, base: nn.Module, **kwargs) -> None:
         if base.groups != 1:
@@ -39,6 +40,10 @@ class ConvAdapter(AdapterLayer):
     @property
     def spatial_dims(self) -> int:
         return self.base.weight.dim() - 2
+
+    def output_axis(self, ndim: int) -> int:
+        # (N, C, *spatial) or unbatched (C, *spatial)
+        return ndim - self.spatial_dims - 1
 
     def base_weight_2d(self) -> torch.Tensor:
         return self.base.weight.flatten(1)

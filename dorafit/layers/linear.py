@@ -17,6 +17,24 @@ from .. import functional as DF
 from .base import AdapterLayer
 
 
+def _cross_through_base(layer: AdapterLayer, a_2d: torch.Tensor) -> torch.Tensor:
+    """C = A W0ᵀ (r, out), float32, by running the frozen base layer on A's r rows.
+
+    Through the module itself, so hooks that gather a sharded weight (ZeRO-3) run. A
+    half-precision weight would give a half-precision cross term; where the weight is plainly
+    reachable (no hooks) it is then read in float32 row chunks instead.
+    """
+    base = layer.base
+    w = base.weight
+    hooked = bool(base._forward_hooks or base._forward_pre_hooks)
+    if w.dtype != torch.float32 and not hooked:
+        return DF.rows_times_weight_t(a_2d, layer.base_weight_2d())
+    out = base(a_2d.to(w.dtype))
+    if base.bias is not None:
+        out = out - base.bias
+    return out.to(torch.float32)
+
+
 def _autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
@@ -38,6 +56,9 @@ class LinearAdapter(AdapterLayer):
 
     def base_nobias(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.base.weight)
+
+    def cross_term(self, a_2d: torch.Tensor) -> torch.Tensor:
+        return _cross_through_base(self, a_2d)
 
     def base_and_cross(self, x: torch.Tensor, a: torch.Tensor):
         """One matmul [x; A] W0ᵀ for a plain float32 nn.Linear (no hooks, no autocast).
@@ -80,6 +101,9 @@ class Conv1DAdapter(AdapterLayer):
 
     def base_nobias(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.base.weight
+
+    def cross_term(self, a_2d: torch.Tensor) -> torch.Tensor:
+        return _cross_through_base(self, a_2d)
 
     def lowrank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x.to(a.dtype), a), b)

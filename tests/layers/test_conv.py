@@ -151,12 +151,6 @@ def test_norm_cached_under_checkpoint_recomputation(ref):
     assert len(calls) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="layers/conv.py ConvAdapter.out_axis = 1 assumes a batch axis: for unbatched input (C, *spatial), "
-    "which nn.ConvNd accepts, g is broadcast along the first spatial axis (a shape error, or a silently wrong "
-    "output when that axis has out_channels entries); the channel axis is ndim − spatial_dims − 1",
-)
 @pytest.mark.parametrize("dims,spatial", [(1, (9,)), (2, (7, 7))], ids=["1d", "2d-silent"])
 def test_unbatched_input(ref, dims, spatial):
     layer = ref.randomize_adapter(make_conv(dims, in_c=3, out_c=5), scale=0.3)
