@@ -12,7 +12,7 @@ import random
 import sys
 from pathlib import Path
 
-SUBSETS = {"ARC-Easy": {"train": 800, "test": 400}}
+SUBSETS = {"ARC-Easy": {"train": 640, "test": 300}}
 SEED = 0
 
 

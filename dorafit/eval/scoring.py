@@ -33,10 +33,43 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
+# Texts are encoded in groups of similar length of at most this many tokens (padding
+# included): a batch padded to its longest question would spend most of its compute on pad
+# tokens. Each row's embedding does not depend on the grouping.
+TOKENS_PER_FORWARD = 1024
+
+
+def _length_groups(lengths: list[int], budget: int) -> list[list[int]]:
+    """Row indices sorted by length, cut into groups whose padded size stays within budget."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    groups, current = [], []
+    for i in order:
+        # Sorted ascending, so the newest row is the longest of its group.
+        if current and (len(current) + 1) * lengths[i] > budget:
+            groups.append(current)
+            current = []
+        current.append(i)
+    if current:
+        groups.append(current)
+    return groups
+
+
 def _embed(model, prefix: str, batch: dict) -> torch.Tensor:
-    inputs = {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
-    hidden = model(**inputs).last_hidden_state  # (N, T, H)
-    return F.normalize(mean_pool(hidden.float(), inputs["attention_mask"]), dim=-1)  # (N, H)
+    """Mean-pooled, L2-normalised embeddings (N, H) of the texts under ``prefix``."""
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    inputs = {name: batch[prefix + name] for name in names if prefix + name in batch}
+    mask = inputs["attention_mask"]  # (N, T)
+    lengths = mask.sum(1).clamp_min(1).tolist()
+    pieces, rows = [], []
+    for group in _length_groups(lengths, TOKENS_PER_FORWARD):
+        index = torch.tensor(group, device=mask.device)
+        width = max(lengths[i] for i in group)
+        part = {k: v.index_select(0, index)[:, :width] for k, v in inputs.items()}  # (n, width)
+        hidden = model(**part).last_hidden_state  # (n, width, H)
+        pieces.append(mean_pool(hidden.float(), part["attention_mask"]))
+        rows.append(index)
+    pooled = torch.cat(pieces)[torch.argsort(torch.cat(rows))]  # back to the input order: (N, H)
+    return F.normalize(pooled, dim=-1)
 
 
 def choice_logits(model, batch: dict, kind: str) -> torch.Tensor:

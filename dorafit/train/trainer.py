@@ -189,6 +189,21 @@ def load_trainable(model, state: dict[str, torch.Tensor], source) -> None:
             p.copy_(value)
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records after ``step`` (written by the run after its last checkpoint)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    write_bytes_atomic(path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+
 def load_fsdp_optimizer(model, optimizer, names: list[str], loaded: dict) -> None:
     """Give every rank its shard of a full (name-keyed) optimizer state read from a checkpoint."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -383,6 +398,8 @@ def train(cfg: TrainConfig) -> TrainResult | None:
         best_val = math.inf if best_val is None else best_val
         before = EvalResult(**loaded["state"]["before"]) if loaded["state"].get("before") else None
         history = loaded["state"].get("history", [])
+        if info.is_main:
+            _truncate_log(out / "log.jsonl", step)
         _print(info, f"resumed from {folder} at step {step}")
 
     def save_checkpoint() -> None:
