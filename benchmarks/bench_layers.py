@@ -125,6 +125,8 @@ def parity(dora: nn.Module, peft: nn.Module, loss_fn) -> float:
 def run_workload(name: str, args, device: torch.device) -> str:
     factory, loss_fn, targets, rank, accumulation = workload(name, device)
     base = factory().to(device)
+    for p in base.parameters():  # the frozen base: what every adapter variant starts from
+        p.requires_grad_(False)
     autocast = None
     if args.dtype == "bf16":
         base = base.to(torch.bfloat16)

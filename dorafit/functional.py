@@ -102,9 +102,13 @@ class _LinearWithRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_2d, rows, weight, bias):
         n = x_2d.shape[0]
-        out = torch.nn.functional.linear(torch.cat([x_2d, rows.to(x_2d.dtype)]), weight)  # (n + r, out)
-        cross = out[n:].clone()
-        y = out[:n] if bias is None else out[:n] + bias
+        if rows.shape[0] == 0:  # norm already cached: a plain linear, same saved tensors
+            y = torch.nn.functional.linear(x_2d, weight, bias)
+            cross = y.new_empty((0, y.shape[1]))
+        else:
+            out = torch.nn.functional.linear(torch.cat([x_2d, rows.to(x_2d.dtype)]), weight)  # (n + r, out)
+            cross = out[n:].clone()
+            y = out[:n] if bias is None else out[:n] + bias
         ctx.save_for_backward(weight)
         ctx.mark_non_differentiable(cross)
         return y, cross
