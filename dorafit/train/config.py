@@ -84,7 +84,7 @@ class TrainConfig:
     epochs: int = 1
     """Passes over the training rows."""
     batch_size: int = 16
-    """Examples per optimizer step and process, before gradient accumulation... see grad_accum."""
+    """Rows per micro-batch and process (the global batch is batch_size * grad_accum * processes)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; the global batch is batch_size * grad_accum * processes."""
     warmup_steps: int = 5

@@ -151,6 +151,7 @@ def load_model(path: str, kind: str, trust_remote_code: bool, num_labels: int | 
     if dtype is not None:
         kwargs["dtype"] = dtype
     transformers.logging.set_verbosity_error()  # the load report of a new head is expected
+    transformers.utils.logging.disable_progress_bar()
     try:
         model, info = classes[kind].from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
