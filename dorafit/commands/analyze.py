@@ -20,7 +20,8 @@ HELP = "magnitude/direction analysis of fine-tuned weights (paper Figure 2): tab
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("tuned", nargs="*", metavar="TUNED",
-                        help="fine-tuned checkpoints: model folder/.safetensors file, dorafit or PEFT adapter folder")
+                        help="fine-tuned checkpoints: model folder/.safetensors file, dorafit or PEFT adapter folder "
+                             "(give them before any --checkpoints, which takes every path that follows it)")
     parser.add_argument("--base", required=True, help="the pretrained model (Hugging Face folder or hub id)")
     parser.add_argument("--checkpoints", nargs="+", action="append", default=[], metavar="CKPT",
                         help="one training run's intermediate checkpoints, in training order (repeat per run)")
