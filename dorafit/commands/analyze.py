@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def load_base_model(base: str, class_name: str = None):
     """The plain pretrained model: class from --base-class, else the config's architecture."""
     import transformers
 
+    if (os.sep in base or base.startswith(".")) and not Path(base).is_dir():
+        raise FileNotFoundError(f"base model folder {base} does not exist")
     config = transformers.AutoConfig.from_pretrained(base)
     names = [class_name] if class_name else list(getattr(config, "architectures", None) or [])
     for name in names:
