@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -223,7 +222,7 @@ def save_adapter_dir(model, path: Path, task_info: dict) -> None:
     write_json_atomic(path / TASK_FILE, task_info)
 
 
-def _batches(examples, kind, tokenizer, cfg, pad_id):
+def _batches(kind, tokenizer, cfg, pad_id):
     """A collate function for the data kind."""
     if kind == "causal-lm":
         return lambda chunk: D.collate_causal(chunk, pad_id)
@@ -350,7 +349,7 @@ def train(cfg: TrainConfig) -> TrainResult | None:
     _print(info, str(report))
     task_info = {"task": task.name, "model_kind": kind, "labels": labels, "max_length": cfg.max_length}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    collate = _batches(train_examples, kind, tokenizer, cfg, pad_id)
+    collate = _batches(kind, tokenizer, cfg, pad_id)
 
     def run_test(desc: str) -> EvalResult | None:
         if not test_rows:

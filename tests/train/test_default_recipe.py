@@ -15,7 +15,7 @@ from dorafit.cli import main
 pytestmark = pytest.mark.slow
 
 # Fewer rows than the default run; the other options are the defaults.
-REDUCED = ["--max-train-rows", "256", "--val-size", "32", "--max-test-rows", "200"]
+REDUCED = ["--max-train-rows", "352", "--val-size", "32", "--max-test-rows", "200"]
 
 
 def test_reduced_default_improves_over_the_untrained_model(tmp_path, capsys):
