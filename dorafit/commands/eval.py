@@ -65,12 +65,17 @@ def evaluate(args) -> list:
     tables = []
     for task in tasks:
         path = Path(args.data) if args.data else data_dir / task.folder / "test.json"
+        if not path.is_file() and names == "all":
+            print(f"skipping {task.name}: no {path}", file=sys.stderr)
+            continue
         if not path.is_file():
             raise D.DataError(f"{path}: no test file for task {task.name}; pass --data FILE or --data-dir DIR")
         rows = D.read_rows(path)
         if args.max_rows:
             rows = rows[: args.max_rows]
         tables.append((task, path, rows))
+    if not tables:
+        raise D.DataError(f"no test file for any task under {data_dir}")
 
     model_path = resolve_model_path(args.model)
     config = read_model_config(model_path, args.trust_remote_code)
