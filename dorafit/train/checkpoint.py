@@ -6,6 +6,7 @@ renamed into place, so a kill at any moment leaves either the complete folder or
     trainable.safetensors   every trainable parameter by name (adapters, trained heads)
     optimizer.safetensors   AdamW state by parameter name: "<name>::exp_avg", "::exp_avg_sq", "::step"
     rng.safetensors         torch CPU (and CUDA) generator states, as uint8 tensors
+    adapter/                the adapter in dorafit's format (one process or DDP), for dorafit eval
     state.json              step, epoch, best validation loss, Python / NumPy RNG states,
                             the optimizer's hyper-parameters and the sha256 of each file above
 
@@ -102,8 +103,13 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, names: list[str], tens
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
-def save_checkpoint(folder: Path, trainable: dict, optim_tensors: dict, optim_groups: list, counters: dict) -> Path:
-    """Write one checkpoint folder atomically (rank 0 only)."""
+def save_checkpoint(folder: Path, trainable: dict, optim_tensors: dict, optim_groups: list, counters: dict,
+                    write_extra=None) -> Path:
+    """Write one checkpoint folder atomically (rank 0 only).
+
+    ``write_extra(tmp_folder)``, if given, adds files before the rename (e.g. the adapter in
+    dorafit's format, so that a checkpoint can be evaluated as it is).
+    """
     from safetensors.torch import save_file
 
     rng_tensors, rng_plain = capture_rng()
@@ -122,6 +128,8 @@ def save_checkpoint(folder: Path, trainable: dict, optim_tensors: dict, optim_gr
             "sha256": {name: _sha256(tmp / name) for name in files},
         }
         (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+        if write_extra is not None:
+            write_extra(tmp)
     return folder
 
 

@@ -16,7 +16,7 @@ any number of processes.
 
 Run folder (written by rank 0 only):
     config.yaml              the resolved TrainConfig
-    checkpoints/step-N/      resumable checkpoints (see dorafit.train.checkpoint)
+    checkpoints/step-N/      resumable checkpoints with an adapter/ folder (see dorafit.train.checkpoint)
     best/                    adapter with the lowest validation loss
     adapter/                 final adapter (dorafit format) + task.json
     log.jsonl                step, loss, learning rate, validation loss
@@ -417,7 +417,10 @@ def train(cfg: TrainConfig) -> TrainResult | None:
         if info.is_main:
             counters = {"step": step, "best_val_loss": None if math.isinf(best_val) else best_val,
                         "before": before.__dict__ if before else None, "history": history}
-            ckpt.save_checkpoint(ckpt_root / f"step-{step:06d}", trainable, optim_tensors, optim_groups, counters)
+            sharded = cfg.distributed == "fsdp" and info.enabled
+            extra = None if sharded else (lambda tmp: save_adapter_dir(model, tmp / "adapter", task_info))
+            ckpt.save_checkpoint(ckpt_root / f"step-{step:06d}", trainable, optim_tensors, optim_groups, counters,
+                                 write_extra=extra)
             ckpt.prune_checkpoints(ckpt_root, cfg.keep_checkpoints)
         dist_utils.barrier(info)
 

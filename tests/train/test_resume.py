@@ -70,6 +70,8 @@ def test_damaged_last_checkpoint_falls_back_with_warning(tiny_llama, arc_files, 
     assert main(_args(tiny_llama, arc_files, out, "--stop-after-steps", "6")) == 0
     checkpoints = ckpt.list_checkpoints(out / "checkpoints")
     assert [c.name for c in checkpoints] == ["step-000006", "step-000004"]
+    # Each checkpoint carries a loadable adapter next to the resumable state.
+    assert (checkpoints[0] / "adapter" / "adapter_model.safetensors").is_file()
     weights = checkpoints[0] / "optimizer.safetensors"
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0xFF  # flip bits inside the tensor data: the file still parses
