@@ -145,57 +145,56 @@ def magnitude_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor
     return magnitude.to(torch.float32) / norm
 
 
-class _DoraCompose(torch.autograd.Function):
-    """y = g ⊙ (z + l) + b with z = base_out − b, saving y instead of z + l.
+class _ScaleShift(torch.autograd.Function):
+    """y = g ⊙ t + c with t = x W0ᵀ + b + s B A x and c = (1 − g) ⊙ b, saving y, not t.
 
-    The magnitude's gradient needs z + l = (y − b) / g. Autograd would keep that (tokens, out)
-    sum alive for backward; the layer output y is usually kept alive anyway by the next
+    The magnitude's gradient needs t = (y − c) / g. Autograd would keep t, a (tokens, out)
+    tensor, alive for backward; the layer output y is usually kept alive anyway by the next
     operation (attention keeps v, SiLU keeps gate, the product keeps up), so saving y instead
-    costs no memory there, and no base matmul is ever recomputed.
+    costs no memory there, and no base matmul is ever recomputed. One fused pass forward
+    (addcmul) and a few in backward: the whole DoRA overhead over LoRA's y = t.
     """
 
     @staticmethod
-    def forward(ctx, base_out, lowrank_out, scale, bias, keep_sum):
-        dtype = base_out.dtype
-        s = scale.to(dtype)
-        z = base_out if bias is None else base_out - bias.to(dtype)
-        if lowrank_out is not None:
-            z = z + lowrank_out.to(dtype)
-        if keep_sum:
-            y = z * s
-            if bias is not None:
-                y = y + bias.to(dtype)
-            ctx.save_for_backward(z, scale, None)
-        else:
-            y = z.mul_(s) if z is not base_out else z * s
-            if bias is not None:
-                y.add_(bias.to(dtype))
-            ctx.save_for_backward(y, scale, bias)
+    def forward(ctx, t, scale, shift, keep_sum):
+        s = scale.to(t.dtype)
+        y = t * s if shift is None else torch.addcmul(shift.to(t.dtype), t, s)
         ctx.keep_sum = keep_sum
-        ctx.lowrank_dtype = None if lowrank_out is None else lowrank_out.dtype
-        ctx.has_lowrank = lowrank_out is not None
+        ctx.save_for_backward(t if keep_sum else y, scale, None if keep_sum else shift)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        saved, scale, bias = ctx.saved_tensors
-        s = scale.to(grad_y.dtype)
-        grad_z = grad_y * s if (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) else None
-        grad_base = grad_z if ctx.needs_input_grad[0] else None
-        grad_low = None
-        if ctx.has_lowrank and ctx.needs_input_grad[1]:
-            grad_low = grad_z.to(ctx.lowrank_dtype)
-        grad_scale = None
-        if ctx.needs_input_grad[2]:
-            # Σ over every axis but the output one of grad_y ⊙ (y − b) / g, in at least float32.
+        saved, scale, shift = ctx.saved_tensors
+        grad_t = grad_y * scale.to(grad_y.dtype) if ctx.needs_input_grad[0] else None
+        grad_scale = grad_shift = None
+        if ctx.needs_input_grad[1]:
+            # Σ over every axis but the output one of grad_y ⊙ t, in at least float32.
             acc = torch.promote_types(saved.dtype, torch.float32)
-            if ctx.keep_sum:  # saved is z itself
-                grad_scale = (grad_y.to(acc) * saved.to(acc)).sum_to_size(scale.shape).to(scale.dtype)
-            else:  # saved is y: z = (y − b) / g
-                z = saved.to(acc) if bias is None else saved.to(acc) - bias.to(acc)
-                prod = grad_y.to(acc) * z
-                grad_scale = (prod.sum_to_size(scale.shape) / scale.to(acc)).to(scale.dtype)
-        return grad_base, grad_low, grad_scale, None, None
+            if ctx.keep_sum:  # saved is t itself
+                dot = (grad_y.to(acc) * saved.to(acc)).sum_to_size(scale.shape)
+            else:  # saved is y: Σ grad_y ⊙ t = (Σ grad_y ⊙ y − c ⊙ Σ grad_y) / g
+                dot = (grad_y.to(acc) * saved.to(acc)).sum_to_size(scale.shape)
+                if shift is not None:
+                    dot = dot - shift.to(acc) * grad_y.to(acc).sum_to_size(scale.shape)
+                dot = dot / scale.to(acc)
+            grad_scale = dot.to(scale.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_shift = grad_y.sum_to_size(scale.shape).to(scale.dtype)
+        return grad_t, grad_scale, grad_shift, None
+
+
+def dora_scale_shift(
+    t: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], keep_sum: bool = False
+) -> torch.Tensor:
+    """y = g ⊙ t + (1 − g) ⊙ b  =  g ⊙ (t − b) + b, for t = x W0ᵀ + b + s B A x.
+
+    The bias is not scaled by g. ``scale`` (g) and ``bias`` are shaped to broadcast along the
+    output axis. Saves y for backward (see ``_ScaleShift``); with ``keep_sum`` it keeps t
+    instead (needed where some g_i = 0, or where the caller may modify y in place).
+    """
+    shift = None if bias is None else (1 - scale) * bias.to(scale.dtype)
+    return _ScaleShift.apply(t, scale, shift, keep_sum)
 
 
 def dora_compose(
@@ -209,12 +208,11 @@ def dora_compose(
 
     base_out: the base layer's output x W0ᵀ + b; lowrank_out: s · (x Aᵀ) Bᵀ; scale: g already
     shaped to broadcast (e.g. (out,) for a linear, (out, 1, 1) for a conv2d). A missing
-    lowrank_out (magnitude-only) counts as zero. Memory-lean: see ``_DoraCompose``; with
-    ``keep_sum`` it keeps z + lowrank_out instead of y (needed where some g_i = 0, or where the
-    caller may modify y in place). ``reference_dora_compose`` is the same formula through plain
-    autograd.
+    lowrank_out (magnitude-only) counts as zero. Memory-lean (``dora_scale_shift``);
+    ``reference_dora_compose`` is the same formula through plain autograd.
     """
-    return _DoraCompose.apply(base_out, lowrank_out, scale, bias, keep_sum)
+    t = base_out if lowrank_out is None else base_out + lowrank_out.to(base_out.dtype)
+    return dora_scale_shift(t, scale, bias, keep_sum)
 
 
 def reference_dora_compose(

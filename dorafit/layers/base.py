@@ -310,7 +310,7 @@ class AdapterLayer(nn.Module):
         if self.method == "magnitude":
             base_out = self.base(x)
             g = self.scale_shape(self.magnitude_scale(), base_out.dim())
-            return DF.dora_compose(base_out, None, g, self.shaped_bias(base_out.dim()), self.keep_sum())
+            return DF.dora_scale_shift(base_out, g, self.shaped_bias(base_out.dim()), self.keep_sum())
         a, b = self.lowrank_factors()
         fused = cross = None
         if self.magnitude is not None and not is_compiling() and (self.detach_norm or not torch.is_grad_enabled()):
@@ -323,14 +323,21 @@ class AdapterLayer(nn.Module):
                 cross = fused[1]
         base_out = fused[0] if fused is not None else self.base(x)
         xd = self.dropout(x) if self.dropping() else x
-        lowrank = self.lowrank(xd, a, b) * self.scaling
-        if self.magnitude is None:  # LoRA / VeRA
-            return base_out + lowrank.to(base_out.dtype)
+        b_scaled = b * self.scaling  # (out, r): cheaper than scaling the (tokens, out) product
+        if self.magnitude is None:  # LoRA / VeRA: y = base(x) + s B A x'
+            return self.add_lowrank(base_out, xd, a, b_scaled)
         g = self.scale_shape(self.magnitude_scale(cross), base_out.dim())
         if xd is not x and self.dropout_mode == "input":
             # Dropout on the input of the whole DoRA update: W0 drop(x) needs a second matmul.
+            lowrank = self.lowrank(xd, a, b_scaled)
             return DF.dora_compose_dropout(base_out, self.base_nobias(xd), lowrank, g)
-        return DF.dora_compose(base_out, lowrank, g, self.shaped_bias(base_out.dim()), self.keep_sum())
+        # y = g ⊙ (t − b) + b with t = base(x) + s B A x'
+        t = self.add_lowrank(base_out, xd, a, b_scaled)
+        return DF.dora_scale_shift(t, g, self.shaped_bias(base_out.dim()), self.keep_sum())
+
+    def add_lowrank(self, base_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """base_out + (x Aᵀ) Bᵀ in base_out's dtype (layer types may fuse the sum into a matmul)."""
+        return base_out + self.lowrank(x, a, b).to(base_out.dtype)
 
     # Whether DoRA's backward may rebuild z + BAx from the layer output y instead of keeping it
     # (section "memory" of docs/performance.md). Conv nets often apply ReLU(inplace=True) to a

@@ -42,6 +42,15 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
+def _add_lowrank_addmm(base_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    """base_out + (x Aᵀ) Bᵀ with the sum inside the second matmul (addmm), where dtypes allow."""
+    h = F.linear(x.to(a.dtype), a)  # (..., r)
+    if base_out.dtype != b.dtype or not base_out.is_contiguous() or _autocast_enabled(base_out.device.type):
+        return base_out + F.linear(h, b).to(base_out.dtype)
+    out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
+    return out.view(base_out.shape)
+
+
 class LinearAdapter(AdapterLayer):
     """LoRA / DoRA on nn.Linear (with or without bias)."""
 
@@ -79,6 +88,9 @@ class LinearAdapter(AdapterLayer):
     def lowrank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x.to(a.dtype), a), b)  # (..., r) -> (..., out)
 
+    def add_lowrank(self, base_out, x, a, b):
+        return _add_lowrank_addmm(base_out, x, a, b)
+
     def apply_weight(self, x: torch.Tensor, weight_2d: torch.Tensor, bias: bool = True) -> torch.Tensor:
         b = self.base.bias if bias else None
         return F.linear(x.float(), weight_2d, None if b is None else b.float())
@@ -107,6 +119,9 @@ class Conv1DAdapter(AdapterLayer):
 
     def lowrank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x.to(a.dtype), a), b)
+
+    def add_lowrank(self, base_out, x, a, b):
+        return _add_lowrank_addmm(base_out, x, a, b)
 
     def apply_weight(self, x: torch.Tensor, weight_2d: torch.Tensor, bias: bool = True) -> torch.Tensor:
         b = self.base.bias if bias else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -120,6 +120,9 @@ def test_half_precision_conv(ref):
     seed=st.integers(0, 2**16),
 )
 def test_property_random_geometry(ref, dims, in_c, out_c, k, stride, padding, dilation, method, detach, seed):
+    # A kernel of one element per output channel (in_c · k^dims = 1) is left out: its direction
+    # is ±1, the true gradient of A is 0 and only float32 round-off remains (as for linears).
+    assume(in_c * k**dims > 1)
     torch.manual_seed(seed)
     rank = max(1, min(out_c, in_c * k**dims) // 2)
     layer = make_conv(dims, in_c, out_c, k, stride, padding, dilation, method=method, rank=rank, detach_norm=detach)
