@@ -433,13 +433,14 @@ def train(cfg: TrainConfig) -> TrainResult | None:
             ckpt.prune_checkpoints(ckpt_root, cfg.keep_checkpoints)
         dist_utils.barrier(info)
 
-    def save_best() -> None:
+    def save_adapter_as(name: str) -> None:
+        """Write the current adapter to out/<name> (gathered to full tensors under FSDP2)."""
         if cfg.distributed == "fsdp" and info.enabled:
             state = gather_trainable(model)
             if info.is_main:
-                export_adapter(state, model_path, kind, labels, adapter_cfg, cfg, out / "best", task_info)
+                export_adapter(state, model_path, kind, labels, adapter_cfg, cfg, out / name, task_info)
         elif info.is_main:
-            save_adapter_dir(model, out / "best", task_info)
+            save_adapter_dir(model, out / name, task_info)
         dist_utils.barrier(info)
 
     # 5. The loop. One iteration = one optimizer step over one global batch.
@@ -505,7 +506,7 @@ def train(cfg: TrainConfig) -> TrainResult | None:
             record["val_loss"] = val
             if val < best_val:
                 best_val = val
-                save_best()
+                save_adapter_as("best")
         history.append(record)
         if info.is_main:
             with open(log_path, "a") as f:
@@ -526,13 +527,7 @@ def train(cfg: TrainConfig) -> TrainResult | None:
     train_seconds = time.perf_counter() - train_started
 
     # 7. Final adapter and the test accuracy after training.
-    if cfg.distributed == "fsdp" and info.enabled:
-        state = gather_trainable(model)
-        if info.is_main:
-            export_adapter(state, model_path, kind, labels, adapter_cfg, cfg, out / "adapter", task_info)
-    elif info.is_main:
-        save_adapter_dir(model, out / "adapter", task_info)
-    dist_utils.barrier(info)
+    save_adapter_as("adapter")
     after = run_test("after")
     result = TrainResult(
         output=str(out), task=task.name, model_kind=kind, test_rows=len(test_rows),
