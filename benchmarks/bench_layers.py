@@ -111,10 +111,11 @@ def copy_into_peft(dora: nn.Module, peft: nn.Module) -> None:
             p.lora_magnitude_vector["default"].weight.copy_(a.magnitude)
 
 
-def parity(dora: nn.Module, peft: nn.Module, loss_fn) -> float:
+def parity(dora: nn.Module, peft: nn.Module, loss_fn, autocast_dtype=None) -> float:
     """Relative difference of the two models' training-mode losses (same dropout masks)."""
     dora.train(), peft.train()
-    with torch.no_grad():
+    device = next(dora.parameters()).device.type
+    with torch.no_grad(), torch.autocast(device, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
         torch.manual_seed(0)
         a = loss_fn(dora).double()
         torch.manual_seed(0)
@@ -146,7 +147,7 @@ def run_workload(name: str, args, device: torch.device) -> str:
         models["PEFT DoRA"] = peft_model(base, True, targets, rank, args.dropout)
         if args.dropout == 0:
             copy_into_peft(models["dorafit DoRA"], models["PEFT DoRA"])
-            diff = parity(models["dorafit DoRA"], models["PEFT DoRA"], loss_fn)
+            diff = parity(models["dorafit DoRA"], models["PEFT DoRA"], loss_fn, autocast)
             note = f"dorafit DoRA vs PEFT DoRA on the same weights: relative loss difference {diff:.2e}\n"
             if diff > (1e-2 if args.dtype == "bf16" else 1e-4):
                 raise SystemExit(f"{name}: dorafit and PEFT DoRA disagree ({diff:.2e}); not timing")
