@@ -360,21 +360,13 @@ class AdapterLayer(nn.Module):
             self._zero_m_key = key
         return self._zero_m
 
-    def delta_weight_2d(self) -> torch.Tensor:
-        """s · B A as (out, in_flat), float32 (materialised: merge and tests only)."""
-        a, b = self.lowrank_factors()
-        return self.scaling * (b.reshape(b.shape[0], -1).float() @ a.reshape(a.shape[0], -1).float())
-
     def merged_weight_2d(self) -> torch.Tensor:
         """The adapted weight as (out, in_flat), float32: W0 + sBA, or g ⊙ (W0 + sBA)."""
         w0 = self.base_weight_2d()
         if self.method == "magnitude":
             return (self.magnitude.float() / self.w0_norm_sq.clamp_min(DF.NORM_EPS).sqrt()).unsqueeze(1) * w0.float()
-        w = w0.float() + self.delta_weight_2d()
-        if self.magnitude is None:
-            return w
-        norm = torch.linalg.vector_norm(w, dim=1).clamp_min(DF.NORM_EPS ** 0.5)
-        return (self.magnitude.float() / norm).unsqueeze(1) * w
+        a, b = self.lowrank_factors()
+        return DF.merged_weight_2d(w0, a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), self.scaling, self.magnitude)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Forward by materialising W' (paper Eq. 5) and running the base op with it.
@@ -392,17 +384,16 @@ class AdapterLayer(nn.Module):
         if self.magnitude is None:
             w = w0.float() + self.scaling * (b_2d.float() @ a_2d.float())
             return self.apply_weight(x, w0.float()) + self.apply_weight(xd, w - w0.float(), bias=False)
-        w_prime = DF.reference_dora_weight(w0, a_2d, b_2d, self.scaling, self.magnitude, self.detach_norm)
+        delta = self.scaling * (b_2d.float() @ a_2d.float())  # s B A, materialised (reference only)
         if xd is x or self.dropout_mode == "lowrank":
-            # W' x' with x' = x except on the low-rank path in "lowrank" mode.
-            norm = torch.linalg.vector_norm(w0.float() + self.scaling * (b_2d.float() @ a_2d.float()), dim=1)
+            # g ⊙ (W0 x + s B A x') + b, with x' = x except on the low-rank path in "lowrank" mode.
+            norm = torch.linalg.vector_norm(w0.float() + delta, dim=1)
             if self.detach_norm:
                 norm = norm.detach()
-            g = self.magnitude.float() / norm
-            w0_scaled = g.unsqueeze(1) * w0.float()
-            delta_scaled = g.unsqueeze(1) * self.scaling * (b_2d.float() @ a_2d.float())
-            return self.apply_weight(x, w0_scaled) + self.apply_weight(xd, delta_scaled, bias=False)
-        # "input" dropout: y = W0 x + b + (W' − W0) drop(x)
+            g = (self.magnitude.float() / norm).unsqueeze(1)
+            return self.apply_weight(x, g * w0.float()) + self.apply_weight(xd, g * delta, bias=False)
+        # "input" dropout: y = W0 x + b + (W' − W0) drop(x), W' from paper Eq. 5
+        w_prime = DF.reference_dora_weight(w0, a_2d, b_2d, self.scaling, self.magnitude, self.detach_norm)
         return self.apply_weight(x, w0.float()) + self.apply_weight(xd, w_prime - w0.float(), bias=False)
 
     def apply_weight(self, x: torch.Tensor, weight_2d: torch.Tensor, bias: bool = True) -> torch.Tensor:
