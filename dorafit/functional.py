@@ -106,9 +106,10 @@ class _LinearWithRows(torch.autograd.Function):
             y = torch.nn.functional.linear(x_2d, weight, bias)
             cross = y.new_empty((0, y.shape[1]))
         else:
-            out = torch.nn.functional.linear(torch.cat([x_2d, rows.to(x_2d.dtype)]), weight)  # (n + r, out)
-            cross = out[n:].clone()
-            y = out[:n] if bias is None else out[:n] + bias
+            out = torch.nn.functional.linear(torch.cat([x_2d, rows.to(x_2d.dtype)]), weight, bias)  # (n + r, out)
+            y = out[:n]
+            cross = out[n:] if bias is None else out[n:] - bias
+            cross = cross.clone() if cross._base is not None else cross
         ctx.save_for_backward(weight)
         ctx.mark_non_differentiable(cross)
         return y, cross
@@ -166,22 +167,80 @@ class _ScaleShift(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         saved, scale, shift = ctx.saved_tensors
-        grad_t = grad_y * scale.to(grad_y.dtype) if ctx.needs_input_grad[0] else None
-        grad_scale = grad_shift = None
+        grad_scale = grad_shift = prod = None
         if ctx.needs_input_grad[1]:
             # Σ over every axis but the output one of grad_y ⊙ t, in at least float32.
             acc = torch.promote_types(saved.dtype, torch.float32)
-            if ctx.keep_sum:  # saved is t itself
-                dot = (grad_y.to(acc) * saved.to(acc)).sum_to_size(scale.shape)
-            else:  # saved is y: Σ grad_y ⊙ t = (Σ grad_y ⊙ y − c ⊙ Σ grad_y) / g
-                dot = (grad_y.to(acc) * saved.to(acc)).sum_to_size(scale.shape)
+            prod = grad_y.to(acc) * saved.to(acc)
+            dot = prod.sum_to_size(scale.shape)
+            if not ctx.keep_sum:  # saved is y: Σ grad_y ⊙ t = (Σ grad_y ⊙ y − c ⊙ Σ grad_y) / g
                 if shift is not None:
                     dot = dot - shift.to(acc) * grad_y.to(acc).sum_to_size(scale.shape)
                 dot = dot / scale.to(acc)
             grad_scale = dot.to(scale.dtype)
+        grad_t = None
+        if ctx.needs_input_grad[0]:
+            s = scale.to(grad_y.dtype)
+            # prod may be reused only where the reduction above made a new tensor of it
+            reuse = prod is not None and prod.dtype == grad_y.dtype and prod.shape == grad_y.shape and prod.numel() > scale.numel()
+            grad_t = torch.mul(grad_y, s, out=prod) if reuse else grad_y * s  # one (tokens, out) buffer
         if ctx.needs_input_grad[2]:
             grad_shift = grad_y.sum_to_size(scale.shape).to(scale.dtype)
         return grad_t, grad_scale, grad_shift, None
+
+
+class _LowRankScaleShift(torch.autograd.Function):
+    """y = g ⊙ (z + h Bᵀ) + c for a linear layer: LoRA's second matmul and DoRA's scaling in one
+    node, all 2-D and of one dtype. z = x W0ᵀ + b (tokens, out), h = x Aᵀ (tokens, r), B already
+    scaled by s (out, r), g (out,), c = (1 − g) ⊙ b or None.
+
+    The sum z + h Bᵀ is made by addmm into a fresh tensor and scaled in place, so the forward
+    allocates exactly what LoRA's does; it saves y (not the sum: see ``_ScaleShift``), h and B,
+    LoRA's saved tensors plus the output. The backward allocates one (tokens, out) tensor: it
+    holds grad_y ⊙ y for the magnitude's reduction first, then the gradient g ⊙ grad_y.
+    """
+
+    @staticmethod
+    def forward(ctx, z, h, b, scale, shift):
+        y = torch.addmm(z, h, b.t())
+        if shift is None:
+            y.mul_(scale)
+        else:
+            torch.addcmul(shift, y, scale, out=y)
+        ctx.save_for_backward(y, h, b, scale, shift)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        y, h, b, scale, shift = ctx.saved_tensors
+        need_z, need_h, need_b, need_scale, need_shift = ctx.needs_input_grad
+        grad_sum = grad_y.sum(0) if need_shift or (need_scale and shift is not None) else None
+        grad_scale = buf = None
+        if need_scale:  # Σ_tokens grad_y ⊙ t with t = (y − c) / g
+            buf = grad_y * y
+            dot = buf.sum(0)
+            if shift is not None:
+                dot = dot - shift * grad_sum
+            grad_scale = dot / scale
+        grad_t = torch.mul(grad_y, scale, out=buf) if buf is not None else grad_y * scale
+        grad_h = grad_t @ b if need_h else None
+        grad_b = grad_t.t() @ h if need_b else None
+        return grad_t if need_z else None, grad_h, grad_b, grad_scale, grad_sum if need_shift else None
+
+
+def dora_lowrank_linear(
+    z: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """y = g ⊙ (z − b + h Bᵀ) + b for z = x W0ᵀ + b (..., out) and h = x Aᵀ (..., r), B scaled.
+
+    One autograd node for the low-rank product and the DoRA scaling (``_LowRankScaleShift``);
+    z, h, B and g must share one dtype and no g_i may be 0 (use ``dora_compose`` otherwise).
+    Reference: ``reference_dora_compose(z, h @ B.T, g, bias)``.
+    """
+    shift = None if bias is None else (1 - scale) * bias.to(scale.dtype)
+    out_features = z.shape[-1]
+    y = _LowRankScaleShift.apply(z.reshape(-1, out_features), h.reshape(-1, h.shape[-1]), b, scale, shift)
+    return y.view(z.shape)
 
 
 def dora_scale_shift(

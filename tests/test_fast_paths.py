@@ -2,6 +2,8 @@
 
 - ``functional.dora_compose`` (saves y, rebuilds z for the magnitude gradient) against
   ``functional.reference_dora_compose`` (plain autograd);
+- ``functional.dora_lowrank_linear`` (second low-rank matmul and scaling in one node) against
+  ``functional.reference_dora_compose``;
 - ``functional.linear_with_rows`` (base output and cross term in one matmul) against two
   ``F.linear`` calls;
 - ``LinearAdapter`` with the fused first forward against the same layer with fusion disabled,
@@ -69,6 +71,54 @@ def test_dora_compose_saves_its_output_not_a_sum():
     assert big and all(t.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() for t in big)
 
 
+def test_dora_compose_unbatched_keep_sum():
+    """1-D output (unbatched linear): the magnitude reduction must not alias the reused buffer."""
+    torch.manual_seed(0)
+    base = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    low = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    scale = (torch.rand(7, dtype=torch.float64) + 0.5).requires_grad_(True)
+    bias = torch.randn(7, dtype=torch.float64)
+    grad_out = torch.randn(7, dtype=torch.float64)
+    for keep_sum in (True, False):
+        y = DF.dora_compose(base, low, scale, bias, keep_sum=keep_sum)
+        y_ref = DF.reference_dora_compose(base, low, scale, bias)
+        for g, g_ref in zip(_grads(y, [base, low, scale], grad_out), _grads(y_ref, [base, low, scale], grad_out)):
+            torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("shape", [(3, 5, 6), (6,), (1, 6)])
+def test_dora_lowrank_linear_matches_reference(with_bias, shape):
+    torch.manual_seed(0)
+    out_f, r = 9, 3
+    z = torch.randn(*shape[:-1], out_f, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(*shape[:-1], r, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out_f, r, dtype=torch.float64, requires_grad=True)
+    scale = (torch.rand(out_f, dtype=torch.float64) + 0.5).requires_grad_(True)
+    bias = torch.randn(out_f, dtype=torch.float64) if with_bias else None
+    y = DF.dora_lowrank_linear(z, h, b, scale, bias)
+    y_ref = DF.reference_dora_compose(z, h @ b.t(), scale, bias)
+    torch.testing.assert_close(y, y_ref)
+    grad_out = torch.randn_like(y)
+    leaves = [z, h, b, scale]
+    for g, g_ref in zip(_grads(y, leaves, grad_out), _grads(y_ref, leaves, grad_out)):
+        torch.testing.assert_close(g, g_ref)
+    assert torch.autograd.gradcheck(lambda *t: DF.dora_lowrank_linear(*t, bias), tuple(leaves))
+
+
+def test_dora_lowrank_linear_keeps_only_lora_tensors_and_its_output():
+    """Saved: h and B (as LoRA's addmm), the output y, and (out,)-sized vectors; nothing else."""
+    z = torch.randn(8, 16, requires_grad=True)
+    h = torch.randn(8, 3, requires_grad=True)
+    b = torch.randn(16, 3, requires_grad=True)
+    scale = torch.rand(16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = DF.dora_lowrank_linear(z, h, b, scale, torch.zeros(16))
+    ptrs = {t.untyped_storage().data_ptr() for t in saved if t.numel() > 16}
+    assert ptrs == {y.untyped_storage().data_ptr(), h.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()}
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_with_rows_matches_two_linears(with_bias):
     torch.manual_seed(0)
@@ -120,7 +170,8 @@ class _NoFusion:
 def test_fused_first_forward_equals_separate_and_reference(detach_norm):
     layer = _dora_linear(detach_norm)
     twin = copy.deepcopy(layer)
-    x = torch.randn(3, 5, 24, requires_grad=True)
+    x = torch.randn(2, 4, 24, requires_grad=True)  # 8 tokens < 20 / 2 output features: fused
+    assert layer.base_and_cross(x, layer.lora_a) is not None
     x_twin = x.detach().clone().requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
     assert layer.norm_is_stale() == detach_norm
@@ -157,9 +208,10 @@ def test_fused_path_fills_the_cache_used_by_the_next_micro_batch():
     torch.testing.assert_close(norm, DF.reference_norm(layer.base.weight, layer.lora_a, layer.lora_b, layer.scaling))
 
 
-def test_fusion_is_skipped_for_half_precision_and_hooks():
-    layer = _dora_linear()
+def test_fusion_is_skipped_for_many_tokens_half_precision_and_hooks():
+    layer = _dora_linear()  # 20 output features
     assert layer.base_and_cross(torch.randn(2, 24), layer.lora_a) is not None
+    assert layer.base_and_cross(torch.randn(2, 5, 24), layer.lora_a) is None  # 10 tokens: copying x costs more
     assert layer.base_and_cross(torch.randn(2, 24, dtype=torch.bfloat16), layer.lora_a) is None
     handle = layer.base.register_forward_hook(lambda *args: None)
     assert layer.base_and_cross(torch.randn(2, 24), layer.lora_a) is None

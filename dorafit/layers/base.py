@@ -331,13 +331,16 @@ class AdapterLayer(nn.Module):
             # Dropout on the input of the whole DoRA update: W0 drop(x) needs a second matmul.
             lowrank = self.lowrank(xd, a, b_scaled)
             return DF.dora_compose_dropout(base_out, self.base_nobias(xd), lowrank, g)
-        # y = g ⊙ (t − b) + b with t = base(x) + s B A x'
-        t = self.add_lowrank(base_out, xd, a, b_scaled)
-        return DF.dora_scale_shift(t, g, self.shaped_bias(base_out.dim()), self.keep_sum())
+        return self.scale_lowrank(base_out, xd, a, b_scaled, g)
 
     def add_lowrank(self, base_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """base_out + (x Aᵀ) Bᵀ in base_out's dtype (layer types may fuse the sum into a matmul)."""
         return base_out + self.lowrank(x, a, b).to(base_out.dtype)
+
+    def scale_lowrank(self, base_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """y = g ⊙ (t − b) + b with t = base_out + (x Aᵀ) Bᵀ (layer types may fuse it further)."""
+        t = self.add_lowrank(base_out, x, a, b)
+        return DF.dora_scale_shift(t, g, self.shaped_bias(base_out.dim()), self.keep_sum())
 
     # Whether DoRA's backward may rebuild z + BAx from the layer output y instead of keeping it
     # (section "memory" of docs/performance.md). Conv nets often apply ReLU(inplace=True) to a

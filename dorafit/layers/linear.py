@@ -51,6 +51,16 @@ def _add_lowrank_addmm(base_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
     return out.view(base_out.shape)
 
 
+def _scale_lowrank_fused(layer: AdapterLayer, base_out, x, a, b, g):
+    """DoRA's y = g ⊙ (base_out − b + (x Aᵀ) Bᵀ) + b with the second low-rank matmul and the
+    scaling in one autograd node, where dtypes allow (base output, B and g of one dtype, no
+    autocast, no g_i = 0); elsewhere the generic compose."""
+    if base_out.dtype != b.dtype or g.dtype != b.dtype or _autocast_enabled(base_out.device.type) or layer.keep_sum():
+        return AdapterLayer.scale_lowrank(layer, base_out, x, a, b, g)
+    h = F.linear(x.to(a.dtype), a)  # (..., r)
+    return DF.dora_lowrank_linear(base_out, h, b, g, layer.base_bias())
+
+
 class LinearAdapter(AdapterLayer):
     """LoRA / DoRA on nn.Linear (with or without bias)."""
 
@@ -83,6 +93,10 @@ class LinearAdapter(AdapterLayer):
             return None
         if _autocast_enabled(x.device.type):
             return None
+        # Worth it while reading W0 a second time (for A W0ᵀ alone) costs more than copying x
+        # into the stacked input: fewer tokens than half the output features.
+        if 2 * (x.numel() // max(1, x.shape[-1])) >= w.shape[0]:
+            return None
         return DF.linear_with_rows(x, a, w, base.bias)
 
     def lowrank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -90,6 +104,9 @@ class LinearAdapter(AdapterLayer):
 
     def add_lowrank(self, base_out, x, a, b):
         return _add_lowrank_addmm(base_out, x, a, b)
+
+    def scale_lowrank(self, base_out, x, a, b, g):
+        return _scale_lowrank_fused(self, base_out, x, a, b, g)
 
     def apply_weight(self, x: torch.Tensor, weight_2d: torch.Tensor, bias: bool = True) -> torch.Tensor:
         b = self.base.bias if bias else None
@@ -122,6 +139,9 @@ class Conv1DAdapter(AdapterLayer):
 
     def add_lowrank(self, base_out, x, a, b):
         return _add_lowrank_addmm(base_out, x, a, b)
+
+    def scale_lowrank(self, base_out, x, a, b, g):
+        return _scale_lowrank_fused(self, base_out, x, a, b, g)
 
     def apply_weight(self, x: torch.Tensor, weight_2d: torch.Tensor, bias: bool = True) -> torch.Tensor:
         b = self.base.bias if bias else None
