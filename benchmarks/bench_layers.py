@@ -68,7 +68,7 @@ def workload(name: str, device: torch.device) -> Tuple[Callable[[], nn.Module], 
     g = torch.Generator().manual_seed(1)
     if name == "llama":
         ids = torch.randint(0, 1024, (4, 256), generator=g).to(device)
-        return build_llama, lambda m: m(input_ids=ids, labels=ids).loss, LLAMA_TARGETS, 16, 1
+        return build_llama, lambda m: m(input_ids=ids, labels=ids, use_cache=False).loss, LLAMA_TARGETS, 16, 1
     if name == "minilm":
         ids = torch.randint(1000, 30000, (16, 128), generator=g).to(device)
         return build_minilm, lambda m: m(input_ids=ids).last_hidden_state.float().pow(2).mean(), ["query", "key", "value", "dense"], 8, 1

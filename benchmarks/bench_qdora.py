@@ -87,7 +87,7 @@ def measure(model: nn.Module, ids: torch.Tensor, repeats: int):
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         opt.step()
 

@@ -104,7 +104,9 @@ def loss_sum(model, batch: dict, kind: str) -> torch.Tensor:
     gradient does not depend on how that step is split into micro-batches or processes.
     """
     if kind == "causal-lm":
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # No key/value cache: nothing is generated, and filling it copies every layer's keys and
+        # values (which attention would otherwise keep as views of the projections' outputs).
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
         targets = batch["labels"][:, 1:]  # (B, T-1)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
