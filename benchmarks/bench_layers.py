@@ -156,7 +156,8 @@ def run_workload(name: str, args, device: torch.device) -> str:
             models[key + " compiled"] = torch.compile(models[key])
     variants = [make_variant(k, m, loss_fn, accumulation=accumulation, autocast_dtype=autocast) for k, m in models.items()]
     base_variant = variants[0]
-    results = measure_variants(variants, repeats=args.repeats, warmup=args.warmup, memory=not args.no_memory)
+    results = measure_variants(variants, repeats=args.repeats, warmup=args.warmup, memory=not args.no_memory,
+                               steps=not args.no_step)
     from dorafit.bench import time_alternating
 
     merged = dorafit.merge(copy.deepcopy(models["dorafit DoRA"]))
@@ -164,25 +165,25 @@ def run_workload(name: str, args, device: torch.device) -> str:
     fw = time_alternating({"base": base_variant.eval_forward, "merged": merged_variant.eval_forward,
                            "lora": variants[1].eval_forward}, args.repeats, 1, device)
 
-    ref_step = results["dorafit LoRA"]["step"].median
-    ref_eval = results["dorafit LoRA"]["eval"].median
-    ref_saved = results["dorafit LoRA"].get("saved")
-    ref_peak = results["dorafit LoRA"].get("peak")
+    lora = results["dorafit LoRA"]
+    columns = [("step", "train step median (min–max)", str), ("eval", "eval forward", str),
+               ("saved", "saved for backward", mib), ("peak", "step peak", mib)]
+    columns = [c for c in columns if c[0] in lora]
     rows = []
     for key, r in results.items():
-        row = [key, str(r["step"]), f"{r['step'].median / ref_step:.3f}", str(r["eval"]), f"{r['eval'].median / ref_eval:.3f}"]
-        if "saved" in r:
-            row += [mib(r["saved"]), f"{r['saved'] / ref_saved:.3f}", mib(r["peak"]), f"{r['peak'] / ref_peak:.3f}"]
+        row = [key]
+        for field, _, show in columns:
+            ref = lora[field].median if field in ("step", "eval") else lora[field]
+            value = r[field].median if field in ("step", "eval") else r[field]
+            row += [show(r[field]), f"{value / ref:.3f}"]
         rows.append(row)
     rows[0][0] = "base (frozen)"
-    headers = ["variant", "train step median (min–max)", "÷ dorafit LoRA", "eval forward", "÷ dorafit LoRA"]
-    if not args.no_memory:
-        headers += ["saved for backward", "÷ LoRA", "step peak", "÷ LoRA"]
+    headers = ["variant"] + [h for _, title, _ in columns for h in (title, "÷ dorafit LoRA")]
     title = (f"### {name}: dtype {args.dtype}, dropout {args.dropout} ({args.dropout_mode}), accumulation {accumulation}, "
              f"repeats {args.repeats}")
     lines = [title, "", format_table(headers, rows), "",
              "base (frozen): forward, plus backward to the input where the input needs a gradient (single layers)."]
-    if args.peft:
+    if args.peft and "step" in lora:
         pd, pl = results["PEFT DoRA"]["step"].median, results["PEFT LoRA"]["step"].median
         dd = results["dorafit DoRA"]["step"].median
         lines.append(f"PEFT DoRA ÷ PEFT LoRA step: {pd / pl:.3f}; dorafit DoRA ÷ PEFT DoRA step: {dd / pd:.3f}; "
@@ -205,6 +206,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-step", action="store_true",
+                        help="no training steps: eval forward and saved-for-backward only (bf16 on CPUs without bf16 matmuls)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)

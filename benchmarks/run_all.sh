@@ -11,7 +11,10 @@ if [ "${1:-}" != "--skip-models" ]; then
 fi
 run fp32-layer       --workload layer64 --workload layer512 --workload layer4096 --workload accum --peft
 run dropout          --workload llama --dropout 0.05 --peft --repeats 3
-# bf16 on a CPU without native bf16 matmuls is slow in backward: the small workload only here.
+# bf16 on a CPU without native bf16 matmuls is slow in backward (a bf16 grad_y @ W0 of the
+# 4096² layer at 64 tokens takes ≈8 s here): training steps for the small workload only, eval
+# forward and saved-for-backward for the models.
 run bf16             --workload layer64 --dtype bf16 --peft --repeats 3
-run compiled         --workload layer64 --workload layer512 --compile --no-memory
+run bf16-models      --workload llama --workload minilm --dtype bf16 --peft --no-step --repeats 3
+run compiled         --workload layer64 --workload layer512 --workload accum --compile --no-memory
 "$PY" benchmarks/profile_step.py --tokens 64 512 --repeats 5 2>&1 | grep -v USDT | tee "$OUT/profile.md"

@@ -189,13 +189,19 @@ def measure_variants(
     warmup: int = 2,
     memory: bool = True,
     eval_too: bool = True,
+    steps: bool = True,
 ) -> Dict[str, Dict[str, object]]:
-    """Step time, eval time, saved-for-backward bytes and step peak for each variant."""
+    """Step time, eval time, saved-for-backward bytes and step peak for each variant.
+
+    ``steps=False`` runs no training step at all (no step time, no step peak; the saved bytes
+    need a forward only), for machines where a backward is too slow to repeat.
+    """
     device = next(variants[0].model.parameters()).device
     results: Dict[str, Dict[str, object]] = {v.name: {} for v in variants}
-    train = time_alternating({v.name: v.train_step for v in variants}, repeats, warmup, device)
-    for v in variants:
-        results[v.name]["step"] = train[v.name]
+    if steps:
+        train = time_alternating({v.name: v.train_step for v in variants}, repeats, warmup, device)
+        for v in variants:
+            results[v.name]["step"] = train[v.name]
     if eval_too:
         evals = time_alternating({v.name: v.eval_forward for v in variants}, repeats, 1, device)
         for v in variants:
@@ -204,5 +210,6 @@ def measure_variants(
         for v in variants:
             params = list(v.model.parameters())
             results[v.name]["saved"] = saved_for_backward_bytes(v.train_forward, params)
-            results[v.name]["peak"] = step_peak_bytes(v.train_step, device)
+            if steps:
+                results[v.name]["peak"] = step_peak_bytes(v.train_step, device)
     return results

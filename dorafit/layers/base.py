@@ -27,6 +27,7 @@ to run the low-rank path and how to get the cross term A W0ᵀ from the frozen b
 from __future__ import annotations
 
 import math
+import weakref
 from typing import List, Optional, Tuple
 
 import torch
@@ -44,10 +45,14 @@ class AdapterError(ValueError):
 # Bumped after every optimizer step (any optimizer, fused ones included: they update parameters
 # without bumping the tensors' version counters), so a cached norm never outlives a step.
 _STEP_GENERATION = [0]
+# Every adapter alive, so that a step can mark the norms cached under torch.compile as stale.
+_LIVE_LAYERS: "weakref.WeakSet[AdapterLayer]" = weakref.WeakSet()
 
 
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
     _STEP_GENERATION[0] += 1
+    for layer in list(_LIVE_LAYERS):
+        layer._compiled_norm_fresh = False
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
@@ -63,10 +68,11 @@ def invalidate_norm_caches(model: nn.Module) -> None:
         if isinstance(module, AdapterLayer):
             module._norm_cache = None
             module._w0_cache = None
+            module._compiled_norm_fresh = False
 
 
 def is_compiling() -> bool:
-    """True while torch.compile traces (the norm cache is Python state, so it is bypassed)."""
+    """True while torch.compile traces (the version-counter cache is replaced by a flag there)."""
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
         return compiler.is_compiling()
@@ -75,6 +81,10 @@ def is_compiling() -> bool:
 
 def _no_autocast(device_type: str):
     return torch.autocast(device_type, enabled=False)
+
+
+def _forget_compiled_norm(module: "AdapterLayer", incompatible_keys) -> None:
+    module._compiled_norm_fresh = False
 
 
 class AdapterLayer(nn.Module):
@@ -129,6 +139,13 @@ class AdapterLayer(nn.Module):
         # so that ``model.to(torch.bfloat16)`` cannot turn it into half precision.
         self._w0_cache: Optional[Tuple[tuple, torch.Tensor]] = None
         self._norm_cache: Optional[Tuple[tuple, torch.Tensor]] = None
+        # Under torch.compile a graph cannot compare version counters: the norm is kept in
+        # ``_compiled_norm`` while ``_compiled_norm_fresh`` holds (a flag that graphs guard on),
+        # and optimizer steps, state-dict loads, moves and ``invalidate_norm_caches`` clear it.
+        self._compiled_norm: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None
+        self._compiled_norm_fresh = False
+        _LIVE_LAYERS.add(self)
+        self.register_load_state_dict_post_hook(_forget_compiled_norm)
         self.lora_a: Optional[nn.Parameter] = None
         self.lora_b: Optional[nn.Parameter] = None
         self.magnitude: Optional[nn.Parameter] = None
@@ -271,8 +288,7 @@ class AdapterLayer(nn.Module):
         if not self.detach_norm and torch.is_grad_enabled():
             return self._compute_norm()
         if is_compiling():
-            with torch.no_grad():
-                return self._compute_norm(cross)
+            return self._compiled_weight_norm(cross)
         cached = self._norm_cache
         if cached is not None and self._cache_valid(cached):
             return cached[1]
@@ -280,7 +296,29 @@ class AdapterLayer(nn.Module):
         with torch.no_grad():
             norm = self._compute_norm(cross)
         self._norm_cache = (key, norm)
+        self._compiled_norm_fresh = False  # A, B or W0 changed: so is the norm a graph kept
         return norm
+
+    def _compiled_weight_norm(self, cross: Optional[torch.Tensor]) -> torch.Tensor:
+        """The detached norm inside a torch.compile graph: computed by the first call after a
+        step and kept on the module (an attribute write that dynamo replays after the graph),
+        read by the calls that follow until the flag is cleared. Training and no-grad calls keep
+        their own copy: one made under inference_mode could not be saved for backward."""
+        slot = 0 if torch.is_grad_enabled() else 1
+        kept = self._compiled_norm
+        if self._compiled_norm_fresh and kept is not None and kept[slot] is not None:
+            return kept[slot]
+        with torch.no_grad():
+            norm = self._compute_norm(cross)
+        if not self._compiled_norm_fresh or kept is None:
+            kept = (None, None)
+        self._compiled_norm = (norm, kept[1]) if slot == 0 else (kept[0], norm)
+        self._compiled_norm_fresh = True
+        return norm
+
+    def _apply(self, fn, *args, **kwargs):
+        self._compiled_norm, self._compiled_norm_fresh = None, False  # moved or cast: recompute
+        return super()._apply(fn, *args, **kwargs)
 
     def _cache_valid(self, cached: Tuple[tuple, torch.Tensor]) -> bool:
         # A norm cached under inference_mode cannot be saved for backward by a later training step.

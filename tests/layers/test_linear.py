@@ -516,3 +516,34 @@ def test_compile_no_graph_breaks(ref):
         explanation = torch._dynamo.explain(layer)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_norm_is_kept_between_steps_and_refreshed_after_them(ref, backend):
+    """Under torch.compile the norm is kept on the module until an optimizer step, a state-dict
+    load or ``invalidate_norm_caches``; a write behind autograd's back is not seen (as in eager)."""
+    torch._dynamo.reset()
+    layer = ref.randomize_adapter(make_linear(in_f=16, out_f=16))
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    opt = torch.optim.SGD([layer.lora_a, layer.lora_b, layer.magnitude], lr=0.1)
+    x = torch.randn(3, 16)
+    for _ in range(2):
+        for _ in range(2):  # two micro-batches: the second reads the kept norm
+            y = compiled(x)
+            torch.testing.assert_close(y, layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+            y.pow(2).sum().backward()
+        assert layer._compiled_norm_fresh
+        opt.step()
+        opt.zero_grad()
+        assert not layer._compiled_norm_fresh  # the step cleared it
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+        kept = compiled(x)
+        layer.lora_b.data.add_(1.0)  # behind autograd's back: the kept norm is reused (documented)
+        assert not torch.allclose(compiled(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+        dorafit.invalidate_norm_caches(layer)
+        torch.testing.assert_close(compiled(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+        layer.load_state_dict({k: v + 0.5 for k, v in layer.state_dict().items() if "lora_b" in k}, strict=False)
+        torch.testing.assert_close(compiled(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(kept, compiled(x))
+    torch._dynamo.reset()
