@@ -26,6 +26,7 @@ import argparse
 import copy
 import os
 import platform
+import statistics
 import sys
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Tuple
@@ -152,6 +153,12 @@ def run_workload(name: str, args, device: torch.device) -> str:
             if diff > (1e-2 if args.dtype == "bf16" else 1e-4):
                 raise SystemExit(f"{name}: dorafit and PEFT DoRA disagree ({diff:.2e}); not timing")
     if args.compile:
+        # Each workload compiles afresh; variants (LoRA/DoRA, train/eval, norm kept or not) of
+        # several models share one code object, so allow more than the default 8 recompiles.
+        torch._dynamo.reset()
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.5
+        setattr(config, limit, max(64, getattr(config, limit)))
         for key in [k for k in models if k.startswith("dorafit")]:
             models[key + " compiled"] = torch.compile(models[key])
     variants = [make_variant(k, m, loss_fn, accumulation=accumulation, autocast_dtype=autocast) for k, m in models.items()]
@@ -183,6 +190,13 @@ def run_workload(name: str, args, device: torch.device) -> str:
              f"repeats {args.repeats}")
     lines = [title, "", format_table(headers, rows), "",
              "base (frozen): forward, plus backward to the input where the input needs a gradient (single layers)."]
+    if "step" in lora:
+        # Per-round ratios: both variants ran within the same round, so slow drifts of a shared
+        # machine cancel; median and quartiles over the rounds.
+        paired = sorted(d / l for d, l in zip(results["dorafit DoRA"]["step"].samples, lora["step"].samples))
+        q = lambda f: paired[min(len(paired) - 1, int(f * len(paired)))]  # noqa: E731
+        lines.append(f"dorafit DoRA ÷ dorafit LoRA step, per round: median {statistics.median(paired):.3f} "
+                     f"(quartiles {q(0.25):.3f}–{q(0.75):.3f}, {len(paired)} rounds)")
     if args.peft and "step" in lora:
         pd, pl = results["PEFT DoRA"]["step"].median, results["PEFT LoRA"]["step"].median
         dd = results["dorafit DoRA"]["step"].median

@@ -7,7 +7,7 @@ OUT=benchmarks/results
 mkdir -p "$OUT"
 run() { local name=$1; shift; echo "== $name: $*"; "$PY" benchmarks/bench_layers.py "$@" 2>&1 | grep -v "USDT\|Warning\|warn(\|Loading weights" | tee "$OUT/$name.md"; }
 if [ "${1:-}" != "--skip-models" ]; then
-  run fp32-models    --workload llama --workload minilm --peft
+  run fp32-models    --workload llama --workload minilm --peft --repeats 9
 fi
 run fp32-layer       --workload layer64 --workload layer512 --workload layer4096 --workload accum --peft
 run dropout          --workload llama --dropout 0.05 --peft --repeats 3

@@ -16,8 +16,9 @@ and computes, with s = alpha / r and x' = dropout(x),
 
 LoRA and DoRA run through the same forward so they are measured on equal terms. The DoRA norm
 is the factored one of ``functional.factored_norm``; with ``detach_norm`` (paper section 4.3)
-it is a constant in backward and is cached until A, B or W0 change (version counters), so it is
-paid once per optimizer step across gradient-accumulation micro-batches, activation-checkpoint
+it is a constant in backward and is cached until A, B or W0 change (version counters; inside a
+torch.compile graph, until the next optimizer step, state-dict load or move), so it is paid once
+per optimizer step across gradient-accumulation micro-batches, activation-checkpoint
 recomputation and evaluation.
 
 Each layer type (linear.py, conv.py, embedding.py) only says how its weight is laid out, how
