@@ -193,6 +193,20 @@ class AllocationRecorder(TorchDispatchMode):
         return out
 
 
+def check_no_weight_sized_temporary(layer, x, weight_numel: int) -> None:
+    """A training forward + backward and an eval forward allocate nothing of (out, in) scale
+    (no tensor of a quarter of the weight's elements or more) and never call ``eye``."""
+    with AllocationRecorder() as rec:
+        layer.train()
+        layer(x).sum().backward()
+        layer.eval()
+        with torch.no_grad():
+            layer(x)
+    big = [(n, str(f)) for n, f in rec.sizes if n >= weight_numel // 4]
+    assert not big, f"tensors of (out, in) scale allocated: {big}"
+    assert torch.ops.aten.eye.default not in rec.ops and torch.ops.aten.eye.m not in rec.ops
+
+
 @pytest.fixture(scope="session")
 def ref():
     """The independent Eq. 5 implementation and helpers, as one namespace."""
@@ -209,6 +223,7 @@ def ref():
         check_against_eq5=check_against_eq5,
         check_reference_forward=check_reference_forward,
         AllocationRecorder=AllocationRecorder,
+        check_no_weight_sized_temporary=check_no_weight_sized_temporary,
     )
 
 
