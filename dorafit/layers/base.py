@@ -340,6 +340,11 @@ class AdapterLayer(nn.Module):
         """(base(x), A W0ᵀ) from one pass over W0, where the layer type can; else None."""
         return None
 
+    def forward_scaled_weight(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
+        """DoRA's output without autograd by scaling the weights' rows instead of the output,
+        where the layer type can and that is the cheaper pass; else None."""
+        return None
+
     def magnitude_scale(self, cross: Optional[torch.Tensor] = None) -> torch.Tensor:
         """g = m / ‖W0 + s B A‖, (out,) float32."""
         return DF.magnitude_scale(self.magnitude, self.weight_norm(cross))
@@ -351,6 +356,11 @@ class AdapterLayer(nn.Module):
             g = self.scale_shape(self.magnitude_scale(), base_out.dim())
             return DF.dora_scale_shift(base_out, g, self.shaped_bias(base_out.dim()), self.keep_sum())
         a, b = self.lowrank_factors()
+        b_scaled = b * self.scaling  # (out, r): cheaper than scaling the (tokens, out) product
+        if self.magnitude is not None and not torch.is_grad_enabled() and not is_compiling() and not self.dropping():
+            y = self.forward_scaled_weight(x, a, b_scaled)
+            if y is not None:
+                return y
         fused = cross = None
         if self.magnitude is not None and not is_compiling() and (self.detach_norm or not torch.is_grad_enabled()):
             # The same operations whether or not the norm is cached, so that activation
@@ -362,7 +372,6 @@ class AdapterLayer(nn.Module):
                 cross = fused[1]
         base_out = fused[0] if fused is not None else self.base(x)
         xd = self.dropout(x) if self.dropping() else x
-        b_scaled = b * self.scaling  # (out, r): cheaper than scaling the (tokens, out) product
         if self.magnitude is None:  # LoRA / VeRA: y = base(x) + s B A x'
             return self.add_lowrank(base_out, xd, a, b_scaled)
         g = self.scale_shape(self.magnitude_scale(cross), base_out.dim())

@@ -79,12 +79,10 @@ class LinearAdapter(AdapterLayer):
     def cross_term(self, a_2d: torch.Tensor) -> torch.Tensor:
         return _cross_through_base(self, a_2d)
 
-    def base_and_cross(self, x: torch.Tensor, a: torch.Tensor):
-        """One matmul [x; A] W0ᵀ for a plain float32 nn.Linear (no hooks, no autocast).
-
-        Anything else (half precision: the cross term must be float32; quantized or sharded
-        weights; hooks that expect to see the call) takes the separate path.
-        """
+    def _plain_float32_weight(self, x: torch.Tensor, a: torch.Tensor) -> Optional[torch.Tensor]:
+        """W0 where the base is a plain float32 nn.Linear that may be bypassed: a frozen dense
+        weight, no hooks, float32 input and A, no autocast. Else None (half precision: the
+        cross term must be float32; quantized or sharded weights; hooks that expect the call)."""
         base, w = self.base, self.base.weight
         plain = type(base) is nn.Linear and type(w.data) is torch.Tensor and not w.requires_grad
         if not plain or base._forward_hooks or base._forward_pre_hooks:
@@ -93,11 +91,39 @@ class LinearAdapter(AdapterLayer):
             return None
         if _autocast_enabled(x.device.type):
             return None
+        return w
+
+    def base_and_cross(self, x: torch.Tensor, a: torch.Tensor):
+        """One matmul [x; A] W0ᵀ for a plain float32 nn.Linear; anything else takes the
+        separate path."""
+        w = self._plain_float32_weight(x, a)
         # Worth it while reading W0 a second time (for A W0ᵀ alone) costs more than copying x
         # into the stacked input: fewer tokens than half the output features.
-        if 2 * (x.numel() // max(1, x.shape[-1])) >= w.shape[0]:
+        if w is None or 2 * (x.numel() // max(1, x.shape[-1])) >= w.shape[0]:
             return None
-        return DF.linear_with_rows(x, a, w, base.bias)
+        return DF.linear_with_rows(x, a, w, self.base.bias)
+
+    def forward_scaled_weight(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
+        """DoRA without autograd, for more tokens than input features on a plain float32 linear:
+        g scales W0's rows and B's rows instead of the (tokens, out) output.
+
+            y = x (g ⊙ W0)ᵀ + b + (x Aᵀ)(g ⊙ B)ᵀ        (B already scaled by s)
+
+        The (out, in) temporary g ⊙ W0 is smaller than the output, and the low-rank product is
+        added in place, so evaluation costs what LoRA's does. Where tokens ≤ in, scaling the
+        output is the cheaper pass and the caller does that instead.
+        """
+        w = self._plain_float32_weight(x, a)
+        x_2d = x.reshape(-1, x.shape[-1])
+        if w is None or x_2d.shape[0] <= x_2d.shape[1] or b.dtype != torch.float32:
+            return None
+        g = self.magnitude_scale().unsqueeze(1)  # (out, 1)
+        w_scaled = w * g
+        bias = self.base.bias
+        y = torch.mm(x_2d, w_scaled.t()) if bias is None else torch.addmm(bias, x_2d, w_scaled.t())
+        del w_scaled
+        y.addmm_(F.linear(x_2d, a), (b * g).t())
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def lowrank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x.to(a.dtype), a), b)  # (..., r) -> (..., out)

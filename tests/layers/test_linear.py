@@ -119,6 +119,66 @@ def test_eval_matches_eq5(ref, kind):
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(40, 12), (3, 20, 12)])
+def test_eval_with_many_tokens_scales_weight_rows(ref, bias, shape):
+    """More tokens than input features: g scales W0's and B's rows instead of the output."""
+    layer = ref.randomize_adapter(make_linear(bias=bias, dropout=0.3)).eval()
+    with torch.no_grad():
+        layer.magnitude[3] = 0.0  # g_i = 0 is fine here: nothing is divided by g
+        x = torch.randn(*shape)
+        a, b = layer.lowrank_factors()
+        assert layer.forward_scaled_weight(x, a, b * layer.scaling) is not None
+        y = layer(x)
+        y_ref = ref.eq5_forward(layer, x.double(), dtype=torch.float64)
+    assert y.shape == (*shape[:-1], 10)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    assert torch.all(y[..., 3] == (layer.base.bias[3] if bias else 0.0))
+
+
+def test_eval_scaled_weight_rows_only_where_cheaper_and_plain(ref):
+    layer = ref.randomize_adapter(make_linear()).eval()
+    a, b = layer.lowrank_factors()
+    many, few = torch.randn(40, 12), torch.randn(12, 12)
+    with torch.no_grad():
+        assert layer.forward_scaled_weight(few, a, b) is None  # tokens ≤ in: the output pass is cheaper
+        assert layer.forward_scaled_weight(many.bfloat16(), a, b) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer.forward_scaled_weight(many, a, b) is None
+        handle = layer.base.register_forward_hook(lambda *args: None)  # a hook expects the call
+        assert layer.forward_scaled_weight(many, a, b) is None
+        handle.remove()
+        assert layer.forward_scaled_weight(many, a, b) is not None
+
+
+def test_eval_with_many_tokens_allocates_less_than_the_output(ref):
+    in_f, out_f, tokens = 64, 256, 128
+    layer = ref.randomize_adapter(make_linear(in_f=in_f, out_f=out_f)).eval()
+    x = torch.randn(tokens, in_f)
+    with torch.no_grad():
+        layer(x)  # the norm, once
+        with ref.AllocationRecorder() as rec:
+            y = layer(x)
+    sizes = [n for n, _ in rec.sizes]
+    assert out_f * in_f in sizes  # g ⊙ W0, the path taken
+    assert max(sizes) == tokens * out_f  # nothing larger than the output
+    assert sizes.count(tokens * out_f) == 1  # the low-rank product went into it in place
+    torch.testing.assert_close(y, layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+
+
+def test_eval_with_many_tokens_follows_weight_changes(ref):
+    layer = ref.randomize_adapter(make_linear()).eval()
+    x = torch.randn(40, 12)
+    with torch.no_grad():
+        before = layer(x)
+        layer.lora_b.add_(0.5)
+        layer.magnitude.mul_(1.2)
+        after = layer(x)
+        y_ref = ref.eq5_forward(layer, x.double(), dtype=torch.float64)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after.double(), y_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_detach_changes_gradient_of_a_and_b(ref):
     """Detached and full gradients differ (else the detach test above would be vacuous)."""
     grads = {}
