@@ -190,12 +190,14 @@ def run_workload(name: str, args, device: torch.device) -> str:
              f"repeats {args.repeats}")
     lines = [title, "", format_table(headers, rows), "",
              "base (frozen): forward, plus backward to the input where the input needs a gradient (single layers)."]
-    if "step" in lora:
+    for field in ("step", "eval"):
+        if field not in lora:
+            continue
         # Per-round ratios: both variants ran within the same round, so slow drifts of a shared
         # machine cancel; median and quartiles over the rounds.
-        paired = sorted(d / l for d, l in zip(results["dorafit DoRA"]["step"].samples, lora["step"].samples))
+        paired = sorted(d / l for d, l in zip(results["dorafit DoRA"][field].samples, lora[field].samples))
         q = lambda f: paired[min(len(paired) - 1, int(f * len(paired)))]  # noqa: E731
-        lines.append(f"dorafit DoRA ÷ dorafit LoRA step, per round: median {statistics.median(paired):.3f} "
+        lines.append(f"dorafit DoRA ÷ dorafit LoRA {field}, per round: median {statistics.median(paired):.3f} "
                      f"(quartiles {q(0.25):.3f}–{q(0.75):.3f}, {len(paired)} rounds)")
     if args.peft and "step" in lora:
         pd, pl = results["PEFT DoRA"]["step"].median, results["PEFT LoRA"]["step"].median

@@ -9,6 +9,14 @@ with torch.profiler and prints, per variant, the self CPU time of the top operat
 measured DoRA − LoRA time beside the predicted norm cost.
 
     python benchmarks/profile_step.py --tokens 64 512
+
+``--workload minilm`` (or ``llama``) profiles a whole model instead, alternating LoRA and DoRA
+steps, and splits DoRA − LoRA by operator and input shape: calls that only DoRA makes (its
+scaling, the magnitude's reduction, the norm) against calls both variants make identically
+(matmuls of the same shapes, attention, GELU...), whose difference is the machine's, not
+DoRA's: on a CPU, mostly the page faults of freshly allocated large tensors.
+
+    python benchmarks/profile_step.py --workload minilm --rounds 4
 """
 
 from __future__ import annotations
@@ -26,6 +34,56 @@ import dorafit
 from dorafit.bench import make_variant, time_alternating
 
 
+def profile_model(name: str, rounds: int, top: int) -> None:
+    """DoRA − LoRA per (operator, input shapes), split into DoRA's own calls and shared calls."""
+    from bench_layers import workload  # benchmarks/ is the script's directory
+
+    factory, loss_fn, targets, rank, _ = workload(name, torch.device("cpu"))
+    base = factory()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    variants = {}
+    for method in ("lora", "dora"):
+        cfg = dorafit.AdapterConfig(method=method, rank=rank, alpha=2 * rank, targets=targets)
+        variants[method] = make_variant(method, dorafit.attach(copy.deepcopy(base), cfg), loss_fn)
+    for v in variants.values():
+        v.train_step()
+    # (op, shapes) -> [total self time, calls], summed over alternating rounds
+    totals = {k: {} for k in variants}
+    for _ in range(rounds):
+        for key, v in variants.items():
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                v.train_step()
+            for e in prof.key_averages(group_by_input_shape=True):
+                if e.key.startswith("aten::"):
+                    slot = totals[key].setdefault((e.key, str(e.input_shapes)), [0.0, 0])
+                    slot[0] += e.self_cpu_time_total / 1000 / rounds
+                    slot[1] += e.count
+    lora, dora = totals["lora"], totals["dora"]
+    own, shared = [], []
+    for k in set(lora) | set(dora):
+        t_l, n_l = lora.get(k, [0.0, 0])
+        t_d, n_d = dora.get(k, [0.0, 0])
+        if n_l == n_d:
+            shared.append((t_d - t_l, k, n_d // rounds))
+        else:  # DoRA's extra calls of this shape, at DoRA's time per call
+            extra = (n_d - n_l) / max(n_d, 1) * t_d if n_d > n_l else t_d - t_l
+            own.append((extra, k, (n_d - n_l) // rounds))
+            shared.append((t_d - extra - t_l, k, min(n_l, n_d) // rounds))
+    step_l = sum(t for t, _ in lora.values())
+    step_d = sum(t for t, _ in dora.values())
+    print(f"## {name}: operator self time per step, {rounds} alternating rounds (profiled, so slower than the benchmark)")
+    print(f"LoRA {step_l:.1f} ms, DoRA {step_d:.1f} ms: DoRA − LoRA {step_d - step_l:+.1f} ms ({100 * (step_d / step_l - 1):+.1f} %)")
+    own_sum, shared_sum = sum(t for t, _, _ in own), sum(t for t, _, _ in shared)
+    print(f"- calls only DoRA makes: {own_sum:+.1f} ms ({100 * own_sum / step_l:+.1f} % of LoRA's step)")
+    print(f"- calls both make, same shapes and counts: {shared_sum:+.1f} ms ({100 * shared_sum / step_l:+.1f} %)\n")
+    for title, rows in (("DoRA's own calls", own), ("shared calls, largest differences", shared)):
+        print(f"### {title}\n\n| ms per step | calls per step | operator | input shapes |\n|---|---|---|---|")
+        for t, (op, shapes), n in sorted(rows, key=lambda r: -abs(r[0]))[:top]:
+            print(f"| {t:+.1f} | {n} | {op} | {shapes[:90]} |")
+        print()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 512])
@@ -33,7 +91,12 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--workload", choices=["minilm", "llama"], help="profile a whole model instead of one layer")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating profiled steps per variant (--workload)")
     args = parser.parse_args()
+    if args.workload:
+        profile_model(args.workload, args.rounds, args.top)
+        return 0
     torch.manual_seed(0)
     base = nn.Sequential(OrderedDict(proj=nn.Linear(args.size, args.size)))
     for tokens in args.tokens:

@@ -1,0 +1,98 @@
+"""dorafit.bench (the measuring helpers of benchmarks/ and ``dorafit bench``) and the command."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import dorafit
+from dorafit import bench
+from dorafit.cli import main as cli_main
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def test_time_alternating_interleaves_rounds():
+    calls = []
+    out = bench.time_alternating({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4  # one warm-up round, then three timed rounds
+    assert len(out["a"].samples) == len(out["b"].samples) == 3
+    assert out["a"].low <= out["a"].median <= out["a"].high
+
+
+def test_saved_for_backward_counts_each_storage_once_and_skips_parameters():
+    x = torch.randn(100, requires_grad=True)
+    p = nn.Parameter(torch.randn(100))
+
+    def forward():
+        y = x.exp()  # saves its result y
+        s = y.sin()  # saves y again: the same storage
+        return (s * p).sum()  # saves s (new) and p (a parameter)
+
+    assert bench.saved_for_backward_bytes(forward, [p]) == 2 * 100 * 4
+    assert bench.saved_for_backward_bytes(forward) == 3 * 100 * 4  # p counted when not excluded
+
+
+def test_step_peak_sees_a_temporary():
+    n = 1 << 20
+
+    def step():
+        t = torch.ones(n)  # 4 MiB, freed before the next one
+        del t
+        u = torch.zeros(n // 2)
+        del u
+
+    peak = bench.step_peak_bytes(step)
+    assert 4 * n <= peak < 4 * n + 4 * (n // 2)
+
+
+def test_measure_variants_lora_against_dora():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(32, 48), nn.Tanh(), nn.Linear(48, 16))
+    for q in base.parameters():
+        q.requires_grad_(False)
+    x = torch.randn(64, 32, requires_grad=True)
+    variants = []
+    for method in ("lora", "dora"):
+        model = dorafit.attach(copy.deepcopy(base), dorafit.AdapterConfig(method=method, rank=4, targets=["0", "2"]))
+        variants.append(bench.make_variant(method, model, lambda m: m(x).pow(2).mean()))
+    results = bench.measure_variants(variants, repeats=2, warmup=1)
+    lora, dora = results["lora"], results["dora"]
+    assert set(lora) == {"step", "eval", "saved", "peak"}
+    assert len(dora["step"].samples) == 2
+    # DoRA saves each layer's output y. The loss's pow keeps the last one anyway; tanh keeps its
+    # own output, not its input, so the first layer's 64×48 floats are extra, plus (out,)-sized
+    # vectors (g, the bias shift).
+    extra = dora["saved"] - lora["saved"]
+    assert 64 * 48 * 4 <= extra <= 64 * 48 * 4 + 4 * 4 * (48 + 16)
+    assert dora["peak"] > 0 and lora["peak"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64)).save_pretrained(folder)
+    return folder
+
+
+def test_bench_command_prints_the_overhead(tiny_encoder, capsys):
+    code = cli_main(["bench", "--model", str(tiny_encoder), "--batch", "2", "--tokens", "16", "--repeats", "2",
+                     "--targets", "query", "value"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "4 adapted modules" in out  # query and value of two layers
+    for row in ("train step", "eval forward", "saved for backward", "step peak", "DoRA overhead on this model"):
+        assert row in out
+
+
+def test_bench_command_names_a_missing_model(tmp_path):
+    with pytest.raises(OSError, match="nowhere"):
+        cli_main(["bench", "--model", str(tmp_path / "nowhere")])
