@@ -9,7 +9,7 @@ run() { local name=$1; shift; echo "== $name: $*"; "$PY" benchmarks/bench_layers
 if [ "${1:-}" != "--skip-models" ]; then
   run fp32-models    --workload llama --workload minilm --peft --repeats 9
 fi
-run fp32-layer       --workload layer64 --workload layer512 --workload layer4096 --workload accum --peft
+run fp32-layer       --workload layer64 --workload layer512 --workload layer4096 --workload accum --peft --repeats 9
 run dropout          --workload llama --dropout 0.05 --peft --repeats 3
 # bf16 on a CPU without native bf16 matmuls is slow in backward (a bf16 grad_y @ W0 of the
 # 4096² layer at 64 tokens takes ≈8 s here): training steps for the small workload only, eval
