@@ -16,6 +16,6 @@ run dropout          --workload llama --dropout 0.05 --peft --repeats 3
 # forward and saved-for-backward for the models.
 run bf16             --workload layer64 --dtype bf16 --peft --repeats 3
 run bf16-models      --workload llama --workload minilm --dtype bf16 --peft --no-step --repeats 3
-run compiled         --workload layer64 --workload layer512 --workload accum --compile --no-memory
+run compiled         --workload layer64 --workload layer512 --workload accum --compile --no-memory --repeats 9
 "$PY" benchmarks/profile_step.py --tokens 64 512 --repeats 5 2>&1 | grep -v USDT | tee "$OUT/profile.md"
 "$PY" benchmarks/profile_step.py --workload minilm --rounds 4 --top 12 2>&1 | grep -v "USDT\|Loading weights" | tee "$OUT/profile-minilm.md"

