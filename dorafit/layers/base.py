@@ -305,17 +305,25 @@ class AdapterLayer(nn.Module):
         step and kept on the module (an attribute write that dynamo replays after the graph),
         read by the calls that follow until the flag is cleared. Training and no-grad calls keep
         their own copy: one made under inference_mode could not be saved for backward."""
+        norm = self._compiled_norm_kept()
+        if norm is not None:
+            return norm
         slot = 0 if torch.is_grad_enabled() else 1
-        kept = self._compiled_norm
-        if self._compiled_norm_fresh and kept is not None and kept[slot] is not None:
-            return kept[slot]
         with torch.no_grad():
             norm = self._compute_norm(cross)
+        kept = self._compiled_norm
         if not self._compiled_norm_fresh or kept is None:
             kept = (None, None)
         self._compiled_norm = (norm, kept[1]) if slot == 0 else (kept[0], norm)
         self._compiled_norm_fresh = True
         return norm
+
+    def _compiled_norm_kept(self) -> Optional[torch.Tensor]:
+        """The norm kept for this mode (training or no-grad) since the last step, or None."""
+        kept = self._compiled_norm
+        if not self._compiled_norm_fresh or kept is None:
+            return None
+        return kept[0 if torch.is_grad_enabled() else 1]
 
     def _apply(self, fn, *args, **kwargs):
         self._compiled_norm, self._compiled_norm_fresh = None, False  # moved or cast: recompute
@@ -329,10 +337,12 @@ class AdapterLayer(nn.Module):
 
     def norm_is_stale(self) -> bool:
         """True when the next ``weight_norm()`` computes a detached norm (cache empty or outdated)."""
-        if self.magnitude is None or self.method == "magnitude" or is_compiling():
+        if self.magnitude is None or self.method == "magnitude":
             return False
         if not self.detach_norm and torch.is_grad_enabled():
             return False
+        if is_compiling():
+            return self._compiled_norm_kept() is None
         cached = self._norm_cache
         return cached is None or not self._cache_valid(cached)
 
@@ -362,7 +372,7 @@ class AdapterLayer(nn.Module):
             if y is not None:
                 return y
         fused = cross = None
-        if self.magnitude is not None and not is_compiling() and (self.detach_norm or not torch.is_grad_enabled()):
+        if self.magnitude is not None and (self.detach_norm or not torch.is_grad_enabled()):
             # The same operations whether or not the norm is cached, so that activation
             # checkpointing recomputes exactly what the first forward saved; only the rows
             # differ: the first forward after A or B changed gets the cross term A W0ᵀ along.

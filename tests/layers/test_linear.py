@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dorafit
+from dorafit import functional as DF
 from dorafit.layers import Conv1DAdapter, LinearAdapter
 from transformers.pytorch_utils import Conv1D
 
@@ -567,6 +568,37 @@ def test_compile_no_graph_breaks(ref):
     with torch.no_grad():
         explanation = torch._dynamo.explain(layer)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_first_forward_gets_the_cross_term_from_the_base_matmul(ref, backend, monkeypatch):
+    """Under compile, as in eager mode, the call that computes the norm gets A W0ᵀ from the
+    stacked matmul [x; A] W0ᵀ, the calls after it a plain one; values and gradients are exact."""
+    torch._dynamo.reset()
+    rows_seen = []
+    real = DF.linear_with_rows
+
+    def spy(x, rows, weight, bias):
+        rows_seen.append(rows.shape[0])
+        return real(x, rows, weight, bias)
+
+    monkeypatch.setattr(DF, "linear_with_rows", spy)
+    layer = ref.randomize_adapter(make_linear(in_f=16, out_f=16))
+    params = [layer.lora_a, layer.lora_b, layer.magnitude]
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    x = torch.randn(3, 16, requires_grad=True)
+    for _ in range(2):  # the first call computes the norm, the second reads it
+        y = compiled(x)
+        y.pow(2).sum().backward()
+        got = ref.grads_of(params + [x])
+        ref.zero_grads(params + [x])
+        layer.reference_forward(x).pow(2).sum().backward()
+        want = ref.grads_of(params + [x])
+        ref.zero_grads(params + [x])
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert rows_seen[:2] == [layer.rank, 0]  # traced once with A's rows, once without
     torch._dynamo.reset()
 
 
