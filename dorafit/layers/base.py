@@ -368,6 +368,7 @@ class AdapterLayer(nn.Module):
         a, b = self.lowrank_factors()
         b_scaled = b * self.scaling  # (out, r): cheaper than scaling the (tokens, out) product
         if self.magnitude is not None and not torch.is_grad_enabled() and not is_compiling() and not self.dropping():
+            # Without autograd, g may scale the weights' rows where that pass is the smaller one.
             y = self.forward_scaled_weight(x, a, b_scaled)
             if y is not None:
                 return y
