@@ -89,7 +89,8 @@ def test_bench_command_prints_the_overhead(tiny_encoder, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "4 adapted modules" in out  # query and value of two layers
-    for row in ("train step", "eval forward", "saved for backward", "step peak", "DoRA overhead on this model"):
+    for row in ("train step", "eval forward", "saved for backward", "step peak", "DoRA overhead on this model",
+                "DoRA ÷ LoRA train step, median of per-round ratios", "DoRA ÷ LoRA eval forward, median of per-round ratios"):
         assert row in out
 
 

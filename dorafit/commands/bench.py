@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 
 HELP = "measure the DoRA overhead over LoRA on your model"
 
@@ -70,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
         rows.append(["saved for backward", mib(lora["saved"]), mib(dora["saved"]), f"{dora['saved'] / max(lora['saved'], 1):.3f}"])
         rows.append(["step peak", mib(lora["peak"]), mib(dora["peak"]), f"{dora['peak'] / max(lora['peak'], 1):.3f}"])
     print(format_table(["", "LoRA", "DoRA", "DoRA ÷ LoRA"], rows))
+    for key, label in (("step", "train step"), ("eval", "eval forward")):
+        # both ran in the same round, so slow drifts of a shared machine cancel in this ratio
+        per_round = statistics.median(d / l for d, l in zip(dora[key].samples, lora[key].samples))
+        print(f"DoRA ÷ LoRA {label}, median of per-round ratios: {per_round:.3f}")
     overhead = 100 * (dora["step"].median / lora["step"].median - 1)
     print(f"DoRA overhead on this model: {overhead:+.1f}% training step time (machines are noisy: rerun with --repeats 10 to confirm)")
     return 0
