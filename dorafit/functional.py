@@ -190,42 +190,45 @@ class _ScaleShift(torch.autograd.Function):
 
 
 class _LowRankScaleShift(torch.autograd.Function):
-    """y = g ⊙ (z + h Bᵀ) + c for a linear layer: LoRA's second matmul and DoRA's scaling in one
-    node, all 2-D and of one dtype. z = x W0ᵀ + b (tokens, out), h = x Aᵀ (tokens, r), B already
-    scaled by s (out, r), g (out,), c = (1 − g) ⊙ b or None.
+    """y = g ⊙ (z − b + h Bᵀ) + b for a linear layer: LoRA's second matmul and DoRA's scaling in
+    one node, all 2-D and of one dtype. z = x W0ᵀ + b (tokens, out), h = x Aᵀ (tokens, r), B
+    already scaled by s (out, r), g (out,), b the base bias (out,) or None.
 
     The sum z + h Bᵀ is made by addmm into a fresh tensor and scaled in place, so the forward
     allocates exactly what LoRA's does; it saves y (not the sum: see ``_ScaleShift``), h and B,
     LoRA's saved tensors plus the output. The backward allocates one (tokens, out) tensor: it
-    holds grad_y ⊙ y for the magnitude's reduction first, then the gradient g ⊙ grad_y.
+    holds grad_y ⊙ y for the magnitude's reduction first, then the gradient g ⊙ grad_y. The
+    bias shift (1 − g) ⊙ b is made inside, so it adds no autograd nodes of its own:
+    ∂y/∂g = (y − b) / g, and ∂y/∂b = 1 − g besides the path through z.
     """
 
     @staticmethod
-    def forward(ctx, z, h, b, scale, shift):
+    def forward(ctx, z, h, b, scale, bias):
         y = torch.addmm(z, h, b.t())
-        if shift is None:
+        if bias is None:
             y.mul_(scale)
         else:
-            torch.addcmul(shift, y, scale, out=y)
-        ctx.save_for_backward(y, h, b, scale, shift)
+            torch.addcmul((1 - scale) * bias, y, scale, out=y)
+        ctx.save_for_backward(y, h, b, scale, bias)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        y, h, b, scale, shift = ctx.saved_tensors
-        need_z, need_h, need_b, need_scale, need_shift = ctx.needs_input_grad
-        grad_sum = grad_y.sum(0) if need_shift or (need_scale and shift is not None) else None
+        y, h, b, scale, bias = ctx.saved_tensors
+        need_z, need_h, need_b, need_scale, need_bias = ctx.needs_input_grad
+        grad_sum = grad_y.sum(0) if bias is not None and (need_scale or need_bias) else None
         grad_scale = buf = None
-        if need_scale:  # Σ_tokens grad_y ⊙ t with t = (y − c) / g
+        if need_scale:  # Σ_tokens grad_y ⊙ (y − b) / g
             buf = grad_y * y
             dot = buf.sum(0)
-            if shift is not None:
-                dot = dot - shift * grad_sum
+            if bias is not None:
+                dot = dot - bias * grad_sum
             grad_scale = dot / scale
         grad_t = torch.mul(grad_y, scale, out=buf) if buf is not None else grad_y * scale
         grad_h = grad_t @ b if need_h else None
         grad_b = grad_t.t() @ h if need_b else None
-        return grad_t if need_z else None, grad_h, grad_b, grad_scale, grad_sum if need_shift else None
+        grad_bias = (1 - scale) * grad_sum if need_bias else None
+        return grad_t if need_z else None, grad_h, grad_b, grad_scale, grad_bias
 
 
 def dora_lowrank_linear(
@@ -237,9 +240,9 @@ def dora_lowrank_linear(
     z, h, B and g must share one dtype and no g_i may be 0 (use ``dora_compose`` otherwise).
     Reference: ``reference_dora_compose(z, h @ B.T, g, bias)``.
     """
-    shift = None if bias is None else (1 - scale) * bias.to(scale.dtype)
     out_features = z.shape[-1]
-    y = _LowRankScaleShift.apply(z.reshape(-1, out_features), h.reshape(-1, h.shape[-1]), b, scale, shift)
+    bias = None if bias is None else bias.to(scale.dtype)
+    y = _LowRankScaleShift.apply(z.reshape(-1, out_features), h.reshape(-1, h.shape[-1]), b, scale, bias)
     return y.view(z.shape)
 
 

@@ -86,24 +86,27 @@ def test_dora_compose_unbatched_keep_sum():
             torch.testing.assert_close(g, g_ref)
 
 
-@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("bias_kind", ["none", "frozen", "trained"])
 @pytest.mark.parametrize("shape", [(3, 5, 6), (6,), (1, 6)])
-def test_dora_lowrank_linear_matches_reference(with_bias, shape):
+def test_dora_lowrank_linear_matches_reference(bias_kind, shape):
     torch.manual_seed(0)
     out_f, r = 9, 3
     z = torch.randn(*shape[:-1], out_f, dtype=torch.float64, requires_grad=True)
     h = torch.randn(*shape[:-1], r, dtype=torch.float64, requires_grad=True)
     b = torch.randn(out_f, r, dtype=torch.float64, requires_grad=True)
     scale = (torch.rand(out_f, dtype=torch.float64) + 0.5).requires_grad_(True)
-    bias = torch.randn(out_f, dtype=torch.float64) if with_bias else None
+    bias = None if bias_kind == "none" else torch.randn(out_f, dtype=torch.float64, requires_grad=bias_kind == "trained")
     y = DF.dora_lowrank_linear(z, h, b, scale, bias)
     y_ref = DF.reference_dora_compose(z, h @ b.t(), scale, bias)
     torch.testing.assert_close(y, y_ref)
     grad_out = torch.randn_like(y)
-    leaves = [z, h, b, scale]
+    leaves = [z, h, b, scale] + ([bias] if bias_kind == "trained" else [])
     for g, g_ref in zip(_grads(y, leaves, grad_out), _grads(y_ref, leaves, grad_out)):
         torch.testing.assert_close(g, g_ref)
-    assert torch.autograd.gradcheck(lambda *t: DF.dora_lowrank_linear(*t, bias), tuple(leaves))
+    if bias_kind == "trained":  # the bias's direct gradient (1 − g) ⊙ Σ grad_y, besides z's path
+        assert torch.autograd.gradcheck(DF.dora_lowrank_linear, tuple(leaves))
+    else:
+        assert torch.autograd.gradcheck(lambda *t: DF.dora_lowrank_linear(*t, bias), tuple(leaves))
 
 
 def test_dora_lowrank_linear_keeps_only_lora_tensors_and_its_output():

@@ -279,19 +279,20 @@ class AdapterLayer(nn.Module):
         step = _STEP_GENERATION[0] if self.method != "magnitude" else 0
         return tuple((t.data_ptr(), t._version) for t in deps) + (self.scaling, step)
 
-    def weight_norm(self, cross: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def weight_norm(self, cross: Optional[torch.Tensor] = None, checked: bool = False) -> torch.Tensor:
         """‖W0 + s B A‖ per output feature, (out,) float32 (factored, never materialised).
 
         Detached (paper section 4.3) and cached until A, B or W0 change, unless the full
         gradient is asked for while autograd records. ``cross`` (A W0ᵀ) may be passed in when
-        it was computed together with the base output.
+        it was computed together with the base output; ``checked``: ``norm_is_stale()`` has
+        just found the cache valid, so it is not checked again.
         """
         if not self.detach_norm and torch.is_grad_enabled():
             return self._compute_norm()
         if is_compiling():
             return self._compiled_weight_norm(cross)
         cached = self._norm_cache
-        if cached is not None and self._cache_valid(cached):
+        if cached is not None and (checked or self._cache_valid(cached)):
             return cached[1]
         key = self._cache_key()
         with torch.no_grad():
@@ -355,9 +356,9 @@ class AdapterLayer(nn.Module):
         where the layer type can and that is the cheaper pass; else None."""
         return None
 
-    def magnitude_scale(self, cross: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """g = m / ‖W0 + s B A‖, (out,) float32."""
-        return DF.magnitude_scale(self.magnitude, self.weight_norm(cross))
+    def magnitude_scale(self, cross: Optional[torch.Tensor] = None, checked: bool = False) -> torch.Tensor:
+        """g = m / ‖W0 + s B A‖, (out,) float32 (arguments: see ``weight_norm``)."""
+        return DF.magnitude_scale(self.magnitude, self.weight_norm(cross, checked))
 
     # ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -373,11 +374,13 @@ class AdapterLayer(nn.Module):
             if y is not None:
                 return y
         fused = cross = None
+        checked = False  # the norm cache was found valid just now
         if self.magnitude is not None and (self.detach_norm or not torch.is_grad_enabled()):
             # The same operations whether or not the norm is cached, so that activation
             # checkpointing recomputes exactly what the first forward saved; only the rows
             # differ: the first forward after A or B changed gets the cross term A W0ᵀ along.
             stale = self.norm_is_stale()
+            checked = not stale and not is_compiling()
             fused = self.base_and_cross(x, a if stale else a[:0])
             if fused is not None and stale:
                 cross = fused[1]
@@ -385,7 +388,7 @@ class AdapterLayer(nn.Module):
         xd = self.dropout(x) if self.dropping() else x
         if self.magnitude is None:  # LoRA / VeRA: y = base(x) + s B A x'
             return self.add_lowrank(base_out, xd, a, b_scaled)
-        g = self.scale_shape(self.magnitude_scale(cross), base_out.dim())
+        g = self.scale_shape(self.magnitude_scale(cross, checked), base_out.dim())
         if xd is not x and self.dropout_mode == "input":
             # Dropout on the input of the whole DoRA update: W0 drop(x) needs a second matmul.
             lowrank = self.lowrank(xd, a, b_scaled)
