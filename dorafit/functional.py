@@ -85,10 +85,11 @@ def factored_norm(
     b = lora_b_2d.to(torch.float32)
     cross = cross.to(torch.float32)
     gram = a @ a.t()  # (r, r)
-    cross_term = (b * cross.t()).sum(dim=1)  # (out,) = Σ_j B_ij (A W0ᵀ)_ji
-    quad_term = ((b @ gram) * b).sum(dim=1)  # (out,) = (B AAᵀ Bᵀ)_ii
-    norm_sq = w0_norm_sq.to(torch.float32) + (2.0 * scaling) * cross_term + (scaling * scaling) * quad_term
-    return norm_sq.clamp_min(eps).sqrt()
+    # Both terms in one row-wise product: Σ_j B_ij (2s (A W0ᵀ)_ji + s² (B AAᵀ)_ij), i.e.
+    # 2s Σ_j B_ij (A W0ᵀ)_ji + s² (B AAᵀ Bᵀ)_ii; few small operations, as this runs per step.
+    both = torch.addmm(cross.t(), b, gram, beta=2.0 * scaling, alpha=scaling * scaling)  # (out, r)
+    norm_sq = (b * both).sum(dim=1)
+    return norm_sq.add_(w0_norm_sq.to(torch.float32)).clamp_min_(eps).sqrt_()
 
 
 class _LinearWithRows(torch.autograd.Function):
