@@ -114,9 +114,9 @@ class LinearAdapter(AdapterLayer):
         output is the cheaper pass and the caller does that instead.
         """
         w = self._plain_float32_weight(x, a)
-        x_2d = x.reshape(-1, x.shape[-1])
-        if w is None or x_2d.shape[0] <= x_2d.shape[1] or b.dtype != torch.float32:
+        if w is None or x.numel() <= x.shape[-1] ** 2 or b.dtype != torch.float32:  # tokens ≤ in
             return None
+        x_2d = x.reshape(-1, x.shape[-1])
         g = self.magnitude_scale().unsqueeze(1)  # (out, 1)
         w_scaled = w * g
         bias = self.base.bias
