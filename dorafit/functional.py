@@ -223,8 +223,8 @@ class _LowRankScaleShift(torch.autograd.Function):
             buf = grad_y * y
             dot = buf.sum(0)
             if bias is not None:
-                dot = dot - bias * grad_sum
-            grad_scale = dot / scale
+                dot = torch.addcmul(dot, bias, grad_sum, value=-1)
+            grad_scale = dot.div_(scale)
         grad_t = torch.mul(grad_y, scale, out=buf) if buf is not None else grad_y * scale
         grad_h = grad_t @ b if need_h else None
         grad_b = grad_t.t() @ h if need_b else None
