@@ -148,46 +148,52 @@ def magnitude_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor
 
 
 class _ScaleShift(torch.autograd.Function):
-    """y = g ⊙ t + c with t = x W0ᵀ + b + s B A x and c = (1 − g) ⊙ b, saving y, not t.
+    """y = g ⊙ (t − b) + b with t = x W0ᵀ + b + s B A x, saving y, not t.
 
-    The magnitude's gradient needs t = (y − c) / g. Autograd would keep t, a (tokens, out)
+    The magnitude's gradient needs t − b = (y − b) / g. Autograd would keep t, a (tokens, out)
     tensor, alive for backward; the layer output y is usually kept alive anyway by the next
     operation (attention keeps v, SiLU keeps gate, the product keeps up), so saving y instead
     costs no memory there, and no base matmul is ever recomputed. One fused pass forward
-    (addcmul) and a few in backward: the whole DoRA overhead over LoRA's y = t.
+    (addcmul) and a few in backward: the whole DoRA overhead over LoRA's y = t. The shift
+    (1 − g) ⊙ b is made inside (as in ``_LowRankScaleShift``): ∂y/∂g = t − b, ∂y/∂b = 1 − g
+    besides the path through t.
     """
 
     @staticmethod
-    def forward(ctx, t, scale, shift, keep_sum):
+    def forward(ctx, t, scale, bias, keep_sum):
         s = scale.to(t.dtype)
-        y = t * s if shift is None else torch.addcmul(shift.to(t.dtype), t, s)
+        y = t * s if bias is None else torch.addcmul(((1 - scale) * bias).to(t.dtype), t, s)
         ctx.keep_sum = keep_sum
-        ctx.save_for_backward(t if keep_sum else y, scale, None if keep_sum else shift)
+        ctx.save_for_backward(t if keep_sum else y, scale, bias)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        saved, scale, shift = ctx.saved_tensors
-        grad_scale = grad_shift = prod = None
-        if ctx.needs_input_grad[1]:
-            # Σ over every axis but the output one of grad_y ⊙ t, in at least float32.
-            acc = torch.promote_types(saved.dtype, torch.float32)
+        saved, scale, bias = ctx.saved_tensors
+        need_t, need_scale, need_bias, _ = ctx.needs_input_grad
+        # Σ over every axis but the output one, in at least float32.
+        acc = torch.promote_types(saved.dtype, torch.float32)
+        grad_sum = None
+        if bias is not None and (need_scale or need_bias):
+            grad_sum = grad_y.to(acc).sum_to_size(scale.shape)
+        grad_scale = grad_bias = prod = None
+        if need_scale:  # Σ grad_y ⊙ (t − b), with t − b = (y − b) / g where y is saved
             prod = grad_y.to(acc) * saved.to(acc)
             dot = prod.sum_to_size(scale.shape)
-            if not ctx.keep_sum:  # saved is y: Σ grad_y ⊙ t = (Σ grad_y ⊙ y − c ⊙ Σ grad_y) / g
-                if shift is not None:
-                    dot = dot - shift.to(acc) * grad_y.to(acc).sum_to_size(scale.shape)
+            if bias is not None:
+                dot = dot - bias.to(acc) * grad_sum
+            if not ctx.keep_sum:
                 dot = dot / scale.to(acc)
             grad_scale = dot.to(scale.dtype)
         grad_t = None
-        if ctx.needs_input_grad[0]:
+        if need_t:
             s = scale.to(grad_y.dtype)
             # prod may be reused only where the reduction above made a new tensor of it
             reuse = prod is not None and prod.dtype == grad_y.dtype and prod.shape == grad_y.shape and prod.numel() > scale.numel()
             grad_t = torch.mul(grad_y, s, out=prod) if reuse else grad_y * s  # one (tokens, out) buffer
-        if ctx.needs_input_grad[2]:
-            grad_shift = grad_y.sum_to_size(scale.shape).to(scale.dtype)
-        return grad_t, grad_scale, grad_shift, None
+        if need_bias:
+            grad_bias = ((1 - scale.to(acc)) * grad_sum).to(bias.dtype)
+        return grad_t, grad_scale, grad_bias, None
 
 
 class _LowRankScaleShift(torch.autograd.Function):
@@ -256,8 +262,7 @@ def dora_scale_shift(
     output axis. Saves y for backward (see ``_ScaleShift``); with ``keep_sum`` it keeps t
     instead (needed where some g_i = 0, or where the caller may modify y in place).
     """
-    shift = None if bias is None else (1 - scale) * bias.to(scale.dtype)
-    return _ScaleShift.apply(t, scale, shift, keep_sum)
+    return _ScaleShift.apply(t, scale, bias, keep_sum)
 
 
 def dora_compose(

@@ -30,9 +30,10 @@ def _grads(out, inputs, grad_out):
     return torch.autograd.grad((out * grad_out).sum(), inputs, allow_unused=True)
 
 
-@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("keep_sum", [False, True])
+@pytest.mark.parametrize("bias_kind", ["none", "frozen", "trained"])
 @pytest.mark.parametrize("layout", ["linear", "conv2d"])
-def test_dora_compose_matches_reference(with_bias, layout):
+def test_dora_compose_matches_reference(bias_kind, layout, keep_sum):
     torch.manual_seed(0)
     if layout == "linear":
         shape, scale_shape, bias_shape = (3, 5, 7), (7,), (7,)
@@ -41,12 +42,13 @@ def test_dora_compose_matches_reference(with_bias, layout):
     base = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     low = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     scale = (torch.rand(scale_shape, dtype=torch.float64) + 0.5).requires_grad_(True)
-    bias = torch.randn(bias_shape, dtype=torch.float64) if with_bias else None
+    bias = None if bias_kind == "none" else torch.randn(bias_shape, dtype=torch.float64, requires_grad=bias_kind == "trained")
     grad_out = torch.randn(shape, dtype=torch.float64)
-    y = DF.dora_compose(base, low, scale, bias)
+    y = DF.dora_compose(base, low, scale, bias, keep_sum=keep_sum)
     y_ref = DF.reference_dora_compose(base, low, scale, bias)
     torch.testing.assert_close(y, y_ref)
-    for g, g_ref in zip(_grads(y, [base, low, scale], grad_out), _grads(y_ref, [base, low, scale], grad_out)):
+    leaves = [base, low, scale] + ([bias] if bias_kind == "trained" else [])
+    for g, g_ref in zip(_grads(y, leaves, grad_out), _grads(y_ref, leaves, grad_out)):
         torch.testing.assert_close(g, g_ref)
 
 
@@ -57,6 +59,9 @@ def test_dora_compose_gradcheck():
     scale = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_(True)
     bias = torch.randn(6, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda b, l, s: DF.dora_compose(b, l, s, bias), (base, low, scale))
+    bias.requires_grad_(True)  # a trained base bias: its direct gradient (1 − g) ⊙ Σ grad_y
+    for keep_sum in (False, True):
+        assert torch.autograd.gradcheck(lambda b, l, s, c: DF.dora_compose(b, l, s, c, keep_sum), (base, low, scale, bias))
 
 
 def test_dora_compose_saves_its_output_not_a_sum():
