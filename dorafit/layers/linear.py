@@ -51,6 +51,11 @@ def _add_lowrank_addmm(base_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
     return out.view(base_out.shape)
 
 
+def _tokens(x: torch.Tensor) -> int:
+    """Rows of the input once its leading axes are flattened."""
+    return x.numel() // max(1, x.shape[-1])
+
+
 def _scale_lowrank_fused(layer: AdapterLayer, base_out, x, a, b, g):
     """DoRA's y = g ⊙ (base_out − b + (x Aᵀ) Bᵀ) + b with the second low-rank matmul and the
     scaling in one autograd node, where dtypes allow (base output, B and g of one dtype, no
@@ -99,7 +104,7 @@ class LinearAdapter(AdapterLayer):
         w = self._plain_float32_weight(x, a)
         # Worth it while reading W0 a second time (for A W0ᵀ alone) costs more than copying x
         # into the stacked input: fewer tokens than half the output features.
-        if w is None or 2 * (x.numel() // max(1, x.shape[-1])) >= w.shape[0]:
+        if w is None or 2 * _tokens(x) >= w.shape[0]:
             return None
         return DF.linear_with_rows(x, a, w, self.base.bias)
 
@@ -114,7 +119,7 @@ class LinearAdapter(AdapterLayer):
         output is the cheaper pass and the caller does that instead.
         """
         w = self._plain_float32_weight(x, a)
-        if w is None or x.numel() <= x.shape[-1] ** 2 or b.dtype != torch.float32:  # tokens ≤ in
+        if w is None or _tokens(x) <= x.shape[-1] or b.dtype != torch.float32:
             return None
         x_2d = x.reshape(-1, x.shape[-1])
         g = self.magnitude_scale().unsqueeze(1)  # (out, 1)
