@@ -59,7 +59,7 @@ def adapter_types() -> Dict[Type[nn.Module], Type[AdapterLayer]]:
         table[pytorch_utils.Conv1D] = Conv1DAdapter
     # bitsandbytes' quantized layers subclass nn.Linear: their own entries must win the MRO walk.
     if "bitsandbytes" in sys.modules:
-        from .quant import quantized_adapter_types
+        from .layers.quantized import quantized_adapter_types
 
         table.update(quantized_adapter_types())
     return table

@@ -41,10 +41,10 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, read_adapter_config, read_safetensors
 from .config import AdapterConfig, ConfigError, lookup_pattern, pattern_matches
 from .files import atomic_directory
 from .inject import CONFIG_ATTR, ModulesToSave, adapter_modules, attach, detach, find_targets
-from .io import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, read_adapter_config, read_safetensors
 from .layers import AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
 
 PREFIX = "base_model.model."

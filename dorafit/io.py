@@ -25,16 +25,11 @@ from torch import nn
 
 from . import __version__
 from .config import AdapterConfig, ConfigError
+from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, read_adapter_config, read_safetensors
 from .files import atomic_directory
 from .inject import CONFIG_ATTR, adapter_modules, adapter_state_dict, attach, detach
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "dorafit"
-
-
-class AdapterFileError(ValueError):
-    """An adapter directory or file that cannot be loaded onto this model."""
 
 
 def _base_identity(model: nn.Module) -> Dict[str, Any]:
@@ -116,37 +111,6 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], format: str = 
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT, "dorafit_version": __version__})
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return path
-
-
-def read_adapter_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """The parsed ``adapter_config.json`` of an adapter directory, with clear errors."""
-    path = Path(path)
-    if not path.exists():
-        raise AdapterFileError(f"adapter path {path} does not exist")
-    if not path.is_dir():
-        raise AdapterFileError(f"{path} is not an adapter directory (expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
-    cfg_file = path / CONFIG_NAME
-    if not cfg_file.is_file():
-        raise AdapterFileError(f"{path} is not an adapter directory: {CONFIG_NAME} is missing")
-    try:
-        data = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{cfg_file} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{cfg_file} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def read_safetensors(file: Path) -> Dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, or an AdapterFileError naming the file."""
-    if not file.is_file():
-        raise AdapterFileError(f"adapter weights file {file} is missing")
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(file))
-    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt data
-        raise AdapterFileError(f"{file} is truncated or corrupt and cannot be read as safetensors: {exc}") from None
 
 
 def _check_base(model: nn.Module, modules: Dict[str, Any], source: Path) -> None:

@@ -24,143 +24,24 @@ bitsandbytes is imported lazily: ``import dorafit`` never needs it.
 
 from __future__ import annotations
 
-import logging
-import warnings
-from typing import Dict, Iterable, List, Optional, Sequence, Type, Union
+from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .layers.base import AdapterError, AdapterLayer
-from .layers.linear import LinearAdapter
-from .layers.vera import VERA_CLASSES, VeraMixin
-
-logger = logging.getLogger("dorafit")
+from .layers.quantized import (  # noqa: F401  (re-exported: the adapters on a 4-bit base)
+    Linear4bitAdapter,
+    Linear8bitUnsupported,
+    QuantizationError,
+    VeraLinear4bitAdapter,
+    _bitsandbytes,
+    dequantize_weight,
+    is_quantized_4bit,
+    quantized_adapter_types,
+)
 
 QUANT_TYPES = ("nf4", "fp4")
-
-
-class QuantizationError(ValueError):
-    """A model or module that cannot be quantized or adapted as asked."""
-
-
-def _bitsandbytes():
-    try:
-        import bitsandbytes
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise QuantizationError(
-            "4-bit bases need the bitsandbytes package (pip install 'bitsandbytes>=0.45'); "
-            f"importing it failed: {exc}"
-        ) from None
-    return bitsandbytes
-
-
-def is_quantized_4bit(module: nn.Module) -> bool:
-    """True for a bitsandbytes 4-bit linear layer (checked without importing bitsandbytes)."""
-    weight = getattr(module, "weight", None)
-    return isinstance(module, nn.Linear) and getattr(weight, "quant_state", None) is not None
-
-
-def dequantize_weight(module: nn.Module) -> torch.Tensor:
-    """The (out, in) weight a 4-bit layer stands for, in its original dtype (a new tensor)."""
-    bnb = _bitsandbytes()
-    weight = module.weight
-    if getattr(weight, "quant_state", None) is None:
-        raise QuantizationError(f"{type(module).__name__} has no quantized weight (quant_state is missing)")
-    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-
-
-# ------------------------------------------------------------------------------------------------
-# Adapters on a 4-bit base
-
-
-class Linear4bitAdapter(LinearAdapter):
-    """LoRA / DoRA / magnitude-only on ``bitsandbytes.nn.Linear4bit`` (QDoRA).
-
-    Only the layout hooks differ from ``LinearAdapter``: W0 is reached through the quantized
-    layer itself (cross term, dropout path) and dequantized only at attach, merge and in the
-    reference path of the tests.
-    """
-
-    def __init__(self, base: nn.Module, **kwargs) -> None:
-        if not is_quantized_4bit(base):
-            raise AdapterError(
-                f"{type(base).__name__}: the 4-bit weight is not quantized yet (move the layer to a device, "
-                "e.g. .to('cpu') or .cuda(), before attaching)"
-            )
-        super().__init__(base, **kwargs)
-
-    def base_weight_2d(self) -> torch.Tensor:
-        # Materialised (dequantized) copy: attach (‖W0‖² once), merge and reference tests only.
-        return dequantize_weight(self.base)
-
-    def base_dtype(self) -> torch.dtype:
-        return self.base.weight.quant_state.dtype
-
-    def compute_dtype(self) -> torch.dtype:
-        return getattr(self.base, "compute_dtype", None) or self.base_dtype()
-
-    def norm_dependencies(self) -> List[torch.Tensor]:
-        # The packed weight's version counter stands for W0: never dequantize to build the key.
-        return [t for t in (self.lora_a, self.lora_b, self.base.weight) if t is not None]
-
-    def _without_bias(self, out: torch.Tensor) -> torch.Tensor:
-        bias = self.base.bias
-        return out if bias is None else out - bias.to(out.dtype)
-
-    def cross_term(self, a_2d: torch.Tensor) -> torch.Tensor:
-        """C = A W0ᵀ (r, out), float32: the 4-bit layer applied to A's r rows, minus its bias."""
-        return self._without_bias(self.base(a_2d.to(self.compute_dtype()))).to(torch.float32)
-
-    def base_nobias(self, x: torch.Tensor) -> torch.Tensor:
-        return self._without_bias(self.base(x))
-
-    def weight_from_2d(self, weight_2d: torch.Tensor) -> torch.Tensor:
-        return weight_2d.to(self.base_dtype())
-
-    def write_merged(self, merged_2d: torch.Tensor) -> nn.Module:
-        """A plain nn.Linear with the dequantized merged weight: the 4-bit storage is gone."""
-        out_features, in_features = merged_2d.shape
-        dtype = self.base_dtype()
-        plain = nn.Linear(in_features, out_features, bias=self.base.bias is not None, device="meta")
-        plain.weight = nn.Parameter(merged_2d.to(dtype), requires_grad=False)
-        if self.base.bias is not None:
-            plain.bias = nn.Parameter(self.base.bias.detach().to(dtype).clone(), requires_grad=False)
-        message = (
-            "dorafit.merge: a 4-bit (bitsandbytes Linear4bit) layer was merged into a dequantized "
-            f"nn.Linear of dtype {dtype}; the merged model is no longer quantized"
-        )
-        warnings.warn(message, UserWarning, stacklevel=2)
-        logger.info("%s (layer (out, in) = (%d, %d))", message, out_features, in_features)
-        return plain
-
-
-class VeraLinear4bitAdapter(VeraMixin, Linear4bitAdapter):
-    """VeRA / DVoRA on a 4-bit base (QDVoRA)."""
-
-
-VERA_CLASSES[Linear4bitAdapter] = VeraLinear4bitAdapter
-
-
-class Linear8bitUnsupported(LinearAdapter):
-    """bitsandbytes' 8-bit layers subclass nn.Linear too: refuse them instead of adapting int8 codes."""
-
-    def __init__(self, base: nn.Module, **kwargs) -> None:
-        raise AdapterError(
-            f"{type(base).__name__} (8-bit bitsandbytes) bases are not supported; load the model in 4-bit "
-            "(bnb_4bit_quant_type='nf4') or in full precision"
-        )
-
-
-def quantized_adapter_types() -> Dict[Type[nn.Module], Type[AdapterLayer]]:
-    """Dispatch entries for bitsandbytes' layers (used by ``dorafit.inject.adapter_types``)."""
-    bnb = _bitsandbytes()
-    table: Dict[Type[nn.Module], Type[AdapterLayer]] = {bnb.nn.Linear4bit: Linear4bitAdapter}
-    for name in ("Linear8bitLt", "Linear8bit"):
-        if hasattr(bnb.nn, name):
-            table[getattr(bnb.nn, name)] = Linear8bitUnsupported
-    return table
 
 
 # ------------------------------------------------------------------------------------------------

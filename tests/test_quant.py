@@ -15,6 +15,7 @@ from torch import nn
 
 import dorafit
 from dorafit import quant
+from dorafit.layers import quantized
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -101,8 +102,8 @@ def test_training_steps_never_dequantize_the_weight(monkeypatch):
     q_model, _ = quantized_and_dequantized()
     dorafit.attach(q_model, dorafit.AdapterConfig(method="dora", rank=4, targets=["up", "down"], dropout=0.1))
     calls = []
-    real = quant.dequantize_weight
-    monkeypatch.setattr(quant, "dequantize_weight", lambda m: calls.append(m) or real(m))
+    real = quantized.dequantize_weight
+    monkeypatch.setattr(quantized, "dequantize_weight", lambda m: calls.append(m) or real(m))
     opt = torch.optim.AdamW([p for p in q_model.parameters() if p.requires_grad], lr=1e-2)
     x = torch.randn(8, 64)
     losses = []

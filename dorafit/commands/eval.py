@@ -49,7 +49,6 @@ def evaluate(args) -> list:
     from dorafit.eval.tasks import TASKS, get_task
     from dorafit.train import data as D
     from dorafit.train.models import detect_kind, load_model, load_tokenizer, read_model_config, resolve_model_path
-    from dorafit.train.trainer import BUNDLED_DATA
 
     info = _load_task_info(args.adapter)
     if args.adapter and not Path(args.adapter).exists():
@@ -61,7 +60,7 @@ def evaluate(args) -> list:
     if args.data and len(tasks) != 1:
         raise ValueError("--data names one test file: give exactly one --task with it")
     # Read every test file first, so a bad file fails before the model loads.
-    data_dir = Path(args.data_dir) if args.data_dir else BUNDLED_DATA
+    data_dir = Path(args.data_dir) if args.data_dir else D.BUNDLED_DATA
     tables = []
     for task in tasks:
         path = Path(args.data) if args.data else data_dir / task.folder / "test.json"
@@ -91,18 +90,11 @@ def evaluate(args) -> list:
     model.to(device).eval()
     results = []
     for task, path, rows in tables:
+        examples = D.accuracy_examples(rows, kind, path, task, labels)
         if kind == "causal-lm":
-            for number, row in enumerate(rows, start=1):
-                D._text(row, "instruction", path, number)
-                D._text(row, "answer", path, number)
-            result = evaluate_generation(model, tokenizer, task, rows, args.max_new_tokens, args.batch_size,
+            result = evaluate_generation(model, tokenizer, task, examples, args.max_new_tokens, args.batch_size,
                                          device, progress=args.progress)
-        elif kind == "sequence-classification":
-            examples = D.to_text_examples(rows, path, labels)[0]
-            result = evaluate_choices(model, examples, tokenizer, kind, task.name, max_length, args.batch_size,
-                                      device, progress=args.progress)
         else:
-            examples = D.to_choice_examples(rows, D.detect_format(rows, path), path, task)
             result = evaluate_choices(model, examples, tokenizer, kind, task.name, max_length, args.batch_size,
                                       device, progress=args.progress)
         results.append(result)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from dorafit.eval.examples import ChoiceExample, collate_choices, collate_texts, format_prompt
 from dorafit.eval.scoring import choice_logits
 from dorafit.eval.tasks import Task, extract_answer
 
@@ -55,8 +56,6 @@ def _to(batch: dict, device) -> dict:
 def evaluate_choices(model, examples, tokenizer, kind: str, task_name: str, max_length: int,
                      batch_size: int = 32, device="cpu", progress: bool = False) -> EvalResult:
     """Multiple-choice or classification accuracy of an encoder on ``examples``."""
-    from dorafit.train.data import ChoiceExample, collate_choices, collate_texts
-
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: _length_key(examples[i]))
@@ -123,8 +122,6 @@ def score_responses(task: Task, responses: list[str], answers: list[str]) -> Eva
 def evaluate_generation(model, tokenizer, task: Task, rows: list[dict], max_new_tokens: int = 32,
                         batch_size: int = 8, device="cpu", progress: bool = False) -> EvalResult:
     """Commonsense accuracy of a causal LM on instruction rows {instruction, input, answer}."""
-    from dorafit.train.data import format_prompt
-
     prompts = [format_prompt(r["instruction"], r.get("input") or "") for r in rows]
     answers = [str(r.get("answer") or "").strip() for r in rows]
     responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, device,

@@ -11,8 +11,9 @@ renamed into place, so a kill at any moment leaves either the complete folder or
                             the optimizer's hyper-parameters and the sha256 of each file above
 
 Nothing is pickled. Loading checks every file against its recorded sha256, so a checkpoint
-damaged after it was written (truncated, bit flips) is detected; ``load_latest`` then warns
-and falls back to the previous checkpoint.
+damaged after it was written (truncated, bit flips) is detected, and checks that every weight
+and optimizer tensor is finite (a NaN state must never be resumed from); ``load_latest`` then
+warns and falls back to the previous checkpoint.
 """
 
 from __future__ import annotations
@@ -156,6 +157,10 @@ def load_checkpoint(folder: Path) -> dict:
     for key in ("trainable", "optimizer", "rng"):
         if key not in loaded:
             raise CheckpointError(f"{folder}: incomplete checkpoint (no {key}.safetensors)")
+    for key in ("trainable", "optimizer"):
+        bad = [name for name, t in loaded[key].items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise CheckpointError(f"{folder / (key + '.safetensors')}: non-finite values in {bad[:3]}")
     return loaded
 
 
@@ -175,6 +180,17 @@ def load_latest(root: Path) -> tuple[Path, dict] | None:
         except CheckpointError as err:
             warnings.warn(f"skipping damaged checkpoint {folder}: {err}; falling back to the previous one",
                           stacklevel=2)
+    return None
+
+
+def last_good(root: Path) -> Path | None:
+    """The newest checkpoint that verifies and holds only finite values, or None."""
+    for folder in list_checkpoints(root):
+        try:
+            load_checkpoint(folder)
+        except CheckpointError:
+            continue
+        return folder
     return None
 
 

@@ -18,38 +18,31 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from dorafit.eval.examples import (  # noqa: F401  (the examples and batches, shared with evaluation)
+    IGNORE_INDEX,
+    PROMPT,
+    PROMPT_WITH_INPUT,
+    ChoiceExample,
+    TextExample,
+    collate_causal,
+    collate_choices,
+    collate_texts,
+    format_prompt,
+)
 from dorafit.eval.tasks import Task, parse_instruction
 
-# The LLM-Adapters prompt, used by the DoRA paper's commonsense recipe for training and
-# evaluation alike.
-PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides "
-    "further context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-IGNORE_INDEX = -100
+# The commonsense subsets shipped with dorafit: <task folder>/{train,test}.json.
+BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data"
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
 class DataError(ValueError):
     """Bad training or evaluation data; the message names the file and, if known, the row."""
-
-
-def format_prompt(instruction: str, input: str = "") -> str:
-    """The paper's prompt for one row, ending right where the response starts."""
-    if input and input.strip():
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return PROMPT.format(instruction=instruction)
 
 
 def _locate_json_error(path: Path) -> str | None:
@@ -125,7 +118,8 @@ def detect_format(rows: list[dict], path) -> str:
     )
 
 
-def _text(row: dict, key: str, path, number: int, required: bool = True) -> str:
+def require_text(row: dict, key: str, path, number: int, required: bool = True) -> str:
+    """The string under ``key`` of row ``number`` (1-based), or a DataError naming file, row and key."""
     value = row.get(key)
     if value is None or (isinstance(value, str) and not value.strip()):
         if required:
@@ -136,30 +130,12 @@ def _text(row: dict, key: str, path, number: int, required: bool = True) -> str:
     return value
 
 
-@dataclass
-class ChoiceExample:
-    """A question with its candidate answers and the index of the right one."""
-
-    question: str
-    choices: list[str]
-    label: int
-
-
-@dataclass
-class TextExample:
-    """A text (or text pair) with a class label, for sequence classification."""
-
-    text: str
-    text_pair: str | None
-    label: int
-
-
 def to_choice_examples(rows: list[dict], kind: str, path, task: Task | None = None) -> list[ChoiceExample]:
     """Multiple-choice examples from commonsense or multiple-choice rows (row numbers 1-based)."""
     examples = []
     for number, row in enumerate(rows, start=1):
         if kind == "commonsense":
-            instruction = _text(row, "instruction", path, number)
+            instruction = require_text(row, "instruction", path, number)
             try:
                 question, choices, words = parse_instruction(instruction)
             except ValueError as err:
@@ -178,7 +154,7 @@ def to_choice_examples(rows: list[dict], kind: str, path, task: Task | None = No
                 )
             examples.append(ChoiceExample(question, choices, words.index(answer)))
         elif kind == "multiple_choice":
-            question = _text(row, "question", path, number)
+            question = require_text(row, "question", path, number)
             choices = row.get("choices")
             if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
                 raise DataError(f"{path}: row {number}: 'choices' must be a list of at least two strings")
@@ -204,8 +180,8 @@ def to_text_examples(rows: list[dict], path, labels: list | None = None) -> tupl
     index = {label: i for i, label in enumerate(labels)}
     examples = []
     for number, row in enumerate(rows, start=1):
-        text = _text(row, "text", path, number)
-        pair = _text(row, "text_pair", path, number, required=False) or None
+        text = require_text(row, "text", path, number)
+        pair = require_text(row, "text_pair", path, number, required=False) or None
         if row.get("label") not in index:
             raise DataError(f"{path}: row {number}: label {row.get('label')!r} is not one of {labels}")
         examples.append(TextExample(text, pair, index[row["label"]]))
@@ -218,9 +194,9 @@ def to_instruction_pairs(rows: list[dict], kind: str, path) -> list[tuple[str, s
         raise DataError(f"{path}: a causal LM needs instruction rows {{instruction, output}}, not {kind} rows")
     pairs = []
     for number, row in enumerate(rows, start=1):
-        instruction = _text(row, "instruction", path, number)
-        output = _text(row, "output", path, number)
-        inp = _text(row, "input", path, number, required=False)
+        instruction = require_text(row, "instruction", path, number)
+        output = require_text(row, "output", path, number)
+        inp = require_text(row, "input", path, number, required=False)
         pairs.append((format_prompt(instruction, inp), output))
     return pairs
 
@@ -286,61 +262,36 @@ def split_validation(items: list, size: float, seed: int) -> tuple[list, list]:
     return train, val
 
 
-# ---------------------------------------------------------------------------- batches
+# ---------------------------------------------------------------------------- rows -> examples
+# The one place where rows become what a model of each kind is trained and scored on, for
+# ``dorafit train`` and ``dorafit eval`` alike.
 
 
-def collate_causal(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of tokenized examples into (B, T) tensors."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def loss_examples(rows: list[dict], kind: str, path, tokenizer, max_length: int, *,
+                  task: Task | None = None, labels: list | None = None) -> tuple[list, list | None]:
+    """(examples, labels): rows as the examples a model of ``kind`` computes its loss on.
 
-
-def collate_choices(examples: list[ChoiceExample], tokenizer, max_length: int,
-                    scoring: str = "pair") -> dict[str, torch.Tensor]:
-    """Question/choice batches; rows with fewer choices are padded with empty choices.
-
-    ``choice_mask`` (B, C) marks the real choices so that padded ones can be left out of the
-    softmax. With ``scoring="pair"`` (a cross-encoder such as ``...ForMultipleChoice``) each
-    (question, choice) pair is one sequence: ``input_ids`` (B, C, T). With
-    ``scoring="similarity"`` the two texts are encoded separately: ``question_*`` (B, Tq) and
-    ``choice_*`` (B*C, Tc).
+    Causal LMs get tokenized prompt + response pairs; encoders get choice or text examples
+    (``labels``: the class names, found in the rows when not given). ``task`` checks the answer
+    words of commonsense rows.
     """
-    n_choices = max(len(e.choices) for e in examples)
-    mask = torch.zeros((len(examples), n_choices), dtype=torch.bool)  # (B, C)
-    questions, choices = [], []
-    for i, e in enumerate(examples):
-        mask[i, : len(e.choices)] = True
-        questions.append(e.question)
-        choices += e.choices + [""] * (n_choices - len(e.choices))
-    batch = {"choice_mask": mask, "labels": torch.tensor([e.label for e in examples])}
-    if scoring == "pair":
-        firsts = [q for q in questions for _ in range(n_choices)]
-        enc = tokenizer(firsts, choices, padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        batch.update({k: v.view(len(examples), n_choices, -1) for k, v in enc.items()})  # (B, C, T)
-    elif scoring == "similarity":
-        enc_q = tokenizer(questions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        enc_c = tokenizer(choices, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        batch.update({f"question_{k}": v for k, v in enc_q.items()})  # (B, Tq)
-        batch.update({f"choice_{k}": v for k, v in enc_c.items()})  # (B*C, Tc)
-    else:
-        raise ValueError(f"unknown scoring {scoring!r}; use 'pair' or 'similarity'")
-    return batch
+    data_format = detect_format(rows, path)
+    if kind == "causal-lm":
+        pairs = to_instruction_pairs(rows, data_format, path)
+        return tokenize_instruction_pairs(pairs, tokenizer, max_length, path), None
+    if kind == "sequence-classification":
+        return to_text_examples(rows, path, labels)
+    return to_choice_examples(rows, data_format, path, task if data_format == "commonsense" else None), None
 
 
-def collate_texts(examples: list[TextExample], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
-    """Texts (or text pairs) as (B, T) tensors with their labels."""
-    pairs = [e.text_pair for e in examples]
-    enc = tokenizer([e.text for e in examples], pairs if any(p is not None for p in pairs) else None,
-                    padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    batch = dict(enc)
-    batch["labels"] = torch.tensor([e.label for e in examples])
-    return batch
+def accuracy_examples(rows: list[dict], kind: str, path, task: Task, labels: list | None = None) -> list:
+    """Rows as test examples: checked instruction rows for a causal LM (it generates its answer
+    from the prompt), choice or text examples for an encoder."""
+    if kind == "causal-lm":
+        for number, row in enumerate(rows, start=1):
+            require_text(row, "instruction", path, number)
+            require_text(row, "answer", path, number)
+        return rows
+    if kind == "sequence-classification":
+        return to_text_examples(rows, path, labels)[0]
+    return to_choice_examples(rows, detect_format(rows, path), path, task)

@@ -10,18 +10,25 @@ group (NCCL on GPUs, gloo on CPUs) and wraps the adapted model:
   block in forward and backward. DoRA's norm runs inside the block's forward, on the
   gathered base weight.
 
-Only rank 0 writes files and shows progress; ``full_state`` gathers sharded tensors so that
-what rank 0 writes is the whole adapter.
+Only rank 0 writes files and shows progress. ``Parallel`` holds every decision that depends on
+the mode, so the recipe asks it instead of testing the mode itself: which rows of a batch are
+this process's, when gradients are synchronised, how the trainable tensors and the optimizer
+state are gathered for a checkpoint (whole tensors on rank 0, collectives under FSDP2) and
+loaded back (each rank keeps its shard), and whether the adapter can be saved from the model in
+memory (one process, DDP) or only from gathered tensors (FSDP2).
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from dorafit.train.checkpoint import CheckpointError, optimizer_from_flat, optimizer_to_flat
 
 
 @dataclass
@@ -118,3 +125,105 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     if hasattr(t, "full_tensor"):
         return t.full_tensor()
     return t
+
+
+def trainable_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every trainable parameter, in model order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU copies of the trainable parameters; collective under FSDP."""
+    return {n: full_tensor(p.detach()).cpu().clone() for n, p in trainable_named(model)}
+
+
+def load_trainable(model: nn.Module, state: dict[str, torch.Tensor], source) -> None:
+    """Copy saved trainable parameters into the model (each rank copies its own shard)."""
+    params = dict(trainable_named(model))
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise CheckpointError(f"{source}: trainable parameters differ (missing {missing[:5]}, extra {extra[:5]})")
+    with torch.no_grad():
+        for name, p in params.items():
+            value = state[name]
+            if hasattr(p, "device_mesh"):  # an FSDP2 DTensor: keep this rank's shard only
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements)
+            p.copy_(value)
+
+
+@dataclass
+class Parallel:
+    """How this run spreads over processes: the mode (ddp / fsdp) and where this process stands."""
+
+    info: DistInfo
+    mode: str = "ddp"
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters and optimizer state are split over the processes (FSDP2)."""
+        return self.mode == "fsdp" and self.info.enabled
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return wrap(model, self.mode, self.info)
+
+    def local_rows(self, batch: dict, rows: int) -> dict:
+        """This process's ``rows`` rows of a batch that holds every process's rows in rank order."""
+        lo, hi = self.info.rank * rows, (self.info.rank + 1) * rows
+        mine = {k: v[lo:hi] for k, v in batch.items()}
+        if "choice_mask" in batch and any(k.startswith("choice_") and k != "choice_mask" for k in batch):
+            # Similarity batches store choices flat, (B*C, T): C entries per row.
+            n_choices = batch["choice_mask"].shape[1]
+            mine.update({k: v[lo * n_choices:hi * n_choices] for k, v in batch.items()
+                         if k.startswith("choice_") and k != "choice_mask"})
+        return mine
+
+    def accumulating(self, wrapped: nn.Module, last: bool):
+        """The context of one micro-batch's backward: gradients are synchronised on the last only."""
+        if last or not hasattr(wrapped, "no_sync"):
+            return nullcontext()
+        return wrapped.no_sync()
+
+    def optimizer_state(self, model: nn.Module, optimizer, names: list[str]) -> tuple[dict, list]:
+        """The optimizer state keyed by parameter name, whole on rank 0 (collective under FSDP)."""
+        if not self.sharded:
+            return optimizer_to_flat(optimizer, names)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # Only rank 0 receives the gathered state (cpu_offload); the others get {}.
+        tensors = {f"{n}::{k}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+                   for n, per in full.get("state", {}).items() for k, v in per.items()}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in full.get("param_groups", [])]
+        return tensors, groups
+
+    def load_optimizer_state(self, model: nn.Module, optimizer, names: list[str], tensors: dict, groups: list) -> None:
+        """Load a state written by ``optimizer_state``; under FSDP each rank keeps its shard."""
+        if not self.sharded:
+            optimizer_from_flat(optimizer, names, tensors, groups)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state: dict = {}
+        for key, value in tensors.items():
+            name, _, field_name = key.rpartition("::")
+            state.setdefault(name, {})[field_name] = value
+        param_groups = [{**g, "params": list(names)} for g in groups]
+        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": param_groups},
+                                 options=StateDictOptions(full_state_dict=True))
+
+    def from_model(self, write):
+        """``write`` where rank 0's model holds whole parameters (it can save itself), else None."""
+        return None if self.sharded else write
+
+    def save_adapter(self, model: nn.Module, write_from_model, write_from_state) -> None:
+        """Rank 0 writes the adapter: from the model, or under FSDP from the gathered tensors."""
+        if self.sharded:
+            state = gather_trainable(model)
+            if self.info.is_main:
+                write_from_state(state)
+        elif self.info.is_main:
+            write_from_model()
+        barrier(self.info)

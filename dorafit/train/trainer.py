@@ -1,9 +1,17 @@
 """The training recipe: setup -> evaluate -> train -> save -> evaluate, as one readable script.
 
-``train(cfg)`` runs a whole ``dorafit train``: it loads the model and the data, attaches the
-adapter, measures test accuracy before training, trains with AdamW (linear warm-up, linear
-decay), checkpoints, keeps the adapter with the best validation loss, saves the final adapter
-and measures test accuracy again.
+``train(cfg)`` runs a whole ``dorafit train`` in six phases, each a function below:
+
+    1. prepare_run     processes, the run folder, the resolved config
+    2. load_data       read and check every file, turn rows into examples (before the model loads)
+    3. load_and_attach the model, its adapter (and 4-bit base for QDoRA)
+    4. start           the optimizer and schedule; the state of a checkpoint, or step 0
+    5. the loop        ``train_step`` per global batch, then validation and checkpoints
+    6. finish          the final adapter, the test accuracy, results.json
+
+What changes during the run lives in one ``RunState``; what is fixed after setup in one
+``Run``. Everything that depends on the parallel mode (DDP or FSDP2) is asked of
+``dorafit.train.distributed.Parallel``; the files of a checkpoint are ``dorafit.train.checkpoint``'s.
 
 Exactness of --resume: an optimizer step ``s`` of epoch ``e`` always uses the rows
 ``perm_e[s*G:(s+1)*G]`` with ``perm_e = randperm(N, seed + e)`` and G the global batch, and
@@ -12,7 +20,12 @@ rows) counted over the whole step. The gradient is therefore the same however th
 split into micro-batches and processes, and a checkpoint needs only the step counter, the
 trainable weights, the optimizer state and the RNG states to continue bit for bit.
 The last incomplete global batch of each epoch is dropped so every step has the same size on
-any number of processes.
+any number of processes. A resumed run refuses options that would change its result (see
+``RESUME_MAY_CHANGE``).
+
+Numerical faults never reach a checkpoint: a non-finite loss, gradient norm or validation
+loss stops the run before the update (or before anything is saved), naming the step and the
+newest checkpoint that verifies finite.
 
 Run folder (written by rank 0 only):
     config.yaml              the resolved TrainConfig
@@ -28,7 +41,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 import warnings
 from contextlib import nullcontext
@@ -41,13 +53,15 @@ import torch
 
 import dorafit
 from dorafit.eval.evaluate import EvalResult, evaluate_choices, evaluate_generation
+from dorafit.eval.examples import collate_for_kind
 from dorafit.eval.scoring import count_units, loss_sum
-from dorafit.eval.tasks import get_task
+from dorafit.eval.tasks import Task, get_task
 from dorafit.files import write_bytes_atomic, write_json_atomic
 from dorafit.train import checkpoint as ckpt
 from dorafit.train import data as D
 from dorafit.train import distributed as dist_utils
 from dorafit.train.config import TrainConfig, TrainConfigError, format_config
+from dorafit.train.distributed import Parallel, gather_trainable, load_trainable, trainable_named
 from dorafit.train.models import (
     default_targets,
     detect_kind,
@@ -57,9 +71,19 @@ from dorafit.train.models import (
     resolve_model_path,
     trained_heads,
 )
+from dorafit.train.rundir import prepare_output
 
-BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data"
+BUNDLED_DATA = D.BUNDLED_DATA
 TASK_FILE = "task.json"
+
+# Options a resumed run may give anew: they change how the run is watched, run or kept, not
+# what it computes. Every other option must equal the run folder's config.yaml.
+RESUME_MAY_CHANGE = frozenset({
+    "output", "resume", "overwrite", "stop_after_steps",  # where and how far this invocation runs
+    "progress", "threads", "keep_checkpoints",  # display, CPU threads, how many old checkpoints stay
+    "eval_before",  # the "before" accuracy of a resumed run comes from its checkpoint
+    "trust_remote_code",  # permission to run the model's code, which the first run already had
+})
 
 
 class TrainingError(RuntimeError):
@@ -88,18 +112,189 @@ class TrainResult:
     history: list = field(default_factory=list)
 
 
-# ---------------------------------------------------------------------------- helpers
+@dataclass
+class RunData:
+    """The examples of a run, read and checked before the model is loaded."""
+
+    task: Task
+    kind: str
+    model_path: str
+    tokenizer: object
+    train_path: Path
+    train: list
+    val: list
+    test_rows: list
+    test: list
+    labels: list | None
 
 
-def _print(info, *args) -> None:
+@dataclass
+class Run:
+    """What the loop works with, fixed after setup."""
+
+    cfg: TrainConfig
+    parallel: Parallel
+    out: Path
+    data: RunData
+    model: torch.nn.Module
+    adapter_cfg: dorafit.AdapterConfig
+    report: dorafit.TrainableReport
+    collate: object  # examples -> batch, for the model's kind
+    steps_per_epoch: int
+    total_steps: int
+    names: list = field(default_factory=list)  # trainable parameter names, in the optimizer's order
+    # Set by ``start``: the model as the loop calls it (DDP / FSDP2-wrapped with several
+    # processes), AdamW over the trainable parameters, the fp16 loss scaler (or None).
+    wrapped: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+    @property
+    def info(self) -> dist_utils.DistInfo:
+        return self.parallel.info
+
+    @property
+    def task_info(self) -> dict:
+        """task.json: how ``dorafit eval`` scores the adapter."""
+        return {"task": self.data.task.name, "model_kind": self.data.kind, "labels": self.data.labels,
+                "max_length": self.cfg.max_length}
+
+
+@dataclass
+class RunState:
+    """What changes during the run and what a checkpoint keeps of it."""
+
+    step: int = 0
+    best_val: float = math.inf
+    before: EvalResult | None = None
+    history: list = field(default_factory=list)
+
+    def counters(self) -> dict:
+        """The JSON part of a checkpoint's state.json."""
+        return {"step": self.step, "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
+                "before": self.before.__dict__ if self.before else None, "history": self.history}
+
+    @classmethod
+    def from_counters(cls, saved: dict) -> "RunState":
+        best = saved["best_val_loss"]
+        return cls(step=saved["step"], best_val=math.inf if best is None else best,
+                   before=EvalResult(**saved["before"]) if saved.get("before") else None,
+                   history=saved.get("history", []))
+
+
+# ---------------------------------------------------------------------------- the recipe
+
+
+def train(cfg: TrainConfig) -> TrainResult | None:
+    """Run a whole fine-tuning job as ``cfg`` describes; returns the results (rank 0's view),
+    or None when it stopped early on purpose (``stop_after_steps``)."""
+    started = time.perf_counter()
+    parallel, out = prepare_run(cfg)
+    data = load_data(cfg, parallel.info)
+    run = load_and_attach(cfg, parallel, out, data)
+    state = start(run)
+    train_started = time.perf_counter()
+    if not train_loop(run, state):
+        dist_utils.teardown(run.info)
+        return None
+    return finish(run, state, time.perf_counter() - train_started, started)
+
+
+# ---------------------------------------------------------------------------- 1. the run folder
+
+
+def prepare_run(cfg: TrainConfig) -> tuple[Parallel, Path]:
+    """Join the processes, check and make the run folder (rank 0), print and save the config."""
+    info = dist_utils.setup()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _check_precision(cfg, info.device)
+    out = Path(cfg.output) if cfg.output else default_output(cfg)
+    error = None
     if info.is_main:
-        print(*args, flush=True)
+        try:
+            prepare_output(out, cfg)
+            if cfg.resume:
+                check_resume_options(out, cfg)
+        except TrainConfigError as err:
+            error = str(err)
+    error = dist_utils.broadcast_object(error, info)
+    if error:
+        raise TrainConfigError(error)
+    cfg_dict = {**cfg.to_dict(), "output": str(out)}
+    _print(info, "dorafit train: resolved configuration\n" + format_config(TrainConfig(**cfg_dict)))
+    if info.is_main and not cfg.resume:
+        import yaml
+
+        write_bytes_atomic(out / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False).encode())
+    seed_everything(cfg.seed)
+    return Parallel(info, cfg.distributed), out
+
+
+def check_resume_options(out: Path, cfg: TrainConfig) -> None:
+    """Refuse a --resume whose options differ from the run's own where that changes the result."""
+    import yaml
+
+    path = out / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise TrainConfigError(f"--resume: {path} is unreadable ({err})") from None
+    if not isinstance(saved, dict):
+        raise TrainConfigError(f"--resume: {path} does not hold a run config")
+    current = cfg.to_dict()
+    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in current.items()
+               if key not in RESUME_MAY_CHANGE and saved.get(key, value) != value]
+    if changed:
+        raise TrainConfigError(f"--resume: these options differ from the run in {out} and would change its "
+                               f"result: {'; '.join(changed)}. Resume without them, or start a new run")
+
+
+def default_output(cfg: TrainConfig) -> Path:
+    model = Path(cfg.model.rstrip("/")).name or "model"
+    return Path("runs") / f"{model}-{cfg.task}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _check_precision(cfg: TrainConfig, device: torch.device) -> None:
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise TrainConfigError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainConfigError("precision bf16 is not supported by this GPU; use fp16 or fp32")
+
+
+# ---------------------------------------------------------------------------- 2. the data
+
+
+def load_data(cfg: TrainConfig, info: dist_utils.DistInfo) -> RunData:
+    """Every file read and checked, the rows turned into examples for the model's kind."""
+    task = get_task(cfg.task)
+    model_path = resolve_model_path(cfg.model)
+    model_config = read_model_config(model_path, cfg.trust_remote_code)
+    train_path = _data_path(cfg, "train", task.folder)
+    train_rows = D.read_rows(train_path)[: cfg.max_train_rows or None]
+    data_format = D.detect_format(train_rows, train_path)
+    kind = detect_kind(model_path, model_config, data_format) if cfg.model_kind == "auto" else cfg.model_kind
+    test_path = _data_path(cfg, "test", task.folder) if (cfg.test_data or data_format == "commonsense") else None
+    test_rows = D.read_rows(test_path)[: cfg.max_test_rows or None] if test_path else []
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    train, labels = D.loss_examples(train_rows, kind, train_path, tokenizer, cfg.max_length, task=task)
+    val = None
+    if cfg.val_data:
+        val = D.loss_examples(D.read_rows(cfg.val_data), kind, cfg.val_data, tokenizer, cfg.max_length,
+                              labels=labels)[0]
+    test = D.accuracy_examples(test_rows, kind, test_path, task, labels) if test_rows else []
+    if kind != "causal-lm":
+        D.check_encoder_lengths(train, tokenizer, cfg.max_length, train_path)
+    if val is None:
+        train, val = D.split_validation(train, cfg.val_size, cfg.seed)
+    _print(info, f"data: {len(train)} train, {len(val)} validation, {len(test_rows)} test rows; kind {kind}")
+    return RunData(task, kind, model_path, tokenizer, train_path, train, val, test_rows, test, labels)
 
 
 def _data_path(cfg: TrainConfig, split: str, task_folder: str) -> Path:
@@ -115,37 +310,324 @@ def _data_path(cfg: TrainConfig, split: str, task_folder: str) -> Path:
     return path
 
 
-def default_output(cfg: TrainConfig) -> Path:
-    model = Path(cfg.model.rstrip("/")).name or "model"
-    return Path("runs") / f"{model}-{cfg.task}-{datetime.now():%Y%m%d-%H%M%S}"
+# ---------------------------------------------------------------------------- 3. model and adapter
 
 
-def prepare_output(out: Path, cfg: TrainConfig) -> None:
-    """Refuse to overwrite a finished run (unless --overwrite) or to mix with another run."""
-    if cfg.resume:
-        if not (out / "config.yaml").is_file():
-            raise TrainConfigError(f"--resume: {out} holds no run (no config.yaml)")
-        if (out / "results.json").is_file():
-            raise TrainConfigError(f"--resume: the run in {out} has already finished")
-        return
-    if out.exists() and any(out.iterdir()):
-        is_run = (out / "config.yaml").is_file()
-        if not cfg.overwrite:
-            state = "a finished run" if (out / "results.json").is_file() else (
-                "an unfinished run (continue it with --resume)" if is_run else "other files")
-            raise TrainConfigError(f"output folder {out} already holds {state}; pass --overwrite to replace it")
-        if not is_run:
-            raise TrainConfigError(f"--overwrite: {out} is not a dorafit run folder (no config.yaml); not deleting it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def load_and_attach(cfg: TrainConfig, parallel: Parallel, out: Path, data: RunData) -> Run:
+    """The model with its adapter on the device, wrapped for the processes, and its optimizer.
+
+    Attaching leaves the outputs unchanged (B = 0, m = ||W0||), so an evaluation before the
+    first step is the base model's.
+    """
+    info = parallel.info
+    global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
+    steps_per_epoch = len(data.train) // global_batch
+    if steps_per_epoch == 0:
+        raise D.DataError(f"{data.train_path}: {len(data.train)} training rows are fewer than one global batch "
+                          f"({global_batch} = batch size x grad accum x processes)")
+    _print(info, f"{steps_per_epoch * cfg.epochs} steps of {global_batch} rows")
+    model, fresh_modules = load_model(data.model_path, data.kind, cfg.trust_remote_code,
+                                      num_labels=len(data.labels) if data.labels else None)
+    targets = cfg.targets or default_targets(model)
+    adapter_cfg = dorafit.AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                                        targets=targets,
+                                        modules_to_save=trained_heads(model, data.kind, fresh_modules))
+    if cfg.quantize:
+        _quantize_base(model, targets, cfg.quantize, info)
+    torch.manual_seed(cfg.seed)  # the adapter's initialisation depends on the seed alone
+    dorafit.attach(model, adapter_cfg)
+    model.to(info.device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    report = dorafit.trainable_report(model)
+    _print(info, str(report))
+    pad_id = data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None else 0
+    return Run(cfg=cfg, parallel=parallel, out=out, data=data, model=model, adapter_cfg=adapter_cfg, report=report,
+               collate=collate_for_kind(data.kind, data.tokenizer, cfg.max_length, pad_id),
+               steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * cfg.epochs,
+               names=[n for n, _ in trainable_named(model)])
 
 
-def _lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+def _quantize_base(model, targets: list[str], quant_type: str, info: dist_utils.DistInfo) -> None:
+    """QDoRA: exactly the adapted linear layers become 4-bit (bitsandbytes), on the device
+    they train on; the norm then runs through the 4-bit layers (dorafit.quant)."""
+    from dorafit import quant
+
+    model.to(info.device)
+    compute = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    names = quant.quantize_model(model, targets, quant_type, compute_dtype=compute)
+    _print(info, f"quantized {len(names)} linear layers to 4-bit {quant_type} (compute dtype {compute})")
+
+
+# ---------------------------------------------------------------------------- 4. optimizer, schedule, state
+
+
+def start(run: Run) -> RunState:
+    """Wrap the model, build AdamW, and return the state to continue from: a checkpoint's with
+    --resume, else step 0 (after the evaluation of the untrained model)."""
+    cfg, info = run.cfg, run.info
+    resumed = ckpt.load_latest(run.out / "checkpoints") if cfg.resume else None
+    if cfg.resume and resumed is None:
+        warnings.warn(f"--resume: no usable checkpoint in {run.out / 'checkpoints'}; starting from step 0",
+                      stacklevel=2)
+    state = RunState()
+    if resumed is None and cfg.eval_before:
+        evaluate_untrained(run, state)
+    run.wrapped = run.parallel.wrap(run.model)
+    run.optimizer = torch.optim.AdamW([p for _, p in trainable_named(run.model)], lr=cfg.lr,
+                                      weight_decay=cfg.weight_decay)
+    run.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    if resumed is None:
+        return state
+    folder, loaded = resumed
+    load_trainable(run.model, loaded["trainable"], folder)
+    run.parallel.load_optimizer_state(run.wrapped, run.optimizer, run.names, loaded["optimizer"],
+                                      loaded["state"]["optimizer_param_groups"])
+    ckpt.restore_rng(loaded["rng"], loaded["state"]["rng"])
+    state = RunState.from_counters(loaded["state"])
+    if info.is_main:
+        _truncate_log(run.out / "log.jsonl", state.step)
+    _print(info, f"resumed from {folder} at step {state.step}")
+    return state
+
+
+def evaluate_untrained(run: Run, state: RunState) -> None:
+    """The 'before' accuracy, and the untrained validation loss as step 0 of the log: the bar to beat."""
+    state.before = test_accuracy(run)
+    if state.before is not None:
+        _print(run.info, f"accuracy before training: {state.before.accuracy:.4f} on {state.before.rows} "
+                         f"{run.data.task.name} rows")
+    if run.data.val:
+        record = {"step": 0, "val_loss": validation_loss(run, run.model)}
+        state.history.append(record)
+        _append_log(run, record)
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Linear warm-up to cfg.lr over warmup_steps, then linear decay towards 0."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     remaining = max(total_steps - cfg.warmup_steps, 1)
     return cfg.lr * max(total_steps - step, 0) / remaining
+
+
+# ---------------------------------------------------------------------------- 5. the loop
+
+
+def train_loop(run: Run, state: RunState) -> bool:
+    """Optimizer steps until the end (True) or until --stop-after-steps (False)."""
+    cfg = run.cfg
+    bar = _progress_bar(run, state.step)
+    run.wrapped.train()
+    try:
+        while state.step < run.total_steps:
+            loss, lr = train_step(run, state.step)
+            state.step += 1
+            record = {"step": state.step, "epoch": (state.step - 1) // run.steps_per_epoch, "loss": loss, "lr": lr}
+            at_save = (cfg.save_steps and state.step % cfg.save_steps == 0) or state.step == run.total_steps
+            if run.data.val and _at_eval(run, state.step, at_save):
+                record["val_loss"] = validate(run, state)
+            state.history.append(record)
+            _append_log(run, record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val_loss") if k in record})
+            if at_save:
+                save_checkpoint(run, state)
+            if cfg.stop_after_steps and cfg.stop_after_steps <= state.step < run.total_steps:
+                _print(run.info, f"stopped after step {state.step} as asked (--stop-after-steps); "
+                                 "continue with --resume")
+                return False
+        return True
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def train_step(run: Run, step: int) -> tuple[float, float]:
+    """One optimizer step over global batch ``step``; returns (loss per unit, learning rate)."""
+    cfg, info = run.cfg, run.info
+    micro_batches = step_batches(run, step)
+    units = sum(count_units(b, run.data.kind) for b in micro_batches)  # the whole step, all processes
+    lr = lr_at(step, cfg, run.total_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = 0.0
+    for j, micro in enumerate(micro_batches):
+        mine = _to(run.parallel.local_rows(micro, cfg.batch_size), info.device)
+        with run.parallel.accumulating(run.wrapped, last=j == len(micro_batches) - 1), _autocast(cfg, info.device):
+            # DDP and FSDP average gradients over processes; scale by world size so the
+            # result is the sum over the step divided by its units.
+            loss = loss_sum(run.wrapped, mine, run.data.kind) * (info.world_size / units)
+        step_loss += float(loss.detach()) / info.world_size
+        (run.scaler.scale(loss) if run.scaler else loss).backward()
+    step_loss = dist_utils.all_reduce_sum(step_loss, info)
+    _refuse_non_finite(run, "loss", step_loss, step + 1)
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)
+    grad_norm = _clip_gradients(run)
+    if run.scaler:  # an inf/NaN gradient is how fp16 loss scaling backs off: the scaler skips that step
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        _refuse_non_finite(run, "gradient norm", grad_norm, step + 1)
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return step_loss, lr
+
+
+def step_batches(run: Run, step: int) -> list[dict]:
+    """The micro-batches of global batch ``step``: rows perm_e[s*G:(s+1)*G] (see the module docstring)."""
+    cfg, world = run.cfg, run.info.world_size
+    epoch, in_epoch = divmod(step, run.steps_per_epoch)
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    order = torch.randperm(len(run.data.train), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    rows = order[in_epoch * global_batch:(in_epoch + 1) * global_batch].tolist()
+    micro = cfg.batch_size * world
+    return [run.collate([run.data.train[i] for i in rows[j:j + micro]]) for j in range(0, global_batch, micro)]
+
+
+def _clip_gradients(run: Run) -> float:
+    """Clip to --max-grad-norm (if set) and return the total gradient norm before clipping."""
+    params = [p for _, p in trainable_named(run.model)]
+    # An infinite max norm clips nothing (every gradient is multiplied by exactly 1).
+    norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm or math.inf)
+    return float(dist_utils.full_tensor(norm))
+
+
+def _refuse_non_finite(run: Run, what: str, value: float, step: int) -> None:
+    """Stop before a non-finite value can reach the weights or a checkpoint."""
+    if math.isfinite(value):
+        return
+    run.optimizer.zero_grad(set_to_none=True)
+    last = ckpt.last_good(run.out / "checkpoints")
+    where = f"the last good checkpoint is {last}" if last else "no good checkpoint was written yet"
+    raise TrainingError(f"{what} is {value} at step {step}; stopping without updating the weights "
+                        f"({where}). Lower --lr or use --precision fp32.")
+
+
+def _at_eval(run: Run, step: int, at_save: bool) -> bool:
+    cfg = run.cfg
+    if cfg.eval_steps:
+        return step % cfg.eval_steps == 0
+    return bool(at_save) or step % run.steps_per_epoch == 0
+
+
+def validate(run: Run, state: RunState) -> float:
+    """The validation loss after this step; a new best is saved to best/."""
+    val = validation_loss(run, run.wrapped)
+    if not math.isfinite(val):
+        last = ckpt.last_good(run.out / "checkpoints")
+        where = f"the last good checkpoint is {last}" if last else "no good checkpoint was written yet"
+        raise TrainingError(f"validation loss is {val} after step {state.step}; stopping before anything "
+                            f"of this step is saved ({where}). Lower --lr or use --precision fp32.")
+    if val < state.best_val:
+        state.best_val = val
+        save_adapter_as(run, "best")
+    return val
+
+
+@torch.no_grad()
+def validation_loss(run: Run, model) -> float:
+    """Mean loss per unit over the validation rows (all ranks compute the same value)."""
+    cfg, device, examples = run.cfg, run.info.device, run.data.val
+    was_training = model.training
+    model.eval()
+    total, units = 0.0, 0
+    for start in range(0, len(examples), cfg.eval_batch_size):
+        batch = _to(run.collate(examples[start:start + cfg.eval_batch_size]), device)
+        with _autocast(cfg, device):
+            total += float(loss_sum(model, batch, run.data.kind))
+        units += count_units(batch, run.data.kind)
+    model.train(was_training)
+    return total / max(units, 1)
+
+
+def save_checkpoint(run: Run, state: RunState) -> None:
+    """A resumable checkpoint of this step (gathered to rank 0), then the oldest ones pruned."""
+    optim_tensors, optim_groups = run.parallel.optimizer_state(run.wrapped, run.optimizer, run.names)
+    trainable = gather_trainable(run.model)
+    if run.info.is_main:
+        root = run.out / "checkpoints"
+        write_adapter = run.parallel.from_model(lambda tmp: save_adapter_dir(run.model, tmp / "adapter", run.task_info))
+        ckpt.save_checkpoint(root / f"step-{state.step:06d}", trainable, optim_tensors, optim_groups,
+                             state.counters(), write_extra=write_adapter)
+        ckpt.prune_checkpoints(root, run.cfg.keep_checkpoints)
+    dist_utils.barrier(run.info)
+
+
+def save_adapter_as(run: Run, name: str) -> None:
+    """Write the current adapter to out/<name> (gathered to full tensors under FSDP2)."""
+    path = run.out / name
+    run.parallel.save_adapter(run.model, lambda: save_adapter_dir(run.model, path, run.task_info),
+                              lambda state: export_adapter(run, state, path))
+
+
+# ---------------------------------------------------------------------------- 6. final adapter, test
+
+
+def finish(run: Run, state: RunState, train_seconds: float, started: float) -> TrainResult:
+    """Save the final adapter, measure the test accuracy after training, write results.json."""
+    save_adapter_as(run, "adapter")
+    after = test_accuracy(run)
+    before, causal, report = state.before, run.data.kind == "causal-lm", run.report
+    result = TrainResult(
+        output=str(run.out), task=run.data.task.name, model_kind=run.data.kind, test_rows=len(run.data.test_rows),
+        accuracy_before=before.accuracy if before else None, accuracy_after=after.accuracy if after else None,
+        unparseable_before=before.unparseable_share if before and causal else None,
+        unparseable_after=after.unparseable_share if after and causal else None,
+        trainable=report.trainable, total=report.total, trainable_percent=report.percent, steps=state.step,
+        best_val_loss=None if math.isinf(state.best_val) else state.best_val, train_seconds=train_seconds,
+        total_seconds=time.perf_counter() - started, history=state.history,
+    )
+    if run.info.is_main:
+        write_json_atomic(run.out / "results.json", {k: v for k, v in result.__dict__.items() if k != "history"})
+        print(format_results(result), flush=True)
+    dist_utils.teardown(run.info)
+    return result
+
+
+def test_accuracy(run: Run) -> EvalResult | None:
+    """Accuracy on the test rows (None without any): generated answers or the best-scored choice."""
+    data, cfg, info = run.data, run.cfg, run.info
+    if not data.test_rows:
+        return None
+    progress = cfg.progress and info.is_main
+    if data.kind == "causal-lm":
+        return evaluate_generation(run.model, data.tokenizer, data.task, data.test, cfg.max_new_tokens,
+                                   cfg.eval_batch_size, info.device, progress=progress)
+    return evaluate_choices(run.model, data.test, data.tokenizer, data.kind, data.task.name, cfg.max_length,
+                            cfg.eval_batch_size, info.device, progress=progress)
+
+
+def save_adapter_dir(model, path: Path, task_info: dict) -> None:
+    """The adapter in dorafit's format plus task.json (how to score it)."""
+    dorafit.save_adapter(model, path)
+    write_json_atomic(path / TASK_FILE, task_info)
+
+
+def export_adapter(run: Run, state: dict, path: Path) -> None:
+    """Write an adapter folder from gathered trainable tensors, through an unsharded model copy."""
+    labels = run.data.labels
+    model, _ = load_model(run.data.model_path, run.data.kind, run.cfg.trust_remote_code,
+                          num_labels=len(labels) if labels else None)
+    dorafit.attach(model, run.adapter_cfg)
+    load_trainable(model, state, path)
+    save_adapter_dir(model, path, run.task_info)
+
+
+# ---------------------------------------------------------------------------- small helpers
+
+
+def _print(info, *args) -> None:
+    if info.is_main:
+        print(*args, flush=True)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -155,37 +637,18 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _check_precision(cfg: TrainConfig, device: torch.device) -> None:
-    if cfg.precision == "fp16" and device.type != "cuda":
-        raise TrainConfigError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise TrainConfigError("precision bf16 is not supported by this GPU; use fp16 or fp32")
+def _progress_bar(run: Run, initial: int):
+    if not (run.cfg.progress and run.info.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.total_steps, initial=initial, desc="train", dynamic_ncols=True)
 
 
-def trainable_named(model) -> list[tuple[str, torch.nn.Parameter]]:
-    """(name, parameter) of every trainable parameter, in model order."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def gather_trainable(model) -> dict[str, torch.Tensor]:
-    """Full (unsharded) CPU copies of the trainable parameters; collective under FSDP."""
-    return {n: dist_utils.full_tensor(p.detach()).cpu().clone() for n, p in trainable_named(model)}
-
-
-def load_trainable(model, state: dict[str, torch.Tensor], source) -> None:
-    """Copy saved trainable parameters into the model (each rank copies its own shard)."""
-    params = dict(trainable_named(model))
-    if set(params) != set(state):
-        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        raise ckpt.CheckpointError(f"{source}: trainable parameters differ (missing {missing[:5]}, extra {extra[:5]})")
-    with torch.no_grad():
-        for name, p in params.items():
-            value = state[name]
-            if hasattr(p, "device_mesh"):  # an FSDP2 DTensor: keep this rank's shard only
-                from torch.distributed.tensor import distribute_tensor
-
-                value = distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements)
-            p.copy_(value)
+def _append_log(run: Run, record: dict) -> None:
+    if run.info.is_main:
+        with open(run.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -201,356 +664,6 @@ def _truncate_log(path: Path, step: int) -> None:
         if record.get("step", 0) <= step:
             kept.append(line)
     write_bytes_atomic(path, ("\n".join(kept) + "\n" if kept else "").encode())
-
-
-def load_fsdp_optimizer(model, optimizer, names: list[str], loaded: dict) -> None:
-    """Give every rank its shard of a full (name-keyed) optimizer state read from a checkpoint."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    state: dict = {}
-    for key, value in loaded["optimizer"].items():
-        name, _, field_name = key.rpartition("::")
-        state.setdefault(name, {})[field_name] = value
-    groups = [{**g, "params": list(names)} for g in loaded["state"]["optimizer_param_groups"]]
-    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
-                             options=StateDictOptions(full_state_dict=True))
-
-
-def save_adapter_dir(model, path: Path, task_info: dict) -> None:
-    """The adapter in dorafit's format plus task.json (how to score it)."""
-    dorafit.save_adapter(model, path)
-    write_json_atomic(path / TASK_FILE, task_info)
-
-
-def _batches(kind, tokenizer, cfg, pad_id):
-    """A collate function for the data kind."""
-    if kind == "causal-lm":
-        return lambda chunk: D.collate_causal(chunk, pad_id)
-    if kind == "sequence-classification":
-        return lambda chunk: D.collate_texts(chunk, tokenizer, cfg.max_length)
-    scoring = "similarity" if kind == "similarity" else "pair"
-    return lambda chunk: D.collate_choices(chunk, tokenizer, cfg.max_length, scoring)
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def validation_loss(model, examples, collate, kind, cfg, device) -> float:
-    """Mean loss per unit over the validation rows (all ranks compute the same value)."""
-    was_training = model.training
-    model.eval()
-    total, units = 0.0, 0
-    for start in range(0, len(examples), cfg.eval_batch_size):
-        batch = _to(collate(examples[start:start + cfg.eval_batch_size]), device)
-        with _autocast(cfg, device):
-            total += float(loss_sum(model, batch, kind))
-        units += count_units(batch, kind)
-    model.train(was_training)
-    return total / max(units, 1)
-
-
-# ---------------------------------------------------------------------------- recipe
-
-
-def train(cfg: TrainConfig) -> TrainResult | None:
-    """Run a whole fine-tuning job as ``cfg`` describes; returns the results (rank 0's view),
-    or None when it stopped early on purpose (``stop_after_steps``)."""
-    started = time.perf_counter()
-    # 1. Processes, threads, output folder, resolved config.
-    info = dist_utils.setup()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    _check_precision(cfg, info.device)
-    task = get_task(cfg.task)
-    out = Path(cfg.output) if cfg.output else default_output(cfg)
-    if info.is_main:
-        error = None
-        try:
-            prepare_output(out, cfg)
-        except TrainConfigError as err:
-            error = str(err)
-    else:
-        error = None
-    error = dist_utils.broadcast_object(error, info)
-    if error:
-        raise TrainConfigError(error)
-    cfg_dict = {**cfg.to_dict(), "output": str(out)}
-    _print(info, "dorafit train: resolved configuration\n" + format_config(TrainConfig(**cfg_dict)))
-    if info.is_main and not cfg.resume:
-        import yaml
-
-        write_bytes_atomic(out / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False).encode())
-    seed_everything(cfg.seed)
-
-    # 2. Data: read and check every file before the model is loaded.
-    model_path = resolve_model_path(cfg.model)
-    model_config = read_model_config(model_path, cfg.trust_remote_code)
-    train_path = _data_path(cfg, "train", task.folder)
-    train_rows = D.read_rows(train_path)
-    if cfg.max_train_rows:
-        train_rows = train_rows[: cfg.max_train_rows]
-    data_format = D.detect_format(train_rows, train_path)
-    kind = detect_kind(model_path, model_config, data_format) if cfg.model_kind == "auto" else cfg.model_kind
-    test_path = _data_path(cfg, "test", task.folder) if (cfg.test_data or data_format == "commonsense") else None
-    test_rows = D.read_rows(test_path) if test_path else []
-    if cfg.max_test_rows:
-        test_rows = test_rows[: cfg.max_test_rows]
-    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    labels = None
-    if kind == "causal-lm":
-        train_items = D.to_instruction_pairs(train_rows, data_format, train_path)
-        make = lambda pairs, path: D.tokenize_instruction_pairs(pairs, tokenizer, cfg.max_length, path)  # noqa: E731
-        train_examples = make(train_items, train_path)
-        val_examples = make(D.to_instruction_pairs(D.read_rows(cfg.val_data), data_format, cfg.val_data),
-                            cfg.val_data) if cfg.val_data else None
-        for r_number, row in enumerate(test_rows, start=1):
-            D._text(row, "instruction", test_path, r_number)
-            D._text(row, "answer", test_path, r_number)
-    elif kind == "sequence-classification":
-        train_examples, labels = D.to_text_examples(train_rows, train_path)
-        val_examples = D.to_text_examples(D.read_rows(cfg.val_data), cfg.val_data, labels)[0] if cfg.val_data else None
-        test_examples = D.to_text_examples(test_rows, test_path, labels)[0] if test_rows else []
-    else:
-        train_examples = D.to_choice_examples(train_rows, data_format, train_path, task if data_format == "commonsense" else None)
-        val_examples = D.to_choice_examples(D.read_rows(cfg.val_data), data_format, cfg.val_data) if cfg.val_data else None
-        test_examples = D.to_choice_examples(test_rows, "commonsense" if test_rows and "instruction" in test_rows[0] else "multiple_choice",
-                                             test_path, task) if test_rows else []
-    if kind != "causal-lm":
-        D.check_encoder_lengths(train_examples, tokenizer, cfg.max_length, train_path)
-    if val_examples is None:
-        train_examples, val_examples = D.split_validation(train_examples, cfg.val_size, cfg.seed)
-    global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
-    steps_per_epoch = len(train_examples) // global_batch
-    if steps_per_epoch == 0:
-        raise D.DataError(f"{train_path}: {len(train_examples)} training rows are fewer than one global batch "
-                          f"({global_batch} = batch size x grad accum x processes)")
-    total_steps = steps_per_epoch * cfg.epochs
-    _print(info, f"data: {len(train_examples)} train, {len(val_examples)} validation, {len(test_rows)} test rows; "
-                 f"kind {kind}; {total_steps} steps of {global_batch} rows")
-
-    # 3. Model and adapter. Attaching leaves the outputs unchanged (B = 0, m = ||W0||), so the
-    #    "before" evaluation below is the base model's.
-    model, fresh_modules = load_model(model_path, kind, cfg.trust_remote_code,
-                                      num_labels=len(labels) if labels else None)
-    targets = cfg.targets or default_targets(model)
-    adapter_cfg = dorafit.AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                                        targets=targets,
-                                        modules_to_save=trained_heads(model, kind, fresh_modules))
-    if cfg.quantize:
-        # QDoRA: exactly the adapted linear layers become 4-bit NF4 (bitsandbytes), on the
-        # device they train on; the norm then runs through the 4-bit layers (dorafit.quant).
-        from dorafit import quant
-
-        model.to(info.device)
-        compute = torch.bfloat16 if info.device.type == "cuda" else torch.float32
-        names = quant.quantize_model(model, targets, cfg.quantize, compute_dtype=compute)
-        _print(info, f"quantized {len(names)} linear layers to 4-bit {cfg.quantize} (compute dtype {compute})")
-    torch.manual_seed(cfg.seed)  # the adapter's initialisation depends on the seed alone
-    dorafit.attach(model, adapter_cfg)
-    model.to(info.device)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-    report = dorafit.trainable_report(model)
-    _print(info, str(report))
-    task_info = {"task": task.name, "model_kind": kind, "labels": labels, "max_length": cfg.max_length}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    collate = _batches(kind, tokenizer, cfg, pad_id)
-
-    def run_test(desc: str) -> EvalResult | None:
-        if not test_rows:
-            return None
-        if kind == "causal-lm":
-            return evaluate_generation(model, tokenizer, task, test_rows, cfg.max_new_tokens,
-                                       cfg.eval_batch_size, info.device, progress=cfg.progress and info.is_main)
-        return evaluate_choices(model, test_examples, tokenizer, kind, task.name, cfg.max_length,
-                                cfg.eval_batch_size, info.device, progress=cfg.progress and info.is_main)
-
-    # 4. Resume state, or a fresh start.
-    ckpt_root = out / "checkpoints"
-    optimizer_names = [n for n, _ in trainable_named(model)]
-    step, best_val, history, before = 0, math.inf, [], None
-    resumed = ckpt.load_latest(ckpt_root) if cfg.resume else None
-    if cfg.resume and resumed is None:
-        warnings.warn(f"--resume: no usable checkpoint in {ckpt_root}; starting from step 0", stacklevel=2)
-    if resumed is None and cfg.eval_before:
-        before = run_test("before")
-        if before is not None:
-            _print(info, f"accuracy before training: {before.accuracy:.4f} on {before.rows} {task.name} rows")
-        if val_examples:
-            # The untrained model's validation loss: step 0 of the log, the bar to beat.
-            record = {"step": 0, "val_loss": validation_loss(model, val_examples, collate, kind, cfg, info.device)}
-            history.append(record)
-            if info.is_main:
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-
-    wrapped = dist_utils.wrap(model, cfg.distributed, info)
-    params = [p for _, p in trainable_named(model)]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-    if resumed is not None:
-        folder, loaded = resumed
-        load_trainable(model, loaded["trainable"], folder)
-        if cfg.distributed == "fsdp" and info.enabled:
-            load_fsdp_optimizer(wrapped, optimizer, optimizer_names, loaded)
-        else:
-            ckpt.optimizer_from_flat(optimizer, optimizer_names, loaded["optimizer"],
-                                     loaded["state"]["optimizer_param_groups"])
-        ckpt.restore_rng(loaded["rng"], loaded["state"]["rng"])
-        step = loaded["state"]["step"]
-        best_val = loaded["state"]["best_val_loss"]
-        best_val = math.inf if best_val is None else best_val
-        before = EvalResult(**loaded["state"]["before"]) if loaded["state"].get("before") else None
-        history = loaded["state"].get("history", [])
-        if info.is_main:
-            _truncate_log(out / "log.jsonl", step)
-        _print(info, f"resumed from {folder} at step {step}")
-
-    def save_checkpoint() -> None:
-        if cfg.distributed == "fsdp" and info.enabled:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            full = get_optimizer_state_dict(wrapped, optimizer,
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            optim_tensors = {f"{n}::{k}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-                             for n, per in full.get("state", {}).items() for k, v in per.items()}
-            # Only rank 0 receives the gathered state (cpu_offload); the others get {}.
-            optim_groups = [{k: v for k, v in g.items() if k != "params"} for g in full.get("param_groups", [])]
-        else:
-            optim_tensors, optim_groups = ckpt.optimizer_to_flat(optimizer, optimizer_names)
-        trainable = gather_trainable(model)
-        if info.is_main:
-            counters = {"step": step, "best_val_loss": None if math.isinf(best_val) else best_val,
-                        "before": before.__dict__ if before else None, "history": history}
-            sharded = cfg.distributed == "fsdp" and info.enabled
-            extra = None if sharded else (lambda tmp: save_adapter_dir(model, tmp / "adapter", task_info))
-            ckpt.save_checkpoint(ckpt_root / f"step-{step:06d}", trainable, optim_tensors, optim_groups, counters,
-                                 write_extra=extra)
-            ckpt.prune_checkpoints(ckpt_root, cfg.keep_checkpoints)
-        dist_utils.barrier(info)
-
-    def save_adapter_as(name: str) -> None:
-        """Write the current adapter to out/<name> (gathered to full tensors under FSDP2)."""
-        if cfg.distributed == "fsdp" and info.enabled:
-            state = gather_trainable(model)
-            if info.is_main:
-                export_adapter(state, model_path, kind, labels, adapter_cfg, cfg, out / name, task_info)
-        elif info.is_main:
-            save_adapter_dir(model, out / name, task_info)
-        dist_utils.barrier(info)
-
-    # 5. The loop. One iteration = one optimizer step over one global batch.
-    train_started = time.perf_counter()
-    bar = None
-    if cfg.progress and info.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
-    wrapped.train()
-    log_path = out / "log.jsonl"
-    while step < total_steps:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        step_rows = order[in_epoch * global_batch:(in_epoch + 1) * global_batch].tolist()
-        micro_size = cfg.batch_size * info.world_size
-        micro_batches = [collate([train_examples[i] for i in step_rows[j:j + micro_size]])
-                         for j in range(0, global_batch, micro_size)]
-        units = sum(count_units(b, kind) for b in micro_batches)  # the whole step, all processes
-        lr = _lr_at(step, cfg, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = 0.0
-        for j, micro in enumerate(micro_batches):
-            mine = {k: v[info.rank * cfg.batch_size:(info.rank + 1) * cfg.batch_size] for k, v in micro.items()}
-            if kind == "similarity":  # choices are stored flat (B*C, T): slice them by row
-                n_choices = micro["choice_mask"].shape[1]
-                lo, hi = info.rank * cfg.batch_size * n_choices, (info.rank + 1) * cfg.batch_size * n_choices
-                mine.update({k: v[lo:hi] for k, v in micro.items() if k.startswith("choice_") and k != "choice_mask"})
-            mine = _to(mine, info.device)
-            sync = j == len(micro_batches) - 1 or not hasattr(wrapped, "no_sync")
-            with (nullcontext() if sync else wrapped.no_sync()), _autocast(cfg, info.device):
-                # DDP and FSDP average gradients over processes; scale by world size so the
-                # result is the sum over the step divided by its units.
-                loss = loss_sum(wrapped, mine, kind) * (info.world_size / units)
-            step_loss += float(loss.detach()) / info.world_size
-            (scaler.scale(loss) if scaler else loss).backward()
-        step_loss = dist_utils.all_reduce_sum(step_loss, info)
-        if not math.isfinite(step_loss):
-            last = ckpt.list_checkpoints(ckpt_root)
-            where = f"the last good checkpoint is {last[0]}" if last else "no checkpoint was written yet"
-            raise TrainingError(f"loss is {step_loss} at step {step + 1}; stopping without updating the "
-                                f"weights ({where}). Lower --lr or use --precision fp32.")
-        if scaler:
-            scaler.unscale_(optimizer)
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        record = {"step": step, "epoch": epoch, "loss": step_loss, "lr": lr}
-
-        # 6. Validation, best adapter, checkpoint.
-        at_epoch_end = step % steps_per_epoch == 0
-        at_save = (cfg.save_steps and step % cfg.save_steps == 0) or step == total_steps
-        at_eval = (cfg.eval_steps and step % cfg.eval_steps == 0) or (not cfg.eval_steps and (at_save or at_epoch_end))
-        if val_examples and at_eval:
-            val = validation_loss(wrapped, val_examples, collate, kind, cfg, info.device)
-            record["val_loss"] = val
-            if val < best_val:
-                best_val = val
-                save_adapter_as("best")
-        history.append(record)
-        if info.is_main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", **({"val": f"{record['val_loss']:.4f}"} if "val_loss" in record else {}))
-        if at_save:
-            save_checkpoint()
-        if cfg.stop_after_steps and step >= cfg.stop_after_steps and step < total_steps:
-            if bar is not None:
-                bar.close()
-            _print(info, f"stopped after step {step} as asked (--stop-after-steps); continue with --resume")
-            dist_utils.teardown(info)
-            return None
-    if bar is not None:
-        bar.close()
-    train_seconds = time.perf_counter() - train_started
-
-    # 7. Final adapter and the test accuracy after training.
-    save_adapter_as("adapter")
-    after = run_test("after")
-    result = TrainResult(
-        output=str(out), task=task.name, model_kind=kind, test_rows=len(test_rows),
-        accuracy_before=before.accuracy if before else None, accuracy_after=after.accuracy if after else None,
-        unparseable_before=before.unparseable_share if before and kind == "causal-lm" else None,
-        unparseable_after=after.unparseable_share if after and kind == "causal-lm" else None,
-        trainable=report.trainable, total=report.total, trainable_percent=report.percent, steps=step,
-        best_val_loss=None if math.isinf(best_val) else best_val, train_seconds=train_seconds,
-        total_seconds=time.perf_counter() - started, history=history,
-    )
-    if info.is_main:
-        write_json_atomic(out / "results.json", {k: v for k, v in result.__dict__.items() if k != "history"})
-        print(format_results(result), flush=True)
-    dist_utils.teardown(info)
-    return result
-
-
-def export_adapter(state, model_path, kind, labels, adapter_cfg, cfg, path: Path, task_info: dict) -> None:
-    """Write an adapter folder from gathered trainable tensors, through an unsharded model copy."""
-    model, _ = load_model(model_path, kind, cfg.trust_remote_code, num_labels=len(labels) if labels else None)
-    dorafit.attach(model, adapter_cfg)
-    load_trainable(model, state, path)
-    save_adapter_dir(model, path, task_info)
 
 
 def _minutes(seconds: float) -> str:

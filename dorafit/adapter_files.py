@@ -1,0 +1,55 @@
+"""The two files of an adapter folder: their names, and reading them with clear errors.
+
+    adapter_config.json          the configuration (dorafit's or PEFT's layout)
+    adapter_model.safetensors    the tensors
+
+Shared by the dorafit format (``dorafit.io``) and the PEFT format (``dorafit.interop``), which
+both read these files and must not import each other for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import torch
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory or file that cannot be loaded onto this model."""
+
+
+def read_adapter_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The parsed ``adapter_config.json`` of an adapter directory, with clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise AdapterFileError(f"adapter path {path} does not exist")
+    if not path.is_dir():
+        raise AdapterFileError(f"{path} is not an adapter directory (expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise AdapterFileError(f"{path} is not an adapter directory: {CONFIG_NAME} is missing")
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{cfg_file} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{cfg_file} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_safetensors(file: Path) -> Dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, or an AdapterFileError naming the file."""
+    if not file.is_file():
+        raise AdapterFileError(f"adapter weights file {file} is missing")
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt data
+        raise AdapterFileError(f"{file} is truncated or corrupt and cannot be read as safetensors: {exc}") from None

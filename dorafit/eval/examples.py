@@ -1,0 +1,123 @@
+"""Examples and batches: what a data row becomes before a model sees it, for training and evaluation.
+
+- ``ChoiceExample``: a question, its candidate answers and the right one's index (the encoder
+  kinds multiple-choice and similarity; commonsense rows are parsed into this);
+- ``TextExample``: a text (or pair) with a class label (sequence-classification);
+- for a causal LM, the paper's prompt (``format_prompt``) followed by the response, tokenized
+  with the prompt positions labelled ``IGNORE_INDEX`` (loss on the response only).
+
+``collate_for_kind`` picks the batching of a model kind; ``collate_*`` build the tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+
+# The LLM-Adapters prompt, used by the DoRA paper's commonsense recipe for training and
+# evaluation alike.
+PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+IGNORE_INDEX = -100
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The paper's prompt for one row, ending right where the response starts."""
+    if input and input.strip():
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT.format(instruction=instruction)
+
+
+@dataclass
+class ChoiceExample:
+    """A question with its candidate answers and the index of the right one."""
+
+    question: str
+    choices: list[str]
+    label: int
+
+
+@dataclass
+class TextExample:
+    """A text (or text pair) with a class label, for sequence classification."""
+
+    text: str
+    text_pair: str | None
+    label: int
+
+
+def collate_causal(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenized examples into (B, T) tensors."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_choices(examples: list[ChoiceExample], tokenizer, max_length: int,
+                    scoring: str = "pair") -> dict[str, torch.Tensor]:
+    """Question/choice batches; rows with fewer choices are padded with empty choices.
+
+    ``choice_mask`` (B, C) marks the real choices so that padded ones can be left out of the
+    softmax. With ``scoring="pair"`` (a cross-encoder such as ``...ForMultipleChoice``) each
+    (question, choice) pair is one sequence: ``input_ids`` (B, C, T). With
+    ``scoring="similarity"`` the two texts are encoded separately: ``question_*`` (B, Tq) and
+    ``choice_*`` (B*C, Tc).
+    """
+    n_choices = max(len(e.choices) for e in examples)
+    mask = torch.zeros((len(examples), n_choices), dtype=torch.bool)  # (B, C)
+    questions, choices = [], []
+    for i, e in enumerate(examples):
+        mask[i, : len(e.choices)] = True
+        questions.append(e.question)
+        choices += e.choices + [""] * (n_choices - len(e.choices))
+    batch = {"choice_mask": mask, "labels": torch.tensor([e.label for e in examples])}
+    if scoring == "pair":
+        firsts = [q for q in questions for _ in range(n_choices)]
+        enc = tokenizer(firsts, choices, padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        batch.update({k: v.view(len(examples), n_choices, -1) for k, v in enc.items()})  # (B, C, T)
+    elif scoring == "similarity":
+        enc_q = tokenizer(questions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc_c = tokenizer(choices, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch.update({f"question_{k}": v for k, v in enc_q.items()})  # (B, Tq)
+        batch.update({f"choice_{k}": v for k, v in enc_c.items()})  # (B*C, Tc)
+    else:
+        raise ValueError(f"unknown scoring {scoring!r}; use 'pair' or 'similarity'")
+    return batch
+
+
+def collate_texts(examples: list[TextExample], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
+    """Texts (or text pairs) as (B, T) tensors with their labels."""
+    pairs = [e.text_pair for e in examples]
+    enc = tokenizer([e.text for e in examples], pairs if any(p is not None for p in pairs) else None,
+                    padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    batch = dict(enc)
+    batch["labels"] = torch.tensor([e.label for e in examples])
+    return batch
+
+
+def collate_for_kind(kind: str, tokenizer, max_length: int, pad_id: int = 0) -> Callable[[list], dict]:
+    """The function that batches a list of examples for a model kind (see ``dorafit.eval.scoring``)."""
+    if kind == "causal-lm":
+        return partial(collate_causal, pad_id=pad_id)
+    if kind == "sequence-classification":
+        return partial(collate_texts, tokenizer=tokenizer, max_length=max_length)
+    return partial(collate_choices, tokenizer=tokenizer, max_length=max_length,
+                   scoring="similarity" if kind == "similarity" else "pair")
