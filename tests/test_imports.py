@@ -159,3 +159,20 @@ def test_help_imports_no_heavy_library(argv):
     rc, heavy = _modules_after_help(argv)
     assert rc == 0
     assert not heavy, f"dorafit {' '.join(argv)} imported {heavy[:5]}"
+
+
+def test_import_registers_no_optimizer_hook():
+    """The norm cache counts optimizer steps with a global hook: added by the first adapter built,
+    not by ``import dorafit`` (a library import must not change every optimizer of the process)."""
+    code = (
+        "import torch\n"
+        "import torch.optim.optimizer as o\n"
+        "import dorafit\n"
+        "before = len(o._global_optimizer_post_hooks)\n"
+        "dorafit.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)), dorafit.AdapterConfig(targets=['0'], rank=2))\n"
+        "print(before, len(o._global_optimizer_post_hooks))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT.parent)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "1"]

@@ -16,10 +16,9 @@ and computes, with s = alpha / r and x' = dropout(x),
 
 LoRA and DoRA run through the same forward so they are measured on equal terms. The DoRA norm
 is the factored one of ``functional.factored_norm``; with ``detach_norm`` (paper section 4.3)
-it is a constant in backward and is cached until A, B or W0 change (version counters; inside a
-torch.compile graph, until the next optimizer step, state-dict load or move), so it is paid once
-per optimizer step across gradient-accumulation micro-batches, activation-checkpoint
-recomputation and evaluation.
+it is a constant in backward and is kept in the layer's ``NormCache`` while it is fresh (see there
+for the rule), so it is paid once per optimizer step across gradient-accumulation micro-batches,
+activation-checkpoint recomputation and evaluation.
 
 Each layer type (linear.py, conv.py, embedding.py) only says how its weight is laid out, how
 to run the low-rank path and how to get the cross term A W0ᵀ from the frozen base.
@@ -29,7 +28,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -43,20 +42,66 @@ class AdapterError(ValueError):
     """An adapter cannot be built or used on this module."""
 
 
-# Bumped after every optimizer step (any optimizer, fused ones included: they update parameters
-# without bumping the tensors' version counters), so a cached norm never outlives a step.
-_STEP_GENERATION = [0]
-# Every adapter alive, so that a step can mark the norms cached under torch.compile as stale.
-_LIVE_LAYERS: "weakref.WeakSet[AdapterLayer]" = weakref.WeakSet()
+class _OptimizerSteps:
+    """Counts optimizer steps of any optimizer (fused ones update parameters without bumping
+    their version counters) and marks the norms kept inside compiled graphs as stale.
+
+    Its hook is registered when the first adapter is built, not when dorafit is imported.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._caches: "weakref.WeakSet[NormCache]" = weakref.WeakSet()
+        self._hooked = False
+
+    def watch(self, cache: "NormCache") -> None:
+        if not self._hooked:
+            register_optimizer_step_post_hook(self._after_step)
+            self._hooked = True
+        self._caches.add(cache)
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self.count += 1
+        for cache in list(self._caches):
+            cache.compiled_fresh = False
 
 
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    _STEP_GENERATION[0] += 1
-    for layer in list(_LIVE_LAYERS):
-        layer._compiled_norm_fresh = False
+OPTIMIZER_STEPS = _OptimizerSteps()
 
 
-register_optimizer_step_post_hook(_count_optimizer_step)
+class NormCache:
+    """What one adapter keeps between forwards: ‖W0‖², the detached norm ‖W0 + s B A‖ and
+    whether its magnitude has a zero.
+
+    The rule: a kept value is fresh while nothing it was computed from has changed, i.e. no
+    optimizer step has run since, and A, B and W0 are the same tensors (storage) at the same
+    version (in-place writes bump it). Eager code checks this through ``key``; a torch.compile
+    graph cannot read version counters and reads the ``compiled_fresh`` flag instead, which an
+    optimizer step, a state-dict load, a move or cast and ``forget()`` clear. Writes that bypass
+    autograd (through ``.data``, by a collective) are not seen: ``invalidate_norm_caches`` then
+    forgets everything.
+    """
+
+    def __init__(self) -> None:
+        self.w0: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, ‖W0‖² float32)
+        self.norm: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, ‖W0 + sBA‖), eager
+        # Inside compiled graphs: (norm kept for training calls, norm kept for no-grad calls).
+        self.compiled: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None
+        self.compiled_fresh = False
+        self.zero_magnitude: Tuple[Any, bool] = (None, False)  # (key, some m_i == 0)
+        OPTIMIZER_STEPS.watch(self)
+
+    @staticmethod
+    def key(tensors: List[torch.Tensor], *extra) -> tuple:
+        """What a kept value was computed from: each tensor's storage and version, plus ``extra``."""
+        return tuple((t.data_ptr(), t._version) for t in tensors) + extra
+
+    def forget_compiled(self) -> None:
+        self.compiled, self.compiled_fresh = None, False
+
+    def forget(self) -> None:
+        self.w0 = self.norm = None
+        self.forget_compiled()
 
 
 def invalidate_norm_caches(model: nn.Module) -> None:
@@ -67,9 +112,7 @@ def invalidate_norm_caches(model: nn.Module) -> None:
     """
     for module in model.modules():
         if isinstance(module, AdapterLayer):
-            module._norm_cache = None
-            module._w0_cache = None
-            module._compiled_norm_fresh = False
+            module.norm_cache.forget()
 
 
 def is_compiling() -> bool:
@@ -85,7 +128,7 @@ def _no_autocast(device_type: str):
 
 
 def _forget_compiled_norm(module: "AdapterLayer", incompatible_keys) -> None:
-    module._compiled_norm_fresh = False
+    module.norm_cache.compiled_fresh = False
 
 
 class AdapterLayer(nn.Module):
@@ -135,17 +178,10 @@ class AdapterLayer(nn.Module):
         dtype = torch.float32 if adapter_dtype == "float32" else self.base_dtype()
         device = weight.device
 
-        # ‖W0‖² per output feature, float32 (DESIGN.md §2): computed here once, and again only if
-        # the base weight itself changes (loaded, moved, cast). A plain attribute, not a buffer,
-        # so that ``model.to(torch.bfloat16)`` cannot turn it into half precision.
-        self._w0_cache: Optional[Tuple[tuple, torch.Tensor]] = None
-        self._norm_cache: Optional[Tuple[tuple, torch.Tensor]] = None
-        # Under torch.compile a graph cannot compare version counters: the norm is kept in
-        # ``_compiled_norm`` while ``_compiled_norm_fresh`` holds (a flag that graphs guard on),
-        # and optimizer steps, state-dict loads, moves and ``invalidate_norm_caches`` clear it.
-        self._compiled_norm: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None
-        self._compiled_norm_fresh = False
-        _LIVE_LAYERS.add(self)
+        # ‖W0‖² per output feature (float32, DESIGN.md §2) and the detached norm, kept while
+        # fresh. A plain object, not buffers, so that ``model.to(torch.bfloat16)`` cannot turn
+        # them into half precision.
+        self.norm_cache = NormCache()
         self.register_load_state_dict_post_hook(_forget_compiled_norm)
         self.lora_a: Optional[nn.Parameter] = None
         self.lora_b: Optional[nn.Parameter] = None
@@ -157,7 +193,7 @@ class AdapterLayer(nn.Module):
             self.lora_b = nn.Parameter(torch.zeros(self.lora_b_shape(), dtype=dtype, device=device))
         if method in ("dora", "magnitude"):
             self.magnitude = nn.Parameter(self.w0_norm_sq.sqrt().to(dtype))
-        self._zero_m = self.magnitude is not None and bool((self.magnitude == 0).any())
+        self.norm_cache.zero_magnitude = (None, self.magnitude is not None and bool((self.magnitude == 0).any()))
         for p in self.base.parameters():  # last, after every check (``attach`` undoes it on failure)
             p.requires_grad_(False)
 
@@ -196,15 +232,15 @@ class AdapterLayer(nn.Module):
     @property
     def w0_norm_sq(self) -> torch.Tensor:
         """‖W0‖² per output feature, float32, recomputed only when the base weight changed."""
-        cached = self._w0_cache
+        cached = self.norm_cache.w0
         if is_compiling() and cached is not None:
             return cached[1]  # traced as a constant; data pointers cannot be compared in a graph
         w = self.base.weight
-        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        key = NormCache.key([w], w.device, w.dtype)
         if cached is None or cached[0] != key or (cached[1].is_inference() and not torch.is_inference_mode_enabled()):
             with torch.no_grad(), _no_autocast(w.device.type):
                 cached = (key, self.initial_weight_norm_sq().to(torch.float32))
-            self._w0_cache = cached
+            self.norm_cache.w0 = cached
         return cached[1]
 
     def weight_from_2d(self, weight_2d: torch.Tensor) -> torch.Tensor:
@@ -273,11 +309,9 @@ class AdapterLayer(nn.Module):
             return DF.factored_norm(self.w0_norm_sq, cross, a_2d, b_2d, self.scaling)
 
     def _cache_key(self) -> tuple:
-        deps = self.norm_dependencies()
-        # Optimizer steps count too (fused optimizers do not bump version counters); a
-        # magnitude-only norm depends on the frozen W0 alone.
-        step = _STEP_GENERATION[0] if self.method != "magnitude" else 0
-        return tuple((t.data_ptr(), t._version) for t in deps) + (self.scaling, step)
+        # A magnitude-only norm depends on the frozen W0 alone, not on optimizer steps.
+        step = OPTIMIZER_STEPS.count if self.method != "magnitude" else 0
+        return NormCache.key(self.norm_dependencies(), self.scaling, step)
 
     def weight_norm(self, cross: Optional[torch.Tensor] = None, checked: bool = False) -> torch.Tensor:
         """‖W0 + s B A‖ per output feature, (out,) float32 (factored, never materialised).
@@ -291,14 +325,14 @@ class AdapterLayer(nn.Module):
             return self._compute_norm()
         if is_compiling():
             return self._compiled_weight_norm(cross)
-        cached = self._norm_cache
-        if cached is not None and (checked or self._cache_valid(cached)):
-            return cached[1]
+        cache = self.norm_cache
+        if cache.norm is not None and (checked or self._cache_valid(cache.norm)):
+            return cache.norm[1]
         key = self._cache_key()
         with torch.no_grad():
             norm = self._compute_norm(cross)
-        self._norm_cache = (key, norm)
-        self._compiled_norm_fresh = False  # A, B or W0 changed: so is the norm a graph kept
+        cache.norm = (key, norm)
+        cache.compiled_fresh = False  # A, B or W0 changed: so is the norm a graph kept
         return norm
 
     def _compiled_weight_norm(self, cross: Optional[torch.Tensor]) -> torch.Tensor:
@@ -312,22 +346,24 @@ class AdapterLayer(nn.Module):
         slot = 0 if torch.is_grad_enabled() else 1
         with torch.no_grad():
             norm = self._compute_norm(cross)
-        kept = self._compiled_norm
-        if not self._compiled_norm_fresh or kept is None:
+        cache = self.norm_cache
+        kept = cache.compiled
+        if not cache.compiled_fresh or kept is None:
             kept = (None, None)
-        self._compiled_norm = (norm, kept[1]) if slot == 0 else (kept[0], norm)
-        self._compiled_norm_fresh = True
+        cache.compiled = (norm, kept[1]) if slot == 0 else (kept[0], norm)
+        cache.compiled_fresh = True
         return norm
 
     def _compiled_norm_kept(self) -> Optional[torch.Tensor]:
         """The norm kept for this mode (training or no-grad) since the last step, or None."""
-        kept = self._compiled_norm
-        if not self._compiled_norm_fresh or kept is None:
+        cache = self.norm_cache
+        kept = cache.compiled
+        if not cache.compiled_fresh or kept is None:
             return None
         return kept[0 if torch.is_grad_enabled() else 1]
 
     def _apply(self, fn, *args, **kwargs):
-        self._compiled_norm, self._compiled_norm_fresh = None, False  # moved or cast: recompute
+        self.norm_cache.forget_compiled()  # moved or cast: recompute
         return super()._apply(fn, *args, **kwargs)
 
     def _cache_valid(self, cached: Tuple[tuple, torch.Tensor]) -> bool:
@@ -344,7 +380,7 @@ class AdapterLayer(nn.Module):
             return False
         if is_compiling():
             return self._compiled_norm_kept() is None
-        cached = self._norm_cache
+        cached = self.norm_cache.norm
         return cached is None or not self._cache_valid(cached)
 
     def base_and_cross(self, x: torch.Tensor, a: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -415,15 +451,15 @@ class AdapterLayer(nn.Module):
             return True
         if not torch.is_grad_enabled() or not self.magnitude.requires_grad:
             return False
+        cache = self.norm_cache
         if is_compiling():
-            return getattr(self, "_zero_m", False)  # the last value seen eagerly (or at attach)
+            return cache.zero_magnitude[1]  # the last value seen eagerly (or at attach)
         # g = m / n is 0 exactly where m is (e.g. a zero row of W0); (y − b) / g is then undefined.
         # Checked once per magnitude value, not per forward (a device sync on GPUs).
-        key = (self.magnitude.data_ptr(), self.magnitude._version, _STEP_GENERATION[0])
-        if getattr(self, "_zero_m_key", None) != key:
-            self._zero_m = bool((self.magnitude == 0).any())
-            self._zero_m_key = key
-        return self._zero_m
+        key = NormCache.key([self.magnitude], OPTIMIZER_STEPS.count)
+        if cache.zero_magnitude[0] != key:
+            cache.zero_magnitude = (key, bool((self.magnitude == 0).any()))
+        return cache.zero_magnitude[1]
 
     def merged_weight_2d(self) -> torch.Tensor:
         """The adapted weight as (out, in_flat), float32: W0 + sBA, or g ⊙ (W0 + sBA)."""

@@ -616,10 +616,10 @@ def test_compiled_norm_is_kept_between_steps_and_refreshed_after_them(ref, backe
             y = compiled(x)
             torch.testing.assert_close(y, layer.reference_forward(x), rtol=1e-5, atol=1e-5)
             y.pow(2).sum().backward()
-        assert layer._compiled_norm_fresh
+        assert layer.norm_cache.compiled_fresh
         opt.step()
         opt.zero_grad()
-        assert not layer._compiled_norm_fresh  # the step cleared it
+        assert not layer.norm_cache.compiled_fresh  # the step cleared it
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
         kept = compiled(x)

@@ -59,13 +59,28 @@ def test_finished_run_is_not_overwritten(tiny_llama, arc_files, tmp_path, capsys
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_llama, arc_files, tmp_path, capsys):
     out = tmp_path / "run"
-    # A learning rate this large sends the weights to inf after the warm-up steps.
+    # A learning rate this large sends the weights to inf after the warm-up steps. Without
+    # validation rows the first sign of it is the training loss.
     code = _train(tiny_llama, arc_files, out, "--lr", "1e38", "--warmup-steps", "3", "--save-steps", "1",
-                  "--max-grad-norm", "0", "--epochs", "3")
+                  "--max-grad-norm", "0", "--epochs", "3", "--val-size", "0")
     assert code == 1
     err = _error(capsys)
     assert "loss is nan" in err or "loss is inf" in err
     assert "last good checkpoint is" in err
+    assert not (out / "results.json").exists()
+
+
+def test_non_finite_validation_loss_stops_before_saving(tiny_llama, arc_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    # The same run with validation rows: the first step already gives a NaN validation loss,
+    # and nothing of that step may be saved, neither best/ nor a checkpoint.
+    code = _train(tiny_llama, arc_files, out, "--lr", "1e38", "--warmup-steps", "3", "--save-steps", "1",
+                  "--max-grad-norm", "0", "--epochs", "3")
+    assert code == 1
+    err = _error(capsys)
+    assert "validation loss is nan after step 1" in err
+    assert "no good checkpoint was written yet" in err
+    assert not (out / "best").exists() and not list((out / "checkpoints").glob("step-*"))
     assert not (out / "results.json").exists()
 
 
