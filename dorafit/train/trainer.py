@@ -395,7 +395,7 @@ def start(run: Run) -> RunState:
 
 def evaluate_untrained(run: Run, state: RunState) -> None:
     """The 'before' accuracy, and the untrained validation loss as step 0 of the log: the bar to beat."""
-    state.before = test_accuracy(run)
+    state.before = measure_accuracy(run)
     if state.before is not None:
         _print(run.info, f"accuracy before training: {state.before.accuracy:.4f} on {state.before.rows} "
                          f"{run.data.task.name} rows")
@@ -499,13 +499,15 @@ def _clip_gradients(run: Run) -> float:
 
 def _refuse_non_finite(run: Run, what: str, value: float, step: int) -> None:
     """Stop before a non-finite value can reach the weights or a checkpoint."""
-    if math.isfinite(value):
-        return
-    run.optimizer.zero_grad(set_to_none=True)
-    last = ckpt.last_good(run.out / "checkpoints")
-    where = f"the last good checkpoint is {last}" if last else "no good checkpoint was written yet"
-    raise TrainingError(f"{what} is {value} at step {step}; stopping without updating the weights "
-                        f"({where}). Lower --lr or use --precision fp32.")
+    if not math.isfinite(value):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(f"{what} is {value} at step {step}; stopping without updating the weights "
+                            f"({_last_good_note(run)}). Lower --lr or use --precision fp32.")
+
+
+def _last_good_note(run: Run) -> str:
+    last = ckpt.last_good(run.out / "checkpoints")  # verified: checksums and finite values
+    return f"the last good checkpoint is {last}" if last else "no good checkpoint was written yet"
 
 
 def _at_eval(run: Run, step: int, at_save: bool) -> bool:
@@ -519,10 +521,8 @@ def validate(run: Run, state: RunState) -> float:
     """The validation loss after this step; a new best is saved to best/."""
     val = validation_loss(run, run.wrapped)
     if not math.isfinite(val):
-        last = ckpt.last_good(run.out / "checkpoints")
-        where = f"the last good checkpoint is {last}" if last else "no good checkpoint was written yet"
         raise TrainingError(f"validation loss is {val} after step {state.step}; stopping before anything "
-                            f"of this step is saved ({where}). Lower --lr or use --precision fp32.")
+                            f"of this step is saved ({_last_good_note(run)}). Lower --lr or use --precision fp32.")
     if val < state.best_val:
         state.best_val = val
         save_adapter_as(run, "best")
@@ -571,7 +571,7 @@ def save_adapter_as(run: Run, name: str) -> None:
 def finish(run: Run, state: RunState, train_seconds: float, started: float) -> TrainResult:
     """Save the final adapter, measure the test accuracy after training, write results.json."""
     save_adapter_as(run, "adapter")
-    after = test_accuracy(run)
+    after = measure_accuracy(run)
     before, causal, report = state.before, run.data.kind == "causal-lm", run.report
     result = TrainResult(
         output=str(run.out), task=run.data.task.name, model_kind=run.data.kind, test_rows=len(run.data.test_rows),
@@ -589,7 +589,7 @@ def finish(run: Run, state: RunState, train_seconds: float, started: float) -> T
     return result
 
 
-def test_accuracy(run: Run) -> EvalResult | None:
+def measure_accuracy(run: Run) -> EvalResult | None:
     """Accuracy on the test rows (None without any): generated answers or the best-scored choice."""
     data, cfg, info = run.data, run.cfg, run.info
     if not data.test_rows:
