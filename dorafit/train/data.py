@@ -1,4 +1,4 @@
-"""Training data: reading files, recognising row formats, prompts and batches.
+"""Data files for training and evaluation: reading them, recognising row formats, rows -> examples.
 
 Files (JSON array, JSONL, CSV, parquet) are read through the ``datasets`` library. Three row
 formats are recognised:
@@ -11,6 +11,9 @@ formats are recognised:
 For a causal LM a row becomes the paper's prompt plus the response; the loss is taken on the
 response tokens only (prompt positions carry label -100). For an encoder a commonsense row is
 parsed into its question and choices (see ``dorafit.eval.tasks.parse_instruction``).
+``loss_examples`` and ``accuracy_examples`` are the one place where rows become examples for a
+model kind, used by ``dorafit train`` and ``dorafit eval`` alike; the example types, the prompt
+and the batching live in ``dorafit.eval.examples`` (evaluation needs them without the trainer).
 """
 
 from __future__ import annotations
