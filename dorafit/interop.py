@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, ConfigError, lookup_pattern, pattern_matches
-from .files import atomic_directory
+from .files import write_into_directory
 from .inject import CONFIG_ATTR, ModulesToSave, adapter_modules, attach, detach, find_targets
 from .io import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, read_adapter_config, read_safetensors
 from .layers import AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
@@ -695,13 +695,14 @@ def peft_config_and_state(model: nn.Module) -> Tuple[Dict[str, Any], Dict[str, t
 def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     """Write the model's adapters as a PEFT directory that ``PeftModel.from_pretrained`` loads.
 
-    The directory is replaced atomically. Returns the path.
+    Only its two files are written (each replaced atomically); other files there stay. Returns the path.
     """
     from safetensors.torch import save_file
 
     peft_cfg, state = peft_config_and_state(model)
     path = Path(path)
-    with atomic_directory(path) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(peft_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
+    config_text = json.dumps(peft_cfg, indent=2, sort_keys=True) + "\n"
+    return write_into_directory(path, {
+        WEIGHTS_NAME: lambda f: save_file(state, str(f), metadata={"format": "pt"}),
+        CONFIG_NAME: lambda f: f.write_text(config_text, encoding="utf-8"),
+    })

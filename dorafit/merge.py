@@ -50,12 +50,27 @@ def _untie_shared_weights(model: nn.Module) -> None:
     )
 
 
+def _warn_dequantized(model: nn.Module) -> None:
+    """One warning for all 4-bit layers of a merge (a 30-layer model would otherwise print 200)."""
+    dtypes = sorted({str(a.base.weight.quant_state.dtype) for _, a in adapter_modules(model)
+                     if getattr(getattr(a.base, "weight", None), "quant_state", None) is not None})
+    if not dtypes:
+        return
+    count = sum(getattr(getattr(a.base, "weight", None), "quant_state", None) is not None for _, a in adapter_modules(model))
+    warnings.warn(
+        f"dorafit.merge: {count} 4-bit (bitsandbytes Linear4bit) layers were merged into dequantized nn.Linear "
+        f"layers of dtype {', '.join(dtypes)}; the merged model is no longer quantized",
+        UserWarning, stacklevel=3,
+    )
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Replace every adapter by its base module carrying the merged weight; returns the model.
 
     modules_to_save copies replace their originals. Calling it again is a no-op.
     """
     _untie_shared_weights(model)
+    _warn_dequantized(model)
     with torch.no_grad():
         for name, adapter in adapter_modules(model):
             _set_submodule(model, name, adapter.to_plain_module())
