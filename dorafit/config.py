@@ -68,7 +68,7 @@ def check_number(name: str, value: Any, low: Optional[float] = None, high: Optio
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise error(f"{name} must be a number{'' if want == 'a number' else ' ' + want}, got {value!r}")
     if not math.isfinite(value):
-        raise error(f"{name} must be {want} and finite, got {value!r}")
+        raise error(f"{name} must be {'a finite number' if want == 'a number' else want + ' and finite'}, got {value!r}")
     if (low is not None and (value <= low if low_open else value < low)) or (
             high is not None and (value >= high if high_open else value > high)):
         raise error(f"{name} must be {want}, got {value!r}")

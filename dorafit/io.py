@@ -13,8 +13,9 @@ leaves every other file there alone; a new folder appears complete. Loading vali
 directory, the config, every module's base shape, every key, shape and value (finite) before
 any weight is copied, and leaves the model untouched when something does not fit.
 A 4-bit base is recorded per module ("quantization": {"quant_type", "blocksize",
-"double_quant"}), so that tools can quantize the base the same way before loading. A directory written by PEFT
-(``"peft_type"`` in its config) is handed to ``dorafit.interop``.
+"double_quant", "compute_dtype"}) and as "base_quantization", so that tools can quantize the
+base the same way before loading; ``load_adapter`` warns when it is not. A directory written
+by PEFT (``"peft_type"`` in its config) is handed to ``dorafit.interop``.
 """
 
 from __future__ import annotations
@@ -85,10 +86,12 @@ def base_quantization(module: nn.Module) -> Optional[Dict[str, Any]]:
     quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
     if quant_state is None:
         return None
+    compute = getattr(module, "compute_dtype", None)
     return {
         "quant_type": str(getattr(quant_state, "quant_type", "nf4")),
         "blocksize": int(getattr(quant_state, "blocksize", 64)),
         "double_quant": bool(getattr(quant_state, "nested", False)),
+        "compute_dtype": str(compute).replace("torch.", "") if compute is not None else None,
     }
 
 

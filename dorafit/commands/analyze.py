@@ -114,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
             png = plot_figure2(rows, args.plot or out / "figure2.png", title=args.title, reference=reference)
             print(f"figure: {png}")
     except (AnalysisError, OSError, ValueError) as exc:
-        print(f"dorafit analyze: {exc}", file=sys.stderr)
-        return 1
+        if getattr(args, "debug", False):
+            raise
+        print(f"dorafit analyze: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     return 0

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 import warnings
 from contextlib import nullcontext
@@ -57,6 +56,7 @@ from dorafit.train.models import (
     resolve_model_path,
     trained_heads,
 )
+from dorafit.train.rundir import prepare_output
 
 BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data"
 TASK_FILE = "task.json"
@@ -118,26 +118,6 @@ def _data_path(cfg: TrainConfig, split: str, task_folder: str) -> Path:
 def default_output(cfg: TrainConfig) -> Path:
     model = Path(cfg.model.rstrip("/")).name or "model"
     return Path("runs") / f"{model}-{cfg.task}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def prepare_output(out: Path, cfg: TrainConfig) -> None:
-    """Refuse to overwrite a finished run (unless --overwrite) or to mix with another run."""
-    if cfg.resume:
-        if not (out / "config.yaml").is_file():
-            raise TrainConfigError(f"--resume: {out} holds no run (no config.yaml)")
-        if (out / "results.json").is_file():
-            raise TrainConfigError(f"--resume: the run in {out} has already finished")
-        return
-    if out.exists() and any(out.iterdir()):
-        is_run = (out / "config.yaml").is_file()
-        if not cfg.overwrite:
-            state = "a finished run" if (out / "results.json").is_file() else (
-                "an unfinished run (continue it with --resume)" if is_run else "other files")
-            raise TrainConfigError(f"output folder {out} already holds {state}; pass --overwrite to replace it")
-        if not is_run:
-            raise TrainConfigError(f"--overwrite: {out} is not a dorafit run folder (no config.yaml); not deleting it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
