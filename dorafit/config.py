@@ -35,8 +35,9 @@ class ConfigError(ValueError):
 
 def did_you_mean(value: Any, choices) -> str:
     """' (did you mean 'x'?)' for the closest of ``choices``, or ''."""
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    by_lower = {str(c).lower(): c for c in choices}
+    close = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
 
 
 def check_bool(name: str, value: Any, error=ConfigError) -> None:

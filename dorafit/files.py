@@ -80,29 +80,19 @@ def glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
 
 
-def _temp_file(path: Path) -> tuple[int, str]:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        # Keep the mode of the file being replaced, else what open() would give under the umask.
-        mode = path.stat().st_mode & 0o777 if path.is_file() else 0o666 & ~_umask()
-        os.fchmod(fd, mode)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    return fd, tmp
-
-
 def write_file_atomic(path: PathLike, write: Callable[[Path], None]) -> None:
     """Let ``write(tmp_path)`` fill a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; refusing to replace it with a file")
-    fd, tmp = _temp_file(path)
+    # Keep the mode of the file being replaced, else what open() would give under the umask.
+    mode = path.stat().st_mode & 0o777 if path.is_file() else 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, mode)  # after writing: a writer may have recreated the file (mkstemp makes 0600)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -143,6 +133,14 @@ def _exchange(a: Path, b: Path) -> bool:
     return False
 
 
+def _apply_umask(folder: Path) -> None:
+    """Give what writers (ours, safetensors', transformers') put in ``folder`` the umask's modes."""
+    mask = _umask()
+    for entry in folder.rglob("*"):
+        if not entry.is_symlink():
+            os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
+
+
 def _make_temp_dir(path: Path, suffix: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a mkdir'ed folder would not be
@@ -165,6 +163,7 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     old = None
     try:
         yield tmp
+        _apply_umask(tmp)
         fsync_tree(tmp)
         if path.is_dir() and _exchange(tmp, path):
             old, tmp = tmp, None  # tmp now holds the previous folder

@@ -223,6 +223,7 @@ def warn_unquantized_base(model: nn.Module, data: Dict[str, Any], source: Path) 
             module = model.get_submodule(name)
         except AttributeError:
             continue
+        module = getattr(module, "base", module)  # the adapted layer's frozen base
         if base_quantization(module) is None:
             plain.append(name)
     if plain:

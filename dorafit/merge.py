@@ -58,7 +58,7 @@ def _warn_dequantized(model: nn.Module) -> None:
         return
     count = sum(getattr(getattr(a.base, "weight", None), "quant_state", None) is not None for _, a in adapter_modules(model))
     warnings.warn(
-        f"dorafit.merge: {count} 4-bit (bitsandbytes Linear4bit) layers were merged into dequantized nn.Linear "
+        f"dorafit.merge: {count} layers in 4-bit (bitsandbytes Linear4bit) were merged into dequantized nn.Linear "
         f"layers of dtype {', '.join(dtypes)}; the merged model is no longer quantized",
         UserWarning, stacklevel=3,
     )
