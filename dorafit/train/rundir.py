@@ -59,9 +59,9 @@ def _remove_run(out: Path) -> None:
 def prepare_output(out: Path, cfg: TrainConfig) -> None:
     """Check that ``out`` may receive this run and make it a marked run folder (rank 0 only)."""
     out = Path(out)
+    _refuse_inputs_inside(out, cfg)
     if out.exists() and not out.is_dir():
         raise TrainConfigError(f"--output {out} is a file, not a folder")
-    _refuse_inputs_inside(out, cfg)
     if cfg.resume:
         if not (out / "config.yaml").is_file():
             raise TrainConfigError(f"--resume: {out} holds no run (no config.yaml)")
