@@ -41,7 +41,15 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .config import AdapterConfig, ConfigError, lookup_pattern, pattern_matches
+from .config import (
+    AdapterConfig,
+    ConfigError,
+    check_bool,
+    check_int,
+    check_number,
+    lookup_pattern,
+    pattern_matches,
+)
 from .files import write_into_directory
 from .inject import CONFIG_ATTR, ModulesToSave, adapter_modules, attach, detach, find_targets
 from .io import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, read_adapter_config, read_safetensors
@@ -137,8 +145,30 @@ def check_peft_config(cfg: Dict[str, Any], source: Path) -> None:
         )
     for key in ("r", "lora_alpha"):
         value = cfg.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise PeftFormatError(f"{where}: {key} must be a positive number, got {value!r}")
+    _check_peft_types(cfg, where)
+
+
+def _check_peft_types(cfg: Dict[str, Any], where: Path) -> None:
+    """Types of the options dorafit reads: a string "false" for use_dora would otherwise turn DoRA on."""
+    def error(message: str) -> PeftFormatError:
+        return PeftFormatError(f"{where}: {message}")
+
+    check_int("r", cfg["r"], minimum=1, error=error)
+    check_number("lora_alpha", cfg["lora_alpha"], low=0, low_open=True, error=error)
+    for key in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        if cfg.get(key) is not None:
+            check_bool(key, cfg[key], error=error)
+    if cfg.get("lora_dropout") is not None:
+        check_number("lora_dropout", cfg["lora_dropout"], low=0, high=1, high_open=True, error=error)
+    for key, check in (("rank_pattern", lambda k, v: check_int(k, v, minimum=1, error=error)),
+                       ("alpha_pattern", lambda k, v: check_number(k, v, low=0, low_open=True, error=error))):
+        patterns = cfg.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise error(f"{key} must be an object of module pattern -> value, got {patterns!r}")
+        for pattern, value in patterns.items():
+            check(f"{key}[{pattern!r}]", value)
 
 
 def split_peft_state(

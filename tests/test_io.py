@@ -489,3 +489,20 @@ def test_quantized_base_is_recorded_and_a_full_base_gets_one_warning(tmp_path):
         dorafit.merge(model)
     messages = [str(w.message) for w in caught if "4-bit" in str(w.message)]
     assert len(messages) == 1 and messages[0].startswith("dorafit.merge: 2 layers in 4-bit")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(use_dora="false"), r"use_dora must be true or false, got 'false'"),
+    (dict(use_rslora=1), r"use_rslora must be true or false, got 1"),
+    (dict(lora_dropout=1.5), r"lora_dropout must be in \[0, 1\), got 1.5"),
+    (dict(r=4.5), r"r must be a positive integer, got 4.5"),
+    (dict(lora_alpha=float("nan")), r"lora_alpha must be a positive number, got nan"),
+    (dict(alpha_pattern={"q_proj": float("inf")}), r"alpha_pattern\['q_proj'\] must be > 0 and finite, got inf"),
+])
+def test_peft_config_values_are_type_checked_on_import(tmp_path, change, message):
+    model = dorafit.attach(fresh(), AdapterConfig(rank=4, alpha=8, targets=["q_proj", "v_proj"]))
+    path = dorafit.save_adapter(model, tmp_path / "peft", format="peft")
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    cfg.update(change)
+    (path / CONFIG_NAME).write_text(json.dumps(cfg))
+    expect_load_error(path, message)
