@@ -47,6 +47,15 @@ def _load_task_info(adapter: str) -> dict:
     return {}
 
 
+def check_local_model(name: str, flag: str = "--model") -> None:
+    """A model given as a path (absolute, ./, ../ or ~) must exist: otherwise transformers takes
+    it for a hub id and answers with a message about repository names."""
+    import os
+
+    if (os.path.isabs(name) or name.startswith((".", "~"))) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"{flag} {name}: no such model folder")
+
+
 def quantize_like_adapter(model, adapter: str, command: str) -> list:
     """Quantize the base layers the adapter was trained on in 4-bit exactly as in training
     (same quant type, block size, double quantization, compute dtype), so that the adapter meets
@@ -123,6 +132,7 @@ def evaluate(args) -> list:
     if not tables:
         raise D.DataError(f"no test file for any task under {data_dir}")
 
+    check_local_model(args.model)
     model_path = resolve_model_path(args.model)
     config = read_model_config(model_path, args.trust_remote_code)
     fmt = D.detect_format(tables[0][2], tables[0][1])
@@ -189,7 +199,7 @@ def run(args) -> int:
             return 2
     try:
         results = evaluate(args)
-    except (DataError, ModelError, dorafit.AdapterFileError, dorafit.ConfigError, ValueError) as err:
+    except (DataError, ModelError, dorafit.AdapterFileError, dorafit.ConfigError, ValueError, FileNotFoundError) as err:
         if getattr(args, "debug", False):
             raise
         print(f"dorafit eval: error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -52,13 +52,14 @@ def check_output(out: Path, adapter: Path, model: str, overwrite: bool) -> None:
 
 def merge_to_folder(args) -> Path:
     import dorafit
-    from dorafit.commands.eval import _load_task_info, quantize_like_adapter
+    from dorafit.commands.eval import _load_task_info, check_local_model, quantize_like_adapter
     from dorafit.files import atomic_directory, write_marker
     from dorafit.train.models import detect_kind, load_model, load_tokenizer, read_model_config, resolve_model_path
 
     out, adapter = Path(args.out), Path(args.adapter)
     if not adapter.is_dir():
         raise dorafit.AdapterFileError(f"adapter folder {args.adapter} does not exist")
+    check_local_model(args.model)
     check_output(out, adapter, args.model, args.overwrite)
     info = _load_task_info(args.adapter)
     model_path = resolve_model_path(args.model)

@@ -20,6 +20,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     import dorafit
+    from dorafit.commands.eval import check_local_model
     from dorafit.train.checkpoint import CheckpointError
     from dorafit.train.config import TrainConfigError, config_from_args
     from dorafit.train.data import DataError
@@ -44,9 +45,10 @@ def run(args) -> int:
             # Run-control options of the first invocation do not carry over.
             base.update(resume=True, overwrite=False, stop_after_steps=0)
         cfg = config_from_args(args, base=base)
+        check_local_model(cfg.model)
         train(cfg)
     except (TrainConfigError, DataError, ModelError, dorafit.ConfigError, dorafit.AdapterError,
-            CheckpointError) as err:
+            CheckpointError, FileNotFoundError) as err:
         if getattr(args, "debug", False):
             raise
         print(f"dorafit train: error: {' '.join(str(err).split())}", file=sys.stderr)

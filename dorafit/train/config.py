@@ -225,10 +225,12 @@ class TrainConfig:
         try:
             check_unknown_keys(data, [f.name for f in dataclasses.fields(cls)], what="option", error=TrainConfigError)
         except TrainConfigError as err:
-            raise TrainConfigError(f"{source}: {err}") from None
+            raise TrainConfigError(f"{source}: {err}") from None  # keeps "<file>: unknown option(s)"
         try:
             return cls(**data)
         except TrainConfigError as err:
+            if source == "options":  # flags (a file's own values were checked with its name)
+                raise
             raise TrainConfigError(f"{source}: {err}") from None
 
 
