@@ -65,7 +65,7 @@ def remove_leftovers(path: PathLike) -> List[Path]:
     if not path.parent.is_dir():
         return removed
     for suffix in (TMP_SUFFIX, OLD_SUFFIX):
-        for leftover in path.parent.glob(f".{glob_escape(path.name)}.*{suffix}"):
+        for leftover in path.parent.glob(f".{escape_glob(path.name)}.*{suffix}"):
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
@@ -75,7 +75,7 @@ def remove_leftovers(path: PathLike) -> List[Path]:
     return removed
 
 
-def glob_escape(name: str) -> str:
+def escape_glob(name: str) -> str:
     """``name`` with glob wildcards escaped, so a folder called ``a[1]`` matches only itself."""
     return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
 

@@ -51,7 +51,7 @@ from .config import (
     pattern_matches,
 )
 from .files import write_into_directory
-from .inject import CONFIG_ATTR, ModulesToSave, adapter_modules, attach, detach, find_targets
+from .inject import CONFIG_ATTR, ModulesToSave, adapter_modules, attach, check_patterns_match, detach, find_targets
 from .io import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, read_adapter_config, read_safetensors
 from .layers import AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
 
@@ -338,6 +338,7 @@ def _resolve_dorafit(model: nn.Module, config: AdapterConfig) -> Tuple[Dict[str,
     """What ``attach(model, config)`` would adapt: ({name: (rank, alpha)}, modules_to_save names)."""
     names = find_targets(model, config)
     names = [n for n in names if not any(o.startswith(n + ".") for o in names)]
+    check_patterns_match(model, config, names)  # attach refuses patterns PEFT would skip silently
     layers = {}
     for n in names:
         rank = int(lookup_pattern(config.rank_pattern, n, config.rank))

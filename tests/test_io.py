@@ -506,3 +506,20 @@ def test_peft_config_values_are_type_checked_on_import(tmp_path, change, message
     cfg.update(change)
     (path / CONFIG_NAME).write_text(json.dumps(cfg))
     expect_load_error(path, message)
+
+
+def test_peft_adapter_whose_patterns_name_absent_modules_still_loads(tmp_path):
+    """PEFT skips target_modules / rank_pattern entries that match nothing; the import then
+    uses one exact pattern per adapted module, so attach's must-match rule does not refuse it."""
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    peft_model = peft.get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "absent_proj"], rank_pattern={"nothing_here": 2}, use_dora=True))
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = dorafit.load_adapter(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "peft")
+    assert sorted(n.rsplit(".", 1)[-1] for n, _ in dorafit.adapter_modules(model)) == ["q_proj", "v_proj"]
