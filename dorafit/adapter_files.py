@@ -50,6 +50,18 @@ def read_safetensors(file: Path) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(file))
+        tensors = load_file(str(file))
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt data
         raise AdapterFileError(f"{file} is truncated or corrupt and cannot be read as safetensors: {exc}") from None
+    check_finite(tensors, file)
+    return tensors
+
+
+def check_finite(tensors: Dict[str, torch.Tensor], source: Path) -> None:
+    """Raise AdapterFileError naming the first key holding NaN or inf: such a weight would turn
+    every output of the model into NaN without a word."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise AdapterFileError(f"{source}: key {key!r} holds {bad} non-finite value(s) (NaN or inf); "
+                                   "the adapter was saved from a diverged model")

@@ -28,10 +28,19 @@ def _load(name: str):
     return importlib.import_module(f"dorafit.commands.{name}")
 
 
+def _is_input_error(err: BaseException) -> bool:
+    """Bad input rather than a bug: dorafit's own ValueError subclasses (config, file, data,
+    model errors all derive from it) and file-system errors (missing, read-only, not a folder)."""
+    return isinstance(err, OSError) or (isinstance(err, ValueError) and type(err).__module__.startswith("dorafit."))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # show the traceback of an input error too
+    argv = [a for a in argv if a != "--debug"]
     parser = argparse.ArgumentParser(prog="dorafit", description="DoRA fine-tuning, evaluation, merging and analysis.")
     parser.add_argument("--version", action="version", version=f"dorafit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -43,7 +52,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     cmd_parser = argparse.ArgumentParser(prog=f"dorafit {name}", description=getattr(module, "HELP", COMMANDS[name]))
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    args.debug = debug
+    try:
+        return int(module.run(args) or 0)
+    except Exception as err:
+        if debug or not _is_input_error(err):
+            raise
+        print(f"dorafit {name}: error: {' '.join(str(err).split())} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,12 +2,17 @@
 
 The same dataclass is the Python API, the saved ``adapter_config.json`` and (through the
 training recipe) the command-line flags. It is validated on construction, so a bad value is
-reported before any module of a model is touched.
+reported before any module of a model is touched: every value is type-checked (a string
+"false" is not a boolean), numbers are finite and in range, every pattern is a valid regular
+expression, and unknown keys are refused with the closest known key. That each pattern also
+matches a module of the model is checked by ``attach``, where config and model meet.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -23,14 +28,87 @@ class ConfigError(ValueError):
     """A configuration that cannot describe a valid adapter."""
 
 
-def _check_patterns(name: str, patterns: Dict[str, Any], kind: type) -> None:
+# ---------------------------------------------------------------------------- value checks
+# Shared by AdapterConfig and the training recipe's TrainConfig: each raises ``error`` with a
+# message naming the key and the value, so a typo never turns into a silent default.
+
+
+def did_you_mean(value: Any, choices) -> str:
+    """' (did you mean 'x'?)' for the closest of ``choices``, or ''."""
+    by_lower = {str(c).lower(): c for c in choices}
+    close = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
+
+
+def check_bool(name: str, value: Any, error=ConfigError) -> None:
+    if not isinstance(value, bool):
+        hint = " (a string is not a boolean: write true or false without quotes)" if isinstance(value, str) else ""
+        raise error(f"{name} must be true or false, got {value!r}{hint}")
+
+
+def check_int(name: str, value: Any, minimum: Optional[int] = None, error=ConfigError) -> None:
+    want = "a positive integer" if minimum == 1 else "an integer" if minimum is None else f"an integer >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        raise error(f"{name} must be {want}, got {value!r}")
+
+
+def _range_text(low, high, low_open, high_open) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high}"
+    return "a number"
+
+
+def check_number(name: str, value: Any, low: Optional[float] = None, high: Optional[float] = None,
+                 low_open: bool = False, high_open: bool = False, error=ConfigError) -> None:
+    """A finite int or float (not a bool, not a string) in [low, high] (open ends where asked)."""
+    want = _range_text(low, high, low_open, high_open)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(f"{name} must be a number{'' if want == 'a number' else ' ' + want}, got {value!r}")
+    if not math.isfinite(value):
+        raise error(f"{name} must be {'a finite number' if want == 'a number' else want + ' and finite'}, got {value!r}")
+    if (low is not None and (value <= low if low_open else value < low)) or (
+            high is not None and (value >= high if high_open else value > high)):
+        raise error(f"{name} must be {want}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices, error=ConfigError) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise error(f"{name} must be one of {tuple(choices)}, got {value!r}{did_you_mean(value, choices)}")
+
+
+def check_regex(name: str, pattern: Any, error=ConfigError) -> None:
+    """A module-name pattern: a non-empty string that compiles as a regular expression."""
+    if not isinstance(pattern, str) or not pattern:
+        raise error(f"{name}: pattern {pattern!r} must be a non-empty string")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise error(f"{name}: pattern {pattern!r} is not a valid regex: {exc}") from None
+
+
+def check_string_list(name: str, value: Any, error=ConfigError) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise error(f"{name} must be a list of non-empty strings, got {value!r}")
+
+
+def check_unknown_keys(data: Dict[str, Any], known, what: str = "adapter config key", error=ConfigError) -> None:
+    """Refuse keys not in ``known``, suggesting the closest known key for each."""
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        hints = "".join(did_you_mean(k, known) for k in unknown[:3])
+        raise error(f"unknown {what}(s) {unknown}{hints}; known: {', '.join(sorted(known))}")
+
+
+def _check_patterns(name: str, patterns: Dict[str, Any], check_value) -> None:
     if not isinstance(patterns, dict):
-        raise ConfigError(f"{name} must be a dict of module-name pattern -> {kind.__name__}, got {patterns!r}")
+        raise ConfigError(f"{name} must be a dict of module-name pattern -> value, got {patterns!r}")
     for pattern, value in patterns.items():
-        if not isinstance(pattern, str) or not pattern:
-            raise ConfigError(f"{name}: pattern {pattern!r} must be a non-empty string")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}[{pattern!r}] must be a number, got {value!r}")
+        check_regex(name, pattern)
+        check_value(f"{name}[{pattern!r}]", value)
 
 
 @dataclass
@@ -80,53 +158,33 @@ class AdapterConfig:
             self.exclude = [self.exclude]
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
-        self.targets = list(self.targets)
-        self.exclude = list(self.exclude)
-        self.modules_to_save = list(self.modules_to_save)
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ConfigError(f"alpha must be > 0, got {self.alpha!r}")
-        if self.alpha == float("inf"):
-            raise ConfigError(f"alpha must be finite, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.dropout_mode not in DROPOUT_MODES:
-            raise ConfigError(f"dropout_mode must be one of {DROPOUT_MODES}, got {self.dropout_mode!r}")
-        if self.adapter_dtype not in ADAPTER_DTYPES:
-            raise ConfigError(f"adapter_dtype must be one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
-        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+        for name in ("targets", "exclude", "modules_to_save"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
+        check_choice("method", self.method, METHODS)
+        check_int("rank", self.rank, minimum=1)
+        check_number("alpha", self.alpha, low=0, low_open=True)
+        check_number("dropout", self.dropout, low=0, high=1, high_open=True)
+        check_choice("dropout_mode", self.dropout_mode, DROPOUT_MODES)
+        check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
+        for name in ("rslora", "detach_norm", "save_vera_matrices"):
+            check_bool(name, getattr(self, name))
+        if not isinstance(self.targets, list) or not self.targets or not all(isinstance(t, str) and t for t in self.targets):
             raise ConfigError(f"targets must be a non-empty list of module-name patterns, got {self.targets!r}")
-        for pattern in self.targets + self.exclude:
-            if pattern != "all-linear":
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    # Plain names are valid regexes; an invalid one is only usable as a literal name.
-                    if not re.fullmatch(r"[\w.\-]+", pattern):
-                        raise ConfigError(f"target pattern {pattern!r} is not a valid regex: {exc}") from None
-        _check_patterns("rank_pattern", self.rank_pattern, int)
-        for pattern, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
-                raise ConfigError(f"rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}")
-        _check_patterns("alpha_pattern", self.alpha_pattern, float)
-        for pattern, alpha in self.alpha_pattern.items():
-            if not alpha > 0:
-                raise ConfigError(f"alpha_pattern[{pattern!r}] must be > 0, got {alpha!r}")
-        if not isinstance(self.method_pattern, dict):
-            raise ConfigError(f"method_pattern must be a dict of pattern -> method, got {self.method_pattern!r}")
-        for pattern, method in self.method_pattern.items():
-            if method not in METHODS:
-                raise ConfigError(f"method_pattern[{pattern!r}] must be one of {METHODS}, got {method!r}")
-        if isinstance(self.vera_seed, bool) or not isinstance(self.vera_seed, int):
-            raise ConfigError(f"vera_seed must be an integer, got {self.vera_seed!r}")
-        if isinstance(self.vera_d_init, bool) or not isinstance(self.vera_d_init, (int, float)) or self.vera_d_init == 0:
+        check_string_list("exclude", self.exclude)
+        check_string_list("modules_to_save", self.modules_to_save)
+        for name in ("targets", "exclude"):
+            for pattern in getattr(self, name):
+                if pattern != "all-linear":
+                    check_regex(name, pattern)
+        _check_patterns("rank_pattern", self.rank_pattern, lambda key, v: check_int(key, v, minimum=1))
+        _check_patterns("alpha_pattern", self.alpha_pattern, lambda key, v: check_number(key, v, low=0, low_open=True))
+        _check_patterns("method_pattern", self.method_pattern, lambda key, v: check_choice(key, v, METHODS))
+        check_int("vera_seed", self.vera_seed)
+        check_number("vera_d_init", self.vera_d_init)
+        if self.vera_d_init == 0:
             # d = 0 together with b = 0 makes every gradient of d and b zero: VeRA would never train.
             raise ConfigError(f"vera_d_init must be a non-zero number (the VeRA paper uses 0.1), got {self.vera_d_init!r}")
-        if not isinstance(self.save_vera_matrices, bool):
-            raise ConfigError(f"save_vera_matrices must be true or false, got {self.save_vera_matrices!r}")
 
     def scaling_for(self, rank: int, alpha: float) -> float:
         """The update's scale s: alpha / rank, or alpha / sqrt(rank) for rsLoRA."""
@@ -140,10 +198,7 @@ class AdapterConfig:
         """Build a config from a dict, rejecting keys this version does not know."""
         if not isinstance(data, dict):
             raise ConfigError(f"adapter config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown adapter config key(s) {unknown}; known keys: {sorted(known)}")
+        check_unknown_keys(data, [f.name for f in dataclasses.fields(cls)])
         return cls(**data)
 
 
@@ -153,7 +208,7 @@ def pattern_matches(pattern: str, name: str) -> bool:
         return True
     try:
         return re.fullmatch(pattern, name) is not None
-    except re.error:
+    except re.error:  # AdapterConfig refuses such patterns; other callers may pass plain names
         return False
 
 

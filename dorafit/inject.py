@@ -142,6 +142,24 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> List[str]:
     return selected
 
 
+def check_patterns_match(model: nn.Module, config: AdapterConfig, selected: List[str]) -> None:
+    """Every target pattern must select a module, and every key of rank_pattern, alpha_pattern
+    and method_pattern must name one of the adapted modules: a pattern that matches nothing
+    would otherwise be ignored without a word (a typo, or a regex written for another model)."""
+    for pattern in config.targets:
+        if pattern == "all-linear":
+            continue
+        if not any(pattern_matches(pattern, n) for n, _ in model.named_modules() if n):
+            leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
+            shown = ", ".join(leaves[:40]) + (f", ... ({len(leaves)} in all)" if len(leaves) > 40 else "")
+            raise ConfigError(f"targets entry {pattern!r} matches no module; modules: {shown}")
+    for field_name in ("rank_pattern", "alpha_pattern", "method_pattern"):
+        for pattern in getattr(config, field_name):
+            if not any(pattern_matches(pattern, n) for n in selected):
+                shown = ", ".join(selected[:40]) + (f", ... ({len(selected)} in all)" if len(selected) > 40 else "")
+                raise ConfigError(f"{field_name} key {pattern!r} matches none of the adapted modules: {shown}")
+
+
 def _check_not_attached(model: nn.Module) -> None:
     existing = adapter_modules(model)
     if existing:
@@ -218,6 +236,7 @@ def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
     names = find_targets(model, config)
     # Leaves only: adapting a container and its child at once is ambiguous.
     names = [n for n in names if not any(o.startswith(n + ".") for o in names)]
+    check_patterns_match(model, config, names)
     modules = {n: model.get_submodule(n) for n in names}
     save_names = []
     for pattern in config.modules_to_save:

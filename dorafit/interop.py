@@ -42,9 +42,17 @@ import torch
 from torch import nn
 
 from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, read_adapter_config, read_safetensors
-from .config import AdapterConfig, ConfigError, lookup_pattern, pattern_matches
-from .files import atomic_directory
-from .inject import CONFIG_ATTR, ModulesToSave, adapter_modules, attach, detach, find_targets
+from .config import (
+    AdapterConfig,
+    ConfigError,
+    check_bool,
+    check_int,
+    check_number,
+    lookup_pattern,
+    pattern_matches,
+)
+from .files import write_into_directory
+from .inject import CONFIG_ATTR, ModulesToSave, adapter_modules, attach, check_patterns_match, detach, find_targets
 from .layers import AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
 
 PREFIX = "base_model.model."
@@ -137,8 +145,30 @@ def check_peft_config(cfg: Dict[str, Any], source: Path) -> None:
         )
     for key in ("r", "lora_alpha"):
         value = cfg.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise PeftFormatError(f"{where}: {key} must be a positive number, got {value!r}")
+    _check_peft_types(cfg, where)
+
+
+def _check_peft_types(cfg: Dict[str, Any], where: Path) -> None:
+    """Types of the options dorafit reads: a string "false" for use_dora would otherwise turn DoRA on."""
+    def error(message: str) -> PeftFormatError:
+        return PeftFormatError(f"{where}: {message}")
+
+    check_int("r", cfg["r"], minimum=1, error=error)
+    check_number("lora_alpha", cfg["lora_alpha"], low=0, low_open=True, error=error)
+    for key in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        if cfg.get(key) is not None:
+            check_bool(key, cfg[key], error=error)
+    if cfg.get("lora_dropout") is not None:
+        check_number("lora_dropout", cfg["lora_dropout"], low=0, high=1, high_open=True, error=error)
+    for key, check in (("rank_pattern", lambda k, v: check_int(k, v, minimum=1, error=error)),
+                       ("alpha_pattern", lambda k, v: check_number(k, v, low=0, low_open=True, error=error))):
+        patterns = cfg.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise error(f"{key} must be an object of module pattern -> value, got {patterns!r}")
+        for pattern, value in patterns.items():
+            check(f"{key}[{pattern!r}]", value)
 
 
 def split_peft_state(
@@ -308,6 +338,7 @@ def _resolve_dorafit(model: nn.Module, config: AdapterConfig) -> Tuple[Dict[str,
     """What ``attach(model, config)`` would adapt: ({name: (rank, alpha)}, modules_to_save names)."""
     names = find_targets(model, config)
     names = [n for n in names if not any(o.startswith(n + ".") for o in names)]
+    check_patterns_match(model, config, names)  # attach refuses patterns PEFT would skip silently
     layers = {}
     for n in names:
         rank = int(lookup_pattern(config.rank_pattern, n, config.rank))
@@ -695,13 +726,14 @@ def peft_config_and_state(model: nn.Module) -> Tuple[Dict[str, Any], Dict[str, t
 def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     """Write the model's adapters as a PEFT directory that ``PeftModel.from_pretrained`` loads.
 
-    The directory is replaced atomically. Returns the path.
+    Only its two files are written (each replaced atomically); other files there stay. Returns the path.
     """
     from safetensors.torch import save_file
 
     peft_cfg, state = peft_config_and_state(model)
     path = Path(path)
-    with atomic_directory(path) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(peft_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
+    config_text = json.dumps(peft_cfg, indent=2, sort_keys=True) + "\n"
+    return write_into_directory(path, {
+        WEIGHTS_NAME: lambda f: save_file(state, str(f), metadata={"format": "pt"}),
+        CONFIG_NAME: lambda f: f.write_text(config_text, encoding="utf-8"),
+    })

@@ -7,16 +7,22 @@ The format is fixed:
 - ``adapter_model.safetensors``: "<module>.lora_a", "<module>.lora_b", "<module>.magnitude"
   (and "<module>.trainable.<key>" for modules_to_save copies), tensors only, never pickled.
 
-Writes go to a temporary directory that is renamed into place. Loading validates the directory,
-the config, every module's base shape and every key and shape before any weight is copied, and
-leaves the model untouched when something does not fit. A directory written by PEFT
-(``"peft_type"`` in its config) is handed to ``dorafit.interop``.
+Saving into an existing folder adds or replaces only these two files (each by an atomic
+rename; the weights first, so the config never names weights that are not there yet) and
+leaves every other file there alone; a new folder appears complete. Loading validates the
+directory, the config, every module's base shape, every key, shape and value (finite) before
+any weight is copied, and leaves the model untouched when something does not fit.
+A 4-bit base is recorded per module ("quantization": {"quant_type", "blocksize",
+"double_quant", "compute_dtype"}) and as "base_quantization", so that tools can quantize the
+base the same way before loading; ``load_adapter`` warns when it is not. A directory written
+by PEFT (``"peft_type"`` in its config) is handed to ``dorafit.interop``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -25,8 +31,15 @@ from torch import nn
 
 from . import __version__
 from .config import AdapterConfig, ConfigError
-from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, read_adapter_config, read_safetensors
-from .files import atomic_directory
+from .adapter_files import (  # noqa: F401  (re-exported: dorafit.io is where users find them)
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterFileError,
+    check_finite,
+    read_adapter_config,
+    read_safetensors,
+)
+from .files import write_into_directory
 from .inject import CONFIG_ATTR, adapter_modules, adapter_state_dict, attach, detach
 
 FORMAT = "dorafit"
@@ -70,18 +83,46 @@ def _extra_tensors(model: nn.Module, names_only: bool = False):
     return names if names_only else tensors
 
 
-def _module_record(adapter) -> Dict[str, Any]:
+def base_quantization(module: nn.Module) -> Optional[Dict[str, Any]]:
+    """How a 4-bit (bitsandbytes) base layer is quantized, or None for a full-precision one."""
+    quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+    if quant_state is None:
+        return None
+    compute = getattr(module, "compute_dtype", None)
     return {
+        "quant_type": str(getattr(quant_state, "quant_type", "nf4")),
+        "blocksize": int(getattr(quant_state, "blocksize", 64)),
+        "double_quant": bool(getattr(quant_state, "nested", False)),
+        "compute_dtype": str(compute).replace("torch.", "") if compute is not None else None,
+    }
+
+
+def _module_record(adapter) -> Dict[str, Any]:
+    record = {
         "type": type(adapter.base).__name__,
         "weight_shape": _weight_shape(adapter.base),
         "method": adapter.method,
         "rank": adapter.rank,
         "alpha": adapter.alpha,
     }
+    quantization = base_quantization(adapter.base)
+    if quantization is not None:
+        record["quantization"] = quantization
+    return record
+
+
+def recorded_quantization(data: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """{module name: quantization record} of an adapter config read by ``read_adapter_config``."""
+    modules = data.get("modules") if isinstance(data.get("modules"), dict) else {}
+    return {name: rec["quantization"] for name, rec in modules.items()
+            if isinstance(rec, dict) and isinstance(rec.get("quantization"), dict)}
 
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], format: str = "dorafit") -> Path:
-    """Write the model's adapters to directory ``path`` (replaced atomically); returns the path.
+    """Write the model's adapters to folder ``path``; returns the path.
+
+    Only ``adapter_config.json`` and ``adapter_model.safetensors`` are written (each replaced
+    atomically); other files in an existing folder, e.g. a base model's, stay untouched.
 
     ``format="peft"`` writes PEFT's layout instead (see ``dorafit.interop``).
     """
@@ -106,11 +147,13 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], format: str = 
     }
     # method-specific tensors (e.g. VeRA's shared matrices when asked to store them)
     state.update({k: v.detach().cpu().contiguous() for k, v in _extra_tensors(model).items()})
-    path = Path(path)
-    with atomic_directory(path) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT, "dorafit_version": __version__})
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return path
+    quantized = sorted({r["quantization"]["quant_type"] for r in meta["modules"].values() if "quantization" in r})
+    meta["base_quantization"] = quantized[0] if len(quantized) == 1 else (quantized or None)
+    config_text = json.dumps(meta, indent=2) + "\n"
+    return write_into_directory(Path(path), {
+        WEIGHTS_NAME: lambda f: save_file(state, str(f), metadata={"format": FORMAT, "dorafit_version": __version__}),
+        CONFIG_NAME: lambda f: f.write_text(config_text, encoding="utf-8"),
+    })
 
 
 def _check_base(model: nn.Module, modules: Dict[str, Any], source: Path) -> None:
@@ -127,6 +170,28 @@ def _check_base(model: nn.Module, modules: Dict[str, Any], source: Path) -> None
                 f"{source}: module {name!r} has weight shape {got} in this base model but the adapter "
                 f"was trained on shape {tuple(want)} (a base model of another shape?)"
             )
+
+
+def warn_unquantized_base(model: nn.Module, data: Dict[str, Any], source: Path) -> None:
+    """One warning when the adapter was trained on a 4-bit base and this base is not 4-bit: the
+    model then computes something other than what was trained."""
+    recorded = recorded_quantization(data)
+    plain = []
+    for name in recorded:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        module = getattr(module, "base", module)  # the adapted layer's frozen base
+        if base_quantization(module) is None:
+            plain.append(name)
+    if plain:
+        kind = sorted({recorded[n]["quant_type"] for n in plain})
+        warnings.warn(
+            f"{source}: the adapter was trained on a 4-bit {'/'.join(kind)} base ({len(plain)} modules, e.g. "
+            f"{plain[0]!r}) but this base is full precision, so its outputs differ from the trained model's; "
+            "quantize the base first: dorafit.quant.quantize_model(model, names, quant_type)",
+            UserWarning, stacklevel=3)
 
 
 def load_adapter(base_model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
@@ -206,4 +271,5 @@ def load_adapter(base_model: nn.Module, path: Union[str, os.PathLike]) -> nn.Mod
     except BaseException:
         detach(base_model)
         raise
+    warn_unquantized_base(base_model, data, path)
     return base_model

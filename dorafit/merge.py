@@ -4,7 +4,8 @@
 
 rows scaled per output feature, bias unchanged. The result is made of the original module
 classes (nn.Linear, Conv1D, ...), so ``save_pretrained`` after a merge writes a checkpoint that
-loads without dorafit. Merging a model without adapters changes nothing (idempotent).
+loads without dorafit. Merging a model without adapters changes nothing (idempotent). Merging
+4-bit layers dequantizes them; ``merge`` says so in one warning for the whole model.
 """
 
 from __future__ import annotations
@@ -50,12 +51,27 @@ def _untie_shared_weights(model: nn.Module) -> None:
     )
 
 
+def _warn_dequantized(model: nn.Module) -> None:
+    """One warning for all 4-bit layers of a merge (a 30-layer model would otherwise print 200)."""
+    states = [getattr(getattr(a.base, "weight", None), "quant_state", None) for _, a in adapter_modules(model)]
+    states = [q for q in states if q is not None]
+    if not states:
+        return
+    dtypes = ", ".join(sorted({str(q.dtype) for q in states}))
+    warnings.warn(
+        f"dorafit.merge: {len(states)} layers in 4-bit (bitsandbytes Linear4bit) were merged into dequantized "
+        f"nn.Linear layers of dtype {dtypes}; the merged model is no longer quantized",
+        UserWarning, stacklevel=3,
+    )
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Replace every adapter by its base module carrying the merged weight; returns the model.
 
     modules_to_save copies replace their originals. Calling it again is a no-op.
     """
     _untie_shared_weights(model)
+    _warn_dequantized(model)
     with torch.no_grad():
         for name, adapter in adapter_modules(model):
             _set_submodule(model, name, adapter.to_plain_module())

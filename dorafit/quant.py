@@ -11,7 +11,7 @@ a dequantized copy of W0 across steps:
 so a training step touches W0 only through the quantized kernel, exactly as the base model's own
 forward does (DESIGN.md section 2). Merging writes a plain nn.Linear whose weight is the
 dequantized, merged W' (in the dtype the weight had before quantization): the merged model is no
-longer quantized, and ``merge`` says so with a warning.
+longer quantized, and ``merge`` says so in one warning per model (not one per layer).
 
 Two ways to a 4-bit base, both giving ``Linear4bit`` modules that ``dorafit.attach`` dispatches
 to the adapters here (bitsandbytes 0.50 runs them on CPU and GPU):

@@ -94,6 +94,7 @@ def test_bench_command_prints_the_overhead(tiny_encoder, capsys):
         assert row in out
 
 
-def test_bench_command_names_a_missing_model(tmp_path):
-    with pytest.raises(OSError, match="nowhere"):
-        cli_main(["bench", "--model", str(tmp_path / "nowhere")])
+def test_bench_command_names_a_missing_model(tmp_path, capsys):
+    assert cli_main(["bench", "--model", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere: no such model folder" in err and "Traceback" not in err

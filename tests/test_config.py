@@ -89,3 +89,68 @@ def test_resolve_module_options_longest_pattern_wins():
     assert q["rank"] == 4 and q["alpha"] == 16 and q["scaling"] == pytest.approx(4.0)
     v = resolve_module_options(cfg, "layers.0.v_proj")
     assert v["rank"] == 8 and v["alpha"] == 1.0 and v["scaling"] == pytest.approx(1 / 8)
+
+
+# ---------------------------------------------------------------------------- every value type-checked
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rslora="false"), r"rslora must be true or false, got 'false' \(a string is not a boolean"),
+        (dict(detach_norm=0), r"detach_norm must be true or false, got 0"),
+        (dict(save_vera_matrices="yes"), r"save_vera_matrices must be true or false"),
+        (dict(rank="8"), r"rank must be a positive integer, got '8'"),
+        (dict(rank=True), r"rank must be a positive integer, got True"),
+        (dict(rank=-2), r"rank must be a positive integer, got -2"),
+        (dict(alpha="16"), r"alpha must be a number > 0, got '16'"),
+        (dict(alpha=float("inf")), r"alpha must be > 0 and finite, got inf"),
+        (dict(dropout=1.5), r"dropout must be in \[0, 1\), got 1.5"),
+        (dict(dropout="0.1"), r"dropout must be a number in \[0, 1\), got '0.1'"),
+        (dict(method="DoRA"), r"method must be one of .* got 'DoRA' \(did you mean 'dora'\?\)"),
+        (dict(dropout_mode="low_rank"), r"got 'low_rank' \(did you mean 'lowrank'\?\)"),
+        (dict(rank_pattern={"q_proj(": 4}), r"rank_pattern: pattern 'q_proj\(' is not a valid regex"),
+        (dict(method_pattern={"[mlp": "magnitude"}), r"method_pattern: pattern '\[mlp' is not a valid regex"),
+        (dict(alpha_pattern={"*proj": 8}), r"alpha_pattern: pattern '\*proj' is not a valid regex"),
+        (dict(alpha_pattern={"q_proj": float("inf")}), r"alpha_pattern\['q_proj'\] must be > 0 and finite, got inf"),
+        (dict(alpha_pattern={"q_proj": float("nan")}), r"alpha_pattern\['q_proj'\] must be > 0 and finite, got nan"),
+        (dict(rank_pattern={"q_proj": True}), r"rank_pattern\['q_proj'\] must be a positive integer, got True"),
+        (dict(exclude=["(unclosed"]), r"exclude: pattern '\(unclosed' is not a valid regex"),
+        (dict(targets=5), r"targets must be a non-empty list"),
+        (dict(modules_to_save=[3]), r"modules_to_save must be a list of non-empty strings, got \[3\]"),
+        (dict(vera_seed=1.5), r"vera_seed must be an integer, got 1.5"),
+        (dict(vera_d_init=float("nan")), r"vera_d_init must be a finite number, got nan"),
+    ],
+)
+def test_every_value_is_type_checked(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        AdapterConfig(**kwargs)
+
+
+def test_unknown_key_suggests_the_known_one():
+    with pytest.raises(ConfigError, match=r"\['rslora_'\] \(did you mean 'rslora'\?\)"):
+        AdapterConfig.from_dict({"rslora_": True})
+
+
+def test_pattern_that_matches_no_module_lists_the_modules():
+    from torch import nn
+
+    import dorafit
+
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(8, 8))
+    model.add_module("v_proj", nn.Linear(8, 8))
+    cases = [
+        (dict(targets=["q_proj", "k_proj"]), r"targets entry 'k_proj' matches no module; modules: q_proj, v_proj"),
+        (dict(targets=["q_proj"], rank_pattern={"v_proj": 2}),
+         r"rank_pattern key 'v_proj' matches none of the adapted modules: q_proj"),
+        (dict(targets=["q_proj", "v_proj"], method_pattern={"mlp": "magnitude"}),
+         r"method_pattern key 'mlp' matches none of the adapted modules: q_proj, v_proj"),
+        (dict(targets=["q_proj"], alpha_pattern={r"layers\.0\..*": 4.0}), r"alpha_pattern key 'layers"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            dorafit.attach(model, AdapterConfig(rank=2, **kwargs))
+        assert type(model.q_proj) is nn.Linear and not dorafit.adapter_modules(model)  # untouched
+    dorafit.attach(model, AdapterConfig(rank=2, targets=["q_proj", "v_proj"], rank_pattern={"v_proj": 4}))
+    assert model.v_proj.rank == 4

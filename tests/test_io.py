@@ -394,3 +394,132 @@ def test_write_json_and_bytes_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert json.loads(target.read_text()) == {"step": 1}  # the old content, whole
     assert [p.name for p in target.parent.iterdir()] == ["state.json"]  # no temp file left
+
+
+# ---------------------------------------------------------------------------- the user's files survive
+
+
+def _hashes(folder):
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("fmt", ["dorafit", "peft"])
+def test_save_into_a_folder_of_other_files_adds_only_the_adapter(tmp_path, fmt):
+    folder = tmp_path / "base-model"  # e.g. the base model's own folder, a Trainer output_dir
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(os.urandom(256))
+    (folder / "tokenizer.json").write_text('{"v": 1}')
+    (folder / "notes").mkdir()
+    (folder / "notes" / "todo.md").write_text("keep me")
+    before = _hashes(folder)
+    model = dorafit.attach(fresh(), AdapterConfig(rank=4, alpha=8, targets=["q_proj", "v_proj"]))
+    dorafit.save_adapter(model, folder, format=fmt)
+    dorafit.save_adapter(model, folder, format=fmt)  # a second save replaces only the adapter files
+    after = _hashes(folder)
+    assert {k: after[k] for k in before} == before
+    assert sorted(set(after) - set(before)) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert not [p for p in tmp_path.rglob(".*") if p.name != ".dorafit-folder.json"]  # no temporaries left
+    loaded = dorafit.load_adapter(fresh(), folder)
+    assert dorafit.adapter_modules(loaded)
+
+
+def test_saved_adapter_is_readable_by_others_under_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        dorafit.save_adapter(dorafit.attach(fresh(), CFG), tmp_path / "adapter")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert (tmp_path / "adapter" / name).stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_adapter_tensor_is_refused_naming_file_and_key(saved, bad):
+    path, _, _ = saved
+    key = "q_proj.lora_b"
+    rewrite_tensors(path, lambda t: t.__setitem__(key, torch.full_like(t[key], bad)))
+    model = fresh()
+    before = module_types(model)
+    with pytest.raises(AdapterFileError, match=rf"{WEIGHTS_NAME}: key '{key}' holds \d+ non-finite value"):
+        dorafit.load_adapter(model, path)
+    assert module_types(model) == before
+
+
+def test_adapter_config_with_wrong_types_is_refused(saved):
+    path, _, _ = saved
+    edit_config(path, lambda c: c["config"].update(rslora="false"))
+    expect_load_error(path, r"adapter_config.json: invalid adapter config: rslora must be true or false, got 'false'")
+    edit_config(path, lambda c: c["config"].update(rslora=False, rank_pattern={"q_proj(": 2}))
+    expect_load_error(path, r"rank_pattern: pattern 'q_proj\(' is not a valid regex")
+
+
+def test_quantized_base_is_recorded_and_a_full_base_gets_one_warning(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import warnings
+
+    from dorafit import quant
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.q_proj = nn.Linear(64, 64)
+            self.v_proj = nn.Linear(64, 64)
+
+    model = Two()
+    quant.quantize_model(model, ["q_proj", "v_proj"], "nf4", compute_dtype=torch.float32)
+    dorafit.attach(model, AdapterConfig(rank=4, targets=["q_proj", "v_proj"]))
+    dorafit.save_adapter(model, tmp_path / "qdora")
+    meta = json.loads((tmp_path / "qdora" / CONFIG_NAME).read_text())
+    assert meta["base_quantization"] == "nf4"
+    assert meta["modules"]["q_proj"]["quantization"] == {"quant_type": "nf4", "blocksize": 64, "double_quant": True,
+                                                         "compute_dtype": "float32"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dorafit.load_adapter(Two(), tmp_path / "qdora")
+    messages = [str(w.message) for w in caught if "4-bit" in str(w.message)]
+    assert len(messages) == 1 and "trained on a 4-bit nf4 base (2 modules" in messages[0]
+    # The Python merge of the 4-bit model warns once for the model, not once per layer.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dorafit.merge(model)
+    messages = [str(w.message) for w in caught if "4-bit" in str(w.message)]
+    assert len(messages) == 1 and messages[0].startswith("dorafit.merge: 2 layers in 4-bit")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(use_dora="false"), r"use_dora must be true or false, got 'false'"),
+    (dict(use_rslora=1), r"use_rslora must be true or false, got 1"),
+    (dict(lora_dropout=1.5), r"lora_dropout must be in \[0, 1\), got 1.5"),
+    (dict(r=4.5), r"r must be a positive integer, got 4.5"),
+    (dict(lora_alpha=float("nan")), r"lora_alpha must be a positive number, got nan"),
+    (dict(alpha_pattern={"q_proj": float("inf")}), r"alpha_pattern\['q_proj'\] must be > 0 and finite, got inf"),
+])
+def test_peft_config_values_are_type_checked_on_import(tmp_path, change, message):
+    model = dorafit.attach(fresh(), AdapterConfig(rank=4, alpha=8, targets=["q_proj", "v_proj"]))
+    path = dorafit.save_adapter(model, tmp_path / "peft", format="peft")
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    cfg.update(change)
+    (path / CONFIG_NAME).write_text(json.dumps(cfg))
+    expect_load_error(path, message)
+
+
+def test_peft_adapter_whose_patterns_name_absent_modules_still_loads(tmp_path):
+    """PEFT skips target_modules / rank_pattern entries that match nothing; the import then
+    uses one exact pattern per adapted module, so attach's must-match rule does not refuse it."""
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    peft_model = peft.get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "absent_proj"], rank_pattern={"nothing_here": 2}, use_dora=True))
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = dorafit.load_adapter(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "peft")
+    assert sorted(n.rsplit(".", 1)[-1] for n, _ in dorafit.adapter_modules(model)) == ["q_proj", "v_proj"]

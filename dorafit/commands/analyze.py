@@ -55,7 +55,7 @@ def load_base_model(base: str, class_name: str = None):
         cls = getattr(transformers, name, None)
         if cls is None:
             if class_name:
-                raise SystemExit(f"dorafit analyze: --base-class {class_name} is not a transformers class")
+                raise ValueError(f"--base-class {class_name} is not a transformers class")
             continue
         return cls.from_pretrained(base)
     return transformers.AutoModel.from_pretrained(base)
@@ -80,13 +80,13 @@ def run(args: argparse.Namespace) -> int:
         for k, path in enumerate(group):
             specs.append(Checkpoint(path, run=len(args.tuned) + g, order=k))
     if not specs:
-        print("dorafit analyze: give at least one TUNED checkpoint or --checkpoints", file=sys.stderr)
+        print("dorafit analyze: error: give at least one TUNED checkpoint or --checkpoints", file=sys.stderr)
         return 2
     overrides = {}
     for item in args.method:
         path, sep, name = item.rpartition("=")
         if not sep or not path or not name:
-            print(f"dorafit analyze: --method expects PATH=NAME, got {item!r}", file=sys.stderr)
+            print(f"dorafit analyze: error: --method expects PATH=NAME, got {item!r}", file=sys.stderr)
             return 2
         overrides[str(Path(path))] = name
     for s in specs:
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             sep = ""
         if not sep or not method:
-            print(f"dorafit analyze: --reference expects METHOD=NUMBER, got {item!r}", file=sys.stderr)
+            print(f"dorafit analyze: error: --reference expects METHOD=NUMBER, got {item!r}", file=sys.stderr)
             return 2
 
     try:
@@ -114,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
             png = plot_figure2(rows, args.plot or out / "figure2.png", title=args.title, reference=reference)
             print(f"figure: {png}")
     except (AnalysisError, OSError, ValueError) as exc:
-        print(f"dorafit analyze: {exc}", file=sys.stderr)
-        return 1
+        if getattr(args, "debug", False):
+            raise
+        print(f"dorafit analyze: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     return 0

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
+from pathlib import Path
 
 HELP = "measure the DoRA overhead over LoRA on your model"
 
@@ -28,7 +30,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true")
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Counts must be positive: a zero batch or repeat count would fail deep inside torch."""
+    for option in ("rank", "batch", "tokens", "accumulation", "repeats"):
+        value = getattr(args, option)
+        if value < 1:
+            raise ValueError(f"--{option} must be >= 1, got {value}")
+    if args.model and (os.sep in args.model or args.model.startswith(".")) and not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model}: no such model folder")
+
+
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    try:
+        _check_args(args)
+    except (ValueError, FileNotFoundError) as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"dorafit bench: error: {err}", file=sys.stderr)
+        return 2
     import torch
     from transformers import AutoModel
 

@@ -53,11 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=_DTYPES,
         help="dtype to load the base weights in (adapter tensors keep their own dtype; default: the checkpoint's)",
     )
-    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a DST folder that holds files (only the adapter's two files are replaced)")
 
 
 def _fail(message: str) -> int:
-    print(f"dorafit convert: error: {message}", file=sys.stderr)
+    print(f"dorafit convert: error: {' '.join(message.split())}", file=sys.stderr)
     return 2
 
 
@@ -115,29 +116,46 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = read_adapter_config(src)
     except AdapterFileError as exc:
+        if getattr(args, "debug", False):
+            raise
         return _fail(str(exc))
     fmt = _source_format(cfg)
     if fmt is None:
         return _fail(f"{src / 'adapter_config.json'} is neither a dorafit nor a PEFT adapter config")
     if fmt == args.to:
         return _fail(f"{src} is already in the {fmt} format")
-    if dst.exists() and not args.force and (not dst.is_dir() or any(dst.iterdir())):
-        return _fail(f"{dst} exists; pass --force to replace it")
+    from dorafit.files import is_same_or_inside
+
+    if is_same_or_inside(dst, src) or is_same_or_inside(src, dst):
+        return _fail(f"DST {dst} overlaps SRC {src}: the conversion would replace the adapter it reads; choose another DST")
+    if dst.exists() and not dst.is_dir():
+        return _fail(f"DST {dst} is a file, not a folder")
+    if dst.exists() and not args.force and any(dst.iterdir()):
+        return _fail(f"{dst} exists; pass --force to write the adapter files into it")
     model = args.model or _recorded_base(cfg)
     if not model:
         return _fail(f"{src} does not record its base model: pass --model FOLDER_OR_HUB_ID")
+    if Path(model).exists() and is_same_or_inside(Path(model), dst):
+        return _fail(f"DST {dst} overlaps the base model folder {model}; choose another DST")
 
     try:
         class_name = _class_name(cfg, args.model_class, model)
         print(f"loading base model {model} as {class_name} (dtype {args.dtype})", file=sys.stderr)
         base = load_base_model(model, class_name, args.dtype)
     except (OSError, ValueError) as exc:
+        if getattr(args, "debug", False):
+            raise
         return _fail(f"cannot load base model {model!r}: {exc}")
 
     try:
+        from dorafit.commands.eval import quantize_like_adapter
+
+        quantize_like_adapter(base, str(src), "convert")
         dorafit.load_adapter(base, src)
         dorafit.save_adapter(base, dst, format=args.to)
     except (ValueError, OSError) as exc:  # AdapterFileError, PeftFormatError, ConfigError, AdapterError
+        if getattr(args, "debug", False):
+            raise
         return _fail(str(exc))
     adapters = dorafit.adapter_modules(base)
     methods = sorted({a.method for _, a in adapters})

@@ -3,7 +3,8 @@
 Causal LMs: the paper's protocol (prompt, greedy generation, first regex match of the task's
 answer words), reporting accuracy and the share of unparseable outputs. Encoders: multiple-
 choice accuracy, scored the way the adapter was trained (its task.json), or as --model-kind
-says.
+says. An adapter trained on a 4-bit base (QDoRA) is evaluated on the base quantized the same
+way, never silently on the full-precision one.
 """
 
 from __future__ import annotations
@@ -36,8 +37,62 @@ def add_arguments(parser) -> None:
 def _load_task_info(adapter: str) -> dict:
     path = Path(adapter) / "task.json" if adapter else None
     if path and path.is_file():
-        return json.loads(path.read_text())
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not valid JSON: {err}") from None
+        if not isinstance(info, dict):
+            raise ValueError(f"{path}: must hold a JSON object, got {type(info).__name__}")
+        return info
     return {}
+
+
+def check_local_model(name: str, flag: str = "--model") -> None:
+    """A model given as a path (absolute, ./, ../ or ~) must exist: otherwise transformers takes
+    it for a hub id and answers with a message about repository names."""
+    import os
+
+    if (os.path.isabs(name) or name.startswith((".", "~"))) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"{flag} {name}: no such model folder")
+
+
+def quantize_like_adapter(model, adapter: str, command: str) -> list:
+    """Quantize the base layers the adapter was trained on in 4-bit exactly as in training
+    (same quant type, block size, double quantization, compute dtype), so that the adapter meets
+    the base it was trained with; returns the quantized module names. Refuses with a message
+    saying how when bitsandbytes is missing."""
+    import torch
+
+    from dorafit.inject import _set_submodule
+    from dorafit.io import read_adapter_config, recorded_quantization
+
+    recorded = recorded_quantization(read_adapter_config(adapter))
+    if not recorded:
+        return []
+    from dorafit import quant
+
+    kinds = sorted({r.get("quant_type", "nf4") for r in recorded.values()})
+    try:
+        quant._bitsandbytes()
+    except quant.QuantizationError as err:
+        raise quant.QuantizationError(
+            f"{adapter} was trained on a 4-bit {'/'.join(kinds)} base ({len(recorded)} layers); dorafit {command} "
+            f"quantizes the base the same way and needs bitsandbytes for it: pip install bitsandbytes ({err})") from None
+    for name, record in recorded.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise quant.QuantizationError(f"{adapter}: module {name!r} of the adapter does not exist in this base model") from None
+        if quant.is_quantized_4bit(module):
+            continue
+        compute = record.get("compute_dtype")
+        _set_submodule(model, name, quant.quantize_linear(
+            module, record.get("quant_type", "nf4"),
+            compute_dtype=getattr(torch, compute) if isinstance(compute, str) and hasattr(torch, compute) else None,
+            double_quant=bool(record.get("double_quant", True)), blocksize=int(record.get("blocksize", 64))))
+    print(f"quantized {len(recorded)} base layers to 4-bit {'/'.join(kinds)} as the adapter was trained",
+          file=sys.stderr)
+    return sorted(recorded)
 
 
 def evaluate(args) -> list:
@@ -76,6 +131,7 @@ def evaluate(args) -> list:
     if not tables:
         raise D.DataError(f"no test file for any task under {data_dir}")
 
+    check_local_model(args.model)
     model_path = resolve_model_path(args.model)
     config = read_model_config(model_path, args.trust_remote_code)
     fmt = D.detect_format(tables[0][2], tables[0][1])
@@ -84,9 +140,11 @@ def evaluate(args) -> list:
     max_length = args.max_length or info.get("max_length") or 128
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
     model, _ = load_model(model_path, kind, args.trust_remote_code, num_labels=len(labels) if labels else None)
-    if args.adapter:
-        dorafit.load_adapter(model, args.adapter)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.adapter:
+        model.to(device)  # a 4-bit base is quantized on the device it runs on, as in training
+        quantize_like_adapter(model, args.adapter, "eval")
+        dorafit.load_adapter(model, args.adapter)
     model.to(device).eval()
     results = []
     for task, path, rows in tables:
@@ -121,10 +179,22 @@ def run(args) -> int:
     from dorafit.train.data import DataError
     from dorafit.train.models import ModelError
 
+    if args.json and (Path(args.json).is_dir() or any(
+            p and Path(p).exists() and Path(p).resolve() == Path(args.json).resolve() for p in (args.data, args.adapter, args.model))):
+        print(f"dorafit eval: error: --json {args.json} is a folder or one of the inputs; give a new file name",
+              file=sys.stderr)
+        return 2
+    for option in ("batch_size", "max_rows", "max_length", "max_new_tokens"):
+        value, least = getattr(args, option), 1 if option in ("batch_size", "max_new_tokens") else 0
+        if value < least:
+            print(f"dorafit eval: error: --{option.replace('_', '-')} must be >= {least}, got {value}", file=sys.stderr)
+            return 2
     try:
         results = evaluate(args)
-    except (DataError, ModelError, dorafit.AdapterFileError, dorafit.ConfigError, ValueError) as err:
-        print(f"dorafit eval: error: {err}", file=sys.stderr)
+    except (DataError, ModelError, dorafit.AdapterFileError, dorafit.ConfigError, ValueError, FileNotFoundError) as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"dorafit eval: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     causal = any(r.unparseable for r in results) or _is_causal(args)
     print(format_table(results, causal))

@@ -2,7 +2,10 @@
 
 The result is written with ``save_pretrained`` (safetensors) together with the tokenizer, to a
 temporary folder renamed into place; ``AutoModel...from_pretrained(DIR)`` loads it without
-dorafit and computes what the adapted model computes.
+dorafit and computes what the adapted model computes. An adapter trained on a 4-bit base is
+merged into the base quantized the same way (then dequantized), so the merged model is the
+trained one. ``--out`` may not be or overlap ``--adapter`` or ``--model``, and ``--overwrite``
+replaces only a folder an earlier ``dorafit merge`` wrote (it carries dorafit's marker file).
 """
 
 from __future__ import annotations
@@ -25,29 +28,56 @@ def add_arguments(parser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code to run")
 
 
+MERGED_KIND = "merged"
+
+
+def check_output(out: Path, adapter: Path, model: str, overwrite: bool) -> None:
+    """Refuse an --out that is an input (or overlaps one), or a folder dorafit did not make."""
+    from dorafit.files import MARKER_NAME, is_same_or_inside, read_marker
+
+    inputs = [("--adapter", adapter)] + ([("--model", Path(model))] if Path(model).exists() else [])
+    for flag, path in inputs:
+        if is_same_or_inside(out, path) or is_same_or_inside(path, out):
+            raise FileExistsError(f"--out {out} overlaps {flag} {path}: writing there would replace the input; "
+                                  "choose another --out")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        if read_marker(out) != MERGED_KIND:
+            raise FileExistsError(f"--overwrite: {out} is not a merged model written by dorafit merge (no {MARKER_NAME} "
+                                  "marker); not replacing it")
+
+
 def merge_to_folder(args) -> Path:
     import dorafit
-    from dorafit.commands.eval import _load_task_info
-    from dorafit.files import atomic_directory
+    from dorafit.commands.eval import _load_task_info, check_local_model, quantize_like_adapter
+    from dorafit.files import atomic_directory, write_marker
     from dorafit.train.models import detect_kind, load_model, load_tokenizer, read_model_config, resolve_model_path
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    if not Path(args.adapter).is_dir():
+    out, adapter = Path(args.out), Path(args.adapter)
+    if not adapter.is_dir():
         raise dorafit.AdapterFileError(f"adapter folder {args.adapter} does not exist")
+    check_local_model(args.model)
+    check_output(out, adapter, args.model, args.overwrite)
     info = _load_task_info(args.adapter)
     model_path = resolve_model_path(args.model)
     config = read_model_config(model_path, args.trust_remote_code)
     kind = args.model_kind if args.model_kind != "auto" else info.get("model_kind") or detect_kind(model_path, config, "commonsense")
     labels = info.get("labels")
     model, _ = load_model(model_path, kind, args.trust_remote_code, num_labels=len(labels) if labels else None)
+    quantize_like_adapter(model, args.adapter, "merge")
     dorafit.load_adapter(model, args.adapter)
     dorafit.merge(model)
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
+    replaced = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        write_marker(tmp, MERGED_KIND)
+    if replaced:
+        print(f"--overwrite: replaced the previous merged model in {out} ({', '.join(replaced)})", file=sys.stderr)
     return out
 
 
@@ -57,8 +87,10 @@ def run(args) -> int:
 
     try:
         out = merge_to_folder(args)
-    except (ModelError, dorafit.AdapterFileError, dorafit.ConfigError, FileExistsError) as err:
-        print(f"dorafit merge: error: {err}", file=sys.stderr)
+    except (ModelError, dorafit.AdapterFileError, dorafit.ConfigError, FileExistsError, ValueError) as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"dorafit merge: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     print(f"merged checkpoint written to {out}")
     return 0

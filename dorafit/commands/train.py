@@ -20,6 +20,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     import dorafit
+    from dorafit.commands.eval import check_local_model
     from dorafit.train.checkpoint import CheckpointError
     from dorafit.train.config import TrainConfigError, config_from_args
     from dorafit.train.data import DataError
@@ -35,14 +36,22 @@ def run(args) -> int:
             saved = Path(output) / "config.yaml" if output else None
             if saved is None or not saved.is_file():
                 raise TrainConfigError(f"--resume needs --output pointing at a run folder with config.yaml (got {output!r})")
-            base = yaml.safe_load(saved.read_text())
+            try:
+                base = yaml.safe_load(saved.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, yaml.YAMLError) as err:
+                raise TrainConfigError(f"{saved}: not valid YAML: {' '.join(str(err).split())}") from None
+            if not isinstance(base, dict):
+                raise TrainConfigError(f"{saved}: expected a mapping of option -> value, got {type(base).__name__}")
             # Run-control options of the first invocation do not carry over.
             base.update(resume=True, overwrite=False, stop_after_steps=0)
         cfg = config_from_args(args, base=base)
+        check_local_model(cfg.model)
         train(cfg)
     except (TrainConfigError, DataError, ModelError, dorafit.ConfigError, dorafit.AdapterError,
-            CheckpointError) as err:
-        print(f"dorafit train: error: {err}", file=sys.stderr)
+            CheckpointError, FileNotFoundError) as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"dorafit train: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except TrainingError as err:
         print(f"dorafit train: stopped: {err}", file=sys.stderr)

@@ -9,7 +9,6 @@ bitsandbytes is imported lazily.
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Dict, List, Type
 
 import torch
@@ -108,12 +107,9 @@ class Linear4bitAdapter(LinearAdapter):
         plain.weight = nn.Parameter(merged_2d.to(dtype), requires_grad=False)
         if self.base.bias is not None:
             plain.bias = nn.Parameter(self.base.bias.detach().to(dtype).clone(), requires_grad=False)
-        message = (
-            "dorafit.merge: a 4-bit (bitsandbytes Linear4bit) layer was merged into a dequantized "
-            f"nn.Linear of dtype {dtype}; the merged model is no longer quantized"
-        )
-        warnings.warn(message, UserWarning, stacklevel=2)
-        logger.info("%s (layer (out, in) = (%d, %d))", message, out_features, in_features)
+        # dorafit.merge warns once for the whole model; one line per layer goes to the log only.
+        logger.debug("merged 4-bit layer (out, in) = (%d, %d) into a dequantized nn.Linear of dtype %s",
+                     out_features, in_features, dtype)
         return plain
 
 

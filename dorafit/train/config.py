@@ -3,7 +3,8 @@
 Every field's docstring is its ``--help`` text. Values are resolved in this order, later ones
 winning: the defaults below (which ARE the embedded default run: DoRA on all-MiniLM-L6-v2
 with the ARC-Easy subset shipped in ``dorafit/data``), a YAML file given with ``--config``,
-then command-line flags. Unknown YAML keys are refused; ``__post_init__`` validates values.
+then command-line flags. Unknown YAML keys are refused with the closest known option; ``__post_init__`` checks every
+value's type (a quoted "false" is an error, not true) and range.
 """
 
 from __future__ import annotations
@@ -17,6 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+from dorafit.config import (
+    METHODS,
+    check_bool,
+    check_int,
+    check_number,
+    check_regex,
+    check_unknown_keys,
+    did_you_mean,
+)
+
 MODEL_KINDS = ("auto", "causal-lm", "multiple-choice", "similarity", "sequence-classification")
 PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZE = ("", "nf4")
@@ -28,6 +39,24 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 class TrainConfigError(ValueError):
     """A training option with a value that cannot work; the message names the option."""
+
+
+def check_types(cfg) -> None:
+    """Every field holds a value of its annotated type: a bool is a real boolean (the string
+    "false" from a YAML file is refused, not read as true), an int a real integer, a float a
+    finite number, a str a string, a List[str] a list of strings."""
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if kind == "bool":
+            check_bool(f.name, value, error=TrainConfigError)
+        elif kind == "int":
+            check_int(f.name, value, error=TrainConfigError)
+        elif kind == "float":
+            check_number(f.name, value, error=TrainConfigError)
+        elif kind == "str" and not isinstance(value, str):
+            raise TrainConfigError(f"{f.name} must be a string, got {value!r}")
+        elif kind == "List[str]" and (not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
+            raise TrainConfigError(f"{f.name} must be a list of names (or one comma-separated string), got {value!r}")
 
 
 @dataclass
@@ -133,36 +162,44 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
             self.targets = [t for t in self.targets.split(",") if t]
+        check_types(self)
         checks = [
-            ("model_kind", self.model_kind in MODEL_KINDS, f"one of {MODEL_KINDS}"),
-            ("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}"),
-            ("quantize", self.quantize in QUANTIZE, f"one of {QUANTIZE} (\"\" for none)"),
-            ("distributed", self.distributed in DISTRIBUTED, f"one of {DISTRIBUTED}"),
-            ("rank", self.rank > 0, "> 0"),
-            ("alpha", self.alpha > 0, "> 0"),
-            ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
-            ("lr", self.lr > 0, "> 0"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("epochs", self.epochs >= 1, ">= 1"),
-            ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("grad_accum", self.grad_accum >= 1, ">= 1"),
-            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-            ("max_grad_norm", self.max_grad_norm >= 0, ">= 0"),
-            ("max_length", self.max_length >= 8, ">= 8"),
-            ("val_size", self.val_size >= 0, ">= 0"),
-            ("max_train_rows", self.max_train_rows >= 0, ">= 0"),
-            ("max_test_rows", self.max_test_rows >= 0, ">= 0"),
-            ("save_steps", self.save_steps >= 0, ">= 0"),
-            ("keep_checkpoints", self.keep_checkpoints >= 2, ">= 2"),
-            ("eval_steps", self.eval_steps >= 0, ">= 0"),
-            ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
-            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
-            ("threads", self.threads >= 0, ">= 0"),
-            ("stop_after_steps", self.stop_after_steps >= 0, ">= 0"),
+            ("model_kind", self.model_kind in MODEL_KINDS, f"one of {MODEL_KINDS}", MODEL_KINDS),
+            ("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}", PRECISIONS),
+            ("quantize", self.quantize in QUANTIZE, f"one of {QUANTIZE} (\"\" for none)", QUANTIZE),
+            ("distributed", self.distributed in DISTRIBUTED, f"one of {DISTRIBUTED}", DISTRIBUTED),
+            ("method", self.method in METHODS, f"one of {METHODS}", METHODS),
+            ("rank", self.rank > 0, "> 0", ()),
+            ("alpha", self.alpha > 0, "> 0", ()),
+            ("dropout", 0 <= self.dropout < 1, "in [0, 1)", ()),
+            ("lr", self.lr > 0, "> 0", ()),
+            ("weight_decay", self.weight_decay >= 0, ">= 0", ()),
+            ("epochs", self.epochs >= 1, ">= 1", ()),
+            ("batch_size", self.batch_size >= 1, ">= 1", ()),
+            ("grad_accum", self.grad_accum >= 1, ">= 1", ()),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0", ()),
+            ("max_grad_norm", self.max_grad_norm >= 0, ">= 0", ()),
+            ("max_length", self.max_length >= 8, ">= 8", ()),
+            ("val_size", self.val_size >= 0, ">= 0", ()),
+            ("max_train_rows", self.max_train_rows >= 0, ">= 0", ()),
+            ("max_test_rows", self.max_test_rows >= 0, ">= 0", ()),
+            ("save_steps", self.save_steps >= 0, ">= 0", ()),
+            ("keep_checkpoints", self.keep_checkpoints >= 2, ">= 2", ()),
+            ("eval_steps", self.eval_steps >= 0, ">= 0", ()),
+            ("eval_batch_size", self.eval_batch_size >= 1, ">= 1", ()),
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1", ()),
+            ("threads", self.threads >= 0, ">= 0", ()),
+            ("stop_after_steps", self.stop_after_steps >= 0, ">= 0", ()),
         ]
-        for name, ok, want in checks:
+        for name, ok, want, choices in checks:
             if not ok:
-                raise TrainConfigError(f"{name} must be {want}, got {getattr(self, name)!r}")
+                hint = did_you_mean(getattr(self, name), choices) if choices else ""
+                raise TrainConfigError(f"{name} must be {want}, got {getattr(self, name)!r}{hint}")
+        if self.val_size >= 1 and self.val_size != int(self.val_size):
+            raise TrainConfigError(f"val_size must be a whole number of rows (>= 1) or a fraction (< 1), got {self.val_size!r}")
+        for pattern in self.targets:
+            if pattern != "all-linear":
+                check_regex("targets", pattern, error=TrainConfigError)
         from dorafit.eval.tasks import get_task
 
         try:
@@ -182,12 +219,19 @@ class TrainConfig:
         """Build from a dict (e.g. a YAML file), refusing unknown keys."""
         if not isinstance(data, dict):
             raise TrainConfigError(f"{source}: expected a mapping of option -> value, got {type(data).__name__}")
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        if not all(isinstance(k, str) for k in data):
+            raise TrainConfigError(f"{source}: option names must be strings, got {[k for k in data if not isinstance(k, str)]}")
         data = {k.replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise TrainConfigError(f"{source}: unknown option(s) {unknown}; known options: {sorted(known)}")
-        return cls(**data)
+        try:
+            check_unknown_keys(data, [f.name for f in dataclasses.fields(cls)], what="option", error=TrainConfigError)
+        except TrainConfigError as err:
+            raise TrainConfigError(f"{source}: {err}") from None  # keeps "<file>: unknown option(s)"
+        try:
+            return cls(**data)
+        except TrainConfigError as err:
+            if source == "options":  # flags (a file's own values were checked with its name)
+                raise
+            raise TrainConfigError(f"{source}: {err}") from None
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -234,14 +278,37 @@ def config_from_args(args: argparse.Namespace, cls=TrainConfig, base: Optional[d
         if not path.is_file():
             raise TrainConfigError(f"--config {path}: no such file")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise TrainConfigError(f"--config {path}: not valid YAML: {err}") from None
-        cls.from_dict(loaded, source=str(path))  # validates the keys and values of the file alone
+            text = path.read_text(encoding="utf-8")
+            loaded = yaml.safe_load(text)
+        except (UnicodeDecodeError, yaml.YAMLError) as err:
+            raise TrainConfigError(f"--config {path}: not valid YAML: {' '.join(str(err).split())}") from None
+        loaded = {} if loaded is None else loaded
+        try:  # validates the keys and values of the file alone, naming the line of a bad key
+            cls.from_dict(loaded, source=str(path))
+        except TrainConfigError as err:
+            raise TrainConfigError(_with_yaml_line(str(err), str(path), text)) from None
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in names})
     return cls.from_dict(values, source="options")
+
+
+def _with_yaml_line(message: str, source: str, text: str) -> str:
+    """``message`` ("<source>: <key> must be ...") with the YAML line of <key> added."""
+    import yaml
+
+    body = message[len(source) + 2:] if message.startswith(source + ": ") else message
+    key = body.split(" ", 1)[0]
+    if key.startswith("unknown"):
+        key = body.split("['", 1)[-1].split("'", 1)[0]
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return message
+    for key_node, _ in getattr(node, "value", []) if isinstance(node, yaml.MappingNode) else []:
+        if str(key_node.value).replace("-", "_") == key:
+            return f"{source}, line {key_node.start_mark.line + 1}: {body}"
+    return message
 
 
 def format_config(cfg) -> str:

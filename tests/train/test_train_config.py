@@ -28,7 +28,7 @@ def test_unknown_yaml_key_and_bad_values(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("rnak: 4\n")
     _, args = _parse(["--config", str(yaml_file)])
-    with pytest.raises(TrainConfigError, match=r"c.yaml: unknown option\(s\) \['rnak'\]"):
+    with pytest.raises(TrainConfigError, match=r"c.yaml, line 1: unknown option\(s\) \['rnak'\] \(did you mean 'rank'\?\)"):
         config_from_args(args)
     with pytest.raises(TrainConfigError, match="rank must be > 0"):
         TrainConfig(rank=0)
