@@ -85,6 +85,24 @@ def _module_record(adapter) -> Dict[str, Any]:
     }
 
 
+def adapter_file_contents(model: nn.Module):
+    """(the ``adapter_config.json`` dict, the tensors) of the model's active adapter, dorafit layout."""
+    config = getattr(model, CONFIG_ATTR, None)
+    if config is None or not adapter_modules(model):
+        raise AdapterFileError("model has no dorafit adapters to save (attach or load an adapter first)")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    meta = {
+        "format": FORMAT,
+        "dorafit_version": __version__,
+        "config": config.to_dict(),
+        "base_model": _base_identity(model),
+        "modules": {name: _module_record(a) for name, a in adapter_modules(model)},
+    }
+    # method-specific tensors (e.g. VeRA's shared matrices when asked to store them)
+    state.update({k: v.detach().cpu().contiguous() for k, v in _extra_tensors(model).items()})
+    return meta, state
+
+
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], format: str = "dorafit") -> Path:
     """Write the model's adapters to directory ``path`` (replaced atomically); returns the path.
 
@@ -96,21 +114,9 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], format: str = 
         return save_peft_adapter(model, path)
     if format != "dorafit":
         raise ValueError(f"format must be 'dorafit' or 'peft', got {format!r}")
-    config = getattr(model, CONFIG_ATTR, None)
-    if config is None or not adapter_modules(model):
-        raise AdapterFileError("model has no dorafit adapters to save (attach or load an adapter first)")
     from safetensors.torch import save_file
 
-    state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    meta = {
-        "format": FORMAT,
-        "dorafit_version": __version__,
-        "config": config.to_dict(),
-        "base_model": _base_identity(model),
-        "modules": {name: _module_record(a) for name, a in adapter_modules(model)},
-    }
-    # method-specific tensors (e.g. VeRA's shared matrices when asked to store them)
-    state.update({k: v.detach().cpu().contiguous() for k, v in _extra_tensors(model).items()})
+    meta, state = adapter_file_contents(model)
     path = Path(path)
     with atomic_directory(path) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT, "dorafit_version": __version__})
@@ -165,13 +171,40 @@ def _check_base(model: nn.Module, modules: Dict[str, Any], source: Path) -> None
             )
 
 
-def load_adapter(base_model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
-    """Attach the adapter stored in ``path`` to ``base_model`` and load its weights.
+def load_adapter(
+    base_model: nn.Module,
+    path: Union[str, os.PathLike],
+    name: str = "default",
+    trainable: bool = True,
+    revision: Optional[str] = None,
+) -> nn.Module:
+    """Attach the adapter stored in ``path`` (a folder, or a hub repository id) to ``base_model``
+    and load its weights.
 
     Validates everything first; on any mismatch raises AdapterFileError naming the module, key or
-    shape, and leaves ``base_model`` as it was.
+    shape, and leaves ``base_model`` as it was. On a model that has adapters already, the new
+    one is added under ``name`` and stays inactive (``dorafit.set_adapter`` switches).
+    ``trainable=False`` loads it for inference: its parameters never require gradients.
     """
-    path = Path(path)
+    from .adapters import adding_adapter, registry, set_trainable
+    from .hub import resolve_adapter_path
+
+    path = resolve_adapter_path(path, revision=revision)
+    if registry(base_model):
+        with adding_adapter(base_model, name):
+            _load_adapter_files(base_model, path)
+    else:
+        _load_adapter_files(base_model, path)
+        if name != "default":
+            from .adapters import rename_adapter
+
+            rename_adapter(base_model, "default", name)
+    set_trainable(base_model, name, trainable)
+    return base_model
+
+
+def _load_adapter_files(base_model: nn.Module, path: Path) -> nn.Module:
+    """``load_adapter`` on a model without adapters: the new one is attached as "default"."""
     data = read_adapter_config(path)
     if "peft_type" in data:
         from .interop import load_peft_adapter
