@@ -57,17 +57,14 @@ def recorded_base(adapter: Path) -> str | None:
     return name or data.get("base_model_name_or_path")
 
 
-def export(args):
+def load_for_export(args):
+    """(the base model with the adapter attached, frozen, in eval mode; the tokenized prompts)."""
     import dorafit
     from dorafit.commands.eval import _load_task_info
-    from dorafit.export import export_lora
     from dorafit.hub import resolve_adapter_path
     from dorafit.train.config import DEFAULT_MODEL
     from dorafit.train.models import detect_kind, load_model, load_tokenizer, read_model_config, resolve_model_path
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
     adapter = resolve_adapter_path(args.adapter)
     if not adapter.is_dir():
         raise dorafit.AdapterFileError(f"adapter folder {args.adapter} does not exist")
@@ -86,6 +83,16 @@ def export(args):
         if kind == "multiple-choice":  # (batch, choices, tokens)
             batch = {k: v.unsqueeze(1) for k, v in batch.items()}
         inputs.append(batch)
+    return model, inputs
+
+
+def export(args):
+    from dorafit.export import export_lora
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    model, inputs = load_for_export(args)
     return export_lora(model, out, rank=args.rank, max_error=args.max_error, inputs=inputs)
 
 
