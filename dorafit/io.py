@@ -143,6 +143,19 @@ def read_adapter_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     return data
 
 
+def recorded_base_model(path: Union[str, os.PathLike]) -> Optional[str]:
+    """The base model an adapter folder records (dorafit's ``base_model.name_or_path`` or PEFT's
+    ``base_model_name_or_path``), or None when it records none or is no adapter folder."""
+    try:
+        data = read_adapter_config(path)
+    except AdapterFileError:
+        return None
+    base = data.get("base_model")
+    name = base.get("name_or_path") if isinstance(base, dict) else None
+    name = name or data.get("base_model_name_or_path")
+    return name if isinstance(name, str) and name else None
+
+
 def read_safetensors(file: Path) -> Dict[str, torch.Tensor]:
     """All tensors of a safetensors file, or an AdapterFileError naming the file."""
     if not file.is_file():

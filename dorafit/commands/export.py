@@ -11,7 +11,6 @@ hidden state for a model without an output head). ``dorafit merge`` stays the ex
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -44,24 +43,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code to run")
 
 
-def recorded_base(adapter: Path) -> str | None:
-    """The base model an adapter folder records (dorafit's base_model or PEFT's base_model_name_or_path)."""
-    try:
-        data = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    base = data.get("base_model")
-    name = base.get("name_or_path") if isinstance(base, dict) else None
-    return name or data.get("base_model_name_or_path")
-
-
 def load_for_export(args):
     """(the base model with the adapter attached, frozen, in eval mode; the tokenized prompts)."""
     import dorafit
     from dorafit.commands.eval import _load_task_info
     from dorafit.hub import resolve_adapter_path
+    from dorafit.io import recorded_base_model
     from dorafit.train.config import DEFAULT_MODEL
     from dorafit.train.models import detect_kind, load_model, load_tokenizer, read_model_config, resolve_model_path
 
@@ -69,7 +56,7 @@ def load_for_export(args):
     if not adapter.is_dir():
         raise dorafit.AdapterFileError(f"adapter folder {args.adapter} does not exist")
     info = _load_task_info(str(adapter))
-    model_path = resolve_model_path(args.model or recorded_base(adapter) or DEFAULT_MODEL)
+    model_path = resolve_model_path(args.model or recorded_base_model(adapter) or DEFAULT_MODEL)
     config = read_model_config(model_path, args.trust_remote_code)
     kind = args.model_kind if args.model_kind != "auto" else info.get("model_kind") or detect_kind(model_path, config, "commonsense")
     labels = info.get("labels")

@@ -58,3 +58,15 @@ def test_export_errors_are_one_line_and_exit_2(tiny_folder, capsys):
     assert main(["export", str(tiny_folder / "adapter"), "--rank", "2", "--out", str(tiny_folder / "full")]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert (tiny_folder / "full" / "keep.txt").read_text() == "x"
+
+
+def test_merge_defaults_to_the_base_the_adapter_records(tiny_folder, capsys):
+    from transformers import AutoModelForCausalLM
+
+    assert main(["merge", "--adapter", str(tiny_folder / "adapter"), "--out", str(tiny_folder / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tiny_folder / "merged")
+    assert merged.config.hidden_size == 32  # the tiny base, not the default all-MiniLM-L6-v2
+    adapted = dorafit.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_folder / "base"), tiny_folder / "adapter")
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
