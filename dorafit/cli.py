@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": "evaluate a model (and adapter) on a task",
     "merge": "merge an adapter into its base model and save a plain checkpoint",
     "convert": "convert an adapter between the dorafit and PEFT formats",
+    "export": "write an adapter as a plain LoRA (truncated SVD) for LoRA-only serving engines",
     "analyze": "magnitude/direction analysis of fine-tuned weights (paper Figure 2)",
     "bench": "measure the DoRA overhead over LoRA on your model",
 }

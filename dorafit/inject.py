@@ -20,6 +20,12 @@ from .config import AdapterConfig, ConfigError, pattern_matches, resolve_module_
 from .layers import AdapterError, AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
 from .layers.vera import build_vera_adapter, build_vera_shared
 
+# Named adapters and the adapter-only save_pretrained (their own modules; no model class is
+# subclassed).
+from .adapters import DEFAULT_NAME, adding_adapter, register_active, registry
+from .adapters import clear as clear_adapters
+from .hub import install_save_pretrained, remove_save_pretrained
+
 ADAPTER_TYPES: Dict[Type[nn.Module], Type[AdapterLayer]] = {
     nn.Linear: LinearAdapter,
     nn.Conv1d: ConvAdapter,
@@ -82,8 +88,11 @@ def adapter_modules(model: nn.Module) -> List[Tuple[str, AdapterLayer]]:
 class ModulesToSave(nn.Module):
     """A fully trainable copy of a module (e.g. a classification head) saved with the adapter.
 
-    ``original`` is kept frozen so that ``detach`` can restore it.
+    ``original`` is kept frozen so that ``detach`` can restore it (and ``disable_adapter``
+    can compute with it).
     """
+
+    adapter_disabled: bool = False  # set by ``dorafit.disable_adapter``
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
@@ -95,6 +104,8 @@ class ModulesToSave(nn.Module):
             p.requires_grad_(True)
 
     def forward(self, *args, **kwargs):
+        if self.adapter_disabled:
+            return self.original(*args, **kwargs)
         return self.trainable(*args, **kwargs)
 
 
@@ -160,12 +171,14 @@ def check_patterns_match(model: nn.Module, config: AdapterConfig, selected: List
                 raise ConfigError(f"{field_name} key {pattern!r} matches none of the adapted modules: {shown}")
 
 
-def _check_not_attached(model: nn.Module) -> None:
-    existing = adapter_modules(model)
+def _check_not_attached(model: nn.Module, name: str = DEFAULT_NAME) -> None:
+    entry = registry(model).get(name)
+    existing = list(entry.layers) if entry is not None else [n for n, _ in adapter_modules(model)]
     if existing:
         raise AdapterError(
-            f"model already has dorafit adapters ({len(existing)}, e.g. {existing[0][0]}); "
-            "call dorafit.detach(model) or dorafit.merge(model) first instead of stacking adapters"
+            f"model already has dorafit adapters named {name!r} ({len(existing)}, e.g. {existing[0]}); "
+            "call dorafit.detach(model) or dorafit.merge(model) first instead of stacking adapters, "
+            "or attach with another name= to add a second adapter"
         )
 
 
@@ -225,13 +238,24 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
+def attach(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) -> nn.Module:
     """Attach adapters to ``model`` in place and return it; only adapter parameters train.
 
     Everything is validated before the first module is replaced: on error the model is untouched.
+    The adapter is called ``name``. On a model that has adapters already, another ``name`` adds
+    a second adapter, inactive until ``dorafit.set_adapter(model, name)`` (see ``adapters``);
+    the same name raises.
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a dorafit.AdapterConfig, got {type(config).__name__}")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty string, got {name!r}")
+    if registry(model):
+        if name in registry(model):
+            _check_not_attached(model, name)
+        with adding_adapter(model, name):
+            attach(model, config)
+        return model
     _check_not_attached(model)
     names = find_targets(model, config)
     # Leaves only: adapting a container and its child at once is ambiguous.
@@ -260,19 +284,22 @@ def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
     setattr(model, REQUIRES_GRAD_ATTR, flags)
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, adapter in adapters.items():
-        _set_submodule(model, name, adapter)
-    for name in dict.fromkeys(save_names):
-        _set_submodule(model, name, ModulesToSave(model.get_submodule(name)))
+    for module_name, adapter in adapters.items():
+        _set_submodule(model, module_name, adapter)
+    for module_name in dict.fromkeys(save_names):
+        _set_submodule(model, module_name, ModulesToSave(model.get_submodule(module_name)))
     for _, adapter in adapter_modules(model):
         for pname in adapter.adapter_parameter_names():
             getattr(adapter, pname).requires_grad_(True)
     setattr(model, CONFIG_ATTR, config)
+    register_active(model, name, config)
+    install_save_pretrained(model)  # save_pretrained writes the adapter (see ``hub``)
     return model
 
 
 def detach(model: nn.Module) -> nn.Module:
-    """Remove all adapters and restore the untouched base modules (and their original weights)."""
+    """Remove all adapters (every named one) and restore the untouched base modules (and their
+    original weights)."""
     for name, adapter in adapter_modules(model):
         _set_submodule(model, name, adapter.base)
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]:
@@ -285,6 +312,8 @@ def detach(model: nn.Module) -> nn.Module:
             if id(p) in flags:
                 p.requires_grad_(flags[id(p)])
         delattr(model, REQUIRES_GRAD_ATTR)
+    clear_adapters(model)
+    remove_save_pretrained(model)
     return model
 
 

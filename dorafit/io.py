@@ -118,6 +118,26 @@ def recorded_quantization(data: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
             if isinstance(rec, dict) and isinstance(rec.get("quantization"), dict)}
 
 
+def adapter_file_contents(model: nn.Module):
+    """(the ``adapter_config.json`` dict, the tensors) of the model's active adapter, dorafit layout."""
+    config = getattr(model, CONFIG_ATTR, None)
+    if config is None or not adapter_modules(model):
+        raise AdapterFileError("model has no dorafit adapters to save (attach or load an adapter first)")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    meta = {
+        "format": FORMAT,
+        "dorafit_version": __version__,
+        "config": config.to_dict(),
+        "base_model": _base_identity(model),
+        "modules": {name: _module_record(a) for name, a in adapter_modules(model)},
+    }
+    # method-specific tensors (e.g. VeRA's shared matrices when asked to store them)
+    state.update({k: v.detach().cpu().contiguous() for k, v in _extra_tensors(model).items()})
+    quantized = sorted({r["quantization"]["quant_type"] for r in meta["modules"].values() if "quantization" in r})
+    meta["base_quantization"] = quantized[0] if len(quantized) == 1 else (quantized or None)
+    return meta, state
+
+
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], format: str = "dorafit") -> Path:
     """Write the model's adapters to folder ``path``; returns the path.
 
@@ -132,28 +152,27 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], format: str = 
         return save_peft_adapter(model, path)
     if format != "dorafit":
         raise ValueError(f"format must be 'dorafit' or 'peft', got {format!r}")
-    config = getattr(model, CONFIG_ATTR, None)
-    if config is None or not adapter_modules(model):
-        raise AdapterFileError("model has no dorafit adapters to save (attach or load an adapter first)")
     from safetensors.torch import save_file
 
-    state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    meta = {
-        "format": FORMAT,
-        "dorafit_version": __version__,
-        "config": config.to_dict(),
-        "base_model": _base_identity(model),
-        "modules": {name: _module_record(a) for name, a in adapter_modules(model)},
-    }
-    # method-specific tensors (e.g. VeRA's shared matrices when asked to store them)
-    state.update({k: v.detach().cpu().contiguous() for k, v in _extra_tensors(model).items()})
-    quantized = sorted({r["quantization"]["quant_type"] for r in meta["modules"].values() if "quantization" in r})
-    meta["base_quantization"] = quantized[0] if len(quantized) == 1 else (quantized or None)
+    meta, state = adapter_file_contents(model)
     config_text = json.dumps(meta, indent=2) + "\n"
     return write_into_directory(Path(path), {
         WEIGHTS_NAME: lambda f: save_file(state, str(f), metadata={"format": FORMAT, "dorafit_version": __version__}),
         CONFIG_NAME: lambda f: f.write_text(config_text, encoding="utf-8"),
     })
+
+
+def recorded_base_model(path: Union[str, os.PathLike]) -> Optional[str]:
+    """The base model an adapter folder records (dorafit's ``base_model.name_or_path`` or PEFT's
+    ``base_model_name_or_path``), or None when it records none or is no adapter folder."""
+    try:
+        data = read_adapter_config(path)
+    except AdapterFileError:
+        return None
+    base = data.get("base_model")
+    name = base.get("name_or_path") if isinstance(base, dict) else None
+    name = name or data.get("base_model_name_or_path")
+    return name if isinstance(name, str) and name else None
 
 
 def _check_base(model: nn.Module, modules: Dict[str, Any], source: Path) -> None:
@@ -194,13 +213,40 @@ def warn_unquantized_base(model: nn.Module, data: Dict[str, Any], source: Path) 
             UserWarning, stacklevel=3)
 
 
-def load_adapter(base_model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
-    """Attach the adapter stored in ``path`` to ``base_model`` and load its weights.
+def load_adapter(
+    base_model: nn.Module,
+    path: Union[str, os.PathLike],
+    name: str = "default",
+    trainable: bool = True,
+    revision: Optional[str] = None,
+) -> nn.Module:
+    """Attach the adapter stored in ``path`` (a folder, or a hub repository id) to ``base_model``
+    and load its weights.
 
     Validates everything first; on any mismatch raises AdapterFileError naming the module, key or
-    shape, and leaves ``base_model`` as it was.
+    shape, and leaves ``base_model`` as it was. On a model that has adapters already, the new
+    one is added under ``name`` and stays inactive (``dorafit.set_adapter`` switches).
+    ``trainable=False`` loads it for inference: its parameters never require gradients.
     """
-    path = Path(path)
+    from .adapters import adding_adapter, registry, set_trainable
+    from .hub import resolve_adapter_path
+
+    path = resolve_adapter_path(path, revision=revision)
+    if registry(base_model):
+        with adding_adapter(base_model, name):
+            _load_adapter_files(base_model, path)
+    else:
+        _load_adapter_files(base_model, path)
+        if name != "default":
+            from .adapters import rename_adapter
+
+            rename_adapter(base_model, "default", name)
+    set_trainable(base_model, name, trainable)
+    return base_model
+
+
+def _load_adapter_files(base_model: nn.Module, path: Path) -> nn.Module:
+    """``load_adapter`` on a model without adapters: the new one is attached as "default"."""
     data = read_adapter_config(path)
     if "peft_type" in data:
         from .interop import load_peft_adapter

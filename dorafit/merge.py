@@ -6,17 +6,23 @@ rows scaled per output feature, bias unchanged. The result is made of the origin
 classes (nn.Linear, Conv1D, ...), so ``save_pretrained`` after a merge writes a checkpoint that
 loads without dorafit. Merging a model without adapters changes nothing (idempotent). Merging
 4-bit layers dequantizes them; ``merge`` says so in one warning for the whole model.
+``merged_weights`` is the pure function; ``merge`` applies it. ``unmerge`` inverts a merge made
+with ``keep_adapter=True``:  W0 = W / g − s B A.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
+from .adapters import DEFAULT_NAME, active_adapter, register_active, registry
+from .adapters import clear as clear_adapters
+from .hub import install_save_pretrained, remove_save_pretrained
 from .inject import CONFIG_ATTR, REQUIRES_GRAD_ATTR, ModulesToSave, _set_submodule, adapter_modules
+from .layers import AdapterError, AdapterLayer
 
 
 def merged_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -65,21 +71,126 @@ def _warn_dequantized(model: nn.Module) -> None:
     )
 
 
-def merge(model: nn.Module) -> nn.Module:
+def merge(model: nn.Module, keep_adapter: bool = False) -> nn.Module:
     """Replace every adapter by its base module carrying the merged weight; returns the model.
 
-    modules_to_save copies replace their originals. Calling it again is a no-op.
+    The active adapter is merged; other named adapters are dropped. modules_to_save copies
+    replace their originals. Calling it again is a no-op. ``keep_adapter=True`` also keeps,
+    outside the module tree, what ``unmerge`` needs to give the adapted model back: the adapter
+    layers and each row's scale g (m / ‖W0 + s B A‖, or 1 for LoRA), (out,) float32 per module.
     """
     _untie_shared_weights(model)
     _warn_dequantized(model)
+    record: Dict[str, Tuple[AdapterLayer, torch.Tensor]] = {}
+    saves: Dict[str, ModulesToSave] = {}
+    config = getattr(model, CONFIG_ATTR, None)
     with torch.no_grad():
         for name, adapter in adapter_modules(model):
+            if keep_adapter:
+                record[name] = (adapter, _row_scale(adapter))
             _set_submodule(model, name, adapter.to_plain_module())
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]:
         for p in module.trainable.parameters():
             p.requires_grad_(False)
+        saves[name] = module
         _set_submodule(model, name, module.trainable)
+    if keep_adapter and (record or saves):
+        model.__dict__[MERGED_ATTR] = {
+            "config": config,
+            "name": active_adapter(model) or DEFAULT_NAME,
+            "requires_grad": getattr(model, REQUIRES_GRAD_ATTR, None),
+            "layers": {n: (a, g, _weight_key(a.base.weight)) for n, (a, g) in record.items()},
+            "saves": saves,
+        }
     for attr in (CONFIG_ATTR, REQUIRES_GRAD_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
+    clear_adapters(model)
+    remove_save_pretrained(model)
     return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Unmerge. The merged row is W_i = g_i (W0_i + s (BA)_i); ‖W_i‖ = m_i fixes only the direction of
+# W0_i + s (BA)_i, not its length, so W0 cannot be recovered from W, A, B and m alone: ``merge``
+# must keep g. Then W0 = W / g − s B A (rows), exact up to the float error of W's dtype.
+MERGED_ATTR = "_dorafit_merged"
+
+
+def _row_scale(adapter: AdapterLayer) -> torch.Tensor:
+    """g per output feature, (out,) float32: m / ‖W0 + s B A‖ (DoRA), m / ‖W0‖ (magnitude-only), 1 (LoRA)."""
+    if adapter.magnitude is None:
+        return torch.ones(adapter.base_weight_2d().shape[0], dtype=torch.float32, device=adapter.base_weight_2d().device)
+    return adapter.magnitude_scale().detach().float().clone()
+
+
+def _weight_key(weight: torch.Tensor) -> tuple:
+    return (weight.data_ptr(), weight._version)
+
+
+def _unmerge_problem(name: str, adapter: AdapterLayer, g: torch.Tensor, key: tuple, module: nn.Module) -> Optional[str]:
+    """Why module ``name`` cannot be unmerged exactly, or None."""
+    if module is not adapter.base:
+        return f"module {name!r} was replaced after the merge (now a {type(module).__name__})"
+    if type(adapter).write_merged is not AdapterLayer.write_merged:
+        return f"module {name!r}: its base is quantized; the merged weight is not in the base's format (merge without a quantized base to unmerge)"
+    if _weight_key(module.weight) != key:
+        return f"module {name!r}: its merged weight was changed after the merge (trained or loaded)"
+    bad = (~torch.isfinite(g)) | (g == 0)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        return (
+            f"module {name!r}: output feature(s) {rows[:8]} have scale g = m / ‖W0 + sBA‖ of 0 (zero magnitude or "
+            "a zero row), so the merged row is 0 and W0's row cannot be recovered"
+        )
+    return None
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Give back the adapted (unmerged) model of ``merge(model, keep_adapter=True)``; returns it.
+
+    Each merged weight becomes W0 = W / g − s B A again and its adapter is put back, active, under
+    its name; the outputs are the adapted model's up to float error. Raises AdapterError, leaving
+    the merged model as it is, where that cannot be done: a model merged without
+    ``keep_adapter=True`` (W0's row lengths are lost), rows with g = 0 (zero magnitude or zero
+    norm), quantized bases, merged weights changed after the merge.
+    """
+    state = model.__dict__.get(MERGED_ATTR)
+    if state is None:
+        raise AdapterError(
+            "the model holds no merged adapter to unmerge: merge it with dorafit.merge(model, keep_adapter=True) "
+            "(a merged weight alone does not determine W0: the norm ‖W0 + sBA‖ of each row is lost)"
+        )
+    if registry(model) or adapter_modules(model):
+        raise AdapterError("the model has dorafit adapters attached; detach them before unmerging")
+    layers = state["layers"]
+    for name, (adapter, g, key) in layers.items():
+        problem = _unmerge_problem(name, adapter, g, key, model.get_submodule(name))
+        if problem:
+            raise AdapterError(f"cannot unmerge: {problem}")
+    with torch.no_grad():
+        for name, (adapter, g, _) in layers.items():
+            w0 = unmerged_weight_2d(adapter, adapter.base_weight_2d(), g)
+            adapter.base.weight = nn.Parameter(adapter.weight_from_2d(w0), requires_grad=False)
+            _set_submodule(model, name, adapter)
+    for name, module in state["saves"].items():
+        _set_submodule(model, name, module)
+        for p in module.trainable.parameters():
+            p.requires_grad_(True)
+    del model.__dict__[MERGED_ATTR]
+    if state["requires_grad"] is not None:
+        setattr(model, REQUIRES_GRAD_ATTR, state["requires_grad"])
+    config = state["config"]
+    setattr(model, CONFIG_ATTR, config)
+    register_active(model, state["name"], config)
+    install_save_pretrained(model)
+    return model
+
+
+def unmerged_weight_2d(adapter: AdapterLayer, merged_2d: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """W0 = W / g − s B A per output feature, (out, in_flat) float32 (W / g for magnitude-only)."""
+    w = merged_2d.float() / g.to(merged_2d.device).unsqueeze(1)
+    if adapter.method == "magnitude":
+        return w
+    a, b = adapter.lowrank_factors()
+    return w - adapter.scaling * (b.reshape(b.shape[0], -1).float() @ a.reshape(a.shape[0], -1).float())

@@ -19,7 +19,8 @@ HELP = "evaluate a model (and adapter) on commonsense tasks"
 def add_arguments(parser) -> None:
     from dorafit.train.config import DEFAULT_MODEL, MODEL_KINDS
 
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"base model folder or hub id (default: {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=None,
+                        help=f"base model folder or hub id (default: the base the adapter records, else {DEFAULT_MODEL})")
     parser.add_argument("--adapter", default="", help="adapter folder (dorafit or PEFT format); none: the base model alone")
     parser.add_argument("--task", default="", help="task name(s), comma-separated, or 'all'; default: the adapter's task")
     parser.add_argument("--data", default="", help="test file (JSON/JSONL/CSV/parquet) for a single task; default: <data-dir>/<task>/test.json")
@@ -104,6 +105,8 @@ def evaluate(args) -> list:
     from dorafit.eval.tasks import TASKS, get_task
     from dorafit.train import data as D
     from dorafit.train.models import detect_kind, load_model, load_tokenizer, read_model_config, resolve_model_path
+    from dorafit.io import recorded_base_model
+    from dorafit.train.config import DEFAULT_MODEL
 
     info = _load_task_info(args.adapter)
     if args.adapter and not Path(args.adapter).exists():
@@ -131,8 +134,9 @@ def evaluate(args) -> list:
     if not tables:
         raise D.DataError(f"no test file for any task under {data_dir}")
 
-    check_local_model(args.model)
-    model_path = resolve_model_path(args.model)
+    model_name = args.model or (args.adapter and recorded_base_model(args.adapter)) or DEFAULT_MODEL
+    check_local_model(model_name)
+    model_path = resolve_model_path(model_name)
     config = read_model_config(model_path, args.trust_remote_code)
     fmt = D.detect_format(tables[0][2], tables[0][1])
     kind = args.model_kind if args.model_kind != "auto" else info.get("model_kind") or detect_kind(model_path, config, fmt)

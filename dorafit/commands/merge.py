@@ -19,7 +19,8 @@ HELP = "merge an adapter into its base model and save a plain transformers check
 def add_arguments(parser) -> None:
     from dorafit.train.config import DEFAULT_MODEL, MODEL_KINDS
 
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"base model folder or hub id (default: {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=None,
+                        help=f"base model folder or hub id (default: the base the adapter records, else {DEFAULT_MODEL})")
     parser.add_argument("--adapter", required=True, help="adapter folder (dorafit or PEFT format)")
     parser.add_argument("--out", required=True, help="folder for the merged checkpoint")
     parser.add_argument("--model-kind", default="auto", choices=MODEL_KINDS,
@@ -55,14 +56,17 @@ def merge_to_folder(args) -> Path:
     from dorafit.commands.eval import _load_task_info, check_local_model, quantize_like_adapter
     from dorafit.files import atomic_directory, write_marker
     from dorafit.train.models import detect_kind, load_model, load_tokenizer, read_model_config, resolve_model_path
+    from dorafit.io import recorded_base_model
+    from dorafit.train.config import DEFAULT_MODEL
 
     out, adapter = Path(args.out), Path(args.adapter)
     if not adapter.is_dir():
         raise dorafit.AdapterFileError(f"adapter folder {args.adapter} does not exist")
-    check_local_model(args.model)
-    check_output(out, adapter, args.model, args.overwrite)
+    model_name = args.model or recorded_base_model(args.adapter) or DEFAULT_MODEL
+    check_local_model(model_name)
+    check_output(out, adapter, model_name, args.overwrite)
     info = _load_task_info(args.adapter)
-    model_path = resolve_model_path(args.model)
+    model_path = resolve_model_path(model_name)
     config = read_model_config(model_path, args.trust_remote_code)
     kind = args.model_kind if args.model_kind != "auto" else info.get("model_kind") or detect_kind(model_path, config, "commonsense")
     labels = info.get("labels")

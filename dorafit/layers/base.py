@@ -397,7 +397,13 @@ class AdapterLayer(nn.Module):
         return DF.magnitude_scale(self.magnitude, self.weight_norm(cross, checked))
 
     # ----------------------------------------------------------------------------------------
+    # Set by ``dorafit.disable_adapter`` for the duration of its block: the layer then computes
+    # its frozen base module's output alone (a flag, so entering copies no weights).
+    adapter_disabled: bool = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.adapter_disabled:
+            return self.base(x)
         if self.method == "magnitude":
             base_out = self.base(x)
             g = self.scale_shape(self.magnitude_scale(), base_out.dim())

@@ -1,0 +1,217 @@
+"""The Hugging Face stack saves adapters: ``save_pretrained``, Trainer checkpoints, the hub.
+
+``attach`` gives a transformers model (a ``PreTrainedModel``) an instance attribute
+``save_pretrained`` that shadows the class method; ``detach`` and ``merge`` delete it again, so a
+merged model saves its full checkpoint as before. No model class is subclassed or patched:
+other instances of the class are untouched, and ``type(model).save_pretrained(model, d)``
+still reaches the original. What every caller of ``model.save_pretrained(d)`` then gets — the
+user, ``Trainer.save_model``, Trainer checkpoints, ``push_to_hub`` — is the adapter only:
+
+    d/adapter_config.json  d/adapter_model.safetensors
+
+in PEFT's layout (LoRA / DoRA adapters, so ``PeftModel.from_pretrained`` and transformers'
+``model.load_adapter`` read them) or, for methods PEFT cannot hold (VeRA, magnitude-only),
+dorafit's own. The two files are written one at a time through a temporary name; any other
+file in ``d`` is left alone, and an adapter file that dorafit did not write is never replaced.
+
+Loading from the hub: ``resolve_adapter_path`` turns a repository id into a local snapshot
+with ``huggingface_hub.snapshot_download`` (which serves the local cache when
+``HF_HUB_OFFLINE=1``). ``push_adapter_to_hub`` uploads a saved adapter folder with ``HfApi``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+import types
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+HOOK_MARKER = "_dorafit_save_pretrained"
+# Metadata key in adapter_model.safetensors naming the writer: files without it are not ours.
+WRITER_KEY = "writer"
+WRITER = "dorafit"
+# Files a hub adapter repository may hold that dorafit reads.
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "task.json"]
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    modeling = sys.modules.get("transformers.modeling_utils")
+    return modeling is not None and isinstance(model, getattr(modeling, "PreTrainedModel", ()))
+
+
+def install_save_pretrained(model: nn.Module) -> None:
+    """Shadow ``model.save_pretrained`` with the adapter-only writer (transformers models only)."""
+    if not _is_transformers_model(model) or HOOK_MARKER in model.__dict__:
+        return
+    model.__dict__["save_pretrained"] = types.MethodType(save_pretrained_adapter, model)
+    model.__dict__[HOOK_MARKER] = True
+
+
+def remove_save_pretrained(model: nn.Module) -> None:
+    """Give the model its class's ``save_pretrained`` back (after detach or merge)."""
+    if model.__dict__.pop(HOOK_MARKER, None):
+        model.__dict__.pop("save_pretrained", None)
+
+
+def _check_replaceable(file: Path) -> None:
+    """Refuse to overwrite an adapter weights file that dorafit did not write."""
+    if not file.exists():
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        meta = {}
+    if meta.get(WRITER_KEY) != WRITER and meta.get("format") != "dorafit":
+        raise FileExistsError(f"{file} exists and was not written by dorafit; save the adapter to another folder")
+
+
+def write_adapter_files(model: nn.Module, folder: Union[str, os.PathLike]) -> Path:
+    """Write the active adapter's two files into ``folder`` (created if needed), leaving every
+    other file there alone. PEFT's layout where it can hold the adapter, dorafit's otherwise."""
+    import json
+
+    from safetensors.torch import save as save_bytes
+
+    from . import __version__
+    from .files import write_bytes_atomic
+    from .interop import PeftFormatError, peft_config_and_state
+    from .io import CONFIG_NAME, FORMAT, WEIGHTS_NAME, adapter_file_contents
+
+    folder = Path(folder)
+    try:
+        config, state = peft_config_and_state(model)
+        meta = {"format": "pt"}
+    except PeftFormatError:
+        config, state = adapter_file_contents(model)
+        meta = {"format": FORMAT, "dorafit_version": __version__}
+    meta[WRITER_KEY] = WRITER
+    weights, config_file = folder / WEIGHTS_NAME, folder / CONFIG_NAME
+    _check_replaceable(weights)
+    if config_file.exists() and not weights.exists():
+        raise FileExistsError(f"{config_file} exists and was not written by dorafit; save the adapter to another folder")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    write_bytes_atomic(weights, save_bytes(state, metadata=meta))
+    write_bytes_atomic(config_file, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    return folder
+
+
+def save_pretrained_adapter(model: nn.Module, save_directory, is_main_process: bool = True, state_dict=None,
+                            push_to_hub: bool = False, **kwargs: Any) -> Path:
+    """``model.save_pretrained`` of a model with dorafit adapters: the adapter only.
+
+    ``state_dict`` (the Trainer passes the full model's) is ignored: the adapter is read from the
+    adapter layers. ``push_to_hub=True`` uploads the folder to ``repo_id`` (default: the folder's
+    name) as transformers does.
+    """
+    folder = Path(save_directory)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a directory")
+    if is_main_process:
+        write_adapter_files(model, folder)
+        if push_to_hub:
+            repo_id = kwargs.get("repo_id") or folder.name
+            upload_adapter_folder(folder, repo_id, token=kwargs.get("token"), private=kwargs.get("private"),
+                                  commit_message=kwargs.get("commit_message"))
+    return folder
+
+
+def upload_adapter_folder(folder: Union[str, os.PathLike], repo_id: str, *, api=None, token=None,
+                          private: Optional[bool] = None, commit_message: Optional[str] = None,
+                          revision: Optional[str] = None) -> Any:
+    """Create ``repo_id`` if needed and upload the adapter files of ``folder``; returns the commit info."""
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    api.create_repo(repo_id=repo_id, private=private, exist_ok=True)
+    return api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        allow_patterns=ADAPTER_FILES,
+        commit_message=commit_message or "Upload dorafit adapter",
+        revision=revision,
+    )
+
+
+def push_adapter_to_hub(model: nn.Module, repo_id: str, *, api=None, token=None, private: Optional[bool] = None,
+                        commit_message: Optional[str] = None, format: str = "peft") -> Any:
+    """Save the model's active adapter (PEFT layout by default) and upload it to ``repo_id``.
+
+    ``api``: an ``huggingface_hub.HfApi`` (or an object with its ``create_repo`` and
+    ``upload_folder``); default one built with ``token``.
+    """
+    from .io import save_adapter
+
+    with tempfile.TemporaryDirectory(prefix="dorafit-push-") as tmp:
+        folder = save_adapter(model, Path(tmp) / "adapter", format=format)
+        return upload_adapter_folder(folder, repo_id, api=api, token=token, private=private, commit_message=commit_message)
+
+
+def resolve_adapter_path(path_or_id: Union[str, os.PathLike], revision: Optional[str] = None,
+                         cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """A local adapter folder for a folder path or a hub repository id ("owner/name").
+
+    An existing path is returned as it is. A repository id is fetched with
+    ``huggingface_hub.snapshot_download`` (only the adapter files); with ``HF_HUB_OFFLINE=1`` that
+    reads the local cache. Anything else is reported as a missing folder.
+    """
+    from .io import AdapterFileError
+
+    path = Path(path_or_id)
+    text = str(path_or_id)
+    if path.exists() or not _REPO_ID.fullmatch(text) or text.startswith("."):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise AdapterFileError(f"adapter path {text} does not exist (and huggingface_hub is not installed to fetch it)") from None
+    try:
+        local = snapshot_download(repo_id=text, revision=revision, cache_dir=cache_dir, allow_patterns=ADAPTER_FILES)
+    except Exception as exc:  # offline without a cached copy, unknown repository, no network
+        raise AdapterFileError(
+            f"adapter {text!r} is not a local folder and could not be fetched from the hub: {type(exc).__name__}: {exc}"
+        ) from None
+    return Path(local)
+
+
+def load_adapter_weights(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+    """Copy the weights of an adapter folder (PEFT or dorafit layout) into the model's active
+    adapter in place: how a Trainer resumes from an adapter-only checkpoint. Every key and shape
+    is checked before the first copy."""
+    from .inject import adapter_state_dict
+    from .interop import read_peft_weights, split_peft_state
+    from .io import AdapterFileError, read_adapter_config, read_safetensors, WEIGHTS_NAME
+
+    path = Path(path)
+    data = read_adapter_config(path)
+    expected = adapter_state_dict(model)  # {"<module>.<param>": live tensor}
+    if "peft_type" in data:
+        factors, _, other = split_peft_state(read_peft_weights(path), path)
+        stored: Dict[str, torch.Tensor] = {f"{m}.{k}": t for m, fs in factors.items() for k, t in fs.items()}
+        saves = {k.split(".trainable.")[0] for k in expected if ".trainable." in k}
+        for key, t in other.items():  # modules_to_save copies: "<module>.<key>" of the copy's state
+            owner = next((s for s in saves if key.startswith(s + ".")), None)
+            if owner is not None:
+                stored[f"{owner}.trainable.{key[len(owner) + 1:]}"] = t
+    else:
+        stored = read_safetensors(path / WEIGHTS_NAME)
+    missing = sorted(set(expected) - set(stored))
+    if missing:
+        raise AdapterFileError(f"{path}: the adapter lacks {len(missing)} tensor(s) this model's adapter holds, e.g. {missing[:5]}")
+    for key, want in expected.items():
+        if stored[key].numel() != want.numel():
+            raise AdapterFileError(f"{path}: key {key!r} has shape {tuple(stored[key].shape)}, the model's is {tuple(want.shape)}")
+    with torch.no_grad():
+        for key, want in expected.items():
+            want.copy_(stored[key].reshape(want.shape).to(device=want.device, dtype=want.dtype))
+    return model
