@@ -2,13 +2,14 @@
 
 __version__ = "0.1.0"
 
-from .adapters import active_adapter, delete_adapter, disable_adapter, list_adapters, set_adapter
+from .adapters import active_adapter, disable_adapter, list_adapters, set_adapter
 from .config import AdapterConfig, ConfigError
 from .inject import (
     TrainableReport,
     adapter_modules,
     adapter_state_dict,
     attach,
+    delete_adapter,
     detach,
     trainable_report,
 )

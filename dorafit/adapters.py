@@ -21,8 +21,11 @@ active one).
 from __future__ import annotations
 
 import contextlib
+import copy
+import sys
+import types
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from torch import nn
 
@@ -33,6 +36,63 @@ from .layers import AdapterError, AdapterLayer
 ADAPTERS_ATTR = "_dorafit_adapters"
 ACTIVE_ATTR = "dorafit_active_adapter"
 DEFAULT_NAME = "default"
+# Attribute on the root module recording the config of the active adapter.
+CONFIG_ATTR = "dorafit_config"
+# Marker of the instance-level ``save_pretrained`` that ``attach`` installs (see ``dorafit.hub``).
+SAVE_HOOK_MARKER = "_dorafit_save_pretrained"
+# The adapter-only writer ``model.save_pretrained`` becomes. ``dorafit.hub`` provides it when
+# ``import dorafit`` runs; this module stays below the file formats it needs.
+_save_pretrained_writer: Optional[Callable] = None
+
+
+class ModulesToSave(nn.Module):
+    """A fully trainable copy of a module (e.g. a classification head) saved with the adapter.
+
+    ``original`` is kept frozen so that ``detach`` can restore it (and ``disable_adapter``
+    can compute with it).
+    """
+
+    adapter_disabled: bool = False  # set by ``dorafit.disable_adapter``
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original = original
+        self.trainable = copy.deepcopy(original)
+        for p in self.original.parameters():
+            p.requires_grad_(False)
+        for p in self.trainable.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, *args, **kwargs):
+        if self.adapter_disabled:
+            return self.original(*args, **kwargs)
+        return self.trainable(*args, **kwargs)
+
+
+
+def set_save_pretrained_writer(writer: Callable) -> None:
+    """Register the function that ``model.save_pretrained`` runs on an adapted transformers model."""
+    global _save_pretrained_writer
+    _save_pretrained_writer = writer
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    modeling = sys.modules.get("transformers.modeling_utils")
+    return modeling is not None and isinstance(model, getattr(modeling, "PreTrainedModel", ()))
+
+
+def install_save_pretrained(model: nn.Module) -> None:
+    """Shadow ``model.save_pretrained`` with the adapter-only writer (transformers models only)."""
+    if _save_pretrained_writer is None or not _is_transformers_model(model) or SAVE_HOOK_MARKER in model.__dict__:
+        return
+    model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained_writer, model)
+    model.__dict__[SAVE_HOOK_MARKER] = True
+
+
+def remove_save_pretrained(model: nn.Module) -> None:
+    """Give the model its class's ``save_pretrained`` back (after detach or merge)."""
+    if model.__dict__.pop(SAVE_HOOK_MARKER, None):
+        model.__dict__.pop("save_pretrained", None)
 
 
 @dataclass
@@ -68,8 +128,6 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def register_active(model: nn.Module, name: str, config: AdapterConfig) -> None:
     """Record the adapter layers now in the tree as adapter ``name`` (called by ``attach``)."""
-    from .inject import ModulesToSave
-
     entry = NamedAdapter(config=config)
     for module_name, module in model.named_modules():
         if isinstance(module, AdapterLayer):
@@ -84,16 +142,14 @@ def register_active(model: nn.Module, name: str, config: AdapterConfig) -> None:
 
 def swap_out(model: nn.Module) -> Optional[str]:
     """Put the base modules back in place of the active adapter's; returns its name (or None)."""
-    from .inject import CONFIG_ATTR
-
     name = active_adapter(model)
     if name is None:
         return None
     entry = registry(model)[name]
     for module_name, layer in entry.layers.items():
         _set_submodule(model, module_name, layer.base)
-    for module_name, copy in entry.saves.items():
-        _set_submodule(model, module_name, copy.original)
+    for module_name, saved in entry.saves.items():
+        _set_submodule(model, module_name, saved.original)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
     model.__dict__[ACTIVE_ATTR] = None
@@ -102,8 +158,6 @@ def swap_out(model: nn.Module) -> Optional[str]:
 
 def swap_in(model: nn.Module, name: str) -> None:
     """Make adapter ``name`` the active one (nothing else may be active)."""
-    from .inject import CONFIG_ATTR
-
     entry = registry(model)[name]
     for module_name, layer in list(entry.layers.items()) + list(entry.saves.items()):
         inner = layer.base if isinstance(layer, AdapterLayer) else layer.original
@@ -120,10 +174,10 @@ def swap_in(model: nn.Module, name: str) -> None:
         for pname in layer.adapter_parameter_names():
             getattr(layer, pname).requires_grad_(entry.trainable)
         _set_submodule(model, module_name, layer)
-    for module_name, copy in entry.saves.items():
-        for p in copy.trainable.parameters():
+    for module_name, saved in entry.saves.items():
+        for p in saved.trainable.parameters():
             p.requires_grad_(entry.trainable)
-        _set_submodule(model, module_name, copy)
+        _set_submodule(model, module_name, saved)
     setattr(model, CONFIG_ATTR, entry.config)
     model.__dict__[ACTIVE_ATTR] = name
 
@@ -152,26 +206,8 @@ def set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
         for pname in layer.adapter_parameter_names():
             getattr(layer, pname).requires_grad_(entry.trainable)
     for copy in entry.saves.values():
-        for p in copy.trainable.parameters():
+        for p in saved.trainable.parameters():
             p.requires_grad_(entry.trainable)
-
-
-def delete_adapter(model: nn.Module, name: str) -> nn.Module:
-    """Remove adapter ``name``. Deleting the active one activates the first remaining adapter
-    (as PEFT does); deleting the last one is ``detach``."""
-    from .inject import detach
-
-    _check_name(model, name)
-    if list(registry(model)) == [name]:
-        return detach(model)
-    if active_adapter(model) == name:
-        swap_out(model)
-        adapters = {k: v for k, v in registry(model).items() if k != name}
-        model.__dict__[ADAPTERS_ATTR] = adapters
-        swap_in(model, next(iter(adapters)))
-    else:
-        model.__dict__[ADAPTERS_ATTR] = {k: v for k, v in registry(model).items() if k != name}
-    return model
 
 
 def clear(model: nn.Module) -> None:
@@ -234,8 +270,6 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     originals; entering sets one flag per module (no weights are copied or moved), leaving
     clears it, also on error. Used as the reference model of DPO-style training.
     """
-    from .inject import ModulesToSave
-
     switched = [m for m in model.modules() if isinstance(m, (AdapterLayer, ModulesToSave)) and not m.adapter_disabled]
     for m in switched:
         m.adapter_disabled = True

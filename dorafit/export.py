@@ -32,9 +32,9 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .adapters import active_adapter, delete_adapter, disable_adapter, set_adapter
+from .adapters import active_adapter, disable_adapter, set_adapter
 from .config import AdapterConfig
-from .inject import CONFIG_ATTR, ModulesToSave, adapter_modules, attach
+from .inject import CONFIG_ATTR, ModulesToSave, adapter_modules, attach, delete_adapter
 from .layers import AdapterError
 
 _EXPORT_NAME = "lora-export"

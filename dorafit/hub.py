@@ -22,42 +22,19 @@ with ``huggingface_hub.snapshot_download`` (which serves the local cache when
 from __future__ import annotations
 
 import os
-import re
-import sys
 import tempfile
-import types
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import nn
 
-HOOK_MARKER = "_dorafit_save_pretrained"
+from .adapters import set_save_pretrained_writer
+from .remote import ADAPTER_FILES, resolve_adapter_path, upload_adapter_folder  # noqa: F401  (re-exported)
+
 # Metadata key in adapter_model.safetensors naming the writer: files without it are not ours.
 WRITER_KEY = "writer"
 WRITER = "dorafit"
-# Files a hub adapter repository may hold that dorafit reads.
-ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "task.json"]
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
-def _is_transformers_model(model: nn.Module) -> bool:
-    modeling = sys.modules.get("transformers.modeling_utils")
-    return modeling is not None and isinstance(model, getattr(modeling, "PreTrainedModel", ()))
-
-
-def install_save_pretrained(model: nn.Module) -> None:
-    """Shadow ``model.save_pretrained`` with the adapter-only writer (transformers models only)."""
-    if not _is_transformers_model(model) or HOOK_MARKER in model.__dict__:
-        return
-    model.__dict__["save_pretrained"] = types.MethodType(save_pretrained_adapter, model)
-    model.__dict__[HOOK_MARKER] = True
-
-
-def remove_save_pretrained(model: nn.Module) -> None:
-    """Give the model its class's ``save_pretrained`` back (after detach or merge)."""
-    if model.__dict__.pop(HOOK_MARKER, None):
-        model.__dict__.pop("save_pretrained", None)
 
 
 def _check_replaceable(file: Path) -> None:
@@ -125,24 +102,6 @@ def save_pretrained_adapter(model: nn.Module, save_directory, is_main_process: b
     return folder
 
 
-def upload_adapter_folder(folder: Union[str, os.PathLike], repo_id: str, *, api=None, token=None,
-                          private: Optional[bool] = None, commit_message: Optional[str] = None,
-                          revision: Optional[str] = None) -> Any:
-    """Create ``repo_id`` if needed and upload the adapter files of ``folder``; returns the commit info."""
-    if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-    api.create_repo(repo_id=repo_id, private=private, exist_ok=True)
-    return api.upload_folder(
-        folder_path=str(folder),
-        repo_id=repo_id,
-        allow_patterns=ADAPTER_FILES,
-        commit_message=commit_message or "Upload dorafit adapter",
-        revision=revision,
-    )
-
-
 def push_adapter_to_hub(model: nn.Module, repo_id: str, *, api=None, token=None, private: Optional[bool] = None,
                         commit_message: Optional[str] = None, format: str = "peft") -> Any:
     """Save the model's active adapter (PEFT layout by default) and upload it to ``repo_id``.
@@ -155,33 +114,6 @@ def push_adapter_to_hub(model: nn.Module, repo_id: str, *, api=None, token=None,
     with tempfile.TemporaryDirectory(prefix="dorafit-push-") as tmp:
         folder = save_adapter(model, Path(tmp) / "adapter", format=format)
         return upload_adapter_folder(folder, repo_id, api=api, token=token, private=private, commit_message=commit_message)
-
-
-def resolve_adapter_path(path_or_id: Union[str, os.PathLike], revision: Optional[str] = None,
-                         cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
-    """A local adapter folder for a folder path or a hub repository id ("owner/name").
-
-    An existing path is returned as it is. A repository id is fetched with
-    ``huggingface_hub.snapshot_download`` (only the adapter files); with ``HF_HUB_OFFLINE=1`` that
-    reads the local cache. Anything else is reported as a missing folder.
-    """
-    from .io import AdapterFileError
-
-    path = Path(path_or_id)
-    text = str(path_or_id)
-    if path.exists() or not _REPO_ID.fullmatch(text) or text.startswith("."):
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise AdapterFileError(f"adapter path {text} does not exist (and huggingface_hub is not installed to fetch it)") from None
-    try:
-        local = snapshot_download(repo_id=text, revision=revision, cache_dir=cache_dir, allow_patterns=ADAPTER_FILES)
-    except Exception as exc:  # offline without a cached copy, unknown repository, no network
-        raise AdapterFileError(
-            f"adapter {text!r} is not a local folder and could not be fetched from the hub: {type(exc).__name__}: {exc}"
-        ) from None
-    return Path(local)
 
 
 def load_adapter_weights(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
@@ -215,3 +147,6 @@ def load_adapter_weights(model: nn.Module, path: Union[str, os.PathLike]) -> nn.
         for key, want in expected.items():
             want.copy_(stored[key].reshape(want.shape).to(device=want.device, dtype=want.dtype))
     return model
+
+
+set_save_pretrained_writer(save_pretrained_adapter)

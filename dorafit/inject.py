@@ -8,7 +8,6 @@ point is ``ADAPTER_TYPES``: {module type -> adapter class}.
 
 from __future__ import annotations
 
-import copy
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple, Type
@@ -22,9 +21,22 @@ from .layers.vera import build_vera_adapter, build_vera_shared
 
 # Named adapters and the adapter-only save_pretrained (their own modules; no model class is
 # subclassed).
-from .adapters import DEFAULT_NAME, adding_adapter, register_active, registry
+from .adapters import (  # noqa: F401  (CONFIG_ATTR, ModulesToSave: re-exported, their home was here)
+    ADAPTERS_ATTR,
+    CONFIG_ATTR,
+    DEFAULT_NAME,
+    ModulesToSave,
+    _check_name,
+    active_adapter,
+    adding_adapter,
+    install_save_pretrained,
+    register_active,
+    registry,
+    remove_save_pretrained,
+    swap_in,
+    swap_out,
+)
 from .adapters import clear as clear_adapters
-from .hub import install_save_pretrained, remove_save_pretrained
 
 ADAPTER_TYPES: Dict[Type[nn.Module], Type[AdapterLayer]] = {
     nn.Linear: LinearAdapter,
@@ -48,8 +60,6 @@ SHARED_STATE_FACTORIES: List[Tuple[Callable[..., object], Tuple[str, ...]]] = [
     (build_vera_shared, ("vera", "dvora")),
 ]
 
-# Attribute on the root module recording the config the adapters were built from.
-CONFIG_ATTR = "dorafit_config"
 # Attribute on the root module recording each parameter's requires_grad before attach.
 REQUIRES_GRAD_ATTR = "_dorafit_requires_grad"
 
@@ -83,30 +93,6 @@ def adapter_class_for(module: nn.Module) -> Optional[Type[AdapterLayer]]:
 def adapter_modules(model: nn.Module) -> List[Tuple[str, AdapterLayer]]:
     """(qualified name, adapter) for every adapter in the model."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterLayer)]
-
-
-class ModulesToSave(nn.Module):
-    """A fully trainable copy of a module (e.g. a classification head) saved with the adapter.
-
-    ``original`` is kept frozen so that ``detach`` can restore it (and ``disable_adapter``
-    can compute with it).
-    """
-
-    adapter_disabled: bool = False  # set by ``dorafit.disable_adapter``
-
-    def __init__(self, original: nn.Module) -> None:
-        super().__init__()
-        self.original = original
-        self.trainable = copy.deepcopy(original)
-        for p in self.original.parameters():
-            p.requires_grad_(False)
-        for p in self.trainable.parameters():
-            p.requires_grad_(True)
-
-    def forward(self, *args, **kwargs):
-        if self.adapter_disabled:
-            return self.original(*args, **kwargs)
-        return self.trainable(*args, **kwargs)
 
 
 def _output_head_names(model: nn.Module) -> set:
@@ -314,6 +300,22 @@ def detach(model: nn.Module) -> nn.Module:
         delattr(model, REQUIRES_GRAD_ATTR)
     clear_adapters(model)
     remove_save_pretrained(model)
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter ``name``. Deleting the active one activates the first remaining adapter
+    (as PEFT does); deleting the last one is ``detach``."""
+    _check_name(model, name)
+    if list(registry(model)) == [name]:
+        return detach(model)
+    if active_adapter(model) == name:
+        swap_out(model)
+        adapters = {k: v for k, v in registry(model).items() if k != name}
+        model.__dict__[ADAPTERS_ATTR] = adapters
+        swap_in(model, next(iter(adapters)))
+    else:
+        model.__dict__[ADAPTERS_ATTR] = {k: v for k, v in registry(model).items() if k != name}
     return model
 
 

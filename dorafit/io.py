@@ -229,7 +229,7 @@ def load_adapter(
     ``trainable=False`` loads it for inference: its parameters never require gradients.
     """
     from .adapters import adding_adapter, registry, set_trainable
-    from .hub import resolve_adapter_path
+    from .remote import resolve_adapter_path
 
     path = resolve_adapter_path(path, revision=revision)
     if registry(base_model):

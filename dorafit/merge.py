@@ -20,7 +20,7 @@ from torch import nn
 
 from .adapters import DEFAULT_NAME, active_adapter, register_active, registry
 from .adapters import clear as clear_adapters
-from .hub import install_save_pretrained, remove_save_pretrained
+from .adapters import install_save_pretrained, remove_save_pretrained
 from .inject import CONFIG_ATTR, REQUIRES_GRAD_ATTR, ModulesToSave, _set_submodule, adapter_modules
 from .layers import AdapterError, AdapterLayer
 

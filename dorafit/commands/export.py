@@ -47,7 +47,7 @@ def load_for_export(args):
     """(the base model with the adapter attached, frozen, in eval mode; the tokenized prompts)."""
     import dorafit
     from dorafit.commands.eval import _load_task_info
-    from dorafit.hub import resolve_adapter_path
+    from dorafit.remote import resolve_adapter_path
     from dorafit.io import recorded_base_model
     from dorafit.train.config import DEFAULT_MODEL
     from dorafit.train.models import detect_kind, load_model, load_tokenizer, read_model_config, resolve_model_path
