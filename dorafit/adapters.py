@@ -205,7 +205,7 @@ def set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
     for layer in entry.layers.values():
         for pname in layer.adapter_parameter_names():
             getattr(layer, pname).requires_grad_(entry.trainable)
-    for copy in entry.saves.values():
+    for saved in entry.saves.values():
         for p in saved.trainable.parameters():
             p.requires_grad_(entry.trainable)
 
