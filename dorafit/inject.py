@@ -366,7 +366,11 @@ def trainable_report(model: nn.Module) -> TrainableReport:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        report.total += p.numel()
+        # A bitsandbytes 4-bit weight packs two codes per uint8 element, so its numel() is half
+        # the layer's weight count; its quant_state keeps the real (out, in) shape.
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        count = int(torch.Size(shape).numel()) if shape is not None else p.numel()
+        report.total += count
         if p.requires_grad:
-            report.trainable += p.numel()
+            report.trainable += count
     return report

@@ -72,6 +72,24 @@ def test_trainable_report(tiny_mlp):
     assert sorted(sd) == sorted(f"{m}.{p}" for m in names for p in ("lora_a", "lora_b", "magnitude"))
 
 
+
+def test_trainable_report_counts_4bit_weights_unpacked():
+    """A Linear4bit weight holds two 4-bit codes per uint8 element: count (out, in), not numel()."""
+    pytest.importorskip("bitsandbytes")
+    from dorafit import quant
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64, bias=False))
+    plain_total = sum(p.numel() for p in model.parameters())  # 64*96 + 96 + 96*64
+    assert quant.quantize_model(model, ["0", "2"], "nf4") == ["0", "2"]
+    packed = model[0].weight
+    assert packed.numel() == 64 * 96 // 2  # the packing the count must undo
+    dorafit.attach(model, AdapterConfig(rank=4, targets=["0", "2"]))
+    rep = dorafit.trainable_report(model)
+    want = (4 * 64 + 96 * 4 + 96) + (4 * 96 + 64 * 4 + 64)
+    assert rep.trainable == want
+    assert rep.total == plain_total + want
+
 def test_targets_regex_suffix_and_exclude(tiny_mlp):
     dorafit.attach(tiny_mlp, AdapterConfig(rank=2, targets=[r"fc\d"], exclude=["fc2"]))
     assert [n for n, _ in dorafit.adapter_modules(tiny_mlp)] == ["fc1"]
