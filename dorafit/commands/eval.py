@@ -23,7 +23,10 @@ def add_arguments(parser) -> None:
                         help=f"base model folder or hub id (default: the base the adapter records, else {DEFAULT_MODEL})")
     parser.add_argument("--adapter", default="", help="adapter folder (dorafit or PEFT format); none: the base model alone")
     parser.add_argument("--task", default="", help="task name(s), comma-separated, or 'all'; default: the adapter's task")
-    parser.add_argument("--data", default="", help="test file (JSON/JSONL/CSV/parquet) for a single task; default: <data-dir>/<task>/test.json")
+    parser.add_argument("--data", default="", help="test data for a single task: a JSON/JSONL/CSV/parquet file, a "
+                        "datasets.save_to_disk folder, a folder of data files or a hub dataset id (SOURCE:SPLIT picks a "
+                        "split); default: <data-dir>/<task>/test.json")
+    parser.add_argument("--data-split", default="", help="split of --data when it holds several (default: its only split)")
     parser.add_argument("--data-dir", default="", help="folder laid out as <task>/test.json (default: the data shipped with dorafit)")
     parser.add_argument("--max-rows", type=int, default=0, help="evaluate only the first N rows of each task (0: all)")
     parser.add_argument("--model-kind", default="auto", choices=MODEL_KINDS, help="how to score (default: the adapter's, else detected)")
@@ -120,14 +123,16 @@ def evaluate(args) -> list:
     # Read every test file first, so a bad file fails before the model loads.
     data_dir = Path(args.data_dir) if args.data_dir else D.BUNDLED_DATA
     tables = []
+    if args.data_split and not args.data:
+        raise ValueError("--data-split picks a split of --data: give --data with it")
     for task in tasks:
-        path = Path(args.data) if args.data else data_dir / task.folder / "test.json"
-        if not path.is_file() and names == "all":
+        path = args.data or data_dir / task.folder / "test.json"
+        if not args.data and not path.is_file() and names == "all":
             print(f"skipping {task.name}: no {path}", file=sys.stderr)
             continue
-        if not path.is_file():
+        if not args.data and not path.is_file():
             raise D.DataError(f"{path}: no test file for task {task.name}; pass --data FILE or --data-dir DIR")
-        rows = D.read_rows(path)
+        rows = D.read_rows(path, args.data_split)
         if args.max_rows:
             rows = rows[: args.max_rows]
         tables.append((task, path, rows))

@@ -75,9 +75,11 @@ class TrainConfig:
     """Commonsense task name (boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Easy,
     ARC-Challenge, openbookqa); selects the answer words and the default data files."""
     data: str = ""
-    """Training file (JSON, JSONL, CSV or parquet); default: <data-dir>/<task>/train.json."""
+    """Training data: a JSON, JSONL, CSV or parquet file, a datasets.save_to_disk folder, a folder of
+    data files or a hub dataset id (SOURCE:SPLIT picks a split of several); default: <data-dir>/<task>/train.json."""
     test_data: str = ""
-    """Held-out test file evaluated before and after training; default: <data-dir>/<task>/test.json."""
+    """Held-out test data evaluated before and after training (the same kinds of source as --data,
+    e.g. my_dataset_dict:test); default: <data-dir>/<task>/test.json."""
     val_data: str = ""
     """Validation file; default: --val-size rows held out from the training file."""
     data_dir: str = ""

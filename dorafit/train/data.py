@@ -75,8 +75,22 @@ def _locate_json_error(path: Path) -> str | None:
     return None
 
 
-def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Read every row of a JSON / JSONL / CSV / parquet file as a dict, via ``datasets``."""
+def read_rows(path: str | os.PathLike, split: str = "") -> list[dict]:
+    """Read every row of a JSON / JSONL / CSV / parquet file as a dict, via ``datasets``.
+
+    A folder (``datasets.save_to_disk`` output or a folder of data files) or a hub dataset id,
+    optionally ending in ``:SPLIT``, is read by ``dorafit.train.datasets_io``; ``split`` picks
+    the split there.
+    """
+    if Path(path).is_dir() or not Path(path).exists() or split:
+        from dorafit.train.datasets_io import SourceError, looks_like_hub_id, read_source_rows, split_source
+
+        name = split_source(str(path))[0]
+        if Path(name).exists() or looks_like_hub_id(name) or split:
+            try:
+                return read_source_rows(str(path), split)
+            except SourceError as err:
+                raise DataError(str(err)) from None
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
