@@ -446,74 +446,146 @@ def write_table(rows: Sequence[DeltaRow], csv_path: Optional[PathLike] = None,
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+LEGEND_COLUMNS = 10  # legend entries per row below the panels
+
+
+def short_kind_names(kinds: Sequence[str]) -> Dict[str, str]:
+    """The shortest dotted tail of each module kind that tells it from the other kinds, for panel
+    titles: "bert.encoder.layer.*.attention.self.query" -> "query" (beside "...value")."""
+    parts = {k: [p for p in k.split(".") if p != "*"] for k in kinds}
+    short = {}
+    for kind, own in parts.items():
+        others = [q for k, q in parts.items() if k != kind]
+        name = kind
+        for n in range(1, len(own) + 1):
+            if all(q[-n:] != own[-n:] for q in others):
+                name = ".".join(own[-n:])
+                break
+        short[kind] = name
+    return short
+
+
+def checkpoint_marker_labels(positions: Dict[int, List[str]]) -> Dict[int, str]:
+    """Legend text of each marker. A marker is a checkpoint's position in its run, shared by every
+    panel, so it is named by the label all panels agree on ("checkpoint-500", or the folder name
+    when only the runs' folders differ); if they disagree at any position, every marker is named
+    by its position ("checkpoint 2 of each run"), never by one run's folder."""
+    agreed = {}
+    for k, labels in positions.items():
+        tails = {Path(label).name for label in labels}
+        if len(set(labels)) == 1:
+            agreed[k] = labels[0]
+        elif len(tails) == 1:
+            agreed[k] = tails.pop()
+        else:
+            return {k: f"checkpoint {k + 1} of each run" for k in positions}
+    return agreed
+
+
+def _tick_text(value: float, _position=None) -> str:
+    """A tick label that is short at any scale: 0.0045, 2.4e-4, 6e-6 (no shared offset text)."""
+    if value == 0:
+        return "0"
+    if 1e-3 <= abs(value) < 1e4:
+        return f"{value:.3g}"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _panel_stats_text(s: Optional[PanelStats], reference: Optional[float]) -> str:
+    """Two short lines for the top right of a panel: r (and the reference), slope, r within."""
+    if s is None:
+        return "no points"
+    first = f"r = {s.pearson:+.2f}" + (f"  (paper {reference:+.2f})" if reference is not None else "")
+    second = f"slope {s.slope:.3g}"
+    if not math.isnan(s.pearson_within):
+        second += f",  r within ckpt {s.pearson_within:+.2f}"
+    return f"{first}\n{second}"
 
 
 def plot_figure2(rows: Sequence[DeltaRow], path: PathLike, title: Optional[str] = None,
                  reference: Optional[Dict[str, float]] = None) -> Path:
     """The paper's Figure 2 as a PNG: per method (columns) and module kind (rows) a scatter of
     ΔD (x) against ΔM (y), colour = layer, marker = checkpoint (in the order given), with the
-    fitted line and "r = ..., slope = ..." on the panel. `reference` maps a method to a
+    fitted line. Each panel is titled "method · module" on the left and carries "r = ..., slope
+    ..." on the right, above the axes, so no text hides a point. `reference` maps a method to a
     correlation to print beside the measured one (e.g. the paper's)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
 
     if not rows:
         raise AnalysisError("nothing to plot: no rows")
     methods = list(dict.fromkeys(r.method for r in rows))
     kinds = list(dict.fromkeys(r.kind for r in rows))
+    short = short_kind_names(kinds)
     layers = sorted({r.layer for r in rows if r.layer is not None})
-    cmap = plt.get_cmap("tab10" if len(layers) <= 10 else "viridis")
-    colour = {l: cmap(k if len(layers) <= 10 else k / max(1, len(layers) - 1)) for k, l in enumerate(layers)}
+    # qualitative maps keep neighbouring layers apart; past 20 layers only a gradient is left
+    cmap_name = "tab10" if len(layers) <= 10 else "tab20" if len(layers) <= 20 else "viridis"
+    cmap = plt.get_cmap(cmap_name)
+    colour = {l: cmap(k if cmap_name != "viridis" else k / max(1, len(layers) - 1)) for k, l in enumerate(layers)}
     stats = {(s.method, s.kind): s for s in panel_stats(rows)}
 
-    height = 3.6 * len(kinds) + (0.5 if title else 0.2) + 0.45  # panels + title + legend row, inches
-    fig, axes = plt.subplots(len(kinds), len(methods), figsize=(4.2 * len(methods), height), squeeze=False)
-    marker_labels: Dict[int, str] = {}
-    for i, kind in enumerate(kinds):
-        for j, method in enumerate(methods):
-            ax = axes[i][j]
+    positions: Dict[int, List[str]] = {}
+    panels = []
+    for kind in kinds:
+        for method in methods:
             pts = [r for r in rows if r.method == method and r.kind == kind]
             # marker = position of the checkpoint among this panel's checkpoints
             ckpts = list(dict.fromkeys((r.run, r.order, r.checkpoint) for r in pts))
-            for r in pts:
-                k = ckpts.index((r.run, r.order, r.checkpoint))
-                marker_labels.setdefault(k, r.label)
-                ax.scatter(r.delta_d, r.delta_m, s=38, marker=MARKERS[k % len(MARKERS)],
-                           color=colour.get(r.layer, "0.4"), edgecolors="black", linewidths=0.4, zorder=3)
-            s = stats.get((method, kind))
-            text = "no points"
-            if s is not None:
-                if not math.isnan(s.slope):
-                    xs = [min(r.delta_d for r in pts), max(r.delta_d for r in pts)]
-                    ax.plot(xs, [s.slope * x + s.intercept for x in xs], color="0.3", lw=1, ls="--", zorder=2)
-                text = f"r = {s.pearson:+.2f}\nslope = {s.slope:.3g}"
-                if reference and method in reference:
-                    text += f"\n(paper: r = {reference[method]:+.2f})"
-                if not math.isnan(s.pearson_within):
-                    text += f"\nr within ckpt = {s.pearson_within:+.2f}"
-            # a legend with no entries is a text box that matplotlib places away from the points
-            box = ax.legend(handles=[], title=text, loc="best", fontsize=9, title_fontsize=9, framealpha=0.9)
-            box.get_title().set_multialignment("right")
-            ax.set_title(method if len(kinds) == 1 else f"{method}: {kind.rsplit('.', 1)[-1]}", fontsize=10, pad=12)
-            ax.set_xlabel("ΔD  (mean 1 − cos)")
-            if j == 0:
-                ax.set_ylabel("ΔM  (mean |Δ‖W‖|)")
-            ax.ticklabel_format(style="sci", scilimits=(-3, 3), axis="both")
-            ax.grid(alpha=0.3)
+            for k, c in enumerate(ckpts):
+                positions.setdefault(k, []).append(next(r.label for r in pts if (r.run, r.order, r.checkpoint) == c))
+            panels.append((kind, method, pts, ckpts))
+    markers = checkpoint_marker_labels(positions) if len(positions) > 1 else {}
 
-    layer_handles = [Line2D([], [], ls="", marker="o", color=colour[l], markeredgecolor="black", label=f"layer {l}")
-                     for l in layers]
-    marker_handles = [Line2D([], [], ls="", marker=MARKERS[k % len(MARKERS)], color="0.6", markeredgecolor="black",
-                             label=marker_labels[k]) for k in sorted(marker_labels)]
-    fig.legend(handles=layer_handles + marker_handles, loc="lower center", bbox_to_anchor=(0.5, 0.0),
-               ncol=min(10, len(layer_handles) + len(marker_handles)), fontsize=8, frameon=False,
-               handletextpad=0.2, columnspacing=1.0)
+    handles = [Line2D([], [], ls="", marker="o", color=colour[l], markeredgecolor="black", label=f"layer {l}")
+               for l in layers]
+    if any(r.layer is None for r in rows):
+        handles.append(Line2D([], [], ls="", marker="o", color="0.4", markeredgecolor="black", label="no layer index"))
+    marker_handles = [Line2D([], [], ls="", marker=MARKERS[k % len(MARKERS)], color="white", markeredgecolor="black",
+                             label=markers[k]) for k in sorted(markers)]
+    legend_rows = math.ceil(len(handles) / LEGEND_COLUMNS) + math.ceil(len(marker_handles) / LEGEND_COLUMNS)
+    legend_height = 0.3 + 0.25 * legend_rows  # inches below the panels
+    title_height = 0.45 if title else 0.0
+    height = 3.8 * len(kinds) + title_height + legend_height
+    fig, axes = plt.subplots(len(kinds), len(methods), figsize=(4.6 * len(methods), height), squeeze=False)
+    for index, (kind, method, pts, ckpts) in enumerate(panels):
+        i, j = divmod(index, len(methods))
+        ax = axes[i][j]
+        for r in pts:
+            k = ckpts.index((r.run, r.order, r.checkpoint))
+            ax.scatter(r.delta_d, r.delta_m, s=40, marker=MARKERS[k % len(MARKERS)],
+                       color=colour.get(r.layer, "0.4"), edgecolors="black", linewidths=0.4, zorder=3)
+        s = stats.get((method, kind))
+        if s is not None and not math.isnan(s.slope):
+            xs = [min(r.delta_d for r in pts), max(r.delta_d for r in pts)]
+            ax.plot(xs, [s.slope * x + s.intercept for x in xs], color="0.3", lw=1, ls="--", zorder=2)
+        name = method if len(kinds) == 1 else f"{method} · {short[kind]}"
+        ax.set_title(name, loc="left", fontsize=11, fontweight="bold")
+        ax.set_title(_panel_stats_text(s, (reference or {}).get(method)), loc="right", fontsize=8.5)
+        ax.set_xlabel("ΔD: mean (1 − cos) per row")
+        if j == 0:
+            ax.set_ylabel("ΔM: mean |‖W‖ − ‖W0‖| per row")
+        # plain tick labels on every panel: no "1e-3" offset text in one corner and none in another
+        ax.xaxis.set_major_formatter(FuncFormatter(_tick_text))
+        ax.yaxis.set_major_formatter(FuncFormatter(_tick_text))
+        ax.grid(alpha=0.3)
+
+    bottom = legend_height / height
+    kw = dict(ncol=LEGEND_COLUMNS, fontsize=8.5, frameon=False, handletextpad=0.2, columnspacing=1.2)
+    if handles:
+        row = 0.25 * math.ceil(len(handles) / LEGEND_COLUMNS) / height
+        fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, bottom - row - 0.15 / height),
+                   **{**kw, "ncol": min(LEGEND_COLUMNS, len(handles))})
+    if marker_handles:
+        fig.legend(handles=marker_handles, loc="lower center", bbox_to_anchor=(0.5, 0.02 / height),
+                   **{**kw, "ncol": min(LEGEND_COLUMNS, len(marker_handles))})
     if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.45 / height, 1, 1))
+        fig.suptitle(title, fontsize=12)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")

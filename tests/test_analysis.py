@@ -15,7 +15,9 @@ import dorafit
 from dorafit.analysis import (
     AnalysisError,
     Checkpoint,
+    DeltaRow,
     analyze,
+    checkpoint_marker_labels,
     checkpoint_method,
     fit_line,
     layer_index,
@@ -24,6 +26,7 @@ from dorafit.analysis import (
     pearson,
     plain_weight_2d,
     plot_figure2,
+    short_kind_names,
     write_table,
 )
 from dorafit.functional import magnitude_direction_delta
@@ -332,3 +335,63 @@ def test_command_line_on_tiny_bert(tmp_path, capsys):
     assert "pearson" in capsys.readouterr().out
     # a bad --method value is refused with a message
     assert main(["analyze", "--base", str(tmp_path / "base"), ckpts[0], "--method", "nonsense", "--no-plot"]) == 2
+
+
+def test_panel_names_and_marker_labels():
+    kinds = ["bert.encoder.layer.*.attention.self.query", "bert.encoder.layer.*.attention.self.value",
+             "bert.encoder.layer.*.crossattention.self.query"]
+    assert short_kind_names(kinds) == {kinds[0]: "attention.self.query", kinds[1]: "value",
+                                       kinds[2]: "crossattention.self.query"}
+    # the runs agree on the checkpoint names -> those; only the run folders differ -> folder names
+    assert checkpoint_marker_labels({0: ["ft/ckpt-1", "ft/ckpt-1"], 1: ["a/ckpt-2", "b/ckpt-2"]}) == \
+        {0: "ft/ckpt-1", 1: "ckpt-2"}
+    # any disagreement -> positions for every marker, never one run's folder for all runs
+    assert checkpoint_marker_labels({0: ["lora", "ft/checkpoint-100"], 1: ["ft/checkpoint-200"]}) == \
+        {0: "checkpoint 1 of each run", 1: "checkpoint 2 of each run"}
+
+
+def test_figure_text_is_distinct_and_clear_of_the_points(tmp_path, monkeypatch):
+    """Every panel has its own title, the statistics sit above the axes (no legend box inside a
+    panel to hide points), no two texts overlap, and every layer has its own colour."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    matplotlib.use("Agg")
+    saved = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), original(fig, *a, **k))[1])
+    rows = []
+    for m, method in enumerate(("FT", "LoRA", "DoRA")):
+        for order in range(3):
+            for kind in ("enc.layer.*.attn.query", "enc.layer.*.attn.value"):
+                for layer in range(4):
+                    d = 1e-3 * (order + 1) * (1 + 0.2 * layer)
+                    rows.append(DeltaRow(f"{method}/ckpt-{order}", f"{method}/ckpt-{order}", method, m, order,
+                                         kind.replace("*", str(layer)), kind, layer, 2e-3 * (order + 1) + 0.1 * d * (m - 1),
+                                         d, 1, 8))
+    plot_figure2(rows, tmp_path / "fig.png", title="a long title over the whole figure", reference={"FT": -0.62})
+    (fig,) = saved
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()  # the closed figure lost its own canvas
+    axes = fig.get_axes()
+    names = [ax.get_title(loc="left") for ax in axes]
+    assert names == [f"{m} · {k}" for k in ("query", "value") for m in ("FT", "LoRA", "DoRA")]
+    assert all(ax.get_legend() is None for ax in axes)
+    assert axes[0].get_title(loc="right").startswith("r = ") and "(paper -0.62)" in axes[0].get_title(loc="right")
+    boxes = [fig._suptitle.get_window_extent(renderer)]
+    for ax in axes:
+        boxes += [ax._left_title.get_window_extent(renderer), ax.title.get_window_extent(renderer),
+                  ax._right_title.get_window_extent(renderer)]
+        boxes = [b for b in boxes if b.width > 0]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+    for ax in axes:  # the titles sit above the panel, not over its points
+        assert ax._right_title.get_window_extent(renderer).y0 >= ax.get_window_extent(renderer).y1
+    layer_colours = [h.get_color() for legend in fig.legends for h in legend.legend_handles
+                     if h.get_label().startswith("layer")]
+    assert len(layer_colours) == 4 and len({tuple(matplotlib.colors.to_rgba(c)) for c in layer_colours}) == 4
+    marker_labels = [h.get_label() for legend in fig.legends for h in legend.legend_handles
+                     if not h.get_label().startswith("layer")]
+    assert marker_labels == ["ckpt-0", "ckpt-1", "ckpt-2"]  # the name the runs share

@@ -237,8 +237,16 @@ class TrainConfig:
 
 
 def field_docs(cls) -> dict[str, str]:
-    """Attribute docstrings of a dataclass (the string literal right after each field)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    """Attribute docstrings of a dataclass (the string literal right after each field).
+
+    They live only in the source: an install of compiled files alone (no .py) has none, and
+    the flags then show their defaults without the text rather than failing.
+    """
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    tree = ast.parse(textwrap.dedent(source))
     body = tree.body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:]):
