@@ -4,6 +4,7 @@ hub id: the rows equal the JSON file's and meet the same checks; bad sources are
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -68,23 +69,41 @@ def test_folder_of_data_files_and_folders_that_are_neither(arc_rows, tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_hub_ids_go_to_load_dataset(monkeypatch):
-    calls = []
+@pytest.fixture()
+def offline_cache(tmp_path, monkeypatch):
+    """datasets' own cache as a hub download leaves it, offline: <cache>/<owner>___<name>/<config>/
+    <version>/<hash>/ holding <name>-<split>.arrow and dataset_info.json (written here by the real
+    parquet builder, then moved into that layout)."""
+    from datasets.packaged_modules.parquet.parquet import Parquet
 
-    def fake_load_dataset(name, *args, **kwargs):
-        calls.append(name)
-        return datasets.DatasetDict({"test": datasets.Dataset.from_list([{"text": "a", "label": 1}])})
+    cache = tmp_path / "datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # no folder named like the id next to the test
 
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    assert D.read_rows("someone/some_set:test") == [{"text": "a", "label": 1}]
-    assert calls == ["someone/some_set"]
+    def add(owner: str, name: str, splits: dict) -> None:
+        files = {}
+        for split, rows in splits.items():
+            files[split] = str(tmp_path / f"{name}-{split}.parquet")
+            datasets.Dataset.from_list(rows).to_parquet(files[split])
+        builder = Parquet(cache_dir=str(tmp_path / "build"), dataset_name=name, data_files=files)
+        builder.download_and_prepare()
+        target = cache / f"{owner}___{name}" / "default" / "0.0.0" / "0123456789abcdef"
+        target.parent.mkdir(parents=True)
+        Path(builder.cache_dir).rename(target)
+
+    return add
 
 
-def test_unknown_hub_id_offline_is_one_line(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
+def test_hub_id_reads_the_offline_cache(arc_rows, offline_cache):
+    offline_cache("someone", "arc_small", arc_rows)
+    assert D.read_rows("someone/arc_small:test") == arc_rows["test"]
+    assert D.read_rows("someone/arc_small", split="train") == arc_rows["train"]
+    with pytest.raises(D.DataError, match=r"^someone/arc_small: holds the splits test, train"):
+        D.read_rows("someone/arc_small")
+
+
+def test_unknown_hub_id_offline_is_one_line(offline_cache, tmp_path):
     with pytest.raises(D.DataError, match=r"^nobody/no_such_set: no such file or folder, and not a dataset") as err:
         D.read_rows("nobody/no_such_set")
     assert "\n" not in str(err.value)
