@@ -82,6 +82,8 @@ def read_source_rows(source: str, split: str = "") -> list[dict]:
             raise SourceError(
                 f"{name}: a folder that is neither a datasets.save_to_disk folder nor holds a "
                 f"data file ({', '.join(DATA_SUFFIXES)})")
+    elif path.is_file():
+        raise SourceError(f"{name}: a data file has no splits; drop the split {split!r}")
     elif path.exists():
         raise SourceError(f"{name}: not a readable file or folder")
     elif looks_like_hub_id(name):

@@ -27,6 +27,10 @@ def test_saved_dataset_folder_reads_the_same_rows(arc_rows, tmp_path):
     assert D.read_rows(folder) == arc_rows["test"]
     with pytest.raises(D.DataError, match="single saved Dataset"):
         D.read_rows(f"{folder}:test")
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps(arc_rows["test"]))
+    with pytest.raises(D.DataError, match="a data file has no splits; drop the split 'test'"):
+        D.read_rows(data, split="test")
 
 
 def test_saved_dataset_dict_needs_a_split_when_it_has_several(arc_rows, tmp_path, capsys):
