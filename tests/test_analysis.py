@@ -30,6 +30,7 @@ from dorafit.analysis import (
     write_table,
 )
 from dorafit.functional import magnitude_direction_delta
+from dorafit.io import recorded_base_model
 
 OUT, IN = 6, 16
 
@@ -395,3 +396,36 @@ def test_figure_text_is_distinct_and_clear_of_the_points(tmp_path, monkeypatch):
     marker_labels = [h.get_label() for legend in fig.legends for h in legend.legend_handles
                      if not h.get_label().startswith("layer")]
     assert marker_labels == ["ckpt-0", "ckpt-1", "ckpt-2"]  # the name the runs share
+
+
+def test_command_line_defaults_base_to_the_adapters_record(tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    from dorafit.cli import main
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=100, max_position_embeddings=32, architectures=["BertModel"])
+    adapters = []
+    for name in ("base", "other"):
+        BertModel(cfg).save_pretrained(str(tmp_path / name))
+        adapted = dorafit.attach(BertModel.from_pretrained(str(tmp_path / name)),
+                                 dorafit.AdapterConfig(rank=2, alpha=4, targets=["query"]))
+        with torch.no_grad():
+            for _, a in dorafit.adapter_modules(adapted):
+                a.lora_b.normal_(std=0.1)
+        dorafit.save_adapter(adapted, tmp_path / f"dora-{name}")
+        adapters.append(tmp_path / f"dora-{name}")
+    assert recorded_base_model(adapters[0]) == str(tmp_path / "base")
+    assert main(["analyze", str(adapters[0]), "--out", str(tmp_path / "out"), "--no-plot"]) == 0
+    captured = capsys.readouterr()
+    assert f"base model: {tmp_path / 'base'} (recorded by the adapter)" in captured.out
+    rows = json.loads((tmp_path / "out" / "analysis.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["delta_d"] > 0 for r in rows)
+    # two adapters on different bases, or no adapter at all: --base is needed, said in one line
+    assert main(["analyze", *map(str, adapters), "--no-plot"]) == 2
+    assert "record different base models" in capsys.readouterr().err
+    full = tmp_path / "full"
+    BertModel(cfg).save_pretrained(str(full))
+    assert main(["analyze", str(full), "--no-plot"]) == 2
+    assert "--base is required" in capsys.readouterr().err

@@ -1,9 +1,9 @@
 """``dorafit analyze``: the paper's magnitude/direction analysis (Figure 2) for any fine-tune.
 
-    dorafit analyze --base BASE TUNED [TUNED ...]
+    dorafit analyze [--base BASE] TUNED [TUNED ...]
     dorafit analyze --base BASE --checkpoints RUN1/ckpt-1 RUN1/ckpt-2 ... --checkpoints RUN2/ckpt-1 ...
 
-BASE is a Hugging Face model folder (or hub id); each TUNED is a full fine-tune (model.safetensors),
+BASE is a Hugging Face model folder or hub id (default: the base the adapters record); each TUNED is a full fine-tune (model.safetensors),
 a dorafit adapter or a PEFT adapter folder (merged in memory). Writes OUT/analysis.csv,
 OUT/analysis.json (rows + per-panel Pearson r and slope) and the figure (OUT/figure2.png).
 """
@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("tuned", nargs="*", metavar="TUNED",
                         help="fine-tuned checkpoints: model folder/.safetensors file, dorafit or PEFT adapter folder "
                              "(give them before any --checkpoints, which takes every path that follows it)")
-    parser.add_argument("--base", required=True, help="the pretrained model (Hugging Face folder or hub id)")
+    parser.add_argument("--base", default=None,
+                        help="the pretrained model (Hugging Face folder or hub id); default: the base the first "
+                             "adapter among the checkpoints records (the same for every adapter)")
     parser.add_argument("--checkpoints", nargs="+", action="append", default=[], metavar="CKPT",
                         help="one training run's intermediate checkpoints, in training order (repeat per run)")
     parser.add_argument("--modules", default=None,
@@ -70,6 +72,18 @@ def _report(stats) -> str:
     return "\n".join(lines)
 
 
+def _recorded_base(paths) -> str | None:
+    """The base model the adapters among ``paths`` record; None if none records one. Adapters
+    recording different bases are refused: one analysis compares everything with one base."""
+    from dorafit.io import recorded_base_model
+
+    bases = {p: b for p in paths if (b := recorded_base_model(p))}
+    if len(set(bases.values())) > 1:
+        found = ", ".join(f"{p} -> {b}" for p, b in bases.items())
+        raise ValueError(f"the adapters record different base models ({found}); pass --base")
+    return next(iter(bases.values()), None)
+
+
 def run(args: argparse.Namespace) -> int:
     from dorafit.analysis import AnalysisError, Checkpoint, analyze, panel_stats, plot_figure2, write_table
 
@@ -103,7 +117,18 @@ def run(args: argparse.Namespace) -> int:
             return 2
 
     try:
-        model = load_base_model(args.base, args.base_class)
+        base = args.base or _recorded_base([s.path for s in specs])
+    except ValueError as exc:
+        print(f"dorafit analyze: error: {exc}", file=sys.stderr)
+        return 2
+    if base is None:
+        print("dorafit analyze: error: --base is required: no adapter among the checkpoints records its base model",
+              file=sys.stderr)
+        return 2
+    if not args.base:
+        print(f"base model: {base} (recorded by the adapter)")
+    try:
+        model = load_base_model(base, args.base_class)
         rows = analyze(model, specs, modules=args.modules, axis=1 if args.axis == "out" else 0)
         out = Path(args.out)
         write_table(rows, out / "analysis.csv", out / "analysis.json")
