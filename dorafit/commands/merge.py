@@ -44,6 +44,8 @@ def merge_to_folder(args) -> Path:
     model, _ = load_model(model_path, kind, args.trust_remote_code, num_labels=len(labels) if labels else None)
     dorafit.load_adapter(model, args.adapter)
     dorafit.merge(model)
+    if hasattr(config, "use_cache"):  # load_model turns it off for training; the folder keeps the original's
+        model.config.use_cache = config.use_cache
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
