@@ -70,7 +70,7 @@ def test_training_forward_builds_no_kv_cache(adapted_smollm2):
 
 
 def test_train_eval_merge_generate_and_peft_export_on_the_real_model(smollm2_folder, tmp_path, capsys):
-    """train -> eval -> merge -> generate through the CLI, kept short (2 steps, 4 test rows)."""
+    """train -> eval -> merge -> generate through the CLI, kept short (2 steps of 4 rows, 4 test rows)."""
     import json
 
     from peft import PeftModel
@@ -80,8 +80,8 @@ def test_train_eval_merge_generate_and_peft_export_on_the_real_model(smollm2_fol
 
     out = tmp_path / "run"
     assert main(["train", "--model", "smollm2-135m-instruct", "--task", "ARC-Easy", "--output", str(out),
-                 "--rank", "16", "--lr", "1e-3", "--warmup-steps", "0", "--batch-size", "8",
-                 "--max-train-rows", "16", "--max-test-rows", "4", "--val-size", "0", "--save-steps", "0",
+                 "--rank", "16", "--lr", "1e-3", "--warmup-steps", "0", "--batch-size", "4",
+                 "--max-train-rows", "8", "--max-length", "256", "--max-test-rows", "4", "--val-size", "0", "--save-steps", "0",
                  "--max-new-tokens", "8", "--no-eval-before", "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["model_kind"] == "causal-lm" and results["steps"] == 2 and results["test_rows"] == 4
