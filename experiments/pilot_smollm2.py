@@ -1,0 +1,106 @@
+"""Pilot sweep for the default run: DoRA on SmolLM2-135M-Instruct, a commonsense task, generation eval.
+
+Each configuration below is one ``dorafit train`` run through the trainer's API with explicit
+options (the paper's prompt template, loss on the response only, greedy generation and the
+paper's first-match answer extraction before and after training). Results are appended to
+``experiments/results/pilot_smollm2.json`` after every run, keyed by the configuration's name,
+so the script resumes where it stopped and skips what is done:
+
+    PYTHONPATH=. python experiments/pilot_smollm2.py            # all configurations
+    PYTHONPATH=. python experiments/pilot_smollm2.py --only A    # one of them
+
+Every record keeps the wall-clock times (training only, and the whole run with both
+evaluations), seconds per optimizer step, and the 1-minute load average before and after, so
+times measured on a shared machine can be scaled to an idle one honestly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "pilot_smollm2.json"
+
+COMMON = dict(model="smollm2-135m-instruct", task="ARC-Easy", method="dora", rank=16, alpha=32.0,
+              batch_size=8, max_length=160, val_size=0, save_steps=0, eval_batch_size=25,
+              max_new_tokens=10, warmup_steps=2, progress=False, max_test_rows=100)
+CONFIGS = {
+    # name: overrides of COMMON; only the first evaluates the untrained model (same rows for all).
+    "A": dict(max_train_rows=128, lr=1e-3, eval_before=True),
+    "B": dict(max_train_rows=256, lr=1e-3, eval_before=False),
+    "C": dict(max_train_rows=128, lr=3e-3, eval_before=False),
+}
+
+
+def load_results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+
+
+def save_results(results: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(RESULTS)
+
+
+def sampling_error(p: float, n: int) -> float:
+    """Standard error of an accuracy p measured on n rows (binomial)."""
+    return math.sqrt(p * (1 - p) / n) if n else float("nan")
+
+
+def run_one(name: str, overrides: dict) -> dict:
+    from dorafit.train.config import TrainConfig
+    from dorafit.train.trainer import train
+
+    options = {**COMMON, **overrides}
+    with tempfile.TemporaryDirectory(prefix=f"pilot-{name}-") as out:
+        load_before = os.getloadavg()[0]
+        start = time.perf_counter()
+        result = train(TrainConfig(output=str(Path(out) / "run"), **options))
+        wall = time.perf_counter() - start
+        load_after = os.getloadavg()[0]
+    n = result.test_rows
+    record = {
+        "options": options,
+        "test_rows": n,
+        "accuracy_before": result.accuracy_before,
+        "accuracy_after": result.accuracy_after,
+        "unparseable_before": result.unparseable_before,
+        "unparseable_after": result.unparseable_after,
+        "sampling_error_after": sampling_error(result.accuracy_after, n),
+        "steps": result.steps,
+        "train_seconds": result.train_seconds,
+        "seconds_per_step": result.train_seconds / max(result.steps, 1),
+        "total_seconds": result.total_seconds,
+        "wall_seconds": wall,
+        "load_1min_before": load_before,
+        "load_1min_after": load_after,
+        "cpus": os.cpu_count(),
+    }
+    return record
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", choices=sorted(CONFIGS), help="run only these configurations")
+    args = parser.parse_args(argv)
+    results = load_results()
+    for name in args.only or list(CONFIGS):
+        if name in results:
+            print(f"{name}: done already, skipped", flush=True)
+            continue
+        record = run_one(name, CONFIGS[name])
+        results[name] = record
+        save_results(results)
+        print(f"{name}: {json.dumps(record)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
