@@ -81,7 +81,7 @@ class TrainConfig:
     """Held-out test data evaluated before and after training (the same kinds of source as --data,
     e.g. my_dataset_dict:test); default: <data-dir>/<task>/test.json."""
     val_data: str = ""
-    """Validation file; default: --val-size rows held out from the training file."""
+    """Validation data (the same kinds of source as --data); default: --val-size rows held out from the training data."""
     data_dir: str = ""
     """Folder laid out as <task>/{train,test}.json (as LLM-Adapters' dataset/); default: the subset shipped with dorafit."""
     val_size: float = 64
