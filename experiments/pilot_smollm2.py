@@ -39,6 +39,9 @@ CONFIGS = {
     # The model's own chat template, more steps, 200 test rows (about +-3 points at 25-40 %).
     "D": dict(prompt_template="chat", max_train_rows=256, lr=2e-3, max_test_rows=200, max_new_tokens=8,
               eval_before=True),
+    # D answered "answer2" for 196 of 200 rows: a lower lr with twice the updates (batch 4).
+    "E": dict(prompt_template="chat", max_train_rows=256, lr=5e-4, batch_size=4, max_test_rows=200,
+              max_new_tokens=8, eval_before=False),
 }
 
 
