@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pilot_smollm2.json"
+# LLM-Adapters' dataset/ folder (full train and test files), for tasks dorafit does not ship.
+LLM_ADAPTERS = Path(os.environ.get("LLM_ADAPTERS_DATA", "/work/shared/data/LLM-Adapters/dataset"))
 
 COMMON = dict(model="smollm2-135m-instruct", task="ARC-Easy", method="dora", rank=16, alpha=32.0,
               batch_size=8, max_length=160, val_size=0, save_steps=0, eval_batch_size=25,
@@ -42,6 +44,10 @@ CONFIGS = {
     # D answered "answer2" for 196 of 200 rows: a lower lr with twice the updates (batch 4).
     "E": dict(prompt_template="chat", max_train_rows=256, lr=5e-4, batch_size=4, max_test_rows=200,
               max_new_tokens=8, eval_before=False),
+    # E still chose answer2 for 145 of 200 rows. BoolQ answers with a word of meaning (true /
+    # false) rather than a label to map a choice to; the first rows of LLM-Adapters' own files.
+    "F": dict(prompt_template="chat", task="boolq", data_dir=str(LLM_ADAPTERS), max_train_rows=256, lr=5e-4,
+              batch_size=4, max_test_rows=200, max_new_tokens=8, eval_before=True),
 }
 
 
@@ -65,9 +71,11 @@ def gold_counts(options: dict) -> dict:
     """How often each answer word is the right one among the evaluated test rows."""
     from collections import Counter
 
+    from dorafit.eval.tasks import get_task
     from dorafit.train.data import BUNDLED_DATA
 
-    rows = json.loads((BUNDLED_DATA / options["task"] / "test.json").read_text())
+    folder = Path(options.get("data_dir") or BUNDLED_DATA) / get_task(options["task"]).folder
+    rows = json.loads((folder / "test.json").read_text())
     return dict(sorted(Counter(r["answer"] for r in rows[: options["max_test_rows"] or None]).items()))
 
 
