@@ -28,6 +28,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pilot_smollm2.json"
 # LLM-Adapters' dataset/ folder (full train and test files), for tasks dorafit does not ship.
+BUNDLED = Path(__file__).resolve().parents[1] / "dorafit" / "data"
 LLM_ADAPTERS = Path(os.environ.get("LLM_ADAPTERS_DATA", "/work/shared/data/LLM-Adapters/dataset"))
 
 COMMON = dict(model="smollm2-135m-instruct", task="ARC-Easy", method="dora", rank=16, alpha=32.0,
@@ -48,6 +49,10 @@ CONFIGS = {
     # false) rather than a label to map a choice to; the first rows of LLM-Adapters' own files.
     "F": dict(prompt_template="chat", task="boolq", data_dir=str(LLM_ADAPTERS), max_train_rows=256, lr=5e-4,
               batch_size=4, max_test_rows=200, max_new_tokens=8, eval_before=True),
+    # F answered "true" for all 200 rows (the majority class). The lr of E divided by 5: does a
+    # smaller step keep the model's own preferences while it learns the format?
+    "G": dict(prompt_template="chat", max_train_rows=256, lr=1e-4, batch_size=4, max_test_rows=200,
+              max_new_tokens=8, eval_before=False),
 }
 
 
@@ -72,11 +77,23 @@ def gold_counts(options: dict) -> dict:
     from collections import Counter
 
     from dorafit.eval.tasks import get_task
-    from dorafit.train.data import BUNDLED_DATA
 
-    folder = Path(options.get("data_dir") or BUNDLED_DATA) / get_task(options["task"]).folder
+    folder = Path(options.get("data_dir") or BUNDLED) / get_task(options["task"]).folder
     rows = json.loads((folder / "test.json").read_text())
     return dict(sorted(Counter(r["answer"] for r in rows[: options["max_test_rows"] or None]).items()))
+
+
+def chance(options: dict) -> float:
+    """The bar a model without knowledge reaches: BoolQ's majority answer share, else the mean of
+    1 / number of choices over the evaluated test rows."""
+    from dorafit.eval.tasks import get_task, parse_instruction
+
+    gold = gold_counts(options)
+    if options["task"] == "boolq":
+        return max(gold.values()) / sum(gold.values())
+    folder = Path(options.get("data_dir") or BUNDLED) / get_task(options["task"]).folder
+    rows = json.loads((folder / "test.json").read_text())[: options["max_test_rows"] or None]
+    return sum(1 / len(parse_instruction(r["instruction"])[1]) for r in rows) / len(rows)
 
 
 def run_one(name: str, overrides: dict) -> dict:
@@ -101,7 +118,8 @@ def run_one(name: str, overrides: dict) -> dict:
         "predicted_before": result.predicted_before,
         "predicted_after": result.predicted_after,
         "gold": gold_counts(options),
-        "sampling_error_chance": sampling_error(0.25, n),
+        "chance": chance(options),
+        "sampling_error_chance": sampling_error(chance(options), n),
         "sampling_error_after": sampling_error(result.accuracy_after, n),
         "steps": result.steps,
         "train_seconds": result.train_seconds,
@@ -115,11 +133,21 @@ def run_one(name: str, overrides: dict) -> dict:
     return record
 
 
+def add_derived(results: dict) -> None:
+    """Fill in the chance level of records written before it was recorded (from the test rows)."""
+    for record in results.values():
+        if "gold" in record:
+            record["chance"] = chance(record["options"])
+            record["sampling_error_chance"] = sampling_error(record["chance"], record["test_rows"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append", choices=sorted(CONFIGS), help="run only these configurations")
     args = parser.parse_args(argv)
     results = load_results()
+    add_derived(results)
+    save_results(results)
     for name in args.only or list(CONFIGS):
         if name in results:
             print(f"{name}: done already, skipped", flush=True)

@@ -1,8 +1,9 @@
 """Accuracy of a (possibly adapted) model on a commonsense task.
 
 Causal LMs follow the paper's protocol: each row's instruction goes through the training
-prompt (the same template, ``dorafit.eval.examples.build_prompt``), the model continues it greedily for ``max_new_tokens`` tokens, and the first match of
-the task's answer regex in the continuation is the prediction; a continuation with no match
+prompt (the same template, ``dorafit.eval.examples.build_prompt``), the model continues it
+greedily for ``max_new_tokens`` tokens, and the first match of the task's answer regex in the
+continuation is the prediction; a continuation with no match
 is wrong and is counted as unparseable. Encoders pick the highest-scoring choice
 (``dorafit.eval.scoring.choice_logits``). Rows are batched in order of length so that little
 compute goes into padding; the result does not depend on the order.
@@ -120,7 +121,7 @@ def score_responses(task: Task, responses: list[str], answers: list[str]) -> Eva
             unparseable += 1
         else:
             counts[predicted] += 1
-            correct += predicted == answer
+            correct += int(predicted == answer)
     return EvalResult(task.name, len(answers), correct, unparseable, dict(sorted(counts.items())))
 
 
