@@ -1,8 +1,8 @@
 """Pilot sweep for the default run: DoRA on SmolLM2-135M-Instruct, a commonsense task, generation eval.
 
 Each configuration below is one ``dorafit train`` run through the trainer's API with explicit
-options (the paper's prompt template, loss on the response only, greedy generation and the
-paper's first-match answer extraction before and after training). Results are appended to
+options (a prompt template, "paper" or the model's "chat" template; loss on the response only;
+greedy generation and the paper's first-match answer extraction before and after training). Results are appended to
 ``experiments/results/pilot_smollm2.json`` after every run, keyed by the configuration's name,
 so the script resumes where it stopped and skips what is done:
 
@@ -10,8 +10,9 @@ so the script resumes where it stopped and skips what is done:
     PYTHONPATH=. python experiments/pilot_smollm2.py --only A    # one of them
 
 Every record keeps the wall-clock times (training only, and the whole run with both
-evaluations), seconds per optimizer step, and the 1-minute load average before and after, so
-times measured on a shared machine can be scaled to an idle one honestly.
+evaluations), seconds per optimizer step, the 1-minute load average before and after (so
+times measured on a shared machine can be scaled to an idle one honestly), and how often each
+answer word was predicted before and after (a run that answers one word always shows there).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pilot_smollm2.json"
+# LLM-Adapters' dataset/ folder (full train and test files), for tasks dorafit does not ship.
+BUNDLED = Path(__file__).resolve().parents[1] / "dorafit" / "data"
+LLM_ADAPTERS = Path(os.environ.get("LLM_ADAPTERS_DATA", "/work/shared/data/LLM-Adapters/dataset"))
 
 COMMON = dict(model="smollm2-135m-instruct", task="ARC-Easy", method="dora", rank=16, alpha=32.0,
               batch_size=8, max_length=160, val_size=0, save_steps=0, eval_batch_size=25,
@@ -35,6 +39,23 @@ CONFIGS = {
     "A": dict(max_train_rows=128, lr=1e-3, eval_before=True),
     "B": dict(max_train_rows=256, lr=1e-3, eval_before=False),
     "C": dict(max_train_rows=128, lr=3e-3, eval_before=False),
+    # The model's own chat template, more steps, 200 test rows (about +-3 points at 25-40 %).
+    "D": dict(prompt_template="chat", max_train_rows=256, lr=2e-3, max_test_rows=200, max_new_tokens=8,
+              eval_before=True),
+    # D answered "answer2" for 196 of 200 rows: a lower lr with twice the updates (batch 4).
+    "E": dict(prompt_template="chat", max_train_rows=256, lr=5e-4, batch_size=4, max_test_rows=200,
+              max_new_tokens=8, eval_before=False),
+    # E still chose answer2 for 145 of 200 rows. BoolQ answers with a word of meaning (true /
+    # false) rather than a label to map a choice to; the first rows of LLM-Adapters' own files.
+    "F": dict(prompt_template="chat", task="boolq", data_dir=str(LLM_ADAPTERS), max_train_rows=256, lr=5e-4,
+              batch_size=4, max_test_rows=200, max_new_tokens=8, eval_before=True),
+    # F answered "true" for all 200 rows (the majority class). The lr of E divided by 5: does a
+    # smaller step keep the model's own preferences while it learns the format?
+    "G": dict(prompt_template="chat", max_train_rows=256, lr=1e-4, batch_size=4, max_test_rows=200,
+              max_new_tokens=8, eval_before=False),
+    # G (28 %, three labels in use) against E (24 %, mostly one): the lr between them.
+    "H": dict(prompt_template="chat", max_train_rows=256, lr=2e-4, batch_size=4, max_test_rows=200,
+              max_new_tokens=8, eval_before=False),
 }
 
 
@@ -52,6 +73,30 @@ def save_results(results: dict) -> None:
 def sampling_error(p: float, n: int) -> float:
     """Standard error of an accuracy p measured on n rows (binomial)."""
     return math.sqrt(p * (1 - p) / n) if n else float("nan")
+
+
+def gold_counts(options: dict) -> dict:
+    """How often each answer word is the right one among the evaluated test rows."""
+    from collections import Counter
+
+    from dorafit.eval.tasks import get_task
+
+    folder = Path(options.get("data_dir") or BUNDLED) / get_task(options["task"]).folder
+    rows = json.loads((folder / "test.json").read_text())
+    return dict(sorted(Counter(r["answer"] for r in rows[: options["max_test_rows"] or None]).items()))
+
+
+def chance(options: dict) -> float:
+    """The bar a model without knowledge reaches: BoolQ's majority answer share, else the mean of
+    1 / number of choices over the evaluated test rows."""
+    from dorafit.eval.tasks import get_task, parse_instruction
+
+    gold = gold_counts(options)
+    if options["task"] == "boolq":
+        return max(gold.values()) / sum(gold.values())
+    folder = Path(options.get("data_dir") or BUNDLED) / get_task(options["task"]).folder
+    rows = json.loads((folder / "test.json").read_text())[: options["max_test_rows"] or None]
+    return sum(1 / len(parse_instruction(r["instruction"])[1]) for r in rows) / len(rows)
 
 
 def run_one(name: str, overrides: dict) -> dict:
@@ -73,6 +118,11 @@ def run_one(name: str, overrides: dict) -> dict:
         "accuracy_after": result.accuracy_after,
         "unparseable_before": result.unparseable_before,
         "unparseable_after": result.unparseable_after,
+        "predicted_before": result.predicted_before,
+        "predicted_after": result.predicted_after,
+        "gold": gold_counts(options),
+        "chance": chance(options),
+        "sampling_error_chance": sampling_error(chance(options), n),
         "sampling_error_after": sampling_error(result.accuracy_after, n),
         "steps": result.steps,
         "train_seconds": result.train_seconds,
@@ -86,11 +136,21 @@ def run_one(name: str, overrides: dict) -> dict:
     return record
 
 
+def add_derived(results: dict) -> None:
+    """Fill in the chance level of records written before it was recorded (from the test rows)."""
+    for record in results.values():
+        if "gold" in record:
+            record["chance"] = chance(record["options"])
+            record["sampling_error_chance"] = sampling_error(record["chance"], record["test_rows"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append", choices=sorted(CONFIGS), help="run only these configurations")
     args = parser.parse_args(argv)
     results = load_results()
+    add_derived(results)
+    save_results(results)
     for name in args.only or list(CONFIGS):
         if name in results:
             print(f"{name}: done already, skipped", flush=True)

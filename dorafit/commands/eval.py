@@ -33,6 +33,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default: 32)")
     parser.add_argument("--max-length", type=int, default=0, help="encoder token limit (default: the adapter's, else 128)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="causal LMs: generated tokens per row (default: 32)")
+    parser.add_argument("--prompt-template", default="", choices=("", "paper", "chat"),
+                        help="causal LMs: paper or chat (default: the adapter's task.json, else paper)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code to run")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -159,8 +161,10 @@ def evaluate(args) -> list:
     for task, path, rows in tables:
         examples = D.accuracy_examples(rows, kind, path, task, labels)
         if kind == "causal-lm":
+            # The adapter is scored with the prompt template it was trained with (task.json).
             result = evaluate_generation(model, tokenizer, task, examples, args.max_new_tokens, args.batch_size,
-                                         device, progress=args.progress)
+                                         device, progress=args.progress,
+                                         prompt_template=args.prompt_template or info.get("prompt_template") or "paper")
         else:
             result = evaluate_choices(model, examples, tokenizer, kind, task.name, max_length, args.batch_size,
                                       device, progress=args.progress)

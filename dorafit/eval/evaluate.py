@@ -1,8 +1,9 @@
 """Accuracy of a (possibly adapted) model on a commonsense task.
 
 Causal LMs follow the paper's protocol: each row's instruction goes through the training
-prompt, the model continues it greedily for ``max_new_tokens`` tokens, and the first match of
-the task's answer regex in the continuation is the prediction; a continuation with no match
+prompt (the same template, ``dorafit.eval.examples.build_prompt``), the model continues it
+greedily for ``max_new_tokens`` tokens, and the first match of the task's answer regex in the
+continuation is the prediction; a continuation with no match
 is wrong and is counted as unparseable. Encoders pick the highest-scoring choice
 (``dorafit.eval.scoring.choice_logits``). Rows are batched in order of length so that little
 compute goes into padding; the result does not depend on the order.
@@ -10,23 +11,26 @@ compute goes into padding; the result does not depend on the order.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-from dorafit.eval.examples import ChoiceExample, collate_choices, collate_texts, format_prompt
+from dorafit.eval.examples import ChoiceExample, build_prompt, collate_choices, collate_texts
 from dorafit.eval.scoring import choice_logits
 from dorafit.eval.tasks import Task, extract_answer
 
 
 @dataclass
 class EvalResult:
-    """Counts of one evaluation: rows, right answers and (causal LMs) unparseable outputs."""
+    """Counts of one evaluation: rows, right answers and (causal LMs) unparseable outputs and
+    how often each answer word was predicted (a model that answers one word always shows here)."""
 
     task: str
     rows: int
     correct: int
     unparseable: int = 0
+    predicted: dict = field(default_factory=dict)
 
     @property
     def accuracy(self) -> float:
@@ -110,19 +114,23 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
 def score_responses(task: Task, responses: list[str], answers: list[str]) -> EvalResult:
     """The paper's scoring: first regex match of the task's answer words vs the gold answer."""
     correct = unparseable = 0
+    counts: Counter = Counter()
     for response, answer in zip(responses, answers):
         predicted = extract_answer(task, response)
         if predicted is None:
             unparseable += 1
-        elif predicted == answer:
-            correct += 1
-    return EvalResult(task.name, len(answers), correct, unparseable)
+        else:
+            counts[predicted] += 1
+            correct += int(predicted == answer)
+    return EvalResult(task.name, len(answers), correct, unparseable, dict(sorted(counts.items())))
 
 
 def evaluate_generation(model, tokenizer, task: Task, rows: list[dict], max_new_tokens: int = 32,
-                        batch_size: int = 8, device="cpu", progress: bool = False) -> EvalResult:
-    """Commonsense accuracy of a causal LM on instruction rows {instruction, input, answer}."""
-    prompts = [format_prompt(r["instruction"], r.get("input") or "") for r in rows]
+                        batch_size: int = 8, device="cpu", progress: bool = False,
+                        prompt_template: str = "paper") -> EvalResult:
+    """Commonsense accuracy of a causal LM on instruction rows {instruction, input, answer},
+    prompted with ``prompt_template`` (the one it was trained with)."""
+    prompts = [build_prompt(prompt_template, r["instruction"], r.get("input") or "", tokenizer) for r in rows]
     answers = [str(r.get("answer") or "").strip() for r in rows]
     responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, device,
                                    progress, desc=f"eval {task.name}")

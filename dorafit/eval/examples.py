@@ -3,8 +3,11 @@
 - ``ChoiceExample``: a question, its candidate answers and the right one's index (the encoder
   kinds multiple-choice and similarity; commonsense rows are parsed into this);
 - ``TextExample``: a text (or pair) with a class label (sequence-classification);
-- for a causal LM, the paper's prompt (``format_prompt``) followed by the response, tokenized
-  with the prompt positions labelled ``IGNORE_INDEX`` (loss on the response only).
+- for a causal LM, a prompt followed by the response, tokenized with the prompt positions
+  labelled ``IGNORE_INDEX`` (loss on the response only). ``build_prompt`` is the one place a
+  prompt is made, for training and generation alike, in one of ``PROMPT_TEMPLATES``: "paper"
+  (the LLM-Adapters template of the DoRA paper, ``format_prompt``) or "chat" (the model's own
+  chat template: the instruction as the user turn, the response as the assistant turn).
 
 ``collate_for_kind`` picks the batching of a model kind; ``collate_*`` build the tensors.
 """
@@ -29,6 +32,7 @@ PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 IGNORE_INDEX = -100
+PROMPT_TEMPLATES = ("paper", "chat")
 
 
 def format_prompt(instruction: str, input: str = "") -> str:
@@ -36,6 +40,26 @@ def format_prompt(instruction: str, input: str = "") -> str:
     if input and input.strip():
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT.format(instruction=instruction)
+
+
+def format_chat_prompt(tokenizer, instruction: str, input: str = "") -> str:
+    """The tokenizer's chat template with the instruction (and input) as the one user turn,
+    ending with the assistant header, where the response starts (``add_generation_prompt``)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"prompt template 'chat' needs a tokenizer with a chat template; "
+                         f"{getattr(tokenizer, 'name_or_path', 'this tokenizer')} has none (use 'paper')")
+    user = f"{instruction}\n\n{input}" if input and input.strip() else instruction
+    return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def build_prompt(template: str, instruction: str, input: str = "", tokenizer=None) -> str:
+    """The prompt of one row in ``template`` ("paper" or "chat"), ending where the response starts."""
+    if template == "paper":
+        return format_prompt(instruction, input)
+    if template == "chat":
+        return format_chat_prompt(tokenizer, instruction, input)
+    raise ValueError(f"unknown prompt template {template!r}; use one of {PROMPT_TEMPLATES}")
 
 
 @dataclass

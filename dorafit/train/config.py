@@ -27,6 +27,7 @@ from dorafit.config import (
     check_unknown_keys,
     did_you_mean,
 )
+from dorafit.eval.examples import PROMPT_TEMPLATES
 
 MODEL_KINDS = ("auto", "causal-lm", "multiple-choice", "similarity", "sequence-classification")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -92,6 +93,10 @@ class TrainConfig:
     """Evaluate only the first N test rows (0: all)."""
     max_length: int = 128
     """Maximum tokens per example (the paper's cutoff is 256 for LLaMA)."""
+    prompt_template: str = "paper"
+    """Causal LMs: how a row becomes a prompt, in training and evaluation alike: paper (the
+    LLM-Adapters template of the DoRA paper) or chat (the model's own chat template, the
+    instruction as the user turn and the response as the assistant turn)."""
     trust_remote_code: bool = False
     """Allow a model folder's own Python code to run (never done without this flag)."""
 
@@ -171,6 +176,8 @@ class TrainConfig:
             ("quantize", self.quantize in QUANTIZE, f"one of {QUANTIZE} (\"\" for none)", QUANTIZE),
             ("distributed", self.distributed in DISTRIBUTED, f"one of {DISTRIBUTED}", DISTRIBUTED),
             ("method", self.method in METHODS, f"one of {METHODS}", METHODS),
+            ("prompt_template", self.prompt_template in PROMPT_TEMPLATES, f"one of {PROMPT_TEMPLATES}",
+             PROMPT_TEMPLATES),
             ("rank", self.rank > 0, "> 0", ()),
             ("alpha", self.alpha > 0, "> 0", ()),
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)", ()),

@@ -8,7 +8,8 @@ formats are recognised:
 - multiple-choice rows: ``{question, choices: [str, ...], label: int}``;
 - classification rows: ``{text, label}`` (optionally ``text_pair``).
 
-For a causal LM a row becomes the paper's prompt plus the response; the loss is taken on the
+For a causal LM a row becomes a prompt (the paper's template or the model's chat template,
+``dorafit.eval.examples.build_prompt``) plus the response; the loss is taken on the
 response tokens only (prompt positions carry label -100). For an encoder a commonsense row is
 parsed into its question and choices (see ``dorafit.eval.tasks.parse_instruction``).
 ``loss_examples`` and ``accuracy_examples`` are the one place where rows become examples for a
@@ -31,6 +32,7 @@ from dorafit.eval.examples import (  # noqa: F401  (the examples and batches, sh
     PROMPT_WITH_INPUT,
     ChoiceExample,
     TextExample,
+    build_prompt,
     collate_causal,
     collate_choices,
     collate_texts,
@@ -205,8 +207,9 @@ def to_text_examples(rows: list[dict], path, labels: list | None = None) -> tupl
     return examples, labels
 
 
-def to_instruction_pairs(rows: list[dict], kind: str, path) -> list[tuple[str, str]]:
-    """(prompt, response) pairs for causal-LM tuning, with the paper's template."""
+def to_instruction_pairs(rows: list[dict], kind: str, path, template: str = "paper",
+                         tokenizer=None) -> list[tuple[str, str]]:
+    """(prompt, response) pairs for causal-LM tuning, prompted with ``template`` ("paper" or "chat")."""
     if kind != "commonsense":
         raise DataError(f"{path}: a causal LM needs instruction rows {{instruction, output}}, not {kind} rows")
     pairs = []
@@ -214,14 +217,16 @@ def to_instruction_pairs(rows: list[dict], kind: str, path) -> list[tuple[str, s
         instruction = require_text(row, "instruction", path, number)
         output = require_text(row, "output", path, number)
         inp = require_text(row, "input", path, number, required=False)
-        pairs.append((format_prompt(instruction, inp), output))
+        pairs.append((build_prompt(template, instruction, inp, tokenizer), output))
     return pairs
 
 
 def tokenize_instruction_pairs(pairs, tokenizer, max_length: int, path) -> list[dict]:
     """Token ids and labels with the prompt masked out (loss on the response only).
 
-    Every example is cut at ``max_length`` tokens. If that cut leaves no response token in
+    The response is followed by the tokenizer's end-of-sequence token (for a chat model, the
+    end of the assistant turn), so that the model learns to stop. Every example is cut at
+    ``max_length`` tokens. If that cut leaves no response token in
     ANY example the max length is too small for this data, which is an error; examples that
     lose their whole response individually are dropped (they would add nothing to the loss).
     """
@@ -285,16 +290,17 @@ def split_validation(items: list, size: float, seed: int) -> tuple[list, list]:
 
 
 def loss_examples(rows: list[dict], kind: str, path, tokenizer, max_length: int, *,
-                  task: Task | None = None, labels: list | None = None) -> tuple[list, list | None]:
+                  task: Task | None = None, labels: list | None = None,
+                  prompt_template: str = "paper") -> tuple[list, list | None]:
     """(examples, labels): rows as the examples a model of ``kind`` computes its loss on.
 
-    Causal LMs get tokenized prompt + response pairs; encoders get choice or text examples
+    Causal LMs get tokenized prompt + response pairs in ``prompt_template``; encoders get choice or text examples
     (``labels``: the class names, found in the rows when not given). ``task`` checks the answer
     words of commonsense rows.
     """
     data_format = detect_format(rows, path)
     if kind == "causal-lm":
-        pairs = to_instruction_pairs(rows, data_format, path)
+        pairs = to_instruction_pairs(rows, data_format, path, prompt_template, tokenizer)
         return tokenize_instruction_pairs(pairs, tokenizer, max_length, path), None
     if kind == "sequence-classification":
         return to_text_examples(rows, path, labels)

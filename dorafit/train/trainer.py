@@ -110,6 +110,8 @@ class TrainResult:
     train_seconds: float
     total_seconds: float
     history: list = field(default_factory=list)
+    predicted_before: dict | None = None  # causal LMs: how often each answer word was generated
+    predicted_after: dict | None = None
 
 
 @dataclass
@@ -157,7 +159,7 @@ class Run:
     def task_info(self) -> dict:
         """task.json: how ``dorafit eval`` scores the adapter."""
         return {"task": self.data.task.name, "model_kind": self.data.kind, "labels": self.data.labels,
-                "max_length": self.cfg.max_length}
+                "max_length": self.cfg.max_length, "prompt_template": self.cfg.prompt_template}
 
 
 @dataclass
@@ -283,11 +285,12 @@ def load_data(cfg: TrainConfig, info: dist_utils.DistInfo) -> RunData:
     test_path = _data_path(cfg, "test", task.folder) if (cfg.test_data or data_format == "commonsense") else None
     test_rows = D.read_rows(test_path)[: cfg.max_test_rows or None] if test_path else []
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    train, labels = D.loss_examples(train_rows, kind, train_path, tokenizer, cfg.max_length, task=task)
+    train, labels = D.loss_examples(train_rows, kind, train_path, tokenizer, cfg.max_length, task=task,
+                                    prompt_template=cfg.prompt_template)
     val = None
     if cfg.val_data:
         val = D.loss_examples(D.read_rows(cfg.val_data), kind, cfg.val_data, tokenizer, cfg.max_length,
-                              labels=labels)[0]
+                              labels=labels, prompt_template=cfg.prompt_template)[0]
     test = D.accuracy_examples(test_rows, kind, test_path, task, labels) if test_rows else []
     if kind != "causal-lm":
         D.check_encoder_lengths(train, tokenizer, cfg.max_length, train_path)
@@ -581,6 +584,8 @@ def finish(run: Run, state: RunState, train_seconds: float, started: float) -> T
         trainable=report.trainable, total=report.total, trainable_percent=report.percent, steps=state.step,
         best_val_loss=None if math.isinf(state.best_val) else state.best_val, train_seconds=train_seconds,
         total_seconds=time.perf_counter() - started, history=state.history,
+        predicted_before=before.predicted if before and causal else None,
+        predicted_after=after.predicted if after and causal else None,
     )
     if run.info.is_main:
         write_json_atomic(run.out / "results.json", {k: v for k, v in result.__dict__.items() if k != "history"})
@@ -597,7 +602,8 @@ def measure_accuracy(run: Run) -> EvalResult | None:
     progress = cfg.progress and info.is_main
     if data.kind == "causal-lm":
         return evaluate_generation(run.model, data.tokenizer, data.task, data.test, cfg.max_new_tokens,
-                                   cfg.eval_batch_size, info.device, progress=progress)
+                                   cfg.eval_batch_size, info.device, progress=progress,
+                                   prompt_template=cfg.prompt_template)
     return evaluate_choices(run.model, data.test, data.tokenizer, data.kind, data.task.name, cfg.max_length,
                             cfg.eval_batch_size, info.device, progress=progress)
 

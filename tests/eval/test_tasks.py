@@ -84,3 +84,12 @@ def test_every_row_of_the_real_files_parses(path):
         assert row["answer"] in words, (path, number)
         assert extract_answer(task, row["output"]) == row["answer"], (path, number)
     assert len(TASKS) == 8  # the seven files plus HellaSwag (not in the snapshot)
+
+
+def test_score_responses_counts_each_predicted_word():
+    # A model that answers one word always is visible in the counts (unparseable rows are not counted).
+    task = get_task("ARC-Easy")
+    result = score_responses(task, ["the correct answer is answer1"] * 3 + ["no idea", "answer2"],
+                             ["answer1", "answer2", "answer3", "answer1", "answer2"])
+    assert result.predicted == {"answer1": 3, "answer2": 1}
+    assert (result.correct, result.unparseable) == (2, 1)

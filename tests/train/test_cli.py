@@ -13,6 +13,7 @@ import torch
 
 import dorafit
 from dorafit.cli import main
+from dorafit.train.trainer import RESUME_MAY_CHANGE
 
 
 def _train(model, files, out, *extra):
@@ -72,6 +73,31 @@ def test_causal_lm_train_eval_merge_reload(fixture, request, arc_files, tmp_path
     base = AutoModelForCausalLM.from_pretrained(model).eval()
     with torch.no_grad():
         assert not torch.allclose(base(**inputs).logits, plain, atol=1e-4)
+
+
+def test_chat_template_is_trained_recorded_and_evaluated_with(tiny_llama, arc_files, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from conftest import copy_folder
+
+    model = copy_folder(tiny_llama, tmp_path / "chat-llama")
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                         "{% if add_generation_prompt %}assistant : {% endif %}")
+    tok.save_pretrained(model)
+    out = tmp_path / "run"
+    assert _train(model, arc_files, out, "--prompt-template", "chat", "--lr", "1e-2", "--max-new-tokens", "8") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert json.loads((out / "adapter" / "task.json").read_text())["prompt_template"] == "chat"
+    # A changed template changes the result, so a resumed run may not change it.
+    assert "prompt_template" not in RESUME_MAY_CHANGE
+    capsys.readouterr()
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(model), "--adapter", str(out / "adapter"), "--data-dir",
+                 str(arc_files["dir"]), "--max-new-tokens", "8", "--no-progress", "--json", str(report)]) == 0
+    # eval takes the template from task.json: the accuracy after training is reproduced.
+    assert json.loads(report.read_text())[0]["accuracy"] == pytest.approx(results["accuracy_after"])
+    assert sum(results["predicted_after"].values()) + round(results["unparseable_after"] * 24) == 24
 
 
 def test_encoder_multiple_choice_train_eval_merge_reload(tiny_bert, arc_files, tmp_path, capsys):

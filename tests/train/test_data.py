@@ -63,6 +63,23 @@ def test_loss_only_on_response_tokens(tiny_llama):
     assert tok.decode(example["input_ids"][n_prompt:]).startswith(row["output"])
 
 
+def test_chat_template_loss_only_on_the_assistant_turn(tiny_llama):
+    from conftest import arc_rows
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                         "{% if add_generation_prompt %}assistant : {% endif %}")
+    row = arc_rows("train", 1)[0]
+    (prompt, response), = D.to_instruction_pairs([row], "commonsense", "f.json", "chat", tok)
+    assert prompt.startswith("user : " + row["instruction"]) and prompt.endswith("</s> assistant : ")
+    (example,) = D.tokenize_instruction_pairs([(prompt, response)], tok, 512, "f.json")
+    n_prompt = len(tok(prompt)["input_ids"])
+    assert example["labels"][:n_prompt] == [D.IGNORE_INDEX] * n_prompt
+    # The assistant turn: the response, then the end of the turn (the eos token) to learn stopping.
+    assert example["labels"][n_prompt:] == tok(response)["input_ids"] + [tok.eos_token_id]
+
+
 def test_max_length_that_truncates_every_example(tiny_llama, tmp_path):
     from transformers import AutoTokenizer
 

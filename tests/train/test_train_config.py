@@ -34,6 +34,8 @@ def test_unknown_yaml_key_and_bad_values(tmp_path):
         TrainConfig(rank=0)
     with pytest.raises(TrainConfigError, match="precision must be one of"):
         TrainConfig(precision="fp8")
+    with pytest.raises(TrainConfigError, match="prompt_template must be one of .* got 'caht' \\(did you mean 'chat'\\?\\)"):
+        TrainConfig(prompt_template="caht")
     with pytest.raises(TrainConfigError, match="--resume needs --output"):
         TrainConfig(resume=True)
 
