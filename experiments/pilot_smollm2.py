@@ -29,7 +29,9 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results" / "pilot_smollm2.json"
 # LLM-Adapters' dataset/ folder (full train and test files), for tasks dorafit does not ship.
 BUNDLED = Path(__file__).resolve().parents[1] / "dorafit" / "data"
-LLM_ADAPTERS = Path(os.environ.get("LLM_ADAPTERS_DATA", "/work/shared/data/LLM-Adapters/dataset"))
+# The commonsense files lie in ../shared beside the repository unless LLM_ADAPTERS_DATA says where.
+LLM_ADAPTERS = Path(os.environ.get("LLM_ADAPTERS_DATA",
+                                   Path(__file__).resolve().parents[2] / "shared" / "data" / "LLM-Adapters" / "dataset"))
 
 COMMON = dict(model="smollm2-135m-instruct", task="ARC-Easy", method="dora", rank=16, alpha=32.0,
               batch_size=8, max_length=160, val_size=0, save_steps=0, eval_batch_size=25,
