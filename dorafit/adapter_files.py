@@ -9,12 +9,13 @@ both read these files and must not import each other for it.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Union
 
 import torch
+
+from .files import read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -34,13 +35,7 @@ def read_adapter_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
         raise AdapterFileError(f"{path} is not an adapter directory: {CONFIG_NAME} is missing")
-    try:
-        data = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{cfg_file} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{cfg_file} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(cfg_file, AdapterFileError)
 
 
 def read_safetensors(file: Path) -> Dict[str, torch.Tensor]:

@@ -108,6 +108,19 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
     write_file_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
+def read_json_object(path: PathLike, error: type = ValueError) -> Dict[str, Any]:
+    """The JSON object in file ``path``; ``error`` (naming the file) for bad UTF-8, bad JSON or a
+    value that is not an object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def write_json_atomic(path: PathLike, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 

@@ -9,7 +9,6 @@ way, never silently on the full-precision one.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -43,13 +42,9 @@ def add_arguments(parser) -> None:
 def _load_task_info(adapter: str) -> dict:
     path = Path(adapter) / "task.json" if adapter else None
     if path and path.is_file():
-        try:
-            info = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: not valid JSON: {err}") from None
-        if not isinstance(info, dict):
-            raise ValueError(f"{path}: must hold a JSON object, got {type(info).__name__}")
-        return info
+        from dorafit.files import read_json_object
+
+        return read_json_object(path)
     return {}
 
 
