@@ -17,6 +17,11 @@ import torch
 
 from .files import read_json_object
 
+# Metadata key in a PEFT-layout adapter_model.safetensors naming its writer (dorafit's own layout
+# says "format": "dorafit"): a file with neither was not written by dorafit.
+WRITER_KEY = "writer"
+WRITER = "dorafit"
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 

@@ -29,12 +29,10 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
+from .adapter_files import WRITER, WRITER_KEY
 from .adapters import set_save_pretrained_writer
 from .remote import ADAPTER_FILES, resolve_adapter_path, upload_adapter_folder  # noqa: F401  (re-exported)
 
-# Metadata key in adapter_model.safetensors naming the writer: files without it are not ours.
-WRITER_KEY = "writer"
-WRITER = "dorafit"
 
 
 def _check_replaceable(file: Path) -> None:
@@ -54,32 +52,22 @@ def _check_replaceable(file: Path) -> None:
 
 def write_adapter_files(model: nn.Module, folder: Union[str, os.PathLike]) -> Path:
     """Write the active adapter's two files into ``folder`` (created if needed), leaving every
-    other file there alone. PEFT's layout where it can hold the adapter, dorafit's otherwise."""
-    import json
-
-    from safetensors.torch import save as save_bytes
-
-    from . import __version__
-    from .files import write_bytes_atomic
-    from .interop import PeftFormatError, peft_config_and_state
-    from .io import CONFIG_NAME, FORMAT, WEIGHTS_NAME, adapter_file_contents
+    other file there alone. PEFT's layout where it can hold the adapter, dorafit's otherwise;
+    the writing itself is ``save_adapter``'s. Unlike ``save_adapter``, an adapter file there that
+    dorafit did not write is refused: ``save_pretrained`` is called on whatever folder a Trainer
+    or a user hands it."""
+    from .interop import PeftFormatError, save_peft_adapter
+    from .io import CONFIG_NAME, WEIGHTS_NAME, save_adapter
 
     folder = Path(folder)
-    try:
-        config, state = peft_config_and_state(model)
-        meta = {"format": "pt"}
-    except PeftFormatError:
-        config, state = adapter_file_contents(model)
-        meta = {"format": FORMAT, "dorafit_version": __version__}
-    meta[WRITER_KEY] = WRITER
     weights, config_file = folder / WEIGHTS_NAME, folder / CONFIG_NAME
     _check_replaceable(weights)
     if config_file.exists() and not weights.exists():
         raise FileExistsError(f"{config_file} exists and was not written by dorafit; save the adapter to another folder")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    write_bytes_atomic(weights, save_bytes(state, metadata=meta))
-    write_bytes_atomic(config_file, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-    return folder
+    try:
+        return save_peft_adapter(model, folder)
+    except PeftFormatError:  # raised before anything is written: VeRA, DVoRA, magnitude-only
+        return save_adapter(model, folder)
 
 
 def save_pretrained_adapter(model: nn.Module, save_directory, is_main_process: bool = True, state_dict=None,

@@ -41,7 +41,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, read_adapter_config, read_safetensors
+from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, WRITER, WRITER_KEY, AdapterFileError, read_adapter_config, read_safetensors
 from .config import (
     AdapterConfig,
     ConfigError,
@@ -734,6 +734,6 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     path = Path(path)
     config_text = json.dumps(peft_cfg, indent=2, sort_keys=True) + "\n"
     return write_into_directory(path, {
-        WEIGHTS_NAME: lambda f: save_file(state, str(f), metadata={"format": "pt"}),
+        WEIGHTS_NAME: lambda f: save_file(state, str(f), metadata={"format": "pt", WRITER_KEY: WRITER}),
         CONFIG_NAME: lambda f: f.write_text(config_text, encoding="utf-8"),
     })
