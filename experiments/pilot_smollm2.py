@@ -58,6 +58,19 @@ CONFIGS = {
     # G (28 %, three labels in use) against E (24 %, mostly one): the lr between them.
     "H": dict(prompt_template="chat", max_train_rows=256, lr=2e-4, batch_size=4, max_test_rows=200,
               max_new_tokens=8, eval_before=False),
+    # No lr maps the model's knowledge to a bare label (small models bind choices to symbols
+    # poorly). The response names the chosen text first and then its label, so the label is a
+    # lookup of text the model has just written: "the correct answer is casting (answer1)".
+    "I": dict(prompt_template="chat", max_train_rows=256, lr=5e-4, batch_size=4, max_test_rows=200,
+              max_new_tokens=24, eval_before=False, response_format="choice"),
+    "J": dict(prompt_template="chat", max_train_rows=256, lr=2e-4, batch_size=4, max_test_rows=200,
+              max_new_tokens=24, eval_before=False, response_format="choice"),
+    # I (5e-4) 33 %, J (2e-4) 28.5 %: with the choice text to lean on, larger steps help. Twice
+    # and four times I's lr; K also measures the untrained model at 20 new tokens.
+    "K": dict(prompt_template="chat", max_train_rows=256, lr=1e-3, batch_size=4, max_test_rows=200,
+              max_new_tokens=20, eval_before=True, response_format="choice", threads=1),
+    "L": dict(prompt_template="chat", max_train_rows=256, lr=2e-3, batch_size=4, max_test_rows=200,
+              max_new_tokens=20, eval_before=False, response_format="choice", threads=1),
 }
 
 

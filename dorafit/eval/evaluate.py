@@ -4,7 +4,9 @@ Causal LMs follow the paper's protocol: each row's instruction goes through the 
 prompt (the same template, ``dorafit.eval.examples.build_prompt``), the model continues it
 greedily for ``max_new_tokens`` tokens, and the first match of the task's answer regex in the
 continuation is the prediction; a continuation with no match
-is wrong and is counted as unparseable. Encoders pick the highest-scoring choice
+is wrong and is counted as unparseable. A row stops generating as soon as its continuation
+holds a match: later tokens cannot change the first match, so the prediction is the same as
+with all ``max_new_tokens`` and the evaluation costs only the tokens up to the answer. Encoders pick the highest-scoring choice
 (``dorafit.eval.scoring.choice_logits``). Rows are batched in order of length so that little
 compute goes into padding; the result does not depend on the order.
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+
+import re
 
 import torch
 
@@ -84,10 +88,32 @@ def _length_key(example) -> int:
     return len(text) + sum(len(c) for c in getattr(example, "choices", []))
 
 
+def _first_match_stop(tokenizer, pattern: re.Pattern, prompt_length: int):
+    """A transformers stopping criterion that ends a row once its decoded continuation (the
+    tokens after ``prompt_length``) contains a match of ``pattern``."""
+    from transformers import StoppingCriteria
+
+    class FirstMatch(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, prompt_length:], skip_special_tokens=True)
+            return torch.tensor([pattern.search(t) is not None for t in texts], device=input_ids.device)
+
+    return FirstMatch()
+
+
+def stops_at_first_match(task: Task) -> bool:
+    """Whether generation may stop at the first match of the task's answer words: only when no
+    answer word lies inside another, so that no later token can make an earlier match."""
+    words = task.answer_words
+    return not any(a != b and a in b for a in words for b in words)
+
+
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
-                       device="cpu", progress: bool = False, desc: str = "generate") -> list[str]:
-    """Greedy continuations of ``prompts`` (left-padded batches), decoded without the prompt."""
+                       device="cpu", progress: bool = False, desc: str = "generate",
+                       stop_pattern: re.Pattern | None = None) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches), decoded without the prompt.
+    With ``stop_pattern`` a row stops at the first token after which its continuation matches."""
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -100,9 +126,11 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
             enc = tokenizer([prompts[i] for i in ids], return_tensors="pt", padding=True)
             enc = _to(dict(enc), device)
             enc.pop("token_type_ids", None)
+            prompt_length = enc["input_ids"].shape[1]
+            stopping = [_first_match_stop(tokenizer, stop_pattern, prompt_length)] if stop_pattern else None
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=tokenizer.pad_token_id)
-            new_tokens = out[:, enc["input_ids"].shape[1]:]  # (B, new)
+                                 pad_token_id=tokenizer.pad_token_id, stopping_criteria=stopping)
+            new_tokens = out[:, prompt_length:]  # (B, new)
             for i, text in zip(ids, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                 responses[i] = text
     finally:
@@ -132,6 +160,7 @@ def evaluate_generation(model, tokenizer, task: Task, rows: list[dict], max_new_
     prompted with ``prompt_template`` (the one it was trained with)."""
     prompts = [build_prompt(prompt_template, r["instruction"], r.get("input") or "", tokenizer) for r in rows]
     answers = [str(r.get("answer") or "").strip() for r in rows]
+    stop = task.pattern if stops_at_first_match(task) else None
     responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, device,
-                                   progress, desc=f"eval {task.name}")
+                                   progress, desc=f"eval {task.name}", stop_pattern=stop)
     return score_responses(task, responses, answers)

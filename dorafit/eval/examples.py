@@ -8,6 +8,9 @@
   prompt is made, for training and generation alike, in one of ``PROMPT_TEMPLATES``: "paper"
   (the LLM-Adapters template of the DoRA paper, ``format_prompt``) or "chat" (the model's own
   chat template: the instruction as the user turn, the response as the assistant turn).
+  ``build_response`` makes the response a row is trained on, in one of ``RESPONSE_FORMATS``:
+  "paper" (the row's own output, "the correct answer is answer1") or "choice" (the chosen
+  choice's text before its answer word, "the correct answer is casting (answer1)").
 
 ``collate_for_kind`` picks the batching of a model kind; ``collate_*`` build the tensors.
 """
@@ -33,6 +36,7 @@ PROMPT_WITH_INPUT = (
 )
 IGNORE_INDEX = -100
 PROMPT_TEMPLATES = ("paper", "chat")
+RESPONSE_FORMATS = ("paper", "choice")
 
 
 def format_prompt(instruction: str, input: str = "") -> str:
@@ -51,6 +55,29 @@ def format_chat_prompt(tokenizer, instruction: str, input: str = "") -> str:
     user = f"{instruction}\n\n{input}" if input and input.strip() else instruction
     return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                          add_generation_prompt=True)
+
+
+def build_response(response_format: str, instruction: str, output: str, answer: str) -> str:
+    """The training response of one row in ``response_format``.
+
+    "choice" writes the text of the chosen choice before its answer word: a small model that
+    cannot yet tie a bare label to what it knows about the choices can name the choice it
+    means and then copy the label that stands before that text in the prompt. Scoring is the
+    same first match of the answer words as for "paper". Rows without choice markers (BoolQ's
+    true / false, whose answer word is itself the answer) keep their output.
+    """
+    from dorafit.eval.tasks import parse_instruction
+
+    if response_format == "paper":
+        return output
+    if response_format != "choice":
+        raise ValueError(f"unknown response format {response_format!r}; use one of {RESPONSE_FORMATS}")
+    _, choices, words = parse_instruction(instruction)
+    if choices == words:
+        return output
+    if answer not in words:
+        raise ValueError(f"answer {answer!r} is not one of the answer words {'/'.join(words)}")
+    return f"the correct answer is {choices[words.index(answer)]} ({answer})"
 
 
 def build_prompt(template: str, instruction: str, input: str = "", tokenizer=None) -> str:

@@ -27,7 +27,7 @@ from dorafit.config import (
     check_unknown_keys,
     did_you_mean,
 )
-from dorafit.eval.examples import PROMPT_TEMPLATES
+from dorafit.eval.examples import PROMPT_TEMPLATES, RESPONSE_FORMATS
 
 MODEL_KINDS = ("auto", "causal-lm", "multiple-choice", "similarity", "sequence-classification")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -97,6 +97,10 @@ class TrainConfig:
     """Causal LMs: how a row becomes a prompt, in training and evaluation alike: paper (the
     LLM-Adapters template of the DoRA paper) or chat (the model's own chat template, the
     instruction as the user turn and the response as the assistant turn)."""
+    response_format: str = "paper"
+    """Causal LMs: the response trained on: paper (the row's output, "the correct answer is
+    answer1") or choice (the chosen choice's text before its answer word, "the correct answer
+    is casting (answer1)"); scored alike, by the first answer word generated."""
     trust_remote_code: bool = False
     """Allow a model folder's own Python code to run (never done without this flag)."""
 
@@ -178,6 +182,8 @@ class TrainConfig:
             ("method", self.method in METHODS, f"one of {METHODS}", METHODS),
             ("prompt_template", self.prompt_template in PROMPT_TEMPLATES, f"one of {PROMPT_TEMPLATES}",
              PROMPT_TEMPLATES),
+            ("response_format", self.response_format in RESPONSE_FORMATS, f"one of {RESPONSE_FORMATS}",
+             RESPONSE_FORMATS),
             ("rank", self.rank > 0, "> 0", ()),
             ("alpha", self.alpha > 0, "> 0", ()),
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)", ()),

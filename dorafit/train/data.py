@@ -9,7 +9,8 @@ formats are recognised:
 - classification rows: ``{text, label}`` (optionally ``text_pair``).
 
 For a causal LM a row becomes a prompt (the paper's template or the model's chat template,
-``dorafit.eval.examples.build_prompt``) plus the response; the loss is taken on the
+``dorafit.eval.examples.build_prompt``) plus the response (the row's output, or the chosen
+choice's text before its answer word: ``build_response``); the loss is taken on the
 response tokens only (prompt positions carry label -100). For an encoder a commonsense row is
 parsed into its question and choices (see ``dorafit.eval.tasks.parse_instruction``).
 ``loss_examples`` and ``accuracy_examples`` are the one place where rows become examples for a
@@ -33,12 +34,13 @@ from dorafit.eval.examples import (  # noqa: F401  (the examples and batches, sh
     ChoiceExample,
     TextExample,
     build_prompt,
+    build_response,
     collate_causal,
     collate_choices,
     collate_texts,
     format_prompt,
 )
-from dorafit.eval.tasks import Task, parse_instruction
+from dorafit.eval.tasks import Task, extract_answer, parse_instruction
 
 # The commonsense subsets shipped with dorafit: <task folder>/{train,test}.json.
 BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data"
@@ -208,8 +210,10 @@ def to_text_examples(rows: list[dict], path, labels: list | None = None) -> tupl
 
 
 def to_instruction_pairs(rows: list[dict], kind: str, path, template: str = "paper",
-                         tokenizer=None) -> list[tuple[str, str]]:
-    """(prompt, response) pairs for causal-LM tuning, prompted with ``template`` ("paper" or "chat")."""
+                         tokenizer=None, response_format: str = "paper",
+                         task: Task | None = None) -> list[tuple[str, str]]:
+    """(prompt, response) pairs for causal-LM tuning, prompted with ``template`` ("paper" or "chat"),
+    the response in ``response_format`` ("paper": the row's output; "choice": see ``build_response``)."""
     if kind != "commonsense":
         raise DataError(f"{path}: a causal LM needs instruction rows {{instruction, output}}, not {kind} rows")
     pairs = []
@@ -217,8 +221,23 @@ def to_instruction_pairs(rows: list[dict], kind: str, path, template: str = "pap
         instruction = require_text(row, "instruction", path, number)
         output = require_text(row, "output", path, number)
         inp = require_text(row, "input", path, number, required=False)
+        if response_format != "paper":
+            output = _choice_response(response_format, row, instruction, output, task, path, number)
         pairs.append((build_prompt(template, instruction, inp, tokenizer), output))
     return pairs
+
+
+def _choice_response(response_format: str, row: dict, instruction: str, output: str, task: Task | None,
+                     path, number: int) -> str:
+    """The response of one row in a format other than its own output; the answer word is the
+    row's ``answer`` or, without one, the first answer word in its output."""
+    answer = str(row.get("answer") or "").strip()
+    if not answer and task is not None:
+        answer = extract_answer(task, output) or ""
+    try:
+        return build_response(response_format, instruction, output, answer)
+    except ValueError as exc:
+        raise DataError(f"{path}: row {number}: {exc}") from None
 
 
 def tokenize_instruction_pairs(pairs, tokenizer, max_length: int, path) -> list[dict]:
@@ -291,7 +310,7 @@ def split_validation(items: list, size: float, seed: int) -> tuple[list, list]:
 
 def loss_examples(rows: list[dict], kind: str, path, tokenizer, max_length: int, *,
                   task: Task | None = None, labels: list | None = None,
-                  prompt_template: str = "paper") -> tuple[list, list | None]:
+                  prompt_template: str = "paper", response_format: str = "paper") -> tuple[list, list | None]:
     """(examples, labels): rows as the examples a model of ``kind`` computes its loss on.
 
     Causal LMs get tokenized prompt + response pairs in ``prompt_template``; encoders get choice or text examples
@@ -300,7 +319,7 @@ def loss_examples(rows: list[dict], kind: str, path, tokenizer, max_length: int,
     """
     data_format = detect_format(rows, path)
     if kind == "causal-lm":
-        pairs = to_instruction_pairs(rows, data_format, path, prompt_template, tokenizer)
+        pairs = to_instruction_pairs(rows, data_format, path, prompt_template, tokenizer, response_format, task)
         return tokenize_instruction_pairs(pairs, tokenizer, max_length, path), None
     if kind == "sequence-classification":
         return to_text_examples(rows, path, labels)

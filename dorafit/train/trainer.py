@@ -159,7 +159,8 @@ class Run:
     def task_info(self) -> dict:
         """task.json: how ``dorafit eval`` scores the adapter."""
         return {"task": self.data.task.name, "model_kind": self.data.kind, "labels": self.data.labels,
-                "max_length": self.cfg.max_length, "prompt_template": self.cfg.prompt_template}
+                "max_length": self.cfg.max_length, "prompt_template": self.cfg.prompt_template,
+                "response_format": self.cfg.response_format}
 
 
 @dataclass
@@ -286,11 +287,12 @@ def load_data(cfg: TrainConfig, info: dist_utils.DistInfo) -> RunData:
     test_rows = D.read_rows(test_path)[: cfg.max_test_rows or None] if test_path else []
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     train, labels = D.loss_examples(train_rows, kind, train_path, tokenizer, cfg.max_length, task=task,
-                                    prompt_template=cfg.prompt_template)
+                                    prompt_template=cfg.prompt_template, response_format=cfg.response_format)
     val = None
     if cfg.val_data:
         val = D.loss_examples(D.read_rows(cfg.val_data), kind, cfg.val_data, tokenizer, cfg.max_length,
-                              labels=labels, prompt_template=cfg.prompt_template)[0]
+                              task=task, labels=labels, prompt_template=cfg.prompt_template,
+                              response_format=cfg.response_format)[0]
     test = D.accuracy_examples(test_rows, kind, test_path, task, labels) if test_rows else []
     if kind != "causal-lm":
         D.check_encoder_lengths(train, tokenizer, cfg.max_length, train_path)

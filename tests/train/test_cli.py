@@ -75,7 +75,7 @@ def test_causal_lm_train_eval_merge_reload(fixture, request, arc_files, tmp_path
         assert not torch.allclose(base(**inputs).logits, plain, atol=1e-4)
 
 
-def test_chat_template_is_trained_recorded_and_evaluated_with(tiny_llama, arc_files, tmp_path, capsys):
+def test_chat_template_and_response_format_are_trained_recorded_and_evaluated_with(tiny_llama, arc_files, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     from conftest import copy_folder
@@ -86,11 +86,13 @@ def test_chat_template_is_trained_recorded_and_evaluated_with(tiny_llama, arc_fi
                          "{% if add_generation_prompt %}assistant : {% endif %}")
     tok.save_pretrained(model)
     out = tmp_path / "run"
-    assert _train(model, arc_files, out, "--prompt-template", "chat", "--lr", "1e-2", "--max-new-tokens", "8") == 0
+    assert _train(model, arc_files, out, "--prompt-template", "chat", "--response-format", "choice",
+                  "--lr", "1e-2", "--max-new-tokens", "8") == 0
     results = json.loads((out / "results.json").read_text())
-    assert json.loads((out / "adapter" / "task.json").read_text())["prompt_template"] == "chat"
-    # A changed template changes the result, so a resumed run may not change it.
-    assert "prompt_template" not in RESUME_MAY_CHANGE
+    task_info = json.loads((out / "adapter" / "task.json").read_text())
+    assert task_info["prompt_template"] == "chat" and task_info["response_format"] == "choice"
+    # A changed template or response changes the result, so a resumed run may not change them.
+    assert "prompt_template" not in RESUME_MAY_CHANGE and "response_format" not in RESUME_MAY_CHANGE
     capsys.readouterr()
     report = tmp_path / "eval.json"
     assert main(["eval", "--model", str(model), "--adapter", str(out / "adapter"), "--data-dir",

@@ -80,6 +80,30 @@ def test_chat_template_loss_only_on_the_assistant_turn(tiny_llama):
     assert example["labels"][n_prompt:] == tok(response)["input_ids"] + [tok.eos_token_id]
 
 
+def test_choice_response_names_the_chosen_text_before_its_answer_word():
+    from dorafit.eval.tasks import extract_answer, get_task
+
+    arc = {"instruction": "Please choose the correct answer to the question: Which is a metal?\n\n"
+                          "Answer1: wood Answer2: copper wire Answer3: glass\n\n"
+                          "Answer format: answer1/answer2/answer3",
+           "input": "", "output": "the correct answer is answer2", "answer": "answer2"}
+    (_, response), = D.to_instruction_pairs([arc], "commonsense", "f.json", response_format="choice")
+    assert response == "the correct answer is copper wire (answer2)"
+    assert extract_answer(get_task("ARC-Easy"), response) == "answer2"  # scored like the paper's
+    # Without an "answer" field the answer word comes from the output; BoolQ keeps its output.
+    no_answer = {k: v for k, v in arc.items() if k != "answer"}
+    (_, response), = D.to_instruction_pairs([no_answer], "commonsense", "f.json", response_format="choice",
+                                            task=get_task("ARC-Easy"))
+    assert response.endswith("copper wire (answer2)")
+    (_, response), = D.to_instruction_pairs([ROW], "commonsense", "f.json", response_format="choice")
+    assert response == ROW["output"]
+    (_, response), = D.to_instruction_pairs([arc], "commonsense", "f.json")
+    assert response == arc["output"]  # the default is the row's own output
+    with pytest.raises(D.DataError, match=r"f.json: row 2: answer 'answer7' is not one of the answer words"):
+        D.to_instruction_pairs([arc, dict(arc, answer="answer7")], "commonsense", "f.json",
+                               response_format="choice")
+
+
 def test_max_length_that_truncates_every_example(tiny_llama, tmp_path):
     from transformers import AutoTokenizer
 

@@ -36,6 +36,8 @@ def test_unknown_yaml_key_and_bad_values(tmp_path):
         TrainConfig(precision="fp8")
     with pytest.raises(TrainConfigError, match="prompt_template must be one of .* got 'caht' \\(did you mean 'chat'\\?\\)"):
         TrainConfig(prompt_template="caht")
+    with pytest.raises(TrainConfigError, match="response_format must be one of .* got 'choices' \\(did you mean 'choice'\\?\\)"):
+        TrainConfig(response_format="choices")
     with pytest.raises(TrainConfigError, match="--resume needs --output"):
         TrainConfig(resume=True)
 
