@@ -80,7 +80,7 @@ def load_results() -> dict:
 
 def save_results(results: dict) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp = RESULTS.with_suffix(f".json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     tmp.replace(RESULTS)
 
@@ -171,6 +171,7 @@ def main(argv=None) -> int:
             print(f"{name}: done already, skipped", flush=True)
             continue
         record = run_one(name, CONFIGS[name])
+        results = load_results()  # another process may have added a record meanwhile
         results[name] = record
         save_results(results)
         print(f"{name}: {json.dumps(record)}", flush=True)

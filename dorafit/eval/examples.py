@@ -7,7 +7,8 @@
   labelled ``IGNORE_INDEX`` (loss on the response only). ``build_prompt`` is the one place a
   prompt is made, for training and generation alike, in one of ``PROMPT_TEMPLATES``: "paper"
   (the LLM-Adapters template of the DoRA paper, ``format_prompt``) or "chat" (the model's own
-  chat template: the instruction as the user turn, the response as the assistant turn).
+  chat template: the instruction as the user turn, the response as the assistant turn); "auto"
+  is chat for a tokenizer with a chat template, else paper (``resolve_template``).
   ``build_response`` makes the response a row is trained on, in one of ``RESPONSE_FORMATS``:
   "paper" (the row's own output, "the correct answer is answer1") or "choice" (the chosen
   choice's text before its answer word, "the correct answer is casting (answer1)").
@@ -35,7 +36,7 @@ PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 IGNORE_INDEX = -100
-PROMPT_TEMPLATES = ("paper", "chat")
+PROMPT_TEMPLATES = ("auto", "paper", "chat")
 RESPONSE_FORMATS = ("paper", "choice")
 
 
@@ -64,7 +65,8 @@ def build_response(response_format: str, instruction: str, output: str, answer: 
     cannot yet tie a bare label to what it knows about the choices can name the choice it
     means and then copy the label that stands before that text in the prompt. Scoring is the
     same first match of the answer words as for "paper". Rows without choice markers (BoolQ's
-    true / false, whose answer word is itself the answer) keep their output.
+    true / false, whose answer word is itself the answer) and rows that are not multiple choice
+    keep their output.
     """
     from dorafit.eval.tasks import parse_instruction
 
@@ -72,12 +74,23 @@ def build_response(response_format: str, instruction: str, output: str, answer: 
         return output
     if response_format != "choice":
         raise ValueError(f"unknown response format {response_format!r}; use one of {RESPONSE_FORMATS}")
-    _, choices, words = parse_instruction(instruction)
+    try:
+        _, choices, words = parse_instruction(instruction)
+    except ValueError:
+        return output  # not a multiple-choice row (no "Answer format:" line): nothing to name
     if choices == words:
         return output
     if answer not in words:
         raise ValueError(f"answer {answer!r} is not one of the answer words {'/'.join(words)}")
     return f"the correct answer is {choices[words.index(answer)]} ({answer})"
+
+
+def resolve_template(template: str, tokenizer) -> str:
+    """The template a run uses: "auto" becomes "chat" when the tokenizer has a chat template
+    (an instruction-tuned model is prompted as it was tuned), else "paper"."""
+    if template != "auto":
+        return template
+    return "chat" if getattr(tokenizer, "chat_template", None) else "paper"
 
 
 def build_prompt(template: str, instruction: str, input: str = "", tokenizer=None) -> str:

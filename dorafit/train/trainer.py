@@ -53,7 +53,7 @@ import torch
 
 import dorafit
 from dorafit.eval.evaluate import EvalResult, evaluate_choices, evaluate_generation
-from dorafit.eval.examples import collate_for_kind
+from dorafit.eval.examples import collate_for_kind, resolve_template
 from dorafit.eval.scoring import count_units, loss_sum
 from dorafit.eval.tasks import Task, get_task
 from dorafit.files import write_bytes_atomic, write_json_atomic
@@ -128,6 +128,7 @@ class RunData:
     test_rows: list
     test: list
     labels: list | None
+    prompt_template: str  # the resolved template ("auto" made "paper" or "chat")
 
 
 @dataclass
@@ -159,7 +160,7 @@ class Run:
     def task_info(self) -> dict:
         """task.json: how ``dorafit eval`` scores the adapter."""
         return {"task": self.data.task.name, "model_kind": self.data.kind, "labels": self.data.labels,
-                "max_length": self.cfg.max_length, "prompt_template": self.cfg.prompt_template,
+                "max_length": self.cfg.max_length, "prompt_template": self.data.prompt_template,
                 "response_format": self.cfg.response_format}
 
 
@@ -286,12 +287,13 @@ def load_data(cfg: TrainConfig, info: dist_utils.DistInfo) -> RunData:
     test_path = _data_path(cfg, "test", task.folder) if (cfg.test_data or data_format == "commonsense") else None
     test_rows = D.read_rows(test_path)[: cfg.max_test_rows or None] if test_path else []
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    template = resolve_template(cfg.prompt_template, tokenizer)
     train, labels = D.loss_examples(train_rows, kind, train_path, tokenizer, cfg.max_length, task=task,
-                                    prompt_template=cfg.prompt_template, response_format=cfg.response_format)
+                                    prompt_template=template, response_format=cfg.response_format)
     val = None
     if cfg.val_data:
         val = D.loss_examples(D.read_rows(cfg.val_data), kind, cfg.val_data, tokenizer, cfg.max_length,
-                              task=task, labels=labels, prompt_template=cfg.prompt_template,
+                              task=task, labels=labels, prompt_template=template,
                               response_format=cfg.response_format)[0]
     test = D.accuracy_examples(test_rows, kind, test_path, task, labels) if test_rows else []
     if kind != "causal-lm":
@@ -299,7 +301,7 @@ def load_data(cfg: TrainConfig, info: dist_utils.DistInfo) -> RunData:
     if val is None:
         train, val = D.split_validation(train, cfg.val_size, cfg.seed)
     _print(info, f"data: {len(train)} train, {len(val)} validation, {len(test_rows)} test rows; kind {kind}")
-    return RunData(task, kind, model_path, tokenizer, train_path, train, val, test_rows, test, labels)
+    return RunData(task, kind, model_path, tokenizer, train_path, train, val, test_rows, test, labels, template)
 
 
 def _data_path(cfg: TrainConfig, split: str, task_folder: str) -> Path:
@@ -605,7 +607,7 @@ def measure_accuracy(run: Run) -> EvalResult | None:
     if data.kind == "causal-lm":
         return evaluate_generation(run.model, data.tokenizer, data.task, data.test, cfg.max_new_tokens,
                                    cfg.eval_batch_size, info.device, progress=progress,
-                                   prompt_template=cfg.prompt_template)
+                                   prompt_template=data.prompt_template)
     return evaluate_choices(run.model, data.test, data.tokenizer, data.kind, data.task.name, cfg.max_length,
                             cfg.eval_batch_size, info.device, progress=progress)
 

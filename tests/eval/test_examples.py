@@ -40,6 +40,16 @@ def test_chat_template_needs_a_tokenizer_with_one():
 
 
 def test_unknown_template_is_refused():
-    assert PROMPT_TEMPLATES == ("paper", "chat")
+    assert PROMPT_TEMPLATES == ("auto", "paper", "chat")
     with pytest.raises(ValueError, match="unknown prompt template 'alpaca'"):
         build_prompt("alpaca", "Which is a gas?")
+
+
+def test_auto_template_is_chat_only_for_a_tokenizer_with_a_chat_template():
+    from types import SimpleNamespace
+
+    from dorafit.eval.examples import resolve_template
+
+    assert resolve_template("auto", SimpleNamespace(chat_template="{{ messages }}")) == "chat"
+    assert resolve_template("auto", SimpleNamespace(chat_template=None)) == "paper"
+    assert resolve_template("paper", SimpleNamespace(chat_template="{{ messages }}")) == "paper"

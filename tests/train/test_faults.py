@@ -104,7 +104,7 @@ def test_resume_refuses_options_that_change_the_result(tiny_llama, arc_files, tm
     assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1  # one line
-    for change in ("lr 0.005 -> 0.01", "seed 0 -> 3", "rank 8 -> 4", "method 'dora' -> 'lora'"):
+    for change in ("lr 0.005 -> 0.01", "seed 0 -> 3", "rank 16 -> 4", "method 'dora' -> 'lora'"):
         assert change in err
     assert "progress" not in err
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before  # nothing touched
