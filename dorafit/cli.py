@@ -15,7 +15,7 @@ from typing import List, Optional
 from . import __version__
 
 COMMANDS = {
-    "train": "fine-tune a model with an adapter (default: DoRA on all-MiniLM-L6-v2, ARC-Easy)",
+    "train": "fine-tune a model with an adapter (default: DoRA on SmolLM2-135M-Instruct, ARC-Easy)",
     "eval": "evaluate a model (and adapter) on a task",
     "merge": "merge an adapter into its base model and save a plain checkpoint",
     "convert": "convert an adapter between the dorafit and PEFT formats",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-HELP = "fine-tune a model with an adapter (default: DoRA on all-MiniLM-L6-v2, ARC-Easy)"
+HELP = "fine-tune a model with an adapter (default: DoRA on SmolLM2-135M-Instruct, ARC-Easy)"
 
 
 def add_arguments(parser) -> None:

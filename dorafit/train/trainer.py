@@ -55,7 +55,7 @@ import dorafit
 from dorafit.eval.evaluate import EvalResult, evaluate_choices, evaluate_generation
 from dorafit.eval.examples import collate_for_kind, resolve_template
 from dorafit.eval.scoring import count_units, loss_sum
-from dorafit.eval.tasks import Task, get_task
+from dorafit.eval.tasks import Task, get_task, parse_instruction
 from dorafit.files import write_bytes_atomic, write_json_atomic
 from dorafit.train import checkpoint as ckpt
 from dorafit.train import data as D
@@ -112,6 +112,7 @@ class TrainResult:
     history: list = field(default_factory=list)
     predicted_before: dict | None = None  # causal LMs: how often each answer word was generated
     predicted_after: dict | None = None
+    chance: float | None = None  # the expected accuracy of a uniform guess over each test row's choices
 
 
 @dataclass
@@ -590,12 +591,29 @@ def finish(run: Run, state: RunState, train_seconds: float, started: float) -> T
         total_seconds=time.perf_counter() - started, history=state.history,
         predicted_before=before.predicted if before and causal else None,
         predicted_after=after.predicted if after and causal else None,
+        chance=chance_accuracy(run.data),
     )
     if run.info.is_main:
         write_json_atomic(run.out / "results.json", {k: v for k, v in result.__dict__.items() if k != "history"})
         print(format_results(result), flush=True)
     dist_utils.teardown(run.info)
     return result
+
+
+def chance_accuracy(data: RunData) -> float | None:
+    """The mean over the test rows of 1 / (number of choices), or None where the rows do not say
+    (instruction rows without an "Answer format:" line)."""
+    if not data.test:
+        return None
+    if data.kind == "sequence-classification":
+        return 1 / len(data.labels)
+    if data.kind != "causal-lm":
+        return sum(1 / len(ex.choices) for ex in data.test) / len(data.test)
+    try:
+        counts = [len(parse_instruction(row["instruction"])[1]) for row in data.test]
+    except ValueError:
+        return None
+    return sum(1 / n for n in counts) / len(counts)
 
 
 def measure_accuracy(run: Run) -> EvalResult | None:
@@ -690,6 +708,11 @@ def format_results(r: TrainResult) -> str:
         ("accuracy before", pct(r.accuracy_before)),
         ("accuracy after", pct(r.accuracy_after)),
     ]
+    if r.chance is not None and r.test_rows:
+        # One standard error of an accuracy p measured on n rows: sqrt(p (1 - p) / n).
+        error = 100 * math.sqrt(r.chance * (1 - r.chance) / r.test_rows)
+        rows.append(("chance", f"{pct(r.chance)} (one standard error at chance on {r.test_rows} rows: "
+                               f"{error:.1f} points)"))
     if r.unparseable_after is not None:
         rows.append(("unparseable", f"{pct(r.unparseable_before)} -> {pct(r.unparseable_after)}"))
     rows += [

@@ -37,6 +37,13 @@ def test_reduced_default_learns_the_answer_format_and_improves(smollm2_folder, t
     assert task["prompt_template"] == "chat" and task["response_format"] == "choice"  # SmolLM2 has a chat template
     assert results["unparseable_before"] > 0.5 and results["unparseable_after"] < 0.1
     assert results["accuracy_after"] > results["accuracy_before"]
+    # Chance: 1 / (number of answer words) averaged over the test rows, counted here from each
+    # row's "Answer format: answer1/answer2/..." line.
+    from conftest import arc_rows
+
+    words = [len(r["instruction"].rsplit("Answer format:", 1)[1].split("/")) for r in arc_rows("test", 40)]
+    assert results["chance"] == pytest.approx(sum(1 / n for n in words) / len(words))
+    assert "chance" in table
 
 
 def test_minilm_recipe_improves_over_the_untrained_encoder(tmp_path, capsys):
