@@ -10,13 +10,14 @@ measured DoRA − LoRA time beside the predicted norm cost.
 
     python benchmarks/profile_step.py --tokens 64 512
 
-``--workload minilm`` (or ``llama``) profiles a whole model instead, alternating LoRA and DoRA
+``--workload minilm`` (or ``llama``, ``smollm2``) profiles a whole model instead, alternating LoRA and DoRA
 steps, and splits DoRA − LoRA by operator and input shape: calls that only DoRA makes (its
 scaling, the magnitude's reduction, the norm) against calls both variants make identically
 (matmuls of the same shapes, attention, GELU...), whose difference is the machine's, not
 DoRA's: on a CPU, mostly the page faults of freshly allocated large tensors.
 
     python benchmarks/profile_step.py --workload minilm --rounds 4
+    python benchmarks/profile_step.py --workload smollm2 --rounds 3
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--top", type=int, default=8)
-    parser.add_argument("--workload", choices=["minilm", "llama"], help="profile a whole model instead of one layer")
+    parser.add_argument("--workload", choices=["minilm", "llama", "smollm2"], help="profile a whole model instead of one layer")
     parser.add_argument("--rounds", type=int, default=4, help="alternating profiled steps per variant (--workload)")
     args = parser.parse_args()
     if args.workload:

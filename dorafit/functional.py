@@ -265,6 +265,17 @@ def dora_scale_shift(
     return _ScaleShift.apply(t, scale, bias, keep_sum)
 
 
+def dora_scale_shift_(t: torch.Tensor, scale: torch.Tensor, shift: Optional[torch.Tensor]) -> torch.Tensor:
+    """In place and without autograd: t ← g ⊙ t + (1 − g) ⊙ b, with shift = (1 − g) ⊙ b made by
+    the caller (or None for no bias); returns t. The forward of ``dora_scale_shift`` for
+    no-grad calls that own t (nothing else holds it), e.g. evaluation and generation.
+    """
+    s = scale.to(t.dtype)
+    if shift is None:
+        return t.mul_(s)
+    return torch.addcmul(shift.to(t.dtype), t, s, out=t)
+
+
 def dora_compose(
     base_out: torch.Tensor,
     lowrank_out: Optional[torch.Tensor],

@@ -108,7 +108,9 @@ class LinearAdapter(AdapterLayer):
             return None
         return DF.linear_with_rows(x, a, w, self.base.bias)
 
-    def forward_scaled_weight(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
+    def forward_scaled_weight(
+        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: Optional[torch.Tensor] = None
+    ) -> Optional[torch.Tensor]:
         """DoRA without autograd, for more tokens than input features on a plain float32 linear:
         g scales W0's rows and B's rows instead of the (tokens, out) output.
 
@@ -118,11 +120,13 @@ class LinearAdapter(AdapterLayer):
         added in place, so evaluation costs what LoRA's does. Where tokens ≤ in, scaling the
         output is the cheaper pass and the caller does that instead.
         """
+        if _tokens(x) <= x.shape[-1] or b.dtype != torch.float32:  # the cheap test first: decoding
+            return None
         w = self._plain_float32_weight(x, a)
-        if w is None or _tokens(x) <= x.shape[-1] or b.dtype != torch.float32:
+        if w is None:
             return None
         x_2d = x.reshape(-1, x.shape[-1])
-        g = self.magnitude_scale().unsqueeze(1)  # (out, 1)
+        g = (self.magnitude_scale() if g is None else g).unsqueeze(1)  # (out, 1)
         w_scaled = w * g
         bias = self.base.bias
         y = torch.mm(x_2d, w_scaled.t()) if bias is None else torch.addmm(bias, x_2d, w_scaled.t())
