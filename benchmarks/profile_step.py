@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 from collections import OrderedDict
 
 import torch
@@ -51,10 +52,13 @@ def profile_model(name: str, rounds: int, top: int) -> None:
         v.train_step()
     # (op, shapes) -> [total self time, calls], summed over alternating rounds
     totals = {k: {} for k in variants}
+    wall = {k: 0.0 for k in variants}  # ms per profiled step
     for _ in range(rounds):
         for key, v in variants.items():
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                start = time.perf_counter()
                 v.train_step()
+                wall[key] += (time.perf_counter() - start) * 1000 / rounds
             for e in prof.key_averages(group_by_input_shape=True):
                 if e.key.startswith("aten::"):
                     slot = totals[key].setdefault((e.key, str(e.input_shapes)), [0.0, 0])
@@ -77,7 +81,14 @@ def profile_model(name: str, rounds: int, top: int) -> None:
     print(f"LoRA {step_l:.1f} ms, DoRA {step_d:.1f} ms: DoRA − LoRA {step_d - step_l:+.1f} ms ({100 * (step_d / step_l - 1):+.1f} %)")
     own_sum, shared_sum = sum(t for t, _, _ in own), sum(t for t, _, _ in shared)
     print(f"- calls only DoRA makes: {own_sum:+.1f} ms ({100 * own_sum / step_l:+.1f} % of LoRA's step)")
-    print(f"- calls both make, same shapes and counts: {shared_sum:+.1f} ms ({100 * shared_sum / step_l:+.1f} %)\n")
+    print(f"- calls both make, same shapes and counts: {shared_sum:+.1f} ms ({100 * shared_sum / step_l:+.1f} %)")
+    # What the operators' self times do not cover: Python (layers, autograd.Function
+    # backwards, the optimizer's loop), the autograd engine and the profiler's own bookkeeping.
+    outside = {k: wall[k] - sum(t for t, _ in totals[k].values()) for k in totals}
+    n_ops = {k: sum(n for _, n in totals[k].values()) // rounds for k in totals}
+    print(f"- profiled wall time per step: LoRA {wall['lora']:.1f} ms, DoRA {wall['dora']:.1f} ms; outside aten operators "
+          f"LoRA {outside['lora']:.1f} ms, DoRA {outside['dora']:.1f} ms ({outside['dora'] - outside['lora']:+.1f} ms); "
+          f"aten calls per step LoRA {n_ops['lora']}, DoRA {n_ops['dora']}\n")
     for title, rows in (("DoRA's own calls", own), ("shared calls, largest differences", shared)):
         print(f"### {title}\n\n| ms per step | calls per step | operator | input shapes |\n|---|---|---|---|")
         for t, (op, shapes), n in sorted(rows, key=lambda r: -abs(r[0]))[:top]:

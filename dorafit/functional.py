@@ -88,7 +88,7 @@ def factored_norm(
     # Both terms in one row-wise product: Σ_j B_ij (2s (A W0ᵀ)_ji + s² (B AAᵀ)_ij), i.e.
     # 2s Σ_j B_ij (A W0ᵀ)_ji + s² (B AAᵀ Bᵀ)_ii; few small operations, as this runs per step.
     both = torch.addmm(cross.t(), b, gram, beta=2.0 * scaling, alpha=scaling * scaling)  # (out, r)
-    norm_sq = (b * both).sum(dim=1)
+    norm_sq = torch.linalg.vecdot(b, both, dim=1)  # Σ_j B_ij both_ij, one operation
     return norm_sq.add_(w0_norm_sq.to(torch.float32)).clamp_min_(eps).sqrt_()
 
 

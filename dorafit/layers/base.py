@@ -26,6 +26,7 @@ to run the low-rank path and how to get the cross term A W0ᵀ from the frozen b
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from typing import Any, List, Optional, Tuple
@@ -126,7 +127,18 @@ def is_compiling() -> bool:
     return torch._dynamo.is_compiling()  # torch < 2.3
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """True inside an autocast region for this device type."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def _no_autocast(device_type: str):
+    # Entering torch.autocast costs as much as a small kernel: only where it is on.
+    if not autocast_enabled(device_type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
 
 
@@ -524,7 +536,7 @@ class AdapterLayer(nn.Module):
         # Checked once per magnitude value, not per forward (a device sync on GPUs).
         key = NormCache.key([self.magnitude], OPTIMIZER_STEPS.count)
         if cache.zero_magnitude[0] != key:
-            cache.zero_magnitude = (key, bool((self.magnitude == 0).any()))
+            cache.zero_magnitude = (key, not bool(self.magnitude.all()))
         return cache.zero_magnitude[1]
 
     def merged_weight_2d(self) -> torch.Tensor:
