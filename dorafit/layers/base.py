@@ -18,7 +18,10 @@ LoRA and DoRA run through the same forward so they are measured on equal terms. 
 is the factored one of ``functional.factored_norm``; with ``detach_norm`` (paper section 4.3)
 it is a constant in backward and is kept in the layer's ``NormCache`` while it is fresh (see there
 for the rule), so it is paid once per optimizer step across gradient-accumulation micro-batches,
-activation-checkpoint recomputation and evaluation.
+activation-checkpoint recomputation and evaluation. Calls without autograd (evaluation,
+generation) also keep g = m / ‖W0 + s B A‖ itself under the same rule and scale LoRA's sum in
+place (``forward_no_grad``), so that a layer decoding a few tokens costs LoRA's call plus one
+elementwise pass.
 
 Each layer type (linear.py, conv.py, embedding.py) only says how its weight is laid out, how
 to run the low-rank path and how to get the cross term A W0ᵀ from the frozen base.
