@@ -28,7 +28,8 @@ def _cross_through_base(layer: AdapterLayer, a_2d: torch.Tensor) -> torch.Tensor
     base = layer.base
     w = base.weight
     hooked = bool(base._forward_hooks or base._forward_pre_hooks)
-    if not hooked and (w.dtype != torch.float32 or type(base) is nn.Linear):
+    plain_linear = type(base) is nn.Linear and type(w.data) is torch.Tensor  # not a sharded or subclassed weight
+    if not hooked and (w.dtype != torch.float32 or plain_linear):
         return DF.rows_times_weight_t(a_2d, layer.base_weight_2d())
     out = base(a_2d.to(w.dtype))
     if base.bias is not None:
