@@ -10,13 +10,14 @@ measured DoRA − LoRA time beside the predicted norm cost.
 
     python benchmarks/profile_step.py --tokens 64 512
 
-``--workload minilm`` (or ``llama``) profiles a whole model instead, alternating LoRA and DoRA
+``--workload minilm`` (or ``llama``, ``smollm2``) profiles a whole model instead, alternating LoRA and DoRA
 steps, and splits DoRA − LoRA by operator and input shape: calls that only DoRA makes (its
 scaling, the magnitude's reduction, the norm) against calls both variants make identically
 (matmuls of the same shapes, attention, GELU...), whose difference is the machine's, not
 DoRA's: on a CPU, mostly the page faults of freshly allocated large tensors.
 
     python benchmarks/profile_step.py --workload minilm --rounds 4
+    python benchmarks/profile_step.py --workload smollm2 --rounds 3
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 from collections import OrderedDict
 
 import torch
@@ -50,10 +52,13 @@ def profile_model(name: str, rounds: int, top: int) -> None:
         v.train_step()
     # (op, shapes) -> [total self time, calls], summed over alternating rounds
     totals = {k: {} for k in variants}
+    wall = {k: 0.0 for k in variants}  # ms per profiled step
     for _ in range(rounds):
         for key, v in variants.items():
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                start = time.perf_counter()
                 v.train_step()
+                wall[key] += (time.perf_counter() - start) * 1000 / rounds
             for e in prof.key_averages(group_by_input_shape=True):
                 if e.key.startswith("aten::"):
                     slot = totals[key].setdefault((e.key, str(e.input_shapes)), [0.0, 0])
@@ -76,7 +81,14 @@ def profile_model(name: str, rounds: int, top: int) -> None:
     print(f"LoRA {step_l:.1f} ms, DoRA {step_d:.1f} ms: DoRA − LoRA {step_d - step_l:+.1f} ms ({100 * (step_d / step_l - 1):+.1f} %)")
     own_sum, shared_sum = sum(t for t, _, _ in own), sum(t for t, _, _ in shared)
     print(f"- calls only DoRA makes: {own_sum:+.1f} ms ({100 * own_sum / step_l:+.1f} % of LoRA's step)")
-    print(f"- calls both make, same shapes and counts: {shared_sum:+.1f} ms ({100 * shared_sum / step_l:+.1f} %)\n")
+    print(f"- calls both make, same shapes and counts: {shared_sum:+.1f} ms ({100 * shared_sum / step_l:+.1f} %)")
+    # What the operators' self times do not cover: Python (layers, autograd.Function
+    # backwards, the optimizer's loop), the autograd engine and the profiler's own bookkeeping.
+    outside = {k: wall[k] - sum(t for t, _ in totals[k].values()) for k in totals}
+    n_ops = {k: sum(n for _, n in totals[k].values()) // rounds for k in totals}
+    print(f"- profiled wall time per step: LoRA {wall['lora']:.1f} ms, DoRA {wall['dora']:.1f} ms; outside aten operators "
+          f"LoRA {outside['lora']:.1f} ms, DoRA {outside['dora']:.1f} ms ({outside['dora'] - outside['lora']:+.1f} ms); "
+          f"aten calls per step LoRA {n_ops['lora']}, DoRA {n_ops['dora']}\n")
     for title, rows in (("DoRA's own calls", own), ("shared calls, largest differences", shared)):
         print(f"### {title}\n\n| ms per step | calls per step | operator | input shapes |\n|---|---|---|---|")
         for t, (op, shapes), n in sorted(rows, key=lambda r: -abs(r[0]))[:top]:
@@ -91,7 +103,7 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--top", type=int, default=8)
-    parser.add_argument("--workload", choices=["minilm", "llama"], help="profile a whole model instead of one layer")
+    parser.add_argument("--workload", choices=["minilm", "llama", "smollm2"], help="profile a whole model instead of one layer")
     parser.add_argument("--rounds", type=int, default=4, help="alternating profiled steps per variant (--workload)")
     args = parser.parse_args()
     if args.workload:

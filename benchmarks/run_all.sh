@@ -21,3 +21,6 @@ run bf16-models      --workload llama --workload minilm --dtype bf16 --peft --no
 run compiled         --workload layer64 --workload layer512 --workload accum --compile --no-memory --repeats 9
 "$PY" benchmarks/profile_step.py --tokens 64 512 --repeats 5 2>&1 | grep -v USDT | tee "$OUT/profile.md"
 "$PY" benchmarks/profile_step.py --workload minilm --rounds 4 --top 12 2>&1 | grep -v "USDT\|Loading weights" | tee "$OUT/profile-minilm.md"
+# SmolLM2: the whole step by operator, then one layer call of each shape (the fixed cost per layer).
+{ "$PY" benchmarks/profile_step.py --workload smollm2 --rounds 3 --top 15
+  "$PY" benchmarks/bench_layer_call.py --rounds 9 --calls 200 --profile; } 2>&1 | grep -v "USDT\|Loading weights" | tee "$OUT/profile-smollm2.md"

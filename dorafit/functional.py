@@ -88,7 +88,7 @@ def factored_norm(
     # Both terms in one row-wise product: Σ_j B_ij (2s (A W0ᵀ)_ji + s² (B AAᵀ)_ij), i.e.
     # 2s Σ_j B_ij (A W0ᵀ)_ji + s² (B AAᵀ Bᵀ)_ii; few small operations, as this runs per step.
     both = torch.addmm(cross.t(), b, gram, beta=2.0 * scaling, alpha=scaling * scaling)  # (out, r)
-    norm_sq = (b * both).sum(dim=1)
+    norm_sq = torch.linalg.vecdot(b, both, dim=1)  # Σ_j B_ij both_ij, one operation
     return norm_sq.add_(w0_norm_sq.to(torch.float32)).clamp_min_(eps).sqrt_()
 
 
@@ -263,6 +263,17 @@ def dora_scale_shift(
     instead (needed where some g_i = 0, or where the caller may modify y in place).
     """
     return _ScaleShift.apply(t, scale, bias, keep_sum)
+
+
+def dora_scale_shift_(t: torch.Tensor, scale: torch.Tensor, shift: Optional[torch.Tensor]) -> torch.Tensor:
+    """In place and without autograd: t ← g ⊙ t + (1 − g) ⊙ b, with shift = (1 − g) ⊙ b made by
+    the caller (or None for no bias); returns t. The forward of ``dora_scale_shift`` for
+    no-grad calls that own t (nothing else holds it), e.g. evaluation and generation.
+    """
+    s = scale.to(t.dtype)
+    if shift is None:
+        return t.mul_(s)
+    return torch.addcmul(shift.to(t.dtype), t, s, out=t)
 
 
 def dora_compose(

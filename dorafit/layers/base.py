@@ -18,7 +18,10 @@ LoRA and DoRA run through the same forward so they are measured on equal terms. 
 is the factored one of ``functional.factored_norm``; with ``detach_norm`` (paper section 4.3)
 it is a constant in backward and is kept in the layer's ``NormCache`` while it is fresh (see there
 for the rule), so it is paid once per optimizer step across gradient-accumulation micro-batches,
-activation-checkpoint recomputation and evaluation.
+activation-checkpoint recomputation and evaluation. Calls without autograd (evaluation,
+generation) also keep g = m / ‖W0 + s B A‖ itself under the same rule and scale LoRA's sum in
+place (``forward_no_grad``), so that a layer decoding a few tokens costs LoRA's call plus one
+elementwise pass.
 
 Each layer type (linear.py, conv.py, embedding.py) only says how its weight is laid out, how
 to run the low-rank path and how to get the cross term A W0ᵀ from the frozen base.
@@ -26,6 +29,7 @@ to run the low-rank path and how to get the cross term A W0ᵀ from the frozen b
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from typing import Any, List, Optional, Tuple
@@ -70,7 +74,8 @@ OPTIMIZER_STEPS = _OptimizerSteps()
 
 
 class NormCache:
-    """What one adapter keeps between forwards: ‖W0‖², the detached norm ‖W0 + s B A‖ and
+    """What one adapter keeps between forwards: ‖W0‖², the detached norm ‖W0 + s B A‖, for
+    calls without autograd the scale g = m / ‖W0 + s B A‖ with the bias shift (1 − g) ⊙ b, and
     whether its magnitude has a zero.
 
     The rule: a kept value is fresh while nothing it was computed from has changed, i.e. no
@@ -85,6 +90,8 @@ class NormCache:
     def __init__(self) -> None:
         self.w0: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, ‖W0‖² float32)
         self.norm: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, ‖W0 + sBA‖), eager
+        # (key, g, (1 − g) ⊙ b or None), float32, made and read by no-grad calls only
+        self.scale: Optional[Tuple[tuple, torch.Tensor, Optional[torch.Tensor]]] = None
         # Inside compiled graphs: (norm kept for training calls, norm kept for no-grad calls).
         self.compiled: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None
         self.compiled_fresh = False
@@ -94,13 +101,13 @@ class NormCache:
     @staticmethod
     def key(tensors: List[torch.Tensor], *extra) -> tuple:
         """What a kept value was computed from: each tensor's storage and version, plus ``extra``."""
-        return tuple((t.data_ptr(), t._version) for t in tensors) + extra
+        return tuple([(t.data_ptr(), t._version) for t in tensors]) + extra
 
     def forget_compiled(self) -> None:
         self.compiled, self.compiled_fresh = None, False
 
     def forget(self) -> None:
-        self.w0 = self.norm = None
+        self.w0 = self.norm = self.scale = None
         self.forget_compiled()
 
 
@@ -123,7 +130,18 @@ def is_compiling() -> bool:
     return torch._dynamo.is_compiling()  # torch < 2.3
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """True inside an autocast region for this device type."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def _no_autocast(device_type: str):
+    # Entering torch.autocast costs as much as a small kernel: only where it is on.
+    if not autocast_enabled(device_type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
 
 
@@ -364,6 +382,7 @@ class AdapterLayer(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self.norm_cache.forget_compiled()  # moved or cast: recompute
+        self.norm_cache.scale = None
         return super()._apply(fn, *args, **kwargs)
 
     def _cache_valid(self, cached: Tuple[tuple, torch.Tensor]) -> bool:
@@ -387,14 +406,72 @@ class AdapterLayer(nn.Module):
         """(base(x), A W0ᵀ) from one pass over W0, where the layer type can; else None."""
         return None
 
-    def forward_scaled_weight(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
-        """DoRA's output without autograd by scaling the weights' rows instead of the output,
-        where the layer type can and that is the cheaper pass; else None."""
+    def forward_scaled_weight(
+        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: Optional[torch.Tensor] = None
+    ) -> Optional[torch.Tensor]:
+        """DoRA's output without autograd by scaling the weights' rows by g (default
+        ``magnitude_scale()``) instead of the output, where the layer type can and that is the
+        cheaper pass; else None."""
         return None
 
     def magnitude_scale(self, cross: Optional[torch.Tensor] = None, checked: bool = False) -> torch.Tensor:
         """g = m / ‖W0 + s B A‖, (out,) float32 (arguments: see ``weight_norm``)."""
         return DF.magnitude_scale(self.magnitude, self.weight_norm(cross, checked))
+
+    def _scale_key(self) -> tuple:
+        # g and (1 − g) ⊙ b depend on what the norm depends on, plus the magnitude and the bias
+        # (one key, built once per call: this check is most of a no-grad call's own cost).
+        deps = self.norm_dependencies()
+        deps.append(self.magnitude)
+        bias = self.base_bias()
+        if bias is not None:
+            deps.append(bias)
+        return NormCache.key(deps, self.scaling, OPTIMIZER_STEPS.count)
+
+    def kept_scale(self, key: tuple) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """(g, (1 − g) ⊙ b) kept by an earlier no-grad call, if still fresh for ``key``; else None."""
+        kept = self.norm_cache.scale
+        if kept is None or kept[0] != key:
+            return None
+        if kept[1].is_inference() and not torch.is_inference_mode_enabled():
+            return None  # same rule as the norm: an inference tensor stays inside inference mode
+        return kept[1], kept[2]
+
+    def keep_scale(self, key: tuple, cross: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Compute g = m / ‖W0 + s B A‖ and (1 − g) ⊙ b (float32, no autograd) and keep them."""
+        g = self.magnitude_scale(cross)
+        bias = self.base_bias()
+        shift = None if bias is None else (1 - g) * bias.to(torch.float32)
+        self.norm_cache.scale = (key, g, shift)
+        return g, shift
+
+    def forward_no_grad(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """DoRA without autograd (evaluation, generation): y = g ⊙ (t − b) + b, t = base(x) + (x Aᵀ) Bᵀ.
+
+        g and (1 − g) ⊙ b are kept between calls while fresh (the norm's rule, plus the magnitude
+        and bias versions), and t is scaled in place, so a call costs LoRA's call plus one
+        elementwise pass: a model decoding a few tokens at a time through many small layers
+        pays little more per layer than LoRA does. The call that finds g stale gets the norm's
+        A W0ᵀ from the base matmul where the layer type can (``base_and_cross``).
+        """
+        key = self._scale_key()
+        kept = self.kept_scale(key)
+        base_out = None
+        if kept is None:
+            fused = self.base_and_cross(x, a) if self.norm_is_stale() else None
+            cross = None
+            if fused is not None:
+                base_out, cross = fused
+            kept = self.keep_scale(key, cross)
+        g, shift = kept
+        if base_out is None:
+            y = self.forward_scaled_weight(x, a, b, g)
+            if y is not None:
+                return y
+            base_out = self.base(x)
+        t = self.add_lowrank(base_out, x, a, b)  # a new tensor: scaling it in place is safe
+        ndim = t.dim()
+        return DF.dora_scale_shift_(t, self.scale_shape(g, ndim), None if shift is None else self.scale_shape(shift, ndim))
 
     # ----------------------------------------------------------------------------------------
     # Set by ``dorafit.disable_adapter`` for the duration of its block: the layer then computes
@@ -411,10 +488,7 @@ class AdapterLayer(nn.Module):
         a, b = self.lowrank_factors()
         b_scaled = b * self.scaling  # (out, r): cheaper than scaling the (tokens, out) product
         if self.magnitude is not None and not torch.is_grad_enabled() and not is_compiling() and not self.dropping():
-            # Without autograd, g may scale the weights' rows where that pass is the smaller one.
-            y = self.forward_scaled_weight(x, a, b_scaled)
-            if y is not None:
-                return y
+            return self.forward_no_grad(x, a, b_scaled)
         fused = cross = None
         checked = False  # the norm cache was found valid just now
         if self.magnitude is not None and (self.detach_norm or not torch.is_grad_enabled()):
@@ -438,7 +512,8 @@ class AdapterLayer(nn.Module):
         return self.scale_lowrank(base_out, xd, a, b_scaled, g)
 
     def add_lowrank(self, base_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """base_out + (x Aᵀ) Bᵀ in base_out's dtype (layer types may fuse the sum into a matmul)."""
+        """base_out + (x Aᵀ) Bᵀ in base_out's dtype, a new tensor (layer types may fuse the sum
+        into a matmul)."""
         return base_out + self.lowrank(x, a, b).to(base_out.dtype)
 
     def scale_lowrank(self, base_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -464,7 +539,7 @@ class AdapterLayer(nn.Module):
         # Checked once per magnitude value, not per forward (a device sync on GPUs).
         key = NormCache.key([self.magnitude], OPTIMIZER_STEPS.count)
         if cache.zero_magnitude[0] != key:
-            cache.zero_magnitude = (key, bool((self.magnitude == 0).any()))
+            cache.zero_magnitude = (key, not bool(self.magnitude.all()))
         return cache.zero_magnitude[1]
 
     def merged_weight_2d(self) -> torch.Tensor:

@@ -14,20 +14,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as DF
-from .base import AdapterLayer
+from .base import AdapterLayer, autocast_enabled
 
 
 def _cross_through_base(layer: AdapterLayer, a_2d: torch.Tensor) -> torch.Tensor:
     """C = A W0ᵀ (r, out), float32, by running the frozen base layer on A's r rows.
 
-    Through the module itself, so hooks that gather a sharded weight (ZeRO-3) run. A
-    half-precision weight would give a half-precision cross term; where the weight is plainly
-    reachable (no hooks) it is then read in float32 row chunks instead.
+    Through the module itself, so hooks that gather a sharded weight (ZeRO-3) run. Where the
+    weight is plainly reachable (no hooks) it is read directly instead: a half-precision weight
+    in float32 row chunks (the module would give a half-precision cross term), the float32
+    weight of a plain nn.Linear in one matmul (no module call, no bias to add and take off).
     """
     base = layer.base
     w = base.weight
     hooked = bool(base._forward_hooks or base._forward_pre_hooks)
-    if w.dtype != torch.float32 and not hooked:
+    plain_linear = type(base) is nn.Linear and type(w.data) is torch.Tensor  # not a sharded or subclassed weight
+    if not hooked and (w.dtype != torch.float32 or plain_linear):
         return DF.rows_times_weight_t(a_2d, layer.base_weight_2d())
     out = base(a_2d.to(w.dtype))
     if base.bias is not None:
@@ -35,17 +37,10 @@ def _cross_through_base(layer: AdapterLayer, a_2d: torch.Tensor) -> torch.Tensor
     return out.to(torch.float32)
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-
-
 def _add_lowrank_addmm(base_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
     """base_out + (x Aᵀ) Bᵀ with the sum inside the second matmul (addmm), where dtypes allow."""
     h = F.linear(x.to(a.dtype), a)  # (..., r)
-    if base_out.dtype != b.dtype or not base_out.is_contiguous() or _autocast_enabled(base_out.device.type):
+    if base_out.dtype != b.dtype or not base_out.is_contiguous() or autocast_enabled(base_out.device.type):
         return base_out + F.linear(h, b).to(base_out.dtype)
     out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
     return out.view(base_out.shape)
@@ -60,7 +55,7 @@ def _scale_lowrank_fused(layer: AdapterLayer, base_out, x, a, b, g):
     """DoRA's y = g ⊙ (base_out − b + (x Aᵀ) Bᵀ) + b with the second low-rank matmul and the
     scaling in one autograd node, where dtypes allow (base output, B and g of one dtype, no
     autocast, no g_i = 0); elsewhere the generic compose."""
-    if base_out.dtype != b.dtype or g.dtype != b.dtype or _autocast_enabled(base_out.device.type) or layer.keep_sum():
+    if base_out.dtype != b.dtype or g.dtype != b.dtype or autocast_enabled(base_out.device.type) or layer.keep_sum():
         return AdapterLayer.scale_lowrank(layer, base_out, x, a, b, g)
     h = F.linear(x.to(a.dtype), a)  # (..., r)
     return DF.dora_lowrank_linear(base_out, h, b, g, layer.base_bias())
@@ -94,21 +89,25 @@ class LinearAdapter(AdapterLayer):
             return None
         if w.dtype != torch.float32 or x.dtype != torch.float32 or a.dtype != torch.float32:
             return None
-        if _autocast_enabled(x.device.type):
+        if autocast_enabled(x.device.type):
             return None
         return w
 
     def base_and_cross(self, x: torch.Tensor, a: torch.Tensor):
         """One matmul [x; A] W0ᵀ for a plain float32 nn.Linear; anything else takes the
         separate path."""
-        w = self._plain_float32_weight(x, a)
         # Worth it while reading W0 a second time (for A W0ᵀ alone) costs more than copying x
         # into the stacked input: fewer tokens than half the output features.
-        if w is None or 2 * _tokens(x) >= w.shape[0]:
+        if 2 * _tokens(x) >= self.base.out_features:
+            return None
+        w = self._plain_float32_weight(x, a)
+        if w is None:
             return None
         return DF.linear_with_rows(x, a, w, self.base.bias)
 
-    def forward_scaled_weight(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
+    def forward_scaled_weight(
+        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: Optional[torch.Tensor] = None
+    ) -> Optional[torch.Tensor]:
         """DoRA without autograd, for more tokens than input features on a plain float32 linear:
         g scales W0's rows and B's rows instead of the (tokens, out) output.
 
@@ -118,11 +117,13 @@ class LinearAdapter(AdapterLayer):
         added in place, so evaluation costs what LoRA's does. Where tokens ≤ in, scaling the
         output is the cheaper pass and the caller does that instead.
         """
+        if _tokens(x) <= x.shape[-1] or b.dtype != torch.float32:  # the cheap test first: decoding
+            return None
         w = self._plain_float32_weight(x, a)
-        if w is None or _tokens(x) <= x.shape[-1] or b.dtype != torch.float32:
+        if w is None:
             return None
         x_2d = x.reshape(-1, x.shape[-1])
-        g = self.magnitude_scale().unsqueeze(1)  # (out, 1)
+        g = (self.magnitude_scale() if g is None else g).unsqueeze(1)  # (out, 1)
         w_scaled = w * g
         bias = self.base.bias
         y = torch.mm(x_2d, w_scaled.t()) if bias is None else torch.addmm(bias, x_2d, w_scaled.t())

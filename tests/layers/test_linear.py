@@ -552,6 +552,113 @@ def test_norm_cache_after_write_through_data():
 
 
 # ------------------------------------------------------------------------------------------
+# No-grad calls: g = m / ‖W0 + sBA‖ and (1 − g) ⊙ b kept between calls under the same rule
+
+
+def _count_scales(monkeypatch, layer):
+    calls = []
+    real = layer.keep_scale
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layer, "keep_scale", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind", list(FACTORIES))
+def test_no_grad_scale_kept_across_calls_and_refreshed_on_every_change(monkeypatch, ref, kind):
+    """Decoding calls (few tokens, no autograd) compute g once; every change of what g depends
+    on — A or B, the magnitude, the base weight or bias, an optimizer step, a state-dict load,
+    ``invalidate_norm_caches`` — gives the Eq. 5 output again on the next call."""
+    layer = ref.randomize_adapter(FACTORIES[kind](method="dora")).eval()
+    calls = _count_scales(monkeypatch, layer)
+    x = torch.randn(2, 1, 12)
+
+    def check():
+        with torch.no_grad():
+            y = layer(x)
+        torch.testing.assert_close(y.double(), ref.eq5_forward(layer, x.double(), dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+    for _ in range(3):
+        check()
+    assert len(calls) == 1
+    changes = [
+        lambda: layer.lora_b.add_(0.1),
+        lambda: layer.lora_a.mul_(1.1),
+        lambda: layer.magnitude.mul_(1.2),
+        lambda: layer.base.weight.mul_(0.9),
+    ]
+    if layer.base.bias is not None:
+        changes.append(lambda: layer.base.bias.add_(0.3))
+    for n, change in enumerate(changes, start=2):
+        with torch.no_grad():
+            change()
+        check()
+        check()
+        assert len(calls) == n
+    opt = torch.optim.SGD([layer.magnitude], lr=0.5, foreach=False)
+    layer.magnitude.grad = torch.ones_like(layer.magnitude)
+    opt.step()
+    check()
+    layer.load_state_dict({"lora_b": layer.lora_b.detach() * 0.5}, strict=False)
+    check()
+    layer.magnitude.data.mul_(2.0)  # behind autograd's back: the documented remedy
+    dorafit.invalidate_norm_caches(layer)
+    check()
+    assert len(calls) == len(changes) + 4
+
+
+def test_no_grad_scale_follows_a_fused_optimizer_step(ref):
+    """A fused optimizer writes without bumping versions; the step count still invalidates g."""
+    layer = ref.randomize_adapter(make_linear()).eval()
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        layer(x)
+    opt = torch.optim.AdamW([layer.lora_b, layer.magnitude], lr=0.1, fused=True)
+    layer.train()
+    layer(x).pow(2).sum().backward()
+    opt.step()
+    layer.eval()
+    with torch.no_grad():
+        y = layer(x)
+    torch.testing.assert_close(y.double(), ref.eq5_forward(layer, x.double(), dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_scale_from_inference_mode_then_training():
+    """g kept under inference_mode is not reused outside it, and training never reads it."""
+    layer = make_linear(in_f=16, out_f=16).eval()
+    x = torch.randn(2, 16)
+    with torch.inference_mode():
+        y_inf = layer(x)
+    with torch.no_grad():
+        y = layer(x)
+        assert not layer.norm_cache.scale[1].is_inference()
+    torch.testing.assert_close(y, y_inf)
+    layer.train()
+    layer(x).sum().backward()
+    assert layer.magnitude.grad is not None
+
+
+def test_no_grad_call_with_a_hook_keeping_the_base_output(ref):
+    """The output is scaled in place on LoRA's sum, never on the base module's own output, so a
+    forward hook that keeps the base output sees x W0ᵀ + b unchanged."""
+    layer = ref.randomize_adapter(make_linear()).eval()
+    kept = []
+    layer.base.register_forward_hook(lambda module, args, out: kept.append(out))
+    x = torch.randn(2, 12)
+    want = torch.nn.functional.linear(x, layer.base.weight, layer.base.bias).detach()
+    with torch.no_grad():
+        for _ in range(2):  # computing g, then reading it
+            kept.clear()
+            layer(x)
+            outputs = [out for out in kept if out.shape == want.shape]
+            assert len(outputs) == 1
+            torch.testing.assert_close(outputs[0], want)
+
+
+# ------------------------------------------------------------------------------------------
 # torch.compile: no graph break in the adapter forward (one compile per mode, CPU is slow)
 
 
