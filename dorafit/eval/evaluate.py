@@ -3,20 +3,19 @@
 Causal LMs follow the paper's protocol: each row's instruction goes through the training
 prompt (the same template, ``dorafit.eval.examples.build_prompt``), the model continues it
 greedily for ``max_new_tokens`` tokens, and the first match of the task's answer regex in the
-continuation is the prediction; a continuation with no match
-is wrong and is counted as unparseable. A row stops generating as soon as its continuation
-holds a match: later tokens cannot change the first match, so the prediction is the same as
-with all ``max_new_tokens`` and the evaluation costs only the tokens up to the answer. Encoders pick the highest-scoring choice
-(``dorafit.eval.scoring.choice_logits``). Rows are batched in order of length so that little
+continuation is the prediction; a continuation with no match is wrong and is counted as
+unparseable. A row stops generating as soon as its continuation holds a match: later tokens
+cannot change the first match, so the prediction is the same as with all ``max_new_tokens``
+and the evaluation costs only the tokens up to the answer. Encoders pick the highest-scoring
+choice (``dorafit.eval.scoring.choice_logits``). Rows are batched in order of length so that little
 compute goes into padding; the result does not depend on the order.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-
-import re
 
 import torch
 
