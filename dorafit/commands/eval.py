@@ -32,8 +32,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default: 32)")
     parser.add_argument("--max-length", type=int, default=0, help="encoder token limit (default: the adapter's, else 128)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="causal LMs: generated tokens per row (default: 32)")
-    parser.add_argument("--prompt-template", default="", choices=("", "paper", "chat"),
-                        help="causal LMs: paper or chat (default: the adapter's task.json, else paper)")
+    parser.add_argument("--prompt-template", default="", choices=("", "auto", "paper", "chat"),
+                        help="causal LMs: paper, chat, or auto (chat where the tokenizer has a chat template, else "
+                             "paper; as dorafit train) (default: the adapter's task.json, else auto)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code to run")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -102,6 +103,7 @@ def evaluate(args) -> list:
 
     import dorafit
     from dorafit.eval.evaluate import evaluate_choices, evaluate_generation
+    from dorafit.eval.examples import resolve_template
     from dorafit.eval.tasks import TASKS, get_task
     from dorafit.train import data as D
     from dorafit.train.models import detect_kind, load_model, load_tokenizer, read_model_config, resolve_model_path
@@ -152,14 +154,16 @@ def evaluate(args) -> list:
         quantize_like_adapter(model, args.adapter, "eval")
         dorafit.load_adapter(model, args.adapter)
     model.to(device).eval()
+    # An adapter is scored with the template it was trained with (task.json; one written before
+    # task.json recorded it was trained with "paper"); a bare model as `dorafit train` prompts it.
+    template = args.prompt_template or info.get("prompt_template") or ("paper" if info else "auto")
+    template = resolve_template(template, tokenizer)
     results = []
     for task, path, rows in tables:
         examples = D.accuracy_examples(rows, kind, path, task, labels)
         if kind == "causal-lm":
-            # The adapter is scored with the prompt template it was trained with (task.json).
             result = evaluate_generation(model, tokenizer, task, examples, args.max_new_tokens, args.batch_size,
-                                         device, progress=args.progress,
-                                         prompt_template=args.prompt_template or info.get("prompt_template") or "paper")
+                                         device, progress=args.progress, prompt_template=template)
         else:
             result = evaluate_choices(model, examples, tokenizer, kind, task.name, max_length, args.batch_size,
                                       device, progress=args.progress)

@@ -75,7 +75,8 @@ def test_causal_lm_train_eval_merge_reload(fixture, request, arc_files, tmp_path
         assert not torch.allclose(base(**inputs).logits, plain, atol=1e-4)
 
 
-def test_chat_template_and_response_format_are_trained_recorded_and_evaluated_with(tiny_llama, arc_files, tmp_path, capsys):
+def test_chat_template_and_response_format_are_trained_recorded_and_evaluated_with(tiny_llama, arc_files, tmp_path, capsys,
+                                                                                 monkeypatch):
     from transformers import AutoTokenizer
 
     from conftest import copy_folder
@@ -99,6 +100,21 @@ def test_chat_template_and_response_format_are_trained_recorded_and_evaluated_wi
                  str(arc_files["dir"]), "--max-new-tokens", "8", "--no-progress", "--json", str(report)]) == 0
     # eval takes the template from task.json: the accuracy after training is reproduced.
     assert json.loads(report.read_text())[0]["accuracy"] == pytest.approx(results["accuracy_after"])
+    # Without an adapter, eval prompts as train's default does ("auto": chat for this tokenizer).
+    import dorafit.eval.evaluate as E
+
+    templates = []
+    real = E.evaluate_generation
+
+    def recorded(*args, prompt_template, **kwargs):
+        templates.append(prompt_template)
+        return real(*args, prompt_template=prompt_template, **kwargs)
+
+    monkeypatch.setattr(E, "evaluate_generation", recorded)
+    for extra in ([], ["--adapter", str(out / "adapter")], ["--prompt-template", "paper"]):
+        assert main(["eval", "--model", str(model), "--data-dir", str(arc_files["dir"]), "--task", "ARC-Easy",
+                     "--max-rows", "2", "--max-new-tokens", "2", "--no-progress", *extra]) == 0
+    assert templates == ["chat", "chat", "paper"]
     assert sum(results["predicted_after"].values()) + round(results["unparseable_after"] * 24) == 24
 
 
