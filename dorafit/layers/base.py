@@ -385,11 +385,17 @@ class AdapterLayer(nn.Module):
         self.norm_cache.scale = None
         return super()._apply(fn, *args, **kwargs)
 
-    def _cache_valid(self, cached: Tuple[tuple, torch.Tensor]) -> bool:
-        # A norm cached under inference_mode cannot be saved for backward by a later training step.
-        if cached[1].is_inference() and not torch.is_inference_mode_enabled():
+    @staticmethod
+    def _kept_is_fresh(kept: tuple, key: tuple) -> bool:
+        """Whether a kept (key, tensor, ...) entry may be used now: computed from what ``key``
+        describes, and not an inference tensor outside inference mode (a norm or scale kept under
+        inference_mode cannot be saved for backward by a later training step)."""
+        if kept[1].is_inference() and not torch.is_inference_mode_enabled():
             return False
-        return cached[0] == self._cache_key()
+        return kept[0] == key
+
+    def _cache_valid(self, cached: Tuple[tuple, torch.Tensor]) -> bool:
+        return self._kept_is_fresh(cached, self._cache_key())
 
     def norm_is_stale(self) -> bool:
         """True when the next ``weight_norm()`` computes a detached norm (cache empty or outdated)."""
@@ -431,10 +437,8 @@ class AdapterLayer(nn.Module):
     def kept_scale(self, key: tuple) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """(g, (1 − g) ⊙ b) kept by an earlier no-grad call, if still fresh for ``key``; else None."""
         kept = self.norm_cache.scale
-        if kept is None or kept[0] != key:
+        if kept is None or not self._kept_is_fresh(kept, key):
             return None
-        if kept[1].is_inference() and not torch.is_inference_mode_enabled():
-            return None  # same rule as the norm: an inference tensor stays inside inference mode
         return kept[1], kept[2]
 
     def keep_scale(self, key: tuple, cross: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
