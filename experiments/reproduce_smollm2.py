@@ -221,7 +221,7 @@ def train_own(name: str, spec: dict) -> dict:
     import dorafit
     from dorafit import bench
     from dorafit.eval.examples import collate_causal
-    from dorafit.eval.scoring import loss_sum
+    from dorafit.eval.scoring import count_units, loss_sum
     from dorafit.train import data as D
 
     out = WORK / name
@@ -254,23 +254,23 @@ def train_own(name: str, spec: dict) -> dict:
         model.load_state_dict(saved["model"], strict=False)
         optimizer.load_state_dict(saved["optimizer"])
         step, log = int(saved["step"]), json.loads(saved["log"])
-    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
 
     def batch_at(s):
         return collate_causal([examples[i] for i in order[s * BATCH:(s + 1) * BATCH]], pad)
 
     def loss_of(batch):
-        return loss_sum(model, batch, "causal-lm") / max(int((batch["labels"] != -100).sum()), 1)
+        return loss_sum(model, batch, "causal-lm") / max(count_units(batch, "causal-lm"), 1)
 
-    # 3. the loop: linear warm-up (2 steps), linear decay; memory measured on the first step run
-    memory = {}
+    # 3. the loop: linear warm-up (2 steps), linear decay; the detach runs measure memory on
+    # their first step (autograd's saved tensors; the step's peak above the level before it)
+    memory = {} if "detach_norm" in spec else None
     model.train()
     started = time.perf_counter()
     while step < total:
         for group in optimizer.param_groups:
             group["lr"] = spec["lr"] * min((step + 1) / 2, (total - step) / max(total - 2, 1))
         batch = batch_at(step)
-        if not memory:
+        if memory == {}:
             memory["saved_for_backward"] = bench.saved_for_backward_bytes(lambda: loss_of(batch), params)
 
             def one_step():
@@ -293,8 +293,8 @@ def train_own(name: str, spec: dict) -> dict:
                 folder = out / "checkpoints" / f"step-{step:06d}"
                 folder.mkdir(parents=True, exist_ok=True)
                 save_file(weights, str(folder / "model.safetensors"))
-            sd = {n: t for n, t in model.state_dict().items() if spec["method"] == "ft" or
-                  any(n.startswith(k.rsplit(".", 1)[0]) for k in trainable_names)}
+            sd = model.state_dict() if spec["method"] == "ft" else \
+                {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
             out.mkdir(parents=True, exist_ok=True)
             tmp = state_file.with_suffix(".tmp")
             torch.save({"model": sd, "optimizer": optimizer.state_dict(), "step": step, "log": json.dumps(log)}, tmp)

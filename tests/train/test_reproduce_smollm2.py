@@ -1,6 +1,6 @@
 """experiments/reproduce_smollm2.py end to end on a tiny random LLaMA: an adapter run, the skip of
 a finished run, the Figure-2 stage (FT with its own loop, LoRA and DoRA, 2 checkpoints each,
-dorafit analyze) and the report."""
+dorafit analyze), the detach pair and the report."""
 
 from __future__ import annotations
 
@@ -57,16 +57,23 @@ def test_driver_end_to_end(tmp_path, tiny_llama):
     assert len(list((work / "fig2-ft" / "checkpoints").glob("step-*/model.safetensors"))) == 2
     assert len(list((work / "fig2-dora" / "checkpoints").glob("step-*/adapter"))) == 2
     ft = json.loads((results / "runs" / "fig2-ft.json").read_text())
-    assert ft["steps"] == 4 and ft["memory"]["saved_for_backward"] > 0 and len(ft["loss"]) == 4
+    assert ft["steps"] == 4 and len(ft["loss"]) == 4
     panels = json.loads((results / "figure2" / "q_proj-all-layers" / "analysis.json").read_text())["panels"]
     assert {p["method"] for p in panels} == {"FT", "LoRA", "DoRA"}
     assert all(p["points"] == 2 * 2 for p in panels)  # 2 layers x 2 checkpoints
 
-    # 3. the report lists every finished run and the Figure-2 panels
+    # 3. DoRA with and without the norm detach (own loop): memory measured on the first step
+    _driver(env, "detach")
+    for name in ("detach-on", "detach-off"):
+        memory = json.loads((results / "runs" / f"{name}.json").read_text())["memory"]
+        assert memory["saved_for_backward"] > 0 and memory["step_peak"] > 0
+
+    # 4. the report lists every finished run and the Figure-2 panels
     _driver(env, "report")
     text = (results / "report.md").read_text()
     for name in ("pilot-dora", "fig2-ft", "fig2-lora", "fig2-dora"):
         assert f"| {name} |" in text
     assert "Figure 2" in text and "| FT |" in text
     summary = json.loads((results / "report.json").read_text())
-    assert set(summary["runs"]) == {"pilot-dora", "fig2-ft", "fig2-lora", "fig2-dora"}
+    assert set(summary["runs"]) == {"pilot-dora", "fig2-ft", "fig2-lora", "fig2-dora", "detach-on", "detach-off"}
+    assert "Norm detach" in text and summary["detach"]["accuracy"] in ("no difference", "higher", "lower")
