@@ -15,9 +15,11 @@ examples, collate function and loss as the trainer. Every finished run writes
 ``<results>/runs/<name>.json`` atomically and is skipped afterwards; an interrupted run
 continues from its last checkpoint in ``<work>/<name>/``.
 
-Overrides for tests and small trials (environment): REPRO_MODEL, REPRO_DATA (LLM-Adapters'
-dataset/ folder), REPRO_WORK, REPRO_RESULTS, REPRO_TRAIN_PER_TASK, REPRO_TEST_ROWS,
-REPRO_BATCH, REPRO_MAX_NEW_TOKENS, REPRO_PROMPT_TEMPLATE, REPRO_SEEDS (e.g. "0"), REPRO_FIGURE2_CHECKPOINTS.
+Overrides for tests and small trials (environment): REPRO_MODEL; REPRO_DATA (LLM-Adapters'
+dataset/ folder; or LLM_ADAPTERS_DATA, as in experiments/pilot_smollm2.py); REPRO_WORK;
+REPRO_RESULTS; REPRO_TRAIN_PER_TASK; REPRO_TEST_ROWS; REPRO_BATCH; REPRO_MAX_NEW_TOKENS;
+REPRO_PROMPT_TEMPLATE; REPRO_SEEDS (e.g. "0"); REPRO_FIGURE2_CHECKPOINTS; REPRO_SAVE_STEPS;
+REPRO_STOP_AFTER_STEPS (stops adapter runs early, as if killed, to test resuming).
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ ROOT = HERE.parent
 # ~5 min. 8 (rank sweep) x 3 seeds + 2 pilot + 8 lr-sweep + 2 VeRA/DVoRA + 3 Figure-2
 # + 2 detach = 41 runs; FT steps cost ~2x a DoRA step: about 3.5-4 h in all.
 MODEL = os.environ.get("REPRO_MODEL", "smollm2-135m-instruct")
-DATA = Path(os.environ.get("REPRO_DATA", ROOT.parent / "shared" / "data" / "LLM-Adapters" / "dataset"))
+# LLM-Adapters' dataset/ folder lies in ../shared beside the repository unless the environment says where.
+DATA = Path(os.environ.get("REPRO_DATA") or os.environ.get("LLM_ADAPTERS_DATA")
+            or ROOT.parent / "shared" / "data" / "LLM-Adapters" / "dataset")
 WORK = Path(os.environ.get("REPRO_WORK", HERE / "runs" / "reproduction_smollm2"))
 RESULTS = Path(os.environ.get("REPRO_RESULTS", HERE / "results" / "reproduction_smollm2"))
 TRAIN_PER_TASK = int(os.environ.get("REPRO_TRAIN_PER_TASK", 60))  # x 4 tasks = 240 rows
@@ -54,7 +58,8 @@ LR = 1e-3  # LoRA/DoRA, from the pilot of the default run (experiments/pilot_smo
 FT_LR = 2e-5
 VERA_LRS = (3e-3, 1e-2, 3e-2, 1e-1)  # VeRA trains only vectors and wants larger steps
 FIGURE2_CHECKPOINTS = int(os.environ.get("REPRO_FIGURE2_CHECKPOINTS", 5))
-SAVE_STEPS = 20  # resumable checkpoints of ordinary runs
+SAVE_STEPS = int(os.environ.get("REPRO_SAVE_STEPS", 20))  # resumable checkpoints of ordinary runs
+STOP_AFTER_STEPS = int(os.environ.get("REPRO_STOP_AFTER_STEPS", 0))  # tests: stop adapter runs as if killed
 PAPER_R = {"FT": -0.62, "LoRA": 0.83, "DoRA": -0.31}
 SIX_LAYERS = (0, 6, 12, 18, 24, 29)  # rule: evenly spaced over the 30 layers, first and last included
 TRAIN_TASKS = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")
@@ -191,7 +196,8 @@ def train_config(name: str, spec: dict):
                        alpha=spec["alpha"], lr=spec["lr"], seed=spec["seed"], batch_size=BATCH, val_size=0,
                        max_test_rows=1, eval_before=False, progress=False, output=str(out),
                        resume=(out / "config.yaml").is_file(), save_steps=max(every, 1),
-                       keep_checkpoints=max(2, spec.get("checkpoints", 2) + 1), **COMMON)
+                       keep_checkpoints=max(2, spec.get("checkpoints", 2) + 1), stop_after_steps=STOP_AFTER_STEPS,
+                       **COMMON)
 
 
 def run_adapter(name: str, spec: dict) -> dict:
@@ -200,8 +206,8 @@ def run_adapter(name: str, spec: dict) -> dict:
 
     cfg = train_config(name, spec)
     finished = Path(cfg.output) / "results.json"
-    if not finished.is_file():  # trained earlier but stopped in the evaluation below: evaluate only
-        train(cfg)
+    if not finished.is_file() and train(cfg) is None:  # (else trained earlier: evaluate only)
+        raise SystemExit(f"{name}: stopped after {STOP_AFTER_STEPS} steps; run again to continue")
     trained = json.loads(finished.read_text())
     model, tokenizer, _ = load_base()
     dorafit.load_adapter(model, Path(cfg.output) / "adapter")
@@ -328,6 +334,7 @@ def run_one(name: str, spec: dict) -> None:
     record["average"] = statistics.mean(t["accuracy"] for t in record["tasks"].values())
     record["average_trained"] = statistics.mean(record["tasks"][t]["accuracy"] for t in TRAIN_TASKS)
     write_json(result_path(name), record)
+    (WORK / name / "resume.pt").unlink(missing_ok=True)  # 1.6 GB for FT; the result is kept instead
     print(f"{name}: average {100 * record['average']:.1f} % in {record['seconds']:.0f} s", flush=True)
 
 
@@ -367,7 +374,8 @@ def analyze_figure2() -> None:
     from dorafit.train.models import resolve_model_path
 
     layers = AutoConfig.from_pretrained(resolve_model_path(MODEL)).num_hidden_layers
-    six = [i for i in SIX_LAYERS if i < layers] if layers >= 30 else sorted({round(i * (layers - 1) / 5) for i in range(6)})
+    # the stated rule for 30 layers; a smaller (test) model gets up to 6 evenly spaced layers
+    six = SIX_LAYERS if layers == 30 else sorted({round(i * (layers - 1) / 5) for i in range(6)})
     picked = "|".join(map(str, six))
     for proj in ("q_proj", "v_proj"):
         run_analyze(rf".*layers\.({picked})\.self_attn\.{proj}", f"{proj}-six-layers")
@@ -414,7 +422,8 @@ def report() -> dict:
     for name, r in records.items():
         unparseable = statistics.mean(t["unparseable"] for t in r["tasks"].values())
         lines.append(f"| {name} | " + " | ".join(pct(r["tasks"][t]["accuracy"]) for t in TEST_TASKS)
-                     + f" | {pct(r['average'])} | {pct(r['average_trained'])} | {pct(unparseable)} | {r['seconds']:.0f} |")
+                     + f" | {pct(r['average'])} | {pct(r['average_trained'])} | {pct(unparseable)}"
+                     + f" | {r['seconds']:.0f} |")
     summary: dict = {"runs": records}
     # pilot
     if "untrained" in records:
@@ -431,7 +440,8 @@ def report() -> dict:
     sweep = {}
     for method in ("lora", "dora"):
         for rank in RANKS:
-            values = [records[f"{method}-r{rank}-s{s}"]["average"] for s in SEEDS if f"{method}-r{rank}-s{s}" in records]
+            names = [f"{method}-r{rank}-s{s}" for s in SEEDS]
+            values = [records[n]["average"] for n in names if n in records]
             if values:
                 sweep[f"{method}-r{rank}"] = dict(zip(("mean", "std", "stderr"), mean_std(values)), n=len(values))
     if sweep:

@@ -1,5 +1,5 @@
-"""experiments/reproduce_smollm2.py end to end on a tiny random LLaMA: an adapter run, the skip of
-a finished run, the Figure-2 stage (FT with its own loop, LoRA and DoRA, 2 checkpoints each,
+"""experiments/reproduce_smollm2.py end to end on a tiny random LLaMA: an adapter run stopped and
+resumed, the skip of a finished run, the Figure-2 stage (FT with its own loop, LoRA and DoRA, 2 checkpoints each,
 dorafit analyze), the detach pair and the report."""
 
 from __future__ import annotations
@@ -44,8 +44,14 @@ def test_driver_end_to_end(tmp_path, tiny_llama):
     listing = _driver(env, "all", "--dry-run")
     assert "lora-r32-s2" in listing and "fig2-ft" in listing and "detach-off" in listing and " h left" in listing
 
-    # 1. one adapter run writes its result; a second invocation skips it
-    _driver(env, "pilot", "--only", "pilot-dora")
+    # 1. an adapter run stopped after 2 of its 4 steps continues from its checkpoint; it writes its
+    # result when done, and a second invocation skips it
+    stopped = subprocess.run([sys.executable, str(ROOT / "experiments" / "reproduce_smollm2.py"), "pilot",
+                              "--only", "pilot-dora"], env={**env, "REPRO_SAVE_STEPS": "2", "REPRO_STOP_AFTER_STEPS": "2"},
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode != 0 and "stopped after 2 steps" in stopped.stderr
+    assert not (results / "runs" / "pilot-dora.json").exists()
+    assert "resumed from" in _driver({**env, "REPRO_SAVE_STEPS": "2"}, "pilot", "--only", "pilot-dora")
     record = json.loads((results / "runs" / "pilot-dora.json").read_text())
     assert record["steps"] == 4 and set(record["tasks"]) == set(TASKS)
     assert all(0 <= t["accuracy"] <= 1 and t["rows"] == 2 for t in record["tasks"].values())
@@ -55,6 +61,7 @@ def test_driver_end_to_end(tmp_path, tiny_llama):
     _driver(env, "figure2")
     work = tmp_path / "work"
     assert len(list((work / "fig2-ft" / "checkpoints").glob("step-*/model.safetensors"))) == 2
+    assert not (work / "fig2-ft" / "resume.pt").exists()  # removed once the result is written
     assert len(list((work / "fig2-dora" / "checkpoints").glob("step-*/adapter"))) == 2
     ft = json.loads((results / "runs" / "fig2-ft.json").read_text())
     assert ft["steps"] == 4 and len(ft["loss"]) == 4
