@@ -449,7 +449,10 @@ def report() -> dict:
                   "| rank | LoRA | DoRA | DoRA vs LoRA |", "|---|---|---|---|"]
         for rank in RANKS:
             lo, do = sweep.get(f"lora-r{rank}"), sweep.get(f"dora-r{rank}")
-            cell = lambda s: f"{pct(s['mean'])} ± {pct(s['std'])} (n={s['n']})" if s else "-"  # noqa: E731
+
+            def cell(s):
+                return f"{pct(s['mean'])} ± {pct(s['std'])} (se {pct(s['stderr'])}, n={s['n']})" if s else "-"
+
             verdict = compare((do["mean"], do["stderr"]), (lo["mean"], lo["stderr"])) if lo and do else "-"
             lines.append(f"| {rank} | {cell(lo)} | {cell(do)} | {verdict} |")
     summary["sweep"] = sweep
@@ -480,8 +483,8 @@ def report() -> dict:
             for p in panels:
                 r, w = p.get("pearson"), p.get("pearson_within")
                 fmt = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:+.2f}"  # noqa: E731
-                lines.append(f"| {label} | {p['method']} | {p['points']} | {fmt(r)} | {fmt(w)} | "
-                             f"{PAPER_R.get(p['method'], '')} |")
+                paper = PAPER_R.get(p["method"], "") if label.startswith("q_proj") else "-"  # the paper: queries
+                lines.append(f"| {label} | {p['method']} | {p['points']} | {fmt(r)} | {fmt(w)} | {paper} |")
     summary["figure2"] = figure
     # detach
     if "detach-on" in records and "detach-off" in records:
