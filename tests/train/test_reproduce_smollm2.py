@@ -1,6 +1,6 @@
 """experiments/reproduce_smollm2.py end to end on a tiny random LLaMA: an adapter run stopped and
 resumed, the skip of a finished run, the Figure-2 stage (FT with its own loop, LoRA and DoRA, 2 checkpoints each,
-dorafit analyze), the detach pair and the report."""
+dorafit analyze), the detach pair, sweep/VeRA/untrained records and the report."""
 
 from __future__ import annotations
 
@@ -75,12 +75,23 @@ def test_driver_end_to_end(tmp_path, tiny_llama):
         memory = json.loads((results / "runs" / f"{name}.json").read_text())["memory"]
         assert memory["saved_for_backward"] > 0 and memory["step_peak"] > 0
 
-    # 4. the report lists every finished run and the Figure-2 panels
+    # 4. one seed of the rank sweep at r = 4 and one VeRA lr, for the report's tables
+    _driver(env, "sweep", "--only", "lora-r4-s0", "--only", "dora-r4-s0")
+    _driver(env, "vera", "--only", "vera-lr0.01")
+    _driver(env, "pilot", "--only", "untrained")
+    untrained = json.loads((results / "runs" / "untrained.json").read_text())
+    assert untrained["steps"] == 0 and 0 < untrained["chance"]["ARC-Easy"] < 1
+
+    # 5. the report lists every finished run and the Figure-2 panels
     _driver(env, "report")
     text = (results / "report.md").read_text()
     for name in ("pilot-dora", "fig2-ft", "fig2-lora", "fig2-dora"):
         assert f"| {name} |" in text
     assert "Figure 2" in text and "| FT |" in text
     summary = json.loads((results / "report.json").read_text())
-    assert set(summary["runs"]) == {"pilot-dora", "fig2-ft", "fig2-lora", "fig2-dora", "detach-on", "detach-off"}
+    assert set(summary["runs"]) == {"pilot-dora", "fig2-ft", "fig2-lora", "fig2-dora", "detach-on", "detach-off",
+                                    "lora-r4-s0", "dora-r4-s0", "vera-lr0.01", "untrained"}
+    assert "lift" in summary["pilot"] and "Pilot: untrained" in text
+    assert summary["sweep"]["dora-r4"]["n"] == 1 and summary["vera"]["vera"]["lr"] == 0.01
+    assert "| 4 | " in text and "| vera | 0.01 |" in text
     assert "Norm detach" in text and summary["detach"]["accuracy"] in ("no difference", "higher", "lower")
