@@ -1,0 +1,97 @@
+"""experiments/reproduce_smollm2.py end to end on a tiny random LLaMA: an adapter run stopped and
+resumed, the skip of a finished run, the Figure-2 stage (FT with its own loop, LoRA and DoRA, 2 checkpoints each,
+dorafit analyze), the detach pair, sweep/VeRA/untrained records and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLED = ROOT / "dorafit" / "data"
+TASKS = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa", "piqa", "social_i_qa", "winogrande")
+
+
+def _data_dir(tmp_path: Path) -> Path:
+    """The bundled test rows as <task>/{train,test}.json (only ARC-Easy ships a train file)."""
+    root = tmp_path / "data"
+    for task in TASKS:
+        (root / task).mkdir(parents=True)
+        test = (BUNDLED / task / "test.json").read_text()
+        train = BUNDLED / task / "train.json"
+        (root / task / "test.json").write_text(test)
+        (root / task / "train.json").write_text(train.read_text() if train.is_file() else test)
+    return root
+
+
+def _driver(env: dict, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "reproduce_smollm2.py"), *args],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_driver_end_to_end(tmp_path, tiny_llama):
+    results = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "REPRO_MODEL": str(tiny_llama),
+           "REPRO_DATA": str(_data_dir(tmp_path)), "REPRO_WORK": str(tmp_path / "work"),
+           "REPRO_RESULTS": str(results), "REPRO_TRAIN_PER_TASK": "4", "REPRO_TEST_ROWS": "2",
+           "REPRO_MAX_NEW_TOKENS": "4", "REPRO_PROMPT_TEMPLATE": "paper", "REPRO_FIGURE2_CHECKPOINTS": "2"}
+
+    listing = _driver(env, "all", "--dry-run")
+    assert "lora-r32-s2" in listing and "fig2-ft" in listing and "detach-off" in listing and " h left" in listing
+
+    # 1. an adapter run stopped after 2 of its 4 steps continues from its checkpoint; it writes its
+    # result when done, and a second invocation skips it
+    stopped = subprocess.run([sys.executable, str(ROOT / "experiments" / "reproduce_smollm2.py"), "pilot",
+                              "--only", "pilot-dora"], env={**env, "REPRO_SAVE_STEPS": "2", "REPRO_STOP_AFTER_STEPS": "2"},
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode != 0 and "stopped after 2 steps" in stopped.stderr
+    assert not (results / "runs" / "pilot-dora.json").exists()
+    assert "resumed from" in _driver({**env, "REPRO_SAVE_STEPS": "2"}, "pilot", "--only", "pilot-dora")
+    record = json.loads((results / "runs" / "pilot-dora.json").read_text())
+    assert record["steps"] == 4 and set(record["tasks"]) == set(TASKS)
+    assert all(0 <= t["accuracy"] <= 1 and t["rows"] == 2 for t in record["tasks"].values())
+    assert "done already, skipped" in _driver(env, "pilot", "--only", "pilot-dora")
+
+    # 2. Figure 2: FT (own loop) and LoRA/DoRA (trainer) with 2 checkpoints each, then analyze
+    _driver(env, "figure2")
+    work = tmp_path / "work"
+    assert len(list((work / "fig2-ft" / "checkpoints").glob("step-*/model.safetensors"))) == 2
+    assert not (work / "fig2-ft" / "resume.pt").exists()  # removed once the result is written
+    assert len(list((work / "fig2-dora" / "checkpoints").glob("step-*/adapter"))) == 2
+    ft = json.loads((results / "runs" / "fig2-ft.json").read_text())
+    assert ft["steps"] == 4 and len(ft["loss"]) == 4
+    panels = json.loads((results / "figure2" / "q_proj-all-layers" / "analysis.json").read_text())["panels"]
+    assert {p["method"] for p in panels} == {"FT", "LoRA", "DoRA"}
+    assert all(p["points"] == 2 * 2 for p in panels)  # 2 layers x 2 checkpoints
+
+    # 3. DoRA with and without the norm detach (own loop): memory measured on the first step
+    _driver(env, "detach")
+    for name in ("detach-on", "detach-off"):
+        memory = json.loads((results / "runs" / f"{name}.json").read_text())["memory"]
+        assert memory["saved_for_backward"] > 0 and memory["step_peak"] > 0
+
+    # 4. one seed of the rank sweep at r = 4 and one VeRA lr, for the report's tables
+    _driver(env, "sweep", "--only", "lora-r4-s0", "--only", "dora-r4-s0")
+    _driver(env, "vera", "--only", "vera-lr0.01")
+    _driver(env, "pilot", "--only", "untrained")
+    untrained = json.loads((results / "runs" / "untrained.json").read_text())
+    assert untrained["steps"] == 0 and 0 < untrained["chance"]["ARC-Easy"] < 1
+
+    # 5. the report lists every finished run and the Figure-2 panels
+    _driver(env, "report")
+    text = (results / "report.md").read_text()
+    for name in ("pilot-dora", "fig2-ft", "fig2-lora", "fig2-dora"):
+        assert f"| {name} |" in text
+    assert "Figure 2" in text and "| FT |" in text
+    summary = json.loads((results / "report.json").read_text())
+    assert set(summary["runs"]) == {"pilot-dora", "fig2-ft", "fig2-lora", "fig2-dora", "detach-on", "detach-off",
+                                    "lora-r4-s0", "dora-r4-s0", "vera-lr0.01", "untrained"}
+    assert "lift" in summary["pilot"] and "Pilot: untrained" in text
+    assert summary["sweep"]["dora-r4"]["n"] == 1 and summary["vera"]["vera"]["lr"] == 0.01
+    assert "| 4 | " in text and "| vera | 0.01 |" in text
+    assert "Norm detach" in text and summary["detach"]["accuracy"] in ("no difference", "higher", "lower")
