@@ -229,8 +229,11 @@ def train_own(name: str, spec: dict) -> dict:
     from dorafit.eval.examples import collate_causal
     from dorafit.eval.scoring import count_units, loss_sum
     from dorafit.train import data as D
+    from dorafit.train.config import TrainConfig
+    from dorafit.train.trainer import lr_at
 
     out = WORK / name
+    schedule = TrainConfig(lr=spec["lr"])  # the warm-up the adapter runs get from dorafit train
     # 1. model, examples (the trainer's own prompt and response) and trainable parameters
     torch.manual_seed(spec["seed"])
     model, _, _ = load_base()
@@ -267,14 +270,14 @@ def train_own(name: str, spec: dict) -> dict:
     def loss_of(batch):
         return loss_sum(model, batch, "causal-lm") / max(count_units(batch, "causal-lm"), 1)
 
-    # 3. the loop: linear warm-up (2 steps), linear decay; the detach runs measure memory on
+    # 3. the loop: the trainer's schedule (linear warm-up, linear decay); the detach runs measure memory on
     # their first step (autograd's saved tensors; the step's peak above the level before it)
     memory = {} if "detach_norm" in spec else None
     model.train()
     started = time.perf_counter()
     while step < total:
         for group in optimizer.param_groups:
-            group["lr"] = spec["lr"] * min((step + 1) / 2, (total - step) / max(total - 2, 1))
+            group["lr"] = lr_at(step, schedule, total)
         batch = batch_at(step)
         if memory == {}:
             memory["saved_for_backward"] = bench.saved_for_backward_bytes(lambda: loss_of(batch), params)
