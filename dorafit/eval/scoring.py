@@ -112,12 +112,13 @@ def _response_loss_sum(model, batch: dict) -> torch.Tensor:
     labelled = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
     # Position t predicts token t+1: logits from the position before the first labelled token.
     start = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
-    kwargs = {"logits_to_keep": labels.shape[1] - start} if accepts_logits_to_keep(model) else {}
+    keep = labels.shape[1] - start  # positions start..T-1
+    kwargs = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
     # No key/value cache: nothing is generated, and filling it copies every layer's keys and
     # values (which attention would otherwise keep as views of the projections' outputs).
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                    **kwargs).logits
-    logits = logits[:, -(labels.shape[1] - start):-1].float()  # (B, T-1-start, V)
+    logits = logits[:, -keep:-1].float()  # (B, T-1-start, V)
     targets = labels[:, start + 1:]  # (B, T-1-start)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
