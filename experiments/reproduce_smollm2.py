@@ -147,10 +147,9 @@ def chance(task: str) -> float:
 
 
 def write_json(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    tmp.replace(path)
+    from dorafit.files import write_json_atomic
+
+    write_json_atomic(path, value)  # makes the folder, writes a temporary file, renames it
 
 
 def result_path(name: str) -> Path:
@@ -228,6 +227,7 @@ def train_own(name: str, spec: dict) -> dict:
     from dorafit import bench
     from dorafit.eval.examples import collate_causal
     from dorafit.eval.scoring import count_units, loss_sum
+    from dorafit.files import write_file_atomic
     from dorafit.train import data as D
     from dorafit.train.config import TrainConfig
     from dorafit.train.trainer import lr_at
@@ -304,10 +304,8 @@ def train_own(name: str, spec: dict) -> dict:
                 save_file(weights, str(folder / "model.safetensors"))
             sd = model.state_dict() if spec["method"] == "ft" else \
                 {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = state_file.with_suffix(".tmp")
-            torch.save({"model": sd, "optimizer": optimizer.state_dict(), "step": step, "log": json.dumps(log)}, tmp)
-            tmp.replace(state_file)
+            state = {"model": sd, "optimizer": optimizer.state_dict(), "step": step, "log": json.dumps(log)}
+            write_file_atomic(state_file, lambda tmp: torch.save(state, tmp))
     seconds = time.perf_counter() - started
     tokenizer.padding_side = "left"
     return {"steps": step, "train_seconds": seconds, "memory": memory, "loss": log,
