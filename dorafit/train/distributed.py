@@ -65,7 +65,12 @@ def setup() -> DistInfo:
 
 
 def teardown(info: DistInfo) -> None:
+    """Leave the process group together: the barrier first waits until every process is done with
+    its collectives (gloo's barrier also waits for this process's outstanding asynchronous work),
+    so no process tears its connections down while another still talks to it (rank 0 writes the
+    results after the last collective; rank 1 would otherwise destroy the group meanwhile)."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
