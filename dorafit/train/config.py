@@ -117,6 +117,9 @@ class TrainConfig:
     """Scaling numerator: the update is scaled by alpha / rank."""
     dropout: float = 0.0
     """Dropout on the adapter input (the paper uses 0.05 for LLaMA)."""
+    detach_norm: bool = True
+    """DoRA: treat the weight norm as a constant in backward (paper section 4.3, as PEFT does;
+    less memory). --no-detach-norm back-propagates through it as well."""
     targets: List[str] = field(default_factory=list)
     """Modules to adapt (names, dotted suffixes, regexes or all-linear); default: the paper's
     q,k,v,up,down for LLaMA-style models, c_attn,c_proj,c_fc for GPT-2, query,key,value,dense for BERT."""

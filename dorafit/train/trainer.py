@@ -338,7 +338,7 @@ def load_and_attach(cfg: TrainConfig, parallel: Parallel, out: Path, data: RunDa
                                       num_labels=len(data.labels) if data.labels else None)
     targets = cfg.targets or default_targets(model)
     adapter_cfg = dorafit.AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                                        targets=targets,
+                                        targets=targets, detach_norm=cfg.detach_norm,
                                         modules_to_save=trained_heads(model, data.kind, fresh_modules))
     if cfg.quantize:
         _quantize_base(model, targets, cfg.quantize, info)

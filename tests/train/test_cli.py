@@ -150,12 +150,14 @@ def test_yaml_config_and_flags(tiny_llama, arc_files, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("rank: 4\nalpha: 8\nepochs: 1\nlr: 0.005\ntargets: [q_proj, v_proj]\n")
     out = tmp_path / "run"
-    assert _train(tiny_llama, arc_files, out, "--config", str(config), "--rank", "2", "--no-eval-before") == 0
+    assert _train(tiny_llama, arc_files, out, "--config", str(config), "--rank", "2", "--no-eval-before",
+                  "--no-detach-norm") == 0
     import yaml
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["rank"] == 2 and saved["alpha"] == 8 and saved["targets"] == ["q_proj", "v_proj"]
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert adapter["config"]["rank"] == 2
+    assert adapter["config"]["rank"] == 2 and adapter["config"]["detach_norm"] is False
+    assert saved["detach_norm"] is False
     assert all(m["rank"] == 2 for m in adapter["modules"].values())
     assert {name.rsplit(".", 1)[-1] for name in adapter["modules"]} == {"q_proj", "v_proj"}
