@@ -1,6 +1,7 @@
 """experiments/reproduce_smollm2.py end to end on a tiny random LLaMA: an adapter run stopped and
-resumed, the skip of a finished run, the Figure-2 stage (FT with its own loop, LoRA and DoRA, 2 checkpoints each,
-dorafit analyze), the detach pair, sweep/VeRA/untrained records and the report."""
+resumed, the skip of a finished run, the Figure-2 stage (FT with its own loop, the sweep's LoRA and
+DoRA r 16 runs, 2 checkpoints each, dorafit analyze), the detach pair (memory of both settings, the
+run without), sweep/VeRA/untrained records and the report."""
 
 from __future__ import annotations
 
@@ -38,46 +39,53 @@ def test_driver_end_to_end(tmp_path, tiny_llama):
     results = tmp_path / "results"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "REPRO_MODEL": str(tiny_llama),
            "REPRO_DATA": str(_data_dir(tmp_path)), "REPRO_WORK": str(tmp_path / "work"),
-           "REPRO_RESULTS": str(results), "REPRO_TRAIN_PER_TASK": "4", "REPRO_TEST_ROWS": "2",
+           "REPRO_RESULTS": str(results), "REPRO_TRAIN_PER_TASK": "4", "REPRO_VAL_PER_TASK": "2", "REPRO_TEST_ROWS": "2",
            "REPRO_MAX_NEW_TOKENS": "4", "REPRO_PROMPT_TEMPLATE": "paper", "REPRO_FIGURE2_CHECKPOINTS": "2"}
 
     listing = _driver(env, "all", "--dry-run")
-    assert "lora-r32-s2" in listing and "fig2-ft" in listing and "detach-off" in listing and " h left" in listing
+    assert "lora-r32-s1" in listing and "fig2-ft" in listing and "detach-off" in listing and " h left" in listing
+    assert listing.index("dora-r16-s0") < listing.index("fig2-ft") < listing.index("vera-lr") < listing.index("-s1 ")
 
     # 1. an adapter run stopped after 2 of its 4 steps continues from its checkpoint; it writes its
     # result when done, and a second invocation skips it
-    stopped = subprocess.run([sys.executable, str(ROOT / "experiments" / "reproduce_smollm2.py"), "pilot",
-                              "--only", "pilot-dora"], env={**env, "REPRO_SAVE_STEPS": "2", "REPRO_STOP_AFTER_STEPS": "2"},
+    stopped = subprocess.run([sys.executable, str(ROOT / "experiments" / "reproduce_smollm2.py"), "sweep",
+                              "--only", "dora-r16-s0"], env={**env, "REPRO_STOP_AFTER_STEPS": "2"},
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert stopped.returncode != 0 and "stopped after 2 steps" in stopped.stderr
-    assert not (results / "runs" / "pilot-dora.json").exists()
-    assert "resumed from" in _driver({**env, "REPRO_SAVE_STEPS": "2"}, "pilot", "--only", "pilot-dora")
-    record = json.loads((results / "runs" / "pilot-dora.json").read_text())
+    assert not (results / "runs" / "dora-r16-s0.json").exists()
+    assert "resumed from" in _driver(env, "sweep", "--only", "dora-r16-s0")
+    record = json.loads((results / "runs" / "dora-r16-s0.json").read_text())
     assert record["steps"] == 4 and set(record["tasks"]) == set(TASKS)
     assert all(0 <= t["accuracy"] <= 1 and t["rows"] == 2 for t in record["tasks"].values())
-    assert "done already, skipped" in _driver(env, "pilot", "--only", "pilot-dora")
+    assert "done already, skipped" in _driver(env, "sweep", "--only", "dora-r16-s0")
 
-    # 2. Figure 2: FT (own loop) and LoRA/DoRA (trainer) with 2 checkpoints each, then analyze
+    # 2. Figure 2: FT (own loop) and the first seed's LoRA/DoRA r 16 runs, 2 checkpoints each, then analyze
     _driver(env, "figure2")
     work = tmp_path / "work"
     assert len(list((work / "fig2-ft" / "checkpoints").glob("step-*/model.safetensors"))) == 2
     assert not (work / "fig2-ft" / "resume.pt").exists()  # removed once the result is written
-    assert len(list((work / "fig2-dora" / "checkpoints").glob("step-*/adapter"))) == 2
+    assert len(list((work / "dora-r16-s0" / "checkpoints").glob("step-*/adapter"))) == 2
+    assert len(list((work / "lora-r16-s0" / "checkpoints").glob("step-*/adapter"))) == 2
     ft = json.loads((results / "runs" / "fig2-ft.json").read_text())
     assert ft["steps"] == 4 and len(ft["loss"]) == 4
     panels = json.loads((results / "figure2" / "q_proj-all-layers" / "analysis.json").read_text())["panels"]
     assert {p["method"] for p in panels} == {"FT", "LoRA", "DoRA"}
     assert all(p["points"] == 2 * 2 for p in panels)  # 2 layers x 2 checkpoints
 
-    # 3. DoRA with and without the norm detach (own loop): memory measured on the first step
+    # 3. the detach pair: memory of both settings on the same batches, and the run without the detach
     _driver(env, "detach")
-    for name in ("detach-on", "detach-off"):
-        memory = json.loads((results / "runs" / f"{name}.json").read_text())["memory"]
-        assert memory["saved_for_backward"] > 0 and memory["step_peak"] > 0
+    memory = json.loads((results / "runs" / "detach-memory.json").read_text())["memory"]
+    assert 0 < memory["on"]["saved_for_backward"] < memory["off"]["saved_for_backward"]
+    assert memory["on"]["step_peak"] > 0 and memory["off"]["step_peak"] > 0
+    off = json.loads((work / "detach-off" / "adapter" / "adapter_config.json").read_text())
+    assert off["config"]["detach_norm"] is False
 
-    # 4. one seed of the rank sweep at r = 4 and one VeRA lr, for the report's tables
+    # 4. one seed of the rank sweep at r = 4 and one VeRA lr (scored on validation rows too), for the report
     _driver(env, "sweep", "--only", "lora-r4-s0", "--only", "dora-r4-s0")
     _driver(env, "vera", "--only", "vera-lr0.01")
+    vera = json.loads((results / "runs" / "vera-lr0.01.json").read_text())
+    assert set(vera["validation"]) == {"boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"}
+    assert 0 <= vera["average_validation"] <= 1
     _driver(env, "pilot", "--only", "untrained")
     untrained = json.loads((results / "runs" / "untrained.json").read_text())
     assert untrained["steps"] == 0 and 0 < untrained["chance"]["ARC-Easy"] < 1
@@ -85,13 +93,14 @@ def test_driver_end_to_end(tmp_path, tiny_llama):
     # 5. the report lists every finished run and the Figure-2 panels
     _driver(env, "report")
     text = (results / "report.md").read_text()
-    for name in ("pilot-dora", "fig2-ft", "fig2-lora", "fig2-dora"):
+    for name in ("dora-r16-s0", "lora-r16-s0", "fig2-ft", "detach-off"):
         assert f"| {name} |" in text
     assert "Figure 2" in text and "| FT |" in text
     summary = json.loads((results / "report.json").read_text())
-    assert set(summary["runs"]) == {"pilot-dora", "fig2-ft", "fig2-lora", "fig2-dora", "detach-on", "detach-off",
-                                    "lora-r4-s0", "dora-r4-s0", "vera-lr0.01", "untrained"}
+    assert set(summary["runs"]) == {"dora-r16-s0", "lora-r16-s0", "fig2-ft", "detach-off", "lora-r4-s0",
+                                    "dora-r4-s0", "vera-lr0.01", "untrained"}
     assert "lift" in summary["pilot"] and "Pilot: untrained" in text
     assert summary["sweep"]["dora-r4"]["n"] == 1 and summary["vera"]["vera"]["lr"] == 0.01
     assert "| 4 | " in text and "| vera | 0.01 |" in text
     assert "Norm detach" in text and summary["detach"]["accuracy"] in ("no difference", "higher", "lower")
+    assert 0 < summary["detach"]["saved_less"] < 1
