@@ -134,7 +134,7 @@ def estimate_seconds(spec: dict) -> float:
 
 def train_file() -> Path:
     """One JSON file of the training mix (seed-independent), written once."""
-    path = WORK / "train_mix.json"
+    path = WORK / f"train_mix-{TRAIN_PER_TASK}.json"  # a changed size never reuses another size's mix
     if path.is_file():
         return path
     rows = [row for task in TRAIN_TASKS for row in shuffled_train_rows(task)[:TRAIN_PER_TASK]]
