@@ -43,8 +43,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 # -- budget. Measured on this machine (experiments/results/pilot_mix256/): a DoRA step of 4 rows
-# of the mix 4.0 s; 50 generated test rows of each of 7 sets 1m53s; so a run of 120 rows per
-# task (118 steps) with its evaluation takes ~10 min. 1 untrained + 8 (rank sweep) x 2 seeds
+# of the mix 4.0-4.3 s (LoRA 2.8: with dropout, DoRA computes a second base matmul); 50 generated
+# test rows of each of 7 sets 1m53s; so a run of 120 rows per task (117 steps) with its evaluation
+# takes 7.5-11 min. 1 untrained + 8 (rank sweep) x 2 seeds
 # + 6 VeRA/DVoRA + FT + detach-off = 25 runs, about 4 h (`all --dry-run` adds it up).
 MODEL = os.environ.get("REPRO_MODEL", "smollm2-135m-instruct")
 # LLM-Adapters' dataset/ folder lies in ../shared beside the repository unless the environment says where.
@@ -125,7 +126,8 @@ def estimate_seconds(spec: dict) -> float:
     if spec["method"] == "memory":
         return 60.0
     evaluation = (len(TEST_TASKS) * TEST_ROWS + (len(TRAIN_TASKS) * VAL_PER_TASK if spec.get("validate") else 0)) * 0.32
-    step = {"untrained": 0.0, "ft": 8.0}.get(spec["method"], 4.0)
+    # DoRA's dropout needs a second base matmul (docs/performance.md), hence its longer step
+    step = {"untrained": 0.0, "ft": 8.0, "lora": 2.9, "vera": 2.9}.get(spec["method"], 4.3)
     return 30 + evaluation + step * steps_per_run()
 
 
@@ -392,6 +394,63 @@ def run_one(name: str, spec: dict) -> None:
     print(f"{name}: average {100 * record['average']:.1f} % in {record['seconds']:.0f} s", flush=True)
 
 
+# ---------------------------------------------------------------------------- validation loss
+
+
+def validation_losses(model) -> dict[str, list[float]]:
+    """Per row, the mean cross-entropy of the response tokens on the held-out validation rows
+    (VAL_PER_TASK of each trained task; no length cut). Accuracy on 50 rows per set has a sampling
+    error of 6-7 points; a loss on the same rows for every run allows paired comparisons."""
+    import torch
+
+    from dorafit.eval.examples import collate_causal
+    from dorafit.train import data as D
+    from dorafit.train.models import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(MODEL), trust_remote_code=False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.eval()
+    out = {}
+    for task in TRAIN_TASKS:
+        rows = val_rows(task)
+        examples, _ = D.loss_examples(rows, "causal-lm", f"{task} validation rows", tokenizer, 4096,
+                                      prompt_template=COMMON["prompt_template"],
+                                      response_format=COMMON["response_format"])
+        with torch.no_grad():
+            out[task] = [float(batch_loss(model, collate_causal([e], pad))) for e in examples]
+    return out
+
+
+def loss_path(name: str) -> Path:
+    return RESULTS / "losses" / f"{name}.json"
+
+
+def score_losses() -> None:
+    """The validation losses of every finished run whose final weights are on disk (adapter runs
+    and the untrained model; full fine-tuning keeps only its q/v checkpoints), once each."""
+    import dorafit
+
+    for name, spec in plan().items():
+        adapter = WORK / name / "adapter"
+        if loss_path(name).is_file() or not result_path(name).is_file():
+            continue
+        if spec["method"] != "untrained" and not adapter.is_dir():
+            continue
+        model, _, _ = load_base()
+        if spec["method"] != "untrained":
+            dorafit.load_adapter(model, adapter)
+        started = time.perf_counter()
+        losses = validation_losses(model)
+        write_json(loss_path(name), {"name": name, "losses": losses, "seconds": time.perf_counter() - started})
+        print(f"{name}: validation loss {statistics.mean(sum(losses.values(), [])):.4f}", flush=True)
+
+
+def mean_and_error(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error."""
+    error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return statistics.mean(values), error
+
+
 # ---------------------------------------------------------------------------- Figure 2
 
 
@@ -409,12 +468,13 @@ def run_analyze(modules: str, label: str) -> None:
     if (out / "analysis.json").is_file():
         print(f"analyze {label}: done already, skipped", flush=True)
         return
-    args = ["analyze", "--base", MODEL, "--modules", modules, "--out", str(out), "--no-plot"]
+    args = ["analyze", "--base", MODEL, "--modules", modules, "--out", str(out),  # plot: <out>/figure2.png
+            "--title", f"SmolLM2-135M-Instruct, {label.replace('-', ' ')}"]
     for method in ("ft", "lora", "dora"):
         folders = checkpoint_folders(FIGURE2_RUNS[method], method)
         args += ["--checkpoints", *map(str, folders)]
-        label = {"ft": "FT", "lora": "LoRA", "dora": "DoRA"}[method]
-        args += [f"--method={folder}={label}" for folder in folders]
+        panel = {"ft": "FT", "lora": "LoRA", "dora": "DoRA"}[method]
+        args += [f"--method={folder}={panel}" for folder in folders]
     for method, r in PAPER_R.items():
         args += ["--reference", f"{method}={r}"]
     code = dorafit_main(args)
@@ -471,7 +531,8 @@ def report() -> dict:
     records = {name: r for name, r in everything.items() if "tasks" in r}  # (detach-memory has no accuracy)
     lines = ["# Reproduction on SmolLM2-135M-Instruct", "",
              f"Training: {len(TRAIN_TASKS) * TRAIN_PER_TASK} rows (BoolQ, ARC-e, ARC-c, OBQA), batch {BATCH}, "
-             f"{steps_per_run()} steps (one epoch; a few rows longer than {COMMON['max_length']} tokens are "
+             f"{'/'.join(map(str, sorted({r['steps'] for r in records.values() if r['steps']})))} steps "
+             f"(one epoch; rows longer than {COMMON['max_length']} tokens are "
              f"left out); test: {TEST_ROWS} rows per set, greedy, first answer word. "
              "Weights: the 4-bit GGUF dequantized, not the original checkpoint. A difference under two "
              "standard errors is reported as no difference.", ""]
@@ -479,6 +540,12 @@ def report() -> dict:
     lines += ["## Every run (accuracy %)", "",
               "| run | " + " | ".join(TEST_TASKS) + " | avg | avg trained | unparseable | seconds |",
               "|" + "---|" * (len(TEST_TASKS) + 5)]
+    if "chance" in records.get("untrained", {}):
+        odds = records["untrained"]["chance"]
+        lines.append("| chance (a uniform guess; BoolQ: its majority answer) | "
+                     + " | ".join(pct(odds[t]) for t in TEST_TASKS)
+                     + f" | {pct(statistics.mean(odds.values()))} | {pct(statistics.mean(odds[t] for t in TRAIN_TASKS))}"
+                     + " | | |")
     for name, r in records.items():
         unparseable = statistics.mean(t["unparseable"] for t in r["tasks"].values())
         lines.append(f"| {name} | " + " | ".join(pct(r["tasks"][t]["accuracy"]) for t in TEST_TASKS)
@@ -538,6 +605,39 @@ def report() -> dict:
             tried = ", ".join(f"{lr}: {pct(a)}" for lr, a in v["tried"].items())
             lines.append(f"| {method} | {v['lr']:g} | {pct(v['average'])} | {tried} |")
     summary["vera"] = vera
+    # validation loss: paired row by row, so differences far below the accuracies' sampling error show
+    losses = {p.stem: sum((json.loads(p.read_text())["losses"][t] for t in TRAIN_TASKS), [])
+              for p in sorted((RESULTS / "losses").glob("*.json"))}
+    # {label: (first runs, second runs)}, run i of each side paired (the same seed)
+    pairs = {f"r {rank}: DoRA vs LoRA": ([f"dora-r{rank}-s{s}" for s in SEEDS], [f"lora-r{rank}-s{s}" for s in SEEDS])
+             for rank in RANKS}
+    if "vera" in vera and "dvora" in vera:
+        pairs[f"r {ONE_RANK}: DVoRA vs VeRA (their chosen lr)"] = ([f"dvora-lr{vera['dvora']['lr']:g}"],
+                                                                   [f"vera-lr{vera['vera']['lr']:g}"])
+    pairs[f"r {ONE_RANK}: DoRA detach off vs on"] = (["detach-off"], [DETACH_ON])
+    loss_rows = {}
+    for label, (left, right) in pairs.items():
+        both = [(a, b) for a, b in zip(left, right) if a in losses and b in losses]
+        if not both:
+            continue
+        per_row = [statistics.mean(losses[a][i] - losses[b][i] for a, b in both) for i in range(len(losses[both[0][0]]))]
+        diff, error = mean_and_error(per_row)
+        loss_rows[label] = {"runs": both, "left": statistics.mean(statistics.mean(losses[a]) for a, _ in both),
+                            "right": statistics.mean(statistics.mean(losses[b]) for _, b in both),
+                            "difference": diff, "stderr": error,
+                            "verdict": "no difference" if abs(diff) < 2 * error else ("higher" if diff > 0 else "lower")}
+    if loss_rows:
+        n_rows = len(next(iter(losses.values())))
+        lines += ["", f"## Validation loss ({n_rows} held-out training rows of the four trained tasks; mean per-token "
+                  "response loss; the difference is paired row by row, its se from the rows, averaged over the "
+                  "seeds both sides have)", ""]
+        if "untrained" in losses:
+            lines.append(f"Untrained model: {statistics.mean(losses['untrained']):.4f}.\n")
+        lines += ["| comparison | first | second | first − second | se | verdict | seeds |", "|---|---|---|---|---|---|---|"]
+        for label, row in loss_rows.items():
+            lines.append(f"| {label} | {row['left']:.4f} | {row['right']:.4f} | "
+                         f"{row['difference']:+.4f} | {row['stderr']:.4f} | {row['verdict']} | {len(row['runs'])} |")
+    summary["validation_loss"] = loss_rows
     # Figure 2
     figure = {}
     for folder in sorted((RESULTS / "figure2").glob("*/analysis.json")):
@@ -582,11 +682,11 @@ def report() -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=STAGES + ("all", "report"))
+    parser.add_argument("stage", choices=STAGES + ("all", "losses", "report"))
     parser.add_argument("--dry-run", action="store_true", help="list the runs and an estimated time, run nothing")
     parser.add_argument("--only", action="append", help="run only this run (repeatable)")
     args = parser.parse_args(argv)
-    stages = STAGES if args.stage == "all" else () if args.stage == "report" else (args.stage,)
+    stages = STAGES if args.stage == "all" else () if args.stage in ("losses", "report") else (args.stage,)
     runs = {n: s for n, s in plan().items() if s["stage"] in stages and (not args.only or n in args.only)}
     if args.dry_run:
         total = 0.0
@@ -601,6 +701,8 @@ def main(argv=None) -> int:
         run_one(name, spec)
     if "figure2" in stages and not args.only:
         analyze_figure2()
+    if args.stage in ("all", "losses"):
+        score_losses()
     if args.stage in ("all", "report"):
         report()
     return 0

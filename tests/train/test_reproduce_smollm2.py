@@ -71,6 +71,7 @@ def test_driver_end_to_end(tmp_path, tiny_llama):
     panels = json.loads((results / "figure2" / "q_proj-all-layers" / "analysis.json").read_text())["panels"]
     assert {p["method"] for p in panels} == {"FT", "LoRA", "DoRA"}
     assert all(p["points"] == 2 * 2 for p in panels)  # 2 layers x 2 checkpoints
+    assert (results / "figure2" / "q_proj-six-layers" / "figure2.png").stat().st_size > 0
 
     # 3. the detach pair: memory of both settings on the same batches, and the run without the detach
     _driver(env, "detach")
@@ -90,12 +91,20 @@ def test_driver_end_to_end(tmp_path, tiny_llama):
     untrained = json.loads((results / "runs" / "untrained.json").read_text())
     assert untrained["steps"] == 0 and 0 < untrained["chance"]["ARC-Easy"] < 1
 
-    # 5. the report lists every finished run and the Figure-2 panels
+    # 5. validation losses of every run with final weights (not FT: it keeps q/v checkpoints only), once
+    _driver(env, "losses")
+    scored = {p.stem for p in (results / "losses").glob("*.json")}
+    assert scored == {"dora-r16-s0", "lora-r16-s0", "detach-off", "lora-r4-s0", "dora-r4-s0", "vera-lr0.01", "untrained"}
+    losses = json.loads((results / "losses" / "dora-r4-s0.json").read_text())["losses"]
+    assert {len(v) for v in losses.values()} == {2} and all(x > 0 for v in losses.values() for x in v)
+    assert "validation loss" not in _driver(env, "losses")  # nothing scored twice
+
+    # 6. the report lists every finished run and the Figure-2 panels
     _driver(env, "report")
     text = (results / "report.md").read_text()
     for name in ("dora-r16-s0", "lora-r16-s0", "fig2-ft", "detach-off"):
         assert f"| {name} |" in text
-    assert "Figure 2" in text and "| FT |" in text
+    assert "Figure 2" in text and "| FT |" in text and "| chance (a uniform guess" in text
     summary = json.loads((results / "report.json").read_text())
     assert set(summary["runs"]) == {"dora-r16-s0", "lora-r16-s0", "fig2-ft", "detach-off", "lora-r4-s0",
                                     "dora-r4-s0", "vera-lr0.01", "untrained"}
@@ -104,3 +113,5 @@ def test_driver_end_to_end(tmp_path, tiny_llama):
     assert "| 4 | " in text and "| vera | 0.01 |" in text
     assert "Norm detach" in text and summary["detach"]["accuracy"] in ("no difference", "higher", "lower")
     assert 0 < summary["detach"]["saved_less"] < 1
+    assert "Validation loss" in text and "| r 4: DoRA vs LoRA |" in text
+    assert summary["validation_loss"]["r 4: DoRA vs LoRA"]["runs"] == [["dora-r4-s0", "lora-r4-s0"]]
