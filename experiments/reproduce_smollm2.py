@@ -348,11 +348,11 @@ def measure_detach_memory(name: str, spec: dict) -> dict:
         dorafit.attach(model, dorafit.AdapterConfig(method="dora", rank=ONE_RANK, alpha=2.0 * ONE_RANK,
                                                     dropout=COMMON["dropout"], targets=COMMON["targets"],
                                                     detach_norm=detach))
-        params = [p for p in model.parameters() if p.requires_grad]
         model.train()
         saved, peak = [], []
         for batch in batches:
-            saved.append(bench.saved_for_backward_bytes(lambda: batch_loss(model, batch), params))
+            # every parameter, frozen ones too, is excluded: autograd keeps the base weights anyway
+            saved.append(bench.saved_for_backward_bytes(lambda: batch_loss(model, batch), list(model.parameters())))
 
             def one_step():
                 batch_loss(model, batch).backward()
