@@ -261,6 +261,11 @@ def own_examples():
     return examples, tokenizer
 
 
+def pad_id(tokenizer) -> int:
+    """What collate_causal pads with: the tokenizer's pad token, else 0 (as the trainer does)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def batch_loss(model, batch):
     from dorafit.eval.scoring import count_units, loss_sum
 
@@ -285,7 +290,7 @@ def train_own(name: str, spec: dict) -> dict:
     examples, tokenizer = own_examples()
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     total = len(examples) // BATCH
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(spec["seed"])).tolist()
     every = max(total // spec["checkpoints"], 1) if spec.get("checkpoints") else SAVE_STEPS
@@ -339,7 +344,7 @@ def measure_detach_memory(name: str, spec: dict) -> dict:
     from dorafit.eval.examples import collate_causal
 
     examples, tokenizer = own_examples()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     batches = [collate_causal(examples[i * BATCH:(i + 1) * BATCH], pad) for i in range(3)]
     memory = {}
     for label, detach in (("on", True), ("off", False)):
@@ -408,7 +413,7 @@ def validation_losses(model) -> dict[str, list[float]]:
     from dorafit.train.models import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(MODEL), trust_remote_code=False)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     model.eval()
     out = {}
     for task in TRAIN_TASKS:
@@ -443,12 +448,6 @@ def score_losses() -> None:
         losses = validation_losses(model)
         write_json(loss_path(name), {"name": name, "losses": losses, "seconds": time.perf_counter() - started})
         print(f"{name}: validation loss {statistics.mean(sum(losses.values(), [])):.4f}", flush=True)
-
-
-def mean_and_error(values: list[float]) -> tuple[float, float]:
-    """Mean and its standard error."""
-    error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return statistics.mean(values), error
 
 
 # ---------------------------------------------------------------------------- Figure 2
@@ -621,11 +620,11 @@ def report() -> dict:
         if not both:
             continue
         per_row = [statistics.mean(losses[a][i] - losses[b][i] for a, b in both) for i in range(len(losses[both[0][0]]))]
-        diff, error = mean_and_error(per_row)
+        diff, _, error = mean_std(per_row)
         loss_rows[label] = {"runs": both, "left": statistics.mean(statistics.mean(losses[a]) for a, _ in both),
                             "right": statistics.mean(statistics.mean(losses[b]) for _, b in both),
                             "difference": diff, "stderr": error,
-                            "verdict": "no difference" if abs(diff) < 2 * error else ("higher" if diff > 0 else "lower")}
+                            "verdict": compare((diff, error), (0.0, 0.0))}
     if loss_rows:
         n_rows = len(next(iter(losses.values())))
         lines += ["", f"## Validation loss ({n_rows} held-out training rows of the four trained tasks; mean per-token "
@@ -669,8 +668,9 @@ def report() -> dict:
         lines.append(f"\nSaved for backward {100 * saving:.1f} % less with the detach (paper: 24 % less training "
                      f"memory). Accuracy with detach vs without: {verdict} (binomial standard errors).")
         summary["detach"] = {"on": memory["on"], "off": memory["off"], "saved_less": saving, "accuracy": verdict}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "report.md").write_text("\n".join(lines) + "\n")
+    from dorafit.files import write_bytes_atomic
+
+    write_bytes_atomic(RESULTS / "report.md", ("\n".join(lines) + "\n").encode())
     write_json(RESULTS / "report.json", {k: v for k, v in summary.items() if k != "runs"}
                | {"runs": {k: {"average": v["average"], "tasks": v["tasks"]} for k, v in records.items()}})
     print(f"report: {RESULTS / 'report.md'}", flush=True)
