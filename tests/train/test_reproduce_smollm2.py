@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "dorafit" / "data"
 TASKS = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa", "piqa", "social_i_qa", "winogrande")
@@ -115,3 +117,13 @@ def test_driver_end_to_end(tmp_path, tiny_llama):
     assert 0 < summary["detach"]["saved_less"] < 1
     assert "Validation loss" in text and "| r 4: DoRA vs LoRA |" in text
     assert summary["validation_loss"]["r 4: DoRA vs LoRA"]["runs"] == [["dora-r4-s0", "lora-r4-s0"]]
+
+
+def test_results_are_not_git_ignored():
+    """The records under experiments/results/ are what the report is rebuilt from: an ignore rule
+    must reach only the work folders (adapters, checkpoints), never them."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["experiments/results/reproduction_smollm2/runs/a.json", "experiments/runs/a/adapter", "runs/a/adapter"]
+    done = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert done.stdout.split() == paths[1:]
