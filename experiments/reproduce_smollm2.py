@@ -587,26 +587,34 @@ def report() -> dict:
             verdict = compare((do["mean"], do["stderr"]), (lo["mean"], lo["stderr"])) if lo and do else "-"
             lines.append(f"| {rank} | {cell(lo)} | {cell(do)} | {verdict} |")
     summary["sweep"] = sweep
-    # VeRA / DVoRA: the lr with the best mean accuracy on the validation rows (never the test rows)
+    # per run, the response losses of the validation rows (the four trained tasks' in turn)
+    losses = {p.stem: sum((json.loads(p.read_text())["losses"][t] for t in TRAIN_TASKS), [])
+              for p in sorted((RESULTS / "losses").glob("*.json"))}
+    # VeRA / DVoRA: the lr with the best accuracy on the validation rows (never the test rows); at equal
+    # accuracy (rounded: a mean of four shares is not exact) the lower validation loss
     vera = {}
     for method in ("vera", "dvora"):
         tried = {lr: records[f"{method}-lr{lr:g}"] for lr in VERA_LRS if f"{method}-lr{lr:g}" in records}
         if tried:
-            best = max(tried, key=lambda lr: tried[lr]["average_validation"])
+            def merit(lr, method=method):
+                loss = losses.get(f"{method}-lr{lr:g}")
+                return round(tried[lr]["average_validation"], 9), -statistics.mean(loss) if loss else -math.inf
+
+            best = max(tried, key=merit)
             vera[method] = {"lr": best, "average": tried[best]["average"],
                             "average_trained": tried[best]["average_trained"],
-                            "tried": {f"{lr:g}": tried[lr]["average_validation"] for lr in tried}}
+                            "tried": {f"{lr:g}": tried[lr]["average_validation"] for lr in tried},
+                            "tried_loss": {f"{lr:g}": -merit(lr)[1] for lr in tried}}
     if vera:
         lines += ["", f"## VeRA and DVoRA (r {ONE_RANK}; lr chosen on {VAL_PER_TASK} held-out training rows per "
                   "trained task; one seed)", "",
-                  "| method | lr | average % | lrs tried (validation avg %) |", "|---|---|---|---|"]
+                  "| method | lr | average % | lrs tried: validation avg % (validation loss) |", "|---|---|---|---|"]
         for method, v in vera.items():
-            tried = ", ".join(f"{lr}: {pct(a)}" for lr, a in v["tried"].items())
+            tried = ", ".join(f"{lr}: {pct(a)}" + (f" ({v['tried_loss'][lr]:.4f})" if math.isfinite(v["tried_loss"][lr])
+                                                   else "") for lr, a in v["tried"].items())
             lines.append(f"| {method} | {v['lr']:g} | {pct(v['average'])} | {tried} |")
     summary["vera"] = vera
     # validation loss: paired row by row, so differences far below the accuracies' sampling error show
-    losses = {p.stem: sum((json.loads(p.read_text())["losses"][t] for t in TRAIN_TASKS), [])
-              for p in sorted((RESULTS / "losses").glob("*.json"))}
     # {label: (first runs, second runs)}, run i of each side paired (the same seed)
     pairs = {f"r {rank}: DoRA vs LoRA": ([f"dora-r{rank}-s{s}" for s in SEEDS], [f"lora-r{rank}-s{s}" for s in SEEDS])
              for rank in RANKS}
