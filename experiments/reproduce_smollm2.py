@@ -513,6 +513,12 @@ def sampling_error(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n) if n else float("nan")
 
 
+def best_lr(accuracy: dict[float, float], loss: dict[float, float]) -> float:
+    """The lr with the best validation accuracy (rounded: a mean of four shares is not exact), at
+    equal accuracy the one with the lower validation loss (inf where none was scored)."""
+    return max(accuracy, key=lambda lr: (round(accuracy[lr], 9), -loss[lr]))
+
+
 def compare(a: tuple[float, float], b: tuple[float, float]) -> str:
     """'a > b', 'a < b', or 'no difference' when |a - b| < 2 standard errors of the difference."""
     diff, error = a[0] - b[0], math.sqrt(a[1] ** 2 + b[1] ** 2)
@@ -590,21 +596,18 @@ def report() -> dict:
     # per run, the response losses of the validation rows (the four trained tasks' in turn)
     losses = {p.stem: sum((json.loads(p.read_text())["losses"][t] for t in TRAIN_TASKS), [])
               for p in sorted((RESULTS / "losses").glob("*.json"))}
-    # VeRA / DVoRA: the lr with the best accuracy on the validation rows (never the test rows); at equal
-    # accuracy (rounded: a mean of four shares is not exact) the lower validation loss
+    # VeRA / DVoRA: the lr chosen on the validation rows, never the test rows
     vera = {}
     for method in ("vera", "dvora"):
         tried = {lr: records[f"{method}-lr{lr:g}"] for lr in VERA_LRS if f"{method}-lr{lr:g}" in records}
         if tried:
-            def merit(lr, method=method):
-                loss = losses.get(f"{method}-lr{lr:g}")
-                return round(tried[lr]["average_validation"], 9), -statistics.mean(loss) if loss else -math.inf
-
-            best = max(tried, key=merit)
+            accuracy = {lr: tried[lr]["average_validation"] for lr in tried}
+            loss = {lr: statistics.mean(losses.get(f"{method}-lr{lr:g}", [math.inf])) for lr in tried}
+            best = best_lr(accuracy, loss)
             vera[method] = {"lr": best, "average": tried[best]["average"],
                             "average_trained": tried[best]["average_trained"],
-                            "tried": {f"{lr:g}": tried[lr]["average_validation"] for lr in tried},
-                            "tried_loss": {f"{lr:g}": -merit(lr)[1] for lr in tried}}
+                            "tried": {f"{lr:g}": accuracy[lr] for lr in tried},
+                            "tried_loss": {f"{lr:g}": loss[lr] for lr in tried}}
     if vera:
         lines += ["", f"## VeRA and DVoRA (r {ONE_RANK}; lr chosen on {VAL_PER_TASK} held-out training rows per "
                   "trained task; one seed)", "",

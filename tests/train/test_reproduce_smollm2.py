@@ -127,3 +127,16 @@ def test_results_are_not_git_ignored():
     paths = ["experiments/results/reproduction_smollm2/runs/a.json", "experiments/runs/a/adapter", "runs/a/adapter"]
     done = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True)
     assert done.stdout.split() == paths[1:]
+
+
+def test_best_lr_ties_go_to_the_lower_validation_loss():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        from reproduce_smollm2 import best_lr
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    # the float means of four shares differ by rounding only: a tie, settled by the loss
+    assert best_lr({0.01: 0.30000000000000004, 0.03: 0.3}, {0.01: 0.2309, 0.03: 0.1992}) == 0.03
+    # accuracy comes first; a run without scored losses loses only ties
+    assert best_lr({0.01: 0.3, 0.03: 0.2}, {0.01: 0.5, 0.03: 0.1}) == 0.01
+    assert best_lr({0.01: 0.3, 0.03: 0.3}, {0.01: float("inf"), 0.03: 0.4}) == 0.03
