@@ -61,7 +61,7 @@ from dorafit.train import checkpoint as ckpt
 from dorafit.train import data as D
 from dorafit.train import distributed as dist_utils
 from dorafit.train.config import TrainConfig, TrainConfigError, format_config
-from dorafit.train.distributed import Parallel, gather_trainable, load_trainable, trainable_named
+from dorafit.train.distributed import Parallel, load_trainable, trainable_named
 from dorafit.train.models import (
     default_targets,
     detect_kind,
@@ -211,6 +211,10 @@ def train(cfg: TrainConfig) -> TrainResult | None:
 def prepare_run(cfg: TrainConfig) -> tuple[Parallel, Path]:
     """Join the processes, check and make the run folder (rank 0), print and save the config."""
     info = dist_utils.setup()
+    try:
+        parallel = Parallel(info, cfg.distributed, cfg.tp_size)
+    except dist_utils.ParallelError as err:
+        raise TrainConfigError(str(err)) from None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _check_precision(cfg, info.device)
@@ -233,7 +237,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[Parallel, Path]:
 
         write_bytes_atomic(out / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False).encode())
     seed_everything(cfg.seed)
-    return Parallel(info, cfg.distributed), out
+    return parallel, out
 
 
 def check_resume_options(out: Path, cfg: TrainConfig) -> None:
@@ -328,11 +332,11 @@ def load_and_attach(cfg: TrainConfig, parallel: Parallel, out: Path, data: RunDa
     first step is the base model's.
     """
     info = parallel.info
-    global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
+    global_batch = cfg.batch_size * cfg.grad_accum * parallel.replicas
     steps_per_epoch = len(data.train) // global_batch
     if steps_per_epoch == 0:
         raise D.DataError(f"{data.train_path}: {len(data.train)} training rows are fewer than one global batch "
-                          f"({global_batch} = batch size x grad accum x processes)")
+                          f"({global_batch} = batch size x grad accum x data-parallel processes)")
     _print(info, f"{steps_per_epoch * cfg.epochs} steps of {global_batch} rows")
     model, fresh_modules = load_model(data.model_path, data.kind, cfg.trust_remote_code,
                                       num_labels=len(data.labels) if data.labels else None)
@@ -342,6 +346,7 @@ def load_and_attach(cfg: TrainConfig, parallel: Parallel, out: Path, data: RunDa
                                         modules_to_save=trained_heads(model, data.kind, fresh_modules))
     if cfg.quantize:
         _quantize_base(model, targets, cfg.quantize, info)
+    parallel.prepare_base(model)  # tensor parallel: the base layers are split before attaching
     torch.manual_seed(cfg.seed)  # the adapter's initialisation depends on the seed alone
     dorafit.attach(model, adapter_cfg)
     model.to(info.device)
@@ -376,7 +381,7 @@ def start(run: Run) -> RunState:
     """Wrap the model, build AdamW, and return the state to continue from: a checkpoint's with
     --resume, else step 0 (after the evaluation of the untrained model)."""
     cfg, info = run.cfg, run.info
-    resumed = ckpt.load_latest(run.out / "checkpoints") if cfg.resume else None
+    resumed = run.parallel.latest_checkpoint(run.out / "checkpoints") if cfg.resume else None
     if cfg.resume and resumed is None:
         warnings.warn(f"--resume: no usable checkpoint in {run.out / 'checkpoints'}; starting from step 0",
                       stacklevel=2)
@@ -390,9 +395,7 @@ def start(run: Run) -> RunState:
     if resumed is None:
         return state
     folder, loaded = resumed
-    load_trainable(run.model, loaded["trainable"], folder)
-    run.parallel.load_optimizer_state(run.wrapped, run.optimizer, run.names, loaded["optimizer"],
-                                      loaded["state"]["optimizer_param_groups"])
+    run.parallel.load_checkpoint(run.model, run.optimizer, run.names, folder, loaded)
     ckpt.restore_rng(loaded["rng"], loaded["state"]["rng"])
     state = RunState.from_counters(loaded["state"])
     if info.is_main:
@@ -466,12 +469,12 @@ def train_step(run: Run, step: int) -> tuple[float, float]:
     for j, micro in enumerate(micro_batches):
         mine = _to(run.parallel.local_rows(micro, cfg.batch_size), info.device)
         with run.parallel.accumulating(run.wrapped, last=j == len(micro_batches) - 1), _autocast(cfg, info.device):
-            # DDP and FSDP average gradients over processes; scale by world size so the
-            # result is the sum over the step divided by its units.
-            loss = loss_sum(run.wrapped, mine, run.data.kind) * (info.world_size / units)
-        step_loss += float(loss.detach()) / info.world_size
+            # DDP and FSDP average gradients over the data-parallel replicas; scale by their
+            # number so the result is the sum over the step divided by its units.
+            loss = loss_sum(run.wrapped, mine, run.data.kind) * (run.parallel.replicas / units)
+        step_loss += float(loss.detach()) / run.parallel.replicas
         (run.scaler.scale(loss) if run.scaler else loss).backward()
-    step_loss = dist_utils.all_reduce_sum(step_loss, info)
+    step_loss = run.parallel.sum_over_replicas(step_loss)
     _refuse_non_finite(run, "loss", step_loss, step + 1)
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
@@ -488,7 +491,7 @@ def train_step(run: Run, step: int) -> tuple[float, float]:
 
 def step_batches(run: Run, step: int) -> list[dict]:
     """The micro-batches of global batch ``step``: rows perm_e[s*G:(s+1)*G] (see the module docstring)."""
-    cfg, world = run.cfg, run.info.world_size
+    cfg, world = run.cfg, run.parallel.replicas
     epoch, in_epoch = divmod(step, run.steps_per_epoch)
     global_batch = cfg.batch_size * cfg.grad_accum * world
     order = torch.randperm(len(run.data.train), generator=torch.Generator().manual_seed(cfg.seed + epoch))
@@ -554,14 +557,13 @@ def validation_loss(run: Run, model) -> float:
 
 
 def save_checkpoint(run: Run, state: RunState) -> None:
-    """A resumable checkpoint of this step (gathered to rank 0), then the oldest ones pruned."""
-    optim_tensors, optim_groups = run.parallel.optimizer_state(run.wrapped, run.optimizer, run.names)
-    trainable = gather_trainable(run.model)
+    """A resumable checkpoint of this step (whole tensors from rank 0, or every rank's shards),
+    then the oldest ones pruned."""
+    root = run.out / "checkpoints"
+    write_adapter = run.parallel.from_model(lambda tmp: save_adapter_dir(run.model, tmp / "adapter", run.task_info))
+    run.parallel.save_checkpoint(root / f"step-{state.step:06d}", run.model, run.optimizer, run.names,
+                                 state.counters(), write_extra=write_adapter)
     if run.info.is_main:
-        root = run.out / "checkpoints"
-        write_adapter = run.parallel.from_model(lambda tmp: save_adapter_dir(run.model, tmp / "adapter", run.task_info))
-        ckpt.save_checkpoint(root / f"step-{state.step:06d}", trainable, optim_tensors, optim_groups,
-                             state.counters(), write_extra=write_adapter)
         ckpt.prune_checkpoints(root, run.cfg.keep_checkpoints)
     dist_utils.barrier(run.info)
 

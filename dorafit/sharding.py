@@ -1,0 +1,202 @@
+"""Models split over processes: tensor-parallel plans and shard-by-shard base loading.
+
+Tensor parallel (torch's ``parallelize_module``) splits a linear base W0 (out, in) over the
+tensor-parallel ranks in one of two ways:
+
+    colwise   W0 Shard(0): each rank holds out/N rows; input replicated, output Shard(-1)
+    rowwise   W0 Shard(1): each rank holds in/N columns; input Shard(-1), output all-reduced
+
+The standard LLaMA plan is colwise q, k, v, gate, up and rowwise o, down; transformers models
+carry it as ``config.base_model_tp_plan`` ("layers.*.self_attn.q_proj": "colwise", ...).
+``parallelize_base`` applies that plan (its colwise and rowwise entries) with torch's styles.
+
+``load_base`` fills a model whose parameters are sharded (FSDP2's Shard(0) rows, tensor-parallel
+shards, both on a 2-D mesh) or plain from a Hugging Face folder's safetensors files, reading
+only the slice of each tensor that this process holds: no process ever holds the whole base.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+STYLES = ("colwise", "rowwise")
+
+
+class ShardingError(ValueError):
+    """A sharded layout dorafit cannot handle, or files that do not fit the sharded model."""
+
+
+def _layer_wildcard(name: str) -> str:
+    """``model.layers.3.mlp`` -> ``model.layers.*.mlp`` (numbers between dots only)."""
+    return re.sub(r"\.\d+(?=\.|$)", ".*", name)
+
+
+def model_tp_plan(model: nn.Module) -> Dict[str, str]:
+    """{module name: "colwise" | "rowwise"} from a transformers model's ``base_model_tp_plan``.
+
+    Entries of other styles (embedding, gathered or packed outputs) are left out: those modules
+    stay whole on every rank. Raises ShardingError for a model without a plan.
+    """
+    config = getattr(model, "config", None)
+    plan = dict(getattr(config, "base_model_tp_plan", None) or {})
+    if not plan:
+        raise ShardingError(f"{type(model).__name__} has no tensor-parallel plan (config.base_model_tp_plan); "
+                            "parallelize it with torch's parallelize_module before attaching instead")
+    prefix = getattr(model, "base_model_prefix", "")
+    resolved = {}
+    for name, _ in model.named_modules():
+        local = name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else name
+        style = plan.get(_layer_wildcard(local))
+        if style in STYLES:
+            resolved[name] = style
+    if not resolved:
+        raise ShardingError(f"the tensor-parallel plan of {type(model).__name__} names no module of the model "
+                            f"(plan keys: {sorted(plan)[:8]})")
+    return resolved
+
+
+def parallelize_base(model: nn.Module, tp_mesh, plan: Optional[Dict[str, str]] = None) -> nn.Module:
+    """Split the base layers over ``tp_mesh`` with torch's ColwiseParallel / RowwiseParallel,
+    following ``plan`` (default: ``model_tp_plan(model)``). Call it before ``dorafit.attach``."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = model_tp_plan(model) if plan is None else plan
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    bad = {name: style for name, style in plan.items() if style not in styles}
+    if bad:
+        raise ShardingError(f"tensor-parallel styles other than {STYLES} in the plan: {bad}")
+    size = tp_mesh.size()
+    for name, style in plan.items():
+        module = model.get_submodule(name)
+        dim = module.weight.shape[0 if style == "colwise" else 1]
+        if dim % size:
+            raise ShardingError(f"module {name!r}: {style} splits {dim} {'rows' if style == 'colwise' else 'columns'} "
+                                f"over {size} tensor-parallel ranks; {dim} is not a multiple of {size}")
+    return parallelize_module(model, tp_mesh, {name: styles[style]() for name, style in plan.items()})
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading a base shard by shard
+
+
+def _safetensors_files(folder: Path) -> List[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ShardingError(f"{index}: not a safetensors index ({err})") from None
+        return [folder / name for name in dict.fromkeys(weight_map.values())]
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise ShardingError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    return [single]
+
+
+def local_slices(t: torch.Tensor) -> Tuple[torch.Tensor, Tuple[slice, ...]]:
+    """(the tensor this process writes into, the slice of the whole tensor it holds).
+
+    For a DTensor (FSDP2 rows, tensor-parallel shards, a 2-D mesh of both) the local shard and
+    its offsets; for a plain tensor the tensor and the whole range.
+    """
+    if not hasattr(t, "device_mesh"):
+        return t, tuple(slice(0, n) for n in t.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return t.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+def _wrapper_parts(model: nn.Module) -> Dict[str, Tuple[str, ...]]:
+    """{module name: child names that a base checkpoint does not know}: an adapter's ``base``,
+    a trained copy's ``original`` and ``trainable``, which stand for the module itself."""
+    from .adapters import ModulesToSave
+    from .layers import AdapterLayer
+
+    parts = {}
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            parts[name] = ("base",)
+        elif isinstance(module, ModulesToSave):
+            parts[name] = ("original", "trainable")
+    return parts
+
+
+def base_key(key: str, wrappers: Dict[str, Tuple[str, ...]]) -> Optional[str]:
+    """The key a base checkpoint uses for the model's tensor ``key`` (wrapper levels removed), or
+    None for an adapter's own tensor (lora_a, magnitude, ...), which no base checkpoint holds."""
+    parts = key.split(".")
+    kept, i = [], 0
+    while i < len(parts):
+        kept.append(parts[i])
+        owner = ".".join(kept)
+        if owner in wrappers and i + 1 < len(parts):
+            if parts[i + 1] not in wrappers[owner]:
+                return None  # a tensor of the adapter itself
+            i += 1  # skip "base" / "original" / "trainable"
+        i += 1
+    return ".".join(kept)
+
+
+def _model_tensors(model: nn.Module) -> Dict[str, List[torch.Tensor]]:
+    """{base checkpoint key: the model's tensors that take its value} for every parameter and
+    persistent buffer (an adapted layer's base, both copies of a trained head; tied tensors once)."""
+    wrappers = _wrapper_parts(model)
+    targets: Dict[str, List[torch.Tensor]] = {}
+    seen = set()
+    for module_name, module in model.named_modules():
+        prefix = module_name + "." if module_name else ""
+        tensors = [(n, t) for n, t in module._parameters.items() if t is not None]
+        tensors += [(n, t) for n, t in module._buffers.items()
+                    if t is not None and n not in module._non_persistent_buffers_set]
+        for name, t in tensors:
+            key = base_key(prefix + name, wrappers)
+            if key is not None and id(t) not in seen:
+                seen.add(id(t))
+                targets.setdefault(key, []).append(t)
+    return targets
+
+
+@torch.no_grad()
+def load_base(model: nn.Module, folder, strict: bool = True) -> List[str]:
+    """Copy a Hugging Face folder's weights into ``model`` in place, each process reading only the
+    slice it holds (safetensors ``get_slice``); returns the keys loaded.
+
+    The model's tensors must be real (``to_empty`` after building on ``meta``), sharded or not,
+    adapted or not: an adapted layer's base takes the key of the layer it replaced, and adapter
+    tensors, which no base checkpoint holds, are left alone. With ``strict`` a base tensor the
+    files lack raises (a tied output head is the tensor it is tied to). Shapes are checked
+    against the files before a value is copied.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    targets = _model_tensors(model)
+    meta = sorted(k for k, ts in targets.items() if any(t.device.type == "meta" for t in ts))
+    if meta:
+        raise ShardingError(f"{len(meta)} tensors of the model are still on the meta device (e.g. {meta[0]}); "
+                            "call model.to_empty(device=...) before loading")
+    loaded = []
+    for file in _safetensors_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key not in targets:
+                    continue
+                part = f.get_slice(key)
+                for target in targets[key]:
+                    if list(part.get_shape()) != list(target.shape):
+                        raise ShardingError(f"{file}: {key} has shape {tuple(part.get_shape())}, the model's is "
+                                            f"{tuple(target.shape)}")
+                    local, index = local_slices(target)
+                    local.copy_(part[index] if index else part[()])
+                loaded.append(key)
+    missing = sorted(set(targets) - set(loaded))
+    if strict and missing:
+        raise ShardingError(f"{folder}: no values for {len(missing)} tensors of the model, e.g. {missing[:5]}")
+    return loaded
