@@ -10,7 +10,9 @@ The standard LLaMA plan is colwise q, k, v, gate, up and rowwise o, down; transf
 carry it as ``config.base_model_tp_plan`` ("layers.*.self_attn.q_proj": "colwise", ...).
 ``parallelize_base`` applies that plan (its colwise and rowwise entries) with torch's styles.
 
-``load_base`` fills a model whose parameters are sharded (FSDP2's Shard(0) rows, tensor-parallel
+``allocate`` gives the tensors of a model built on ``meta`` (and possibly sharded there) real,
+uninitialised memory, leaving tensors that are real already (buffers computed at construction,
+such as rotary tables) as they are; ``load_base`` then fills a model whose parameters are sharded (FSDP2's Shard(0) rows, tensor-parallel
 shards, both on a 2-D mesh) or plain from a Hugging Face folder's safetensors files, reading
 only the slice of each tensor that this process holds: no process ever holds the whole base.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -83,6 +85,15 @@ def parallelize_base(model: nn.Module, tp_mesh, plan: Optional[Dict[str, str]] =
 
 # ------------------------------------------------------------------------------------------------
 # Loading a base shard by shard
+
+
+def allocate(model: nn.Module, device) -> nn.Module:
+    """``model.to_empty(device)`` for the tensors still on ``meta`` only (FSDP2 shards included:
+    each process allocates its own shard); real tensors keep their values."""
+    device = torch.device(device)
+    for module in model.modules():
+        module._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t, recurse=False)
+    return model
 
 
 def _safetensors_files(folder: Path) -> List[Path]:

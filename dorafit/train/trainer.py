@@ -345,7 +345,7 @@ def load_and_attach(cfg: TrainConfig, parallel: Parallel, out: Path, data: RunDa
                                         targets=targets, detach_norm=cfg.detach_norm,
                                         modules_to_save=trained_heads(model, data.kind, fresh_modules))
     if cfg.quantize:
-        _quantize_base(model, targets, cfg.quantize, info)
+        _quantize_base(model, targets, cfg.quantize, parallel)
     parallel.prepare_base(model)  # tensor parallel: the base layers are split before attaching
     torch.manual_seed(cfg.seed)  # the adapter's initialisation depends on the seed alone
     dorafit.attach(model, adapter_cfg)
@@ -363,14 +363,17 @@ def load_and_attach(cfg: TrainConfig, parallel: Parallel, out: Path, data: RunDa
                names=[n for n, _ in trainable_named(model)])
 
 
-def _quantize_base(model, targets: list[str], quant_type: str, info: dist_utils.DistInfo) -> None:
+def _quantize_base(model, targets: list[str], quant_type: str, parallel: Parallel) -> None:
     """QDoRA: exactly the adapted linear layers become 4-bit (bitsandbytes), on the device
-    they train on; the norm then runs through the 4-bit layers (dorafit.quant)."""
+    they train on; the norm then runs through the 4-bit layers (dorafit.quant). Sharded over
+    processes, the 4-bit codes are stored as bfloat16 (see ``quant.quantize_linear``)."""
     from dorafit import quant
 
+    info = parallel.info
     model.to(info.device)
     compute = torch.bfloat16 if info.device.type == "cuda" else torch.float32
-    names = quant.quantize_model(model, targets, quant_type, compute_dtype=compute)
+    storage = torch.bfloat16 if parallel.sharded else torch.uint8
+    names = quant.quantize_model(model, targets, quant_type, compute_dtype=compute, quant_storage=storage)
     _print(info, f"quantized {len(names)} linear layers to 4-bit {quant_type} (compute dtype {compute})")
 
 

@@ -1,0 +1,143 @@
+"""One rank of the multi-process checks of tests/test_sharding.py (run by torchrun, gloo, CPU).
+
+    torchrun --standalone --nproc_per_node 2 tests/sharding_worker.py OUT MODEL CASE [CASE ...]
+
+Every case builds its model from the tiny LLaMA folder MODEL the way a user of that flow would,
+trains or evaluates it on the batch ``batch()`` (the same rows a one-process reference in the test
+uses), and returns what the test compares: losses (every rank), and from rank 0 the adapter's
+whole tensors, written to OUT/<case>.safetensors. Each rank writes OUT/<case>-rank<r>.json.
+A case that raises writes its error instead, so that the test shows it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dorafit  # noqa: E402
+from dorafit import sharding  # noqa: E402
+from dorafit.train.distributed import full_tensor, shard_fully  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+STEPS = 3
+
+
+def batch() -> torch.Tensor:
+    """(4, 12) token ids; rows 2r, 2r+1 are rank r's under data parallelism."""
+    return torch.randint(3, 100, (4, 12), generator=torch.Generator().manual_seed(0))
+
+
+def adapter_config(method: str = "dora") -> dorafit.AdapterConfig:
+    return dorafit.AdapterConfig(method=method, rank=4, alpha=8, targets=TARGETS)
+
+
+def train(model, ids: torch.Tensor, steps: int = STEPS) -> list[float]:
+    """``steps`` AdamW steps on ``ids``; the loss of each step (mean over the processes' rows)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+    return [float(_mean_over_ranks(t)) for t in losses]
+
+
+def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """Whole adapter tensors by name (a collective for sharded ones)."""
+    return {k: full_tensor(v).detach().cpu().clone() for k, v in dorafit.adapter_state_dict(model).items()}
+
+
+def my_rows(ids: torch.Tensor) -> torch.Tensor:
+    r = dist.get_rank()
+    return ids[2 * r:2 * r + 2]
+
+
+# ------------------------------------------------------------------------------------------------
+# Cases
+
+
+def case_load_base_fsdp(model_dir: Path, out: Path) -> dict:
+    """Build on meta, fully_shard, allocate, load the base shard by shard: every rank holds half
+    of each sharded weight, and the gathered weights and the loss equal the files' model."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    shard_fully(model)
+    sharding.allocate(model, "cpu")
+    sharding.load_base(model, model_dir)
+    files = load_file(str(model_dir / "model.safetensors"))
+    local = sum(p.to_local().numel() for p in model.parameters())
+    whole = sum(p.numel() for p in model.parameters())
+    worst = max(float((full_tensor(p.detach()) - files[n]).abs().max()) for n, p in model.named_parameters())
+    with torch.no_grad():
+        loss = model(input_ids=my_rows(batch()), labels=my_rows(batch())).loss
+    return {"local_share": local / whole, "max_diff": worst, "loss": float(_mean_over_ranks(loss))}
+
+
+def case_qdora_fsdp(model_dir: Path, out: Path) -> dict:
+    """QDoRA: NF4 base (bf16 quant storage), DoRA adapters, FSDP2, 3 AdamW steps."""
+    from transformers import AutoModelForCausalLM
+
+    from dorafit import quant
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    quant.quantize_model(model, TARGETS, "nf4", compute_dtype=torch.float32, quant_storage=torch.bfloat16)
+    torch.manual_seed(1)
+    dorafit.attach(model, adapter_config())
+    shard_fully(model)
+    weight = model.model.layers[0].self_attn.q_proj.base.weight
+    local_share = weight.to_local().numel() / weight.numel()
+    losses = train(model, my_rows(batch()))
+    tensors = adapter_tensors(model)
+    _save(out, "qdora_fsdp", tensors)
+    return {"losses": losses, "local_share": local_share}
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _save(out: Path, case: str, tensors: dict) -> None:
+    if dist.get_rank() == 0:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(out / f"{case}.safetensors"))
+
+
+def main() -> None:
+    out, model_dir, cases = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    for case in cases:
+        try:
+            result = globals()[f"case_{case}"](model_dir, out)
+        except Exception:  # reported to the test, which fails showing it
+            result = {"error": traceback.format_exc()}
+        (out / f"{case}-rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

@@ -1,0 +1,176 @@
+"""Sharded models: tensor-parallel plans, shard-by-shard base loading, and the multi-process flows.
+
+The multi-process checks run once per session in two CPU processes (torchrun, gloo; see
+tests/sharding_worker.py for what each rank does) and are compared here with one process
+running the same model on the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dorafit
+from dorafit import sharding
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sharding_worker as worker  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = ["load_base_fsdp", "qdora_fsdp"]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer LLaMA (hidden 32, 4 heads, 2 key/value heads) saved as safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def load(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------------
+# One process
+
+
+def test_model_tp_plan_is_the_llama_plan(llama_dir):
+    plan = sharding.model_tp_plan(load(llama_dir))
+    assert plan["model.layers.1.self_attn.q_proj"] == "colwise"
+    assert plan["model.layers.0.mlp.down_proj"] == "rowwise"
+    styles = {name.rsplit(".", 1)[1]: style for name, style in plan.items()}
+    assert styles == {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "gate_proj": "colwise",
+                      "up_proj": "colwise", "o_proj": "rowwise", "down_proj": "rowwise"}
+    assert len(plan) == 14  # 7 per layer; the embedding and the head stay whole
+
+
+def test_model_without_a_plan_is_refused():
+    with pytest.raises(sharding.ShardingError, match="no tensor-parallel plan"):
+        sharding.model_tp_plan(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_load_base_fills_an_adapted_model_from_the_files(llama_dir):
+    model = load(llama_dir)
+    dorafit.attach(model, worker.adapter_config())
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    loaded = sharding.load_base(model, llama_dir)
+    assert "model.layers.0.self_attn.q_proj.weight" in loaded  # the base checkpoint's key
+    state = model.state_dict()
+    for key, value in reference.items():
+        if key.endswith(("lora_a", "lora_b", "magnitude")):
+            assert not state[key].any(), key  # adapter tensors are not in a base checkpoint
+        else:
+            assert torch.equal(state[key], value), key
+
+
+def test_load_base_names_the_tensor_whose_shape_differs(llama_dir, tmp_path):
+    files = load_file(str(llama_dir / "model.safetensors"))
+    files["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    shutil.copy(llama_dir / "config.json", tmp_path / "config.json")
+    save_file(files, str(tmp_path / "model.safetensors"))
+    with pytest.raises(sharding.ShardingError, match=r"model.layers.1.mlp.up_proj.weight has shape \(3, 3\), the model's is \(64, 32\)"):
+        sharding.load_base(load(llama_dir), tmp_path)
+
+
+def test_load_base_refuses_tensors_left_on_meta(llama_dir):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llama_dir))
+    with pytest.raises(sharding.ShardingError, match="still on the meta device.*to_empty"):
+        sharding.load_base(model, llama_dir)
+    sharding.allocate(model, "cpu")  # the rotary table computed at construction survives
+    sharding.load_base(model, llama_dir)
+    ids = worker.batch()
+    assert torch.equal(model(input_ids=ids).logits, load(llama_dir)(input_ids=ids).logits)
+
+
+# ------------------------------------------------------------------------------------------------
+# Two processes
+
+
+@pytest.fixture(scope="module")
+def two_processes(llama_dir, tmp_path_factory) -> Path:
+    """Run every case of the worker once in two processes; the folder of their results."""
+    out = tmp_path_factory.mktemp("ranks")
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "tests" / "sharding_worker.py"),
+                           str(out), str(llama_dir), *CASES], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return out
+
+
+def results(out: Path, case: str) -> list[dict]:
+    ranks = [json.loads((out / f"{case}-rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert "error" not in r, r["error"]
+    return ranks
+
+
+def reference_losses(model, steps: int = worker.STEPS) -> list[float]:
+    """One process, the two processes' rows together (both halves of the batch)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids, losses = worker.batch(), []
+    for _ in range(steps):
+        # The mean of the two halves' losses: what data parallelism averages.
+        loss = (model(input_ids=ids[:2], labels=ids[:2]).loss + model(input_ids=ids[2:], labels=ids[2:]).loss) / 2
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.distributed
+def test_fsdp_from_meta_each_rank_loads_its_half_of_the_base(two_processes, llama_dir):
+    ranks = results(two_processes, "load_base_fsdp")
+    ids = worker.batch()
+    with torch.no_grad():
+        model = load(llama_dir)
+        expected = (model(input_ids=ids[:2], labels=ids[:2]).loss + model(input_ids=ids[2:], labels=ids[2:]).loss) / 2
+    for r in ranks:
+        assert r["local_share"] == pytest.approx(0.5)
+        assert r["max_diff"] == 0.0
+        assert abs(r["loss"] - float(expected)) <= 1e-6
+
+
+@pytest.mark.distributed
+def test_qdora_under_fsdp2_trains_like_one_process(two_processes, llama_dir):
+    from dorafit import quant
+
+    pytest.importorskip("bitsandbytes")
+    ranks = results(two_processes, "qdora_fsdp")
+    model = load(llama_dir)
+    quant.quantize_model(model, worker.TARGETS, "nf4", compute_dtype=torch.float32, quant_storage=torch.bfloat16)
+    torch.manual_seed(1)
+    dorafit.attach(model, worker.adapter_config())
+    expected = reference_losses(model)
+    for r in ranks:
+        assert r["local_share"] == pytest.approx(0.5)  # each rank holds half of the packed 4-bit codes
+        assert max(abs(a - b) for a, b in zip(r["losses"], expected)) <= 1e-5
+    saved = load_file(str(two_processes / "qdora_fsdp.safetensors"))
+    mine = {k: v.detach() for k, v in dorafit.adapter_state_dict(model).items()}
+    assert saved.keys() == mine.keys()
+    assert max(float((saved[k] - mine[k]).abs().max()) for k in mine) <= 1e-5
