@@ -211,3 +211,144 @@ def load_base(model: nn.Module, folder, strict: bool = True) -> List[str]:
     if strict and missing:
         raise ShardingError(f"{folder}: no values for {len(missing)} tensors of the model, e.g. {missing[:5]}")
     return loaded
+
+
+# ------------------------------------------------------------------------------------------------
+# Adapters on a tensor-parallel base
+
+
+class _SumInBackward(torch.autograd.Function):
+    """Identity forward; the gradient is summed over the group in backward (a replicated tensor
+    whose uses on each rank contribute part of its gradient)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _SumInForward(torch.autograd.Function):
+    """Partial sums summed over the group in forward; identity backward (every rank's downstream
+    is the same, so each partial receives the whole gradient)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        import torch.distributed as dist
+
+        total = t.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (differentiable), or ``t`` itself."""
+    return t.to_local() if hasattr(t, "device_mesh") else t
+
+
+class TensorParallel:
+    """How a tensor-parallel base layer is split, and what its adapter does to follow it.
+
+    ============  =====================================  =====================================
+                  colwise (W0 Shard(0), out rows)        rowwise (W0 Shard(1), in columns)
+    ============  =====================================  =====================================
+    A (r, in)     Replicate                              Shard(1): the columns x's shard meets
+    B (out, r)    Shard(0): this rank's rows             Replicate
+    m (out,)      Shard(0)                               Replicate
+    h = x Aᵀ      whole on every rank; its gradient      a partial sum over the columns:
+                  (from this rank's rows) all-reduced    all-reduced in forward
+    ‖W0 + sBA‖²   complete for the local rows            partial sums over the columns,
+                                                         all-reduced before the square root
+    g ⊙ (...)     this rank's output rows                the reduced output (g is per row)
+    ============  =====================================  =====================================
+
+    A tensor indexed by the output features (B's rows, m, VeRA's b) follows the rows; one indexed
+    by the input features (A's columns) follows the columns; the others are replicated.
+    "replicate" (a whole weight held as a replicated DTensor) replicates everything.
+    """
+
+    def __init__(self, style: str, mesh) -> None:
+        self.style = style
+        self.mesh = mesh
+
+    def __repr__(self) -> str:
+        return f"TensorParallel({self.style}, {self.mesh.size()} ranks)"
+
+    @property
+    def group(self):
+        return self.mesh.get_group()
+
+    @property
+    def split_axis(self) -> Optional[str]:
+        """The axis of the weight this layer splits: "out", "in" or None."""
+        return {"colwise": "out", "rowwise": "in"}.get(self.style)
+
+    def distribute(self, full: torch.Tensor, axis: Optional[str] = None, dim: int = 0) -> torch.Tensor:
+        """``full`` (the same value on every rank) as a DTensor: split along ``dim`` when ``axis``
+        ("out" or "in": which of the weight's axes ``dim`` runs along) is the one this layer
+        splits, else replicated. No communication: each rank keeps its chunk."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        if axis is None or axis != self.split_axis:
+            return DTensor.from_local(full, self.mesh, [Replicate()], run_check=False)
+        rank, size = self.mesh.get_local_rank(), self.mesh.size()
+        chunk = full.tensor_split(size, dim=dim)[rank] if full.shape[dim] % size == 0 else None
+        if chunk is None:
+            raise ShardingError(f"{full.shape[dim]} is not a multiple of the {size} tensor-parallel ranks")
+        return DTensor.from_local(chunk.contiguous(), self.mesh, [Shard(dim)], run_check=False,
+                                  shape=full.shape, stride=full.stride())
+
+    def lowrank_input(self, h: torch.Tensor) -> torch.Tensor:
+        """h = x Aᵀ as the low-rank path's second matmul needs it (see the table)."""
+        if self.style == "colwise":
+            return _SumInBackward.apply(h, self.group)
+        if self.style == "rowwise":
+            return _SumInForward.apply(h, self.group)
+        return h
+
+    def complete_norm_sq(self, partial: torch.Tensor) -> torch.Tensor:
+        """‖W0 + sBA‖² (or ‖W0‖²) per row from this rank's part: summed over the columns' ranks."""
+        if self.style == "rowwise":
+            return _SumInForward.apply(partial, self.group)
+        return partial
+
+    def replicated_use(self, t: torch.Tensor) -> torch.Tensor:
+        """A replicated factor used in a computation local to this rank's part of the weight (the
+        norm's partial sums with the gradient kept): its gradient is summed over the ranks."""
+        return _SumInBackward.apply(t, self.group) if self.style in ("colwise", "rowwise") else t
+
+
+def tensor_parallel_of(name: str, base: nn.Module) -> Optional[TensorParallel]:
+    """The tensor-parallel split of ``base`` (None for a whole weight), or ShardingError naming the
+    module and the placement dorafit cannot follow."""
+    weight = getattr(base, "weight", None)
+    if weight is None or not hasattr(weight, "device_mesh"):
+        return None
+    mesh, placements = weight.device_mesh, tuple(weight.placements)
+    shown = ", ".join(str(p) for p in placements)
+    if mesh.ndim != 1:
+        raise ShardingError(f"module {name!r}: its weight is split over a {mesh.ndim}-D mesh ({shown}); attach the "
+                            "adapters after the tensor-parallel split and before fully_shard")
+    if not isinstance(base, nn.Linear):
+        raise ShardingError(f"module {name!r}: a tensor-parallel {type(base).__name__} ({shown}) cannot be adapted; "
+                            "dorafit follows nn.Linear layers split colwise (Shard(0)) or rowwise (Shard(1))")
+    placement = placements[0]
+    if placement.is_replicate():
+        return TensorParallel("replicate", mesh)
+    if placement.is_shard() and placement.dim in (0, -2):
+        return TensorParallel("colwise", mesh)
+    if placement.is_shard() and placement.dim in (1, -1):
+        return TensorParallel("rowwise", mesh)
+    raise ShardingError(f"module {name!r}: its weight is split as {shown}; dorafit follows colwise (Shard(0)) and "
+                        "rowwise (Shard(1)) splits of a linear weight only")

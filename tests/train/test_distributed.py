@@ -121,3 +121,23 @@ def _descendants(pid: int) -> list[int]:
 def _names(run: Path) -> list[str]:
     """Trainable parameter names of a one-process run's checkpoint."""
     return list(load_file(str(ckpt.list_checkpoints(run / "checkpoints")[0] / "trainable.safetensors")))
+
+
+def test_processes_form_a_data_by_tensor_mesh():
+    from dorafit.train.distributed import DistInfo, Parallel, ParallelError
+
+    fsdp_tp = Parallel(DistInfo(rank=3, world_size=4), "fsdp", tp_size=2)
+    assert (fsdp_tp.replicas, fsdp_tp.tp, fsdp_tp.replica, fsdp_tp.sharded) == (2, 2, 1, True)
+    tp = Parallel(DistInfo(rank=1, world_size=2), "tp")  # every process shares each layer
+    assert (tp.replicas, tp.tp, tp.replica) == (1, 2, 0)
+    assert Parallel(DistInfo(rank=1, world_size=2), "fsdp").tp == 1
+    with pytest.raises(ParallelError, match="--tp-size 2 does not divide the 3 processes"):
+        Parallel(DistInfo(world_size=3), "tp", tp_size=2)
+
+
+def test_tp_size_needs_a_mode_that_splits_layers():
+    from dorafit.train.config import TrainConfig, TrainConfigError
+
+    with pytest.raises(TrainConfigError, match="tp_size 2 needs --distributed tp or fsdp"):
+        TrainConfig(tp_size=2)
+    assert TrainConfig(distributed="tp", tp_size=2).tp_size == 2
