@@ -15,14 +15,22 @@ uninitialised memory, leaving tensors that are real already (buffers computed at
 such as rotary tables) as they are; ``load_base`` then fills a model whose parameters are sharded (FSDP2's Shard(0) rows, tensor-parallel
 shards, both on a 2-D mesh) or plain from a Hugging Face folder's safetensors files, reading
 only the slice of each tensor that this process holds: no process ever holds the whole base.
+
+``written_by_one_rank`` makes an adapter writer (``save_adapter``, the PEFT export,
+``save_pretrained``) work on a sharded model: every rank calls it, the adapter's shards are
+gathered to whole tensors (``whole_adapters``), and rank 0 alone writes the files a one-process
+model would.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import re
+import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -352,3 +360,75 @@ def tensor_parallel_of(name: str, base: nn.Module) -> Optional[TensorParallel]:
         return TensorParallel("rowwise", mesh)
     raise ShardingError(f"module {name!r}: its weight is split as {shown}; dorafit follows colwise (Shard(0)) and "
                         "rowwise (Shard(1)) splits of a linear weight only")
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole adapters out of a sharded model
+
+
+def model_class(model: nn.Module) -> type:
+    """The model's own class: FSDP2's ``fully_shard`` swaps it for a subclass named FSDP<name>."""
+    cls = type(model)
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    if fsdp is not None and issubclass(cls, fsdp):
+        return next(c for c in cls.__mro__[1:] if not issubclass(c, fsdp))
+    return cls
+
+
+def _sharded_trainable(model: nn.Module) -> List[Tuple[nn.Module, str]]:
+    """(module, parameter name) of every DTensor parameter of the adapters and trained copies."""
+    from .adapters import ModulesToSave
+    from .layers import AdapterLayer
+
+    found = []
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            owners = [(module, module.adapter_parameter_names())]
+        elif isinstance(module, ModulesToSave):
+            owners = [(m, list(m._parameters)) for m in module.trainable.modules()]
+        else:
+            continue
+        for owner, names in owners:
+            found += [(owner, n) for n in names if hasattr(owner._parameters.get(n), "device_mesh")]
+    return found
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when some adapter tensor of ``model`` is a DTensor (FSDP2 or tensor parallel)."""
+    return bool(_sharded_trainable(model))
+
+
+@contextlib.contextmanager
+def whole_adapters(model: nn.Module) -> Iterator[None]:
+    """Inside, every sharded adapter tensor (and trained copy) of ``model`` is its whole value as a
+    plain tensor, on every rank; the shards are back in place afterwards. Entering gathers them:
+    every rank must enter together, and nothing may run the model's forward inside."""
+    swapped = []
+    try:
+        for owner, name in _sharded_trainable(model):
+            shard = owner._parameters[name]
+            whole = nn.Parameter(shard.detach().full_tensor(), requires_grad=shard.requires_grad)
+            owner._parameters[name] = whole
+            swapped.append((owner, name, shard))
+        yield
+    finally:
+        for owner, name, shard in swapped:
+            owner._parameters[name] = shard
+
+
+def written_by_one_rank(write: Callable) -> Callable:
+    """``write(model, path, ...)`` that works on a sharded model too: called on every rank, it
+    gathers the whole adapter, rank 0 alone writes the files, and every rank returns the path."""
+
+    @functools.wraps(write)
+    def wrapper(model: nn.Module, path, *args, **kwargs):
+        if not is_sharded(model):
+            return write(model, path, *args, **kwargs)
+        import torch.distributed as dist
+
+        with whole_adapters(model):
+            result = write(model, path, *args, **kwargs) if dist.get_rank() == 0 else Path(path)
+        dist.barrier()  # the files exist on return, on every rank
+        return result
+
+    return wrapper

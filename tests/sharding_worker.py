@@ -4,8 +4,8 @@
 
 Every case builds its model from the tiny LLaMA folder MODEL the way a user of that flow would,
 trains or evaluates it on the batch ``batch()`` (the same rows a one-process reference in the test
-uses), and returns what the test compares: losses (every rank), and from rank 0 the adapter's
-whole tensors, written to OUT/<case>.safetensors. Each rank writes OUT/<case>-rank<r>.json.
+uses), and returns what the test compares: losses (every rank), and files that dorafit's writers
+put under OUT (called on every rank, written by rank 0). Each rank writes OUT/<case>-rank<r>.json.
 A case that raises writes its error instead, so that the test shows it.
 """
 
@@ -108,19 +108,14 @@ def case_qdora_fsdp(model_dir: Path, out: Path) -> dict:
     weight = model.model.layers[0].self_attn.q_proj.base.weight
     local_share = weight.to_local().numel() / weight.numel()
     losses = train(model, my_rows(batch()))
-    tensors = adapter_tensors(model)
-    _save(out, "qdora_fsdp", tensors)
-    return {"losses": losses, "local_share": local_share}
+    # Every rank calls the writers; rank 0 writes whole tensors.
+    dorafit.save_adapter(model, out / "qdora_fsdp-dorafit")
+    model.save_pretrained(out / "qdora_fsdp-pretrained")
+    return {"losses": losses, "local_share": local_share,
+            "files": sorted(p.name for p in (out / "qdora_fsdp-dorafit").iterdir())}
 
 
 # ------------------------------------------------------------------------------------------------
-
-
-def _save(out: Path, case: str, tensors: dict) -> None:
-    if dist.get_rank() == 0:
-        from safetensors.torch import save_file
-
-        save_file(tensors, str(out / f"{case}.safetensors"))
 
 
 def main() -> None:

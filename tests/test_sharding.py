@@ -157,7 +157,7 @@ def test_fsdp_from_meta_each_rank_loads_its_half_of_the_base(two_processes, llam
 
 
 @pytest.mark.distributed
-def test_qdora_under_fsdp2_trains_like_one_process(two_processes, llama_dir):
+def test_qdora_under_fsdp2_trains_like_one_process_and_saves_its_files(two_processes, llama_dir, tmp_path):
     from dorafit import quant
 
     pytest.importorskip("bitsandbytes")
@@ -170,7 +170,13 @@ def test_qdora_under_fsdp2_trains_like_one_process(two_processes, llama_dir):
     for r in ranks:
         assert r["local_share"] == pytest.approx(0.5)  # each rank holds half of the packed 4-bit codes
         assert max(abs(a - b) for a, b in zip(r["losses"], expected)) <= 1e-5
-    saved = load_file(str(two_processes / "qdora_fsdp.safetensors"))
-    mine = {k: v.detach() for k, v in dorafit.adapter_state_dict(model).items()}
-    assert saved.keys() == mine.keys()
-    assert max(float((saved[k] - mine[k]).abs().max()) for k in mine) <= 1e-5
+    # save_adapter and save_pretrained called on both ranks give one process's files.
+    dorafit.save_adapter(model, tmp_path / "dorafit")
+    model.save_pretrained(tmp_path / "pretrained")
+    for name in ("dorafit", "pretrained"):
+        ours, theirs = tmp_path / name, two_processes / f"qdora_fsdp-{name}"
+        assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+        assert json.loads((ours / "adapter_config.json").read_text()) == json.loads((theirs / "adapter_config.json").read_text())
+        a, b = load_file(str(ours / "adapter_model.safetensors")), load_file(str(theirs / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5

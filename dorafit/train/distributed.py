@@ -22,8 +22,8 @@ Only rank 0 writes files and shows progress. ``Parallel`` holds every decision t
 the mode, so the recipe asks it instead of testing the mode itself: which rows of a batch are
 this process's, when gradients are synchronised, how a checkpoint is written and read back
 (whole tensors on rank 0 for DDP; with sharded parameters every process writes its own shards
-through torch.distributed.checkpoint), and whether the adapter can be saved from the model in
-memory or only from gathered tensors.
+through torch.distributed.checkpoint), and who saves the adapter (rank 0 alone, or every rank
+when it is sharded: dorafit's writers gather it and rank 0 writes one process's files).
 """
 
 from __future__ import annotations
@@ -65,6 +65,11 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the process group, or a process that runs alone."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def setup() -> DistInfo:
@@ -282,7 +287,8 @@ class Parallel:
     def save_checkpoint(self, folder: Path, model: nn.Module, optimizer, names: list[str], counters: dict,
                         write_extra=None) -> None:
         """Write checkpoint ``folder`` (every rank calls it): whole tensors by rank 0, or with
-        sharded parameters each rank's shards into one temporary folder that rank 0 renames."""
+        sharded parameters each rank's shards into one temporary folder that rank 0 renames.
+        ``write_extra(tmp)`` adds the adapter folder (on rank 0, or every rank when sharded)."""
         if not self.sharded:
             optim_tensors, optim_groups = optimizer_to_flat(optimizer, names)
             trainable = gather_trainable(model)
@@ -300,6 +306,8 @@ class Parallel:
             barrier(self.info)  # every shard is on disk before rank 0 hashes and renames
             if self.info.is_main:
                 ckpt.write_state(tmp, {}, groups, counters)
+            if write_extra is not None:
+                write_extra(tmp)  # a collective: the adapter is gathered, rank 0 writes it
         barrier(self.info)
 
     def latest_checkpoint(self, root: Path) -> tuple[Path, dict] | None:
@@ -346,16 +354,9 @@ class Parallel:
 
     # ------------------------------------------------------------------------------- adapters
 
-    def from_model(self, write):
-        """``write`` where rank 0's model holds whole parameters (it can save itself), else None."""
-        return None if self.sharded else write
-
-    def save_adapter(self, model: nn.Module, write_from_model, write_from_state) -> None:
-        """Rank 0 writes the adapter: from the model, or with sharded parameters from the gathered tensors."""
-        if self.sharded:
-            state = gather_trainable(model)
-            if self.info.is_main:
-                write_from_state(state)
-        elif self.info.is_main:
-            write_from_model()
+    def save_adapter(self, write) -> None:
+        """``write()`` saves the adapter from the model in memory: rank 0 alone where it holds whole
+        parameters; with sharded ones every rank (the writers gather the whole adapter, rank 0 writes)."""
+        if self.sharded or self.info.is_main:
+            write()
         barrier(self.info)

@@ -61,7 +61,7 @@ from dorafit.train import checkpoint as ckpt
 from dorafit.train import data as D
 from dorafit.train import distributed as dist_utils
 from dorafit.train.config import TrainConfig, TrainConfigError, format_config
-from dorafit.train.distributed import Parallel, load_trainable, trainable_named
+from dorafit.train.distributed import Parallel, trainable_named
 from dorafit.train.models import (
     default_targets,
     detect_kind,
@@ -563,9 +563,9 @@ def save_checkpoint(run: Run, state: RunState) -> None:
     """A resumable checkpoint of this step (whole tensors from rank 0, or every rank's shards),
     then the oldest ones pruned."""
     root = run.out / "checkpoints"
-    write_adapter = run.parallel.from_model(lambda tmp: save_adapter_dir(run.model, tmp / "adapter", run.task_info))
     run.parallel.save_checkpoint(root / f"step-{state.step:06d}", run.model, run.optimizer, run.names,
-                                 state.counters(), write_extra=write_adapter)
+                                 state.counters(),
+                                 write_extra=lambda tmp: save_adapter_dir(run.model, tmp / "adapter", run.task_info))
     if run.info.is_main:
         ckpt.prune_checkpoints(root, run.cfg.keep_checkpoints)
     dist_utils.barrier(run.info)
@@ -574,8 +574,7 @@ def save_checkpoint(run: Run, state: RunState) -> None:
 def save_adapter_as(run: Run, name: str) -> None:
     """Write the current adapter to out/<name> (gathered to full tensors under FSDP2)."""
     path = run.out / name
-    run.parallel.save_adapter(run.model, lambda: save_adapter_dir(run.model, path, run.task_info),
-                              lambda state: export_adapter(run, state, path))
+    run.parallel.save_adapter(lambda: save_adapter_dir(run.model, path, run.task_info))
 
 
 # ---------------------------------------------------------------------------- 6. final adapter, test
@@ -636,19 +635,11 @@ def measure_accuracy(run: Run) -> EvalResult | None:
 
 
 def save_adapter_dir(model, path: Path, task_info: dict) -> None:
-    """The adapter in dorafit's format plus task.json (how to score it)."""
+    """The adapter in dorafit's format plus task.json (how to score it). A model sharded over
+    processes is saved by all of them together, its files written by rank 0 alone."""
     dorafit.save_adapter(model, path)
-    write_json_atomic(path / TASK_FILE, task_info)
-
-
-def export_adapter(run: Run, state: dict, path: Path) -> None:
-    """Write an adapter folder from gathered trainable tensors, through an unsharded model copy."""
-    labels = run.data.labels
-    model, _ = load_model(run.data.model_path, run.data.kind, run.cfg.trust_remote_code,
-                          num_labels=len(labels) if labels else None)
-    dorafit.attach(model, run.adapter_cfg)
-    load_trainable(model, state, path)
-    save_adapter_dir(model, path, run.task_info)
+    if dist_utils.is_main_process():
+        write_json_atomic(path / TASK_FILE, task_info)
 
 
 # ---------------------------------------------------------------------------- small helpers

@@ -81,6 +81,9 @@ def test_fsdp_matches_one_process_and_resumes_bit_for_bit_after_kill(tiny_llama,
     assert len(shards) == 2 and not (last / "trainable.safetensors").exists()
     loaded = ckpt.load_checkpoint(last)
     assert {k.split(":", 1)[1] for k in loaded["shards"]} >= {f"model.{k}" for k in _names(single)}
+    # Beside the shards, the checkpoint's adapter folder holds whole tensors (written by rank 0).
+    in_checkpoint = load_file(str(last / "adapter" / "adapter_model.safetensors"))
+    assert {k: t.shape for k, t in in_checkpoint.items()} == {k: t.shape for k, t in _adapter(single).items()}
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_torchrun_command(_args(tiny_llama, arc_files, killed, 4, "--distributed", "fsdp",
