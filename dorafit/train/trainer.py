@@ -25,7 +25,11 @@ any number of processes. A resumed run refuses options that would change its res
 
 Numerical faults never reach a checkpoint: a non-finite loss, gradient norm or validation
 loss stops the run before the update (or before anything is saved), naming the step and the
-newest checkpoint that verifies finite.
+newest checkpoint that verifies finite. A base model whose weights hold NaN/inf is refused
+before training; a trainable magnitude still bit-identical after the first steps is reported.
+Ctrl-C and a full disk stop the run with one line naming the step and the checkpoint that
+``--resume`` continues from. The run folder is locked while the run uses it, and ``--resume``
+refuses a model or data that changed since the run started (``dorafit.train.fingerprint``).
 
 Run folder (written by rank 0 only):
     config.yaml              the resolved TrainConfig
@@ -41,6 +45,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -56,11 +61,13 @@ from dorafit.eval.evaluate import EvalResult, evaluate_choices, evaluate_generat
 from dorafit.eval.examples import collate_for_kind, resolve_template
 from dorafit.eval.scoring import count_units, loss_sum
 from dorafit.eval.tasks import Task, get_task, parse_instruction
-from dorafit.files import write_bytes_atomic, write_json_atomic
+from dorafit.files import brief, is_disk_full, write_bytes_atomic, write_json_atomic
+from dorafit.inject import check_finite_base
 from dorafit.train import checkpoint as ckpt
 from dorafit.train import data as D
 from dorafit.train import distributed as dist_utils
-from dorafit.train.config import TrainConfig, TrainConfigError, format_config
+from dorafit.train import fingerprint
+from dorafit.train.config import TrainConfig, TrainConfigError, format_config, load_yaml_file
 from dorafit.train.distributed import Parallel, gather_trainable, load_trainable, trainable_named
 from dorafit.train.models import (
     default_targets,
@@ -71,7 +78,7 @@ from dorafit.train.models import (
     resolve_model_path,
     trained_heads,
 )
-from dorafit.train.rundir import prepare_output
+from dorafit.train.rundir import RunStopped, mark_running, prepare_output, release_run, stop_message
 
 BUNDLED_DATA = D.BUNDLED_DATA
 TASK_FILE = "task.json"
@@ -195,14 +202,26 @@ def train(cfg: TrainConfig) -> TrainResult | None:
     or None when it stopped early on purpose (``stop_after_steps``)."""
     started = time.perf_counter()
     parallel, out = prepare_run(cfg)
-    data = load_data(cfg, parallel.info)
-    run = load_and_attach(cfg, parallel, out, data)
-    state = start(run)
-    train_started = time.perf_counter()
-    if not train_loop(run, state):
-        dist_utils.teardown(run.info)
-        return None
-    return finish(run, state, time.perf_counter() - train_started, started)
+    state = None
+    try:
+        data = load_data(cfg, parallel.info)
+        check_inputs(cfg, out, data, parallel.info)
+        run = load_and_attach(cfg, parallel, out, data)
+        state = start(run)
+        train_started = time.perf_counter()
+        if not train_loop(run, state):
+            dist_utils.teardown(run.info)
+            return None
+        return finish(run, state, time.perf_counter() - train_started, started)
+    except KeyboardInterrupt:
+        raise RunStopped(stop_message(out, "interrupted", state and state.step)) from None
+    except Exception as err:
+        if is_disk_full(err):
+            detail = " ".join(str(err).split())[:400]
+            raise RunStopped(stop_message(out, f"the disk is full ({detail})", state and state.step)) from None
+        raise
+    finally:
+        release_run(out)
 
 
 # ---------------------------------------------------------------------------- 1. the run folder
@@ -222,6 +241,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[Parallel, Path]:
             if cfg.resume:
                 check_resume_options(out, cfg)
         except TrainConfigError as err:
+            release_run(out)
             error = str(err)
     error = dist_utils.broadcast_object(error, info)
     if error:
@@ -238,21 +258,38 @@ def prepare_run(cfg: TrainConfig) -> tuple[Parallel, Path]:
 
 def check_resume_options(out: Path, cfg: TrainConfig) -> None:
     """Refuse a --resume whose options differ from the run's own where that changes the result."""
-    import yaml
-
     path = out / "config.yaml"
-    try:
-        saved = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise TrainConfigError(f"--resume: {path} is unreadable ({err})") from None
+    saved, _ = load_yaml_file(path, "--resume:")
     if not isinstance(saved, dict):
         raise TrainConfigError(f"--resume: {path} does not hold a run config")
     current = cfg.to_dict()
-    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in current.items()
+    changed = [f"{key} {brief(saved.get(key))} -> {brief(value)}" for key, value in current.items()
                if key not in RESUME_MAY_CHANGE and saved.get(key, value) != value]
     if changed:
         raise TrainConfigError(f"--resume: these options differ from the run in {out} and would change its "
                                f"result: {'; '.join(changed)}. Resume without them, or start a new run")
+
+
+def check_inputs(cfg: TrainConfig, out: Path, data: "RunData", info: dist_utils.DistInfo) -> None:
+    """A new run (or a resumed one without a checkpoint yet) records the fingerprint of its model and
+    data; a resumed one refuses changed ones."""
+    test = _data_path(cfg, "test", data.task.folder) if data.test_rows else ""
+    sources = {"model": data.model_path, "training data": str(data.train_path), "validation data": cfg.val_data,
+               "test data": str(test)}
+    error = None
+    if info.is_main:
+        try:
+            started = cfg.resume and bool(ckpt.list_checkpoints(out / "checkpoints"))
+            note = fingerprint.check(out, sources) if started else fingerprint.record(out, sources)
+            if note:
+                print(note, file=sys.stderr, flush=True)
+            if cfg.resume:
+                mark_running(out)  # every check passed: the folder now names this process
+        except TrainConfigError as err:
+            error = str(err)
+    error = dist_utils.broadcast_object(error, info)
+    if error:
+        raise TrainConfigError(error)
 
 
 def default_output(cfg: TrainConfig) -> Path:
@@ -289,14 +326,21 @@ def load_data(cfg: TrainConfig, info: dist_utils.DistInfo) -> RunData:
     test_rows = D.read_rows(test_path)[: cfg.max_test_rows or None] if test_path else []
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     template = resolve_template(cfg.prompt_template, tokenizer)
+    D.check_tokenizer(tokenizer, template if kind == "causal-lm" else "", cfg.model)
+    D.check_context(cfg.max_length, model_config, cfg.model)
+    lengths: list = []  # examples cut or dropped by --max-length, reported below
     train, labels = D.loss_examples(train_rows, kind, train_path, tokenizer, cfg.max_length, task=task,
-                                    prompt_template=template, response_format=cfg.response_format)
+                                    prompt_template=template, response_format=cfg.response_format, report=lengths)
     val = None
     if cfg.val_data:
         val = D.loss_examples(D.read_rows(cfg.val_data), kind, cfg.val_data, tokenizer, cfg.max_length,
                               task=task, labels=labels, prompt_template=template,
-                              response_format=cfg.response_format)[0]
+                              response_format=cfg.response_format, report=lengths)[0]
     test = D.accuracy_examples(test_rows, kind, test_path, task, labels) if test_rows else []
+    if kind == "causal-lm" and test_rows:
+        D.check_prompt_lengths(test_rows, tokenizer, template, cfg.max_new_tokens, model_config, test_path, cfg.model)
+    for report in lengths:
+        _print(info, f"data: {report}")
     if kind != "causal-lm":
         D.check_encoder_lengths(train, tokenizer, cfg.max_length, train_path)
     if val is None:
@@ -336,6 +380,7 @@ def load_and_attach(cfg: TrainConfig, parallel: Parallel, out: Path, data: RunDa
     _print(info, f"{steps_per_epoch * cfg.epochs} steps of {global_batch} rows")
     model, fresh_modules = load_model(data.model_path, data.kind, cfg.trust_remote_code,
                                       num_labels=len(data.labels) if data.labels else None)
+    check_finite_base(model)  # NaN/inf in the base is named here, not blamed on the lr at step 1
     targets = cfg.targets or default_targets(model)
     adapter_cfg = dorafit.AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                                         targets=targets, detach_norm=cfg.detach_norm,
@@ -429,10 +474,14 @@ def train_loop(run: Run, state: RunState) -> bool:
     cfg = run.cfg
     bar = _progress_bar(run, state.step)
     run.wrapped.train()
+    check_at = min(MAGNITUDE_CHECK_STEPS, run.total_steps)
+    magnitudes = _magnitudes(run) if state.step < check_at else {}
     try:
         while state.step < run.total_steps:
             loss, lr = train_step(run, state.step)
             state.step += 1
+            if state.step == check_at and magnitudes:
+                _report_frozen_magnitudes(run, magnitudes, state.step)
             record = {"step": state.step, "epoch": (state.step - 1) // run.steps_per_epoch, "loss": loss, "lr": lr}
             at_save = (cfg.save_steps and state.step % cfg.save_steps == 0) or state.step == run.total_steps
             if run.data.val and _at_eval(run, state.step, at_save):
@@ -452,6 +501,47 @@ def train_loop(run: Run, state: RunState) -> bool:
     finally:
         if bar is not None:
             bar.close()
+
+
+# After this many optimizer steps (or at the end of a shorter run) every trainable magnitude must
+# have moved; one that is still bit-identical is reported (a bf16 master that never changes is
+# the most reported silent DoRA failure).
+MAGNITUDE_CHECK_STEPS = 3
+
+
+def _magnitudes(run: Run) -> dict:
+    """{name: a copy of the local values} of every trainable magnitude vector."""
+    return {name: _local(p).detach().clone() for name, p in trainable_named(run.model)
+            if name.rsplit(".", 1)[-1] == "magnitude"}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # an FSDP2 shard
+
+
+def _report_frozen_magnitudes(run: Run, before: dict, step: int) -> None:
+    """Say which trainable magnitudes are still bit-identical to their start after ``step`` steps."""
+    params = dict(trainable_named(run.model))
+    frozen = []
+    for name, old in before.items():
+        changed = dist_utils.all_reduce_sum(float(not torch.equal(_local(params[name]).detach(), old)), run.info)
+        if changed == 0:
+            frozen.append(name)
+    if not frozen or not run.info.is_main:
+        return
+    first = params[frozen[0]]
+    state = run.optimizer.state.get(first, {})
+    moment = state.get("exp_avg")
+    if first.dtype != torch.float32:
+        why = (f"it is stored in {str(first.dtype).replace('torch.', '')}, whose resolution near its values is coarser than "
+               "the updates: keep adapter parameters in float32 (AdapterConfig adapter_dtype=\"float32\", and do not "
+               "cast the adapted model to a lower precision)")
+    elif moment is not None and not bool(_local(moment).any()):
+        why = "it receives no gradient: check that the adapted modules take part in the loss"
+    else:
+        why = f"its updates are below float32's resolution at lr {run.cfg.lr:g}"
+    print(f"warning: after {step} optimizer steps the magnitude of {len(frozen)} of {len(before)} adapted modules has "
+          f"not changed at all (e.g. {frozen[0].rsplit('.', 1)[0]}): {why}", file=sys.stderr, flush=True)
 
 
 def train_step(run: Run, step: int) -> tuple[float, float]:
