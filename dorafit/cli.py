@@ -49,7 +49,7 @@ def error_line(name: str, err: BaseException) -> str:
         text = "interrupted (Ctrl-C); nothing was written: dorafit's outputs appear whole or not at all"
     else:
         text = " ".join(str(err).split()) or type(err).__name__
-        if is_disk_full(err) and "no space left on the device while writing" not in text:
+        if is_disk_full(err) and not type(err).__module__.startswith("dorafit."):  # a raw OSError: say what it means
             text = (f"no space left on the device ({text}); dorafit's outputs are written whole or not at all, so "
                     "what was there before is intact: free some space and run again")
     if len(text) > MAX_ERROR_CHARS:

@@ -262,7 +262,12 @@ def write_file_atomic(path: PathLike, write: Callable[[Path], None]) -> None:
     st = _lstat(path)
     # Keep the mode of the file being replaced, else what open() would give under the umask.
     mode = st.st_mode & 0o777 if st is not None else 0o666 & ~_umask()
-    tmp, _ = _create_temp_file(path)
+    try:
+        tmp, _ = _create_temp_file(path)
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(path) from None
+        raise
     try:
         write(tmp)
         written = os.lstat(tmp)
@@ -408,7 +413,12 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     path = Path(path)
     check_folder_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp: Optional[Path] = _make_temp_dir(path, TMP_SUFFIX)
+    try:
+        tmp: Optional[Path] = _make_temp_dir(path, TMP_SUFFIX)
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(path, "the folder was not replaced") from None
+        raise
     old = None
     try:
         yield tmp
@@ -523,5 +533,19 @@ def check_output_apart(output: PathLike, inputs: Iterable[Tuple[str, Optional[Pa
         overlaps = (is_same_or_inside(output, path) or (folder and is_same_or_inside(path, output))
                     or (output.exists() and _same_file(output, path)))
         if overlaps:
-            raise OutputPathError(f"{flag} {output} overlaps {option} {path}: an output must not be an input, lie inside "
-                                  f"one{' or hold one' if folder else ''}; choose another {flag}")
+            raise OutputPathError(f"{flag} {output} overlaps {option} {path}: an output must not be an input, "
+                                  f"{'lie inside one or hold one' if folder else 'or lie inside one'}; choose another {flag}")
+
+
+def check_output_file(output: PathLike, inputs: Iterable[Tuple[str, Optional[PathLike]]], flag: str) -> None:
+    """A file output of a command: not a link, device, FIFO or folder, and apart from its inputs."""
+    check_file_target(output)
+    if Path(output).is_dir():
+        raise OutputPathError(f"{flag} {output} is a folder; give a file name")
+    check_output_apart(output, inputs, flag, folder=False)
+
+
+def check_output_folder(output: PathLike, inputs: Iterable[Tuple[str, Optional[PathLike]]], flag: str) -> None:
+    """A folder output of a command: not a link, not a file, and apart from its inputs."""
+    check_folder_target(output)
+    check_output_apart(output, inputs, flag, folder=True)

@@ -9,7 +9,8 @@
 2. built as what: the transformers class named by ``model_class`` if given, else the class of
    the model kind (``dorafit.train.kinds``): the one asked for, else the adapter's task.json,
    else the kind detected from the checkpoint's config (``detect_kind``);
-3. the 4-bit step: the layers the adapter was trained on in 4-bit (QDoRA) are quantized exactly
+3. its weights checked finite (a NaN or inf in the base is named, not met later as NaN outputs);
+   the 4-bit step: the layers the adapter was trained on in 4-bit (QDoRA) are quantized exactly
    as in training (same quant type, block size, double quantization, compute dtype,
    ``quantize_like_adapter``), so the adapter meets the base it was trained with and never a
    full-precision one;
@@ -185,6 +186,9 @@ def load_base_for_adapter(adapter=None, *, model: str | None = None, default_mod
         chosen = get_kind(kind if kind != "auto" else info.get("model_kind") or detect_kind(path, config, data_format))
         base, _ = load_model(path, chosen, trust_remote_code, dtype=dtype, **num_labels)
     base.eval()
+    from dorafit.inject import check_finite_base
+
+    check_finite_base(base)  # a NaN/inf in the base is named here, not met as NaN outputs
     loaded = LoadedBase(base, name, path, config, chosen, info)
     if device is not None:
         base.to(device)

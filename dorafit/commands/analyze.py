@@ -65,6 +65,18 @@ def _recorded_base(paths) -> str | None:
     return next(iter(bases.values()), None)
 
 
+def check_outputs(args: argparse.Namespace, out: Path, base: str, specs) -> None:
+    """--out (a folder) and --plot (a file) are no links, devices or inputs, nor inside one."""
+    from dorafit.files import check_output_file, check_output_folder
+
+    inputs = [("--base", base)] + [("checkpoint", s.path) for s in specs]
+    check_output_folder(out, inputs, "--out")
+    if not args.no_plot:
+        check_output_file(Path(args.plot) if args.plot else out / "figure2.png", inputs, "--plot")
+    for name in ("analysis.csv", "analysis.json"):
+        check_output_file(out / name, inputs, "--out")
+
+
 def run(args: argparse.Namespace) -> int:
     from dorafit.analysis import AnalysisError, Checkpoint, analyze, panel_stats, plot_figure2, write_table
     from dorafit.loading import load_base_for_adapter
@@ -110,10 +122,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.base:
         print(f"base model: {base} (recorded by the adapter)")
     try:
+        out = Path(args.out)
+        check_outputs(args, out, base, specs)
         model = load_base_for_adapter(model=base, default_model=None, by_class=True, model_class=args.base_class,
                                       attach=False, model_flag="--base").model
         rows = analyze(model, specs, modules=args.modules, axis=1 if args.axis == "out" else 0)
-        out = Path(args.out)
         write_table(rows, out / "analysis.csv", out / "analysis.json")
         stats = panel_stats(rows)
         print(_report(stats))

@@ -62,14 +62,38 @@ def load_for_export(args):
     return loaded.model, inputs
 
 
+EXPORT_KIND = "export"
+
+
+def check_output(out: Path, adapter: str, model: str | None, overwrite: bool) -> None:
+    """Refuse an --out that is a link, an input or inside one, or that holds files: with --overwrite,
+    only a folder an earlier ``dorafit export`` wrote (it carries dorafit's marker file)."""
+    from dorafit.files import MARKER_NAME, check_output_folder, read_marker
+
+    if out.exists() and not out.is_dir() and not out.is_symlink():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    check_output_folder(out, [("ADAPTER", adapter), ("--model", model)], "--out")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        if read_marker(out) != EXPORT_KIND:
+            raise FileExistsError(f"--overwrite: {out} is not a folder dorafit export wrote (no {MARKER_NAME} marker); "
+                                  "not writing into it")
+
+
 def export(args):
     from dorafit.export import export_lora
+    from dorafit.files import write_marker
+    from dorafit.loading import base_model_name
+    from dorafit.remote import resolve_adapter_path
 
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    adapter = resolve_adapter_path(args.adapter)
+    check_output(out, str(adapter), base_model_name(adapter, args.model), args.overwrite)
     model, inputs = load_for_export(args)
-    return export_lora(model, out, rank=args.rank, max_error=args.max_error, inputs=inputs)
+    report = export_lora(model, out, rank=args.rank, max_error=args.max_error, inputs=inputs)
+    write_marker(out, EXPORT_KIND)  # --overwrite may replace this folder later, and no other
+    return report
 
 
 def run(args) -> int:

@@ -36,6 +36,8 @@ RUN_ENTRIES = ("config.yaml", "checkpoints", "best", "adapter", "log.jsonl", "re
 
 # {run folder: open descriptor of the folder, holding its lock} of the runs this process holds.
 _held: dict[Path, int] = {}
+# Run folders this process created (for ``abandon_new_run``).
+_created: set[Path] = set()
 
 
 class RunStopped(ValueError):
@@ -129,6 +131,22 @@ def mark_running(out: Path) -> None:
     write_marker(out, RUN_KIND, pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
+def abandon_new_run(out: Path) -> None:
+    """Undo a new run that stopped before its first step (bad data, a model that does not load,
+    Ctrl-C while loading): remove what it wrote, and its folder if it made it and it is now empty.
+    Nothing else is touched, and nothing once a checkpoint exists."""
+    out = Path(out)
+    if read_marker(out) != RUN_KIND or (out / "checkpoints").exists():
+        return
+    for name in ("config.yaml", "fingerprint.json", "log.jsonl", MARKER_NAME):
+        entry = out / name
+        if entry.is_file() and not entry.is_symlink():
+            entry.unlink()
+    if out in _created and not any(out.iterdir()):
+        out.rmdir()
+    _created.discard(out)
+
+
 def release_run(out: Path) -> None:
     """Drop this process's lock on ``out`` (the lock file stays: it says who ran there last)."""
     fd = _held.pop(Path(out), None)
@@ -198,6 +216,8 @@ def prepare_output(out: Path, cfg: TrainConfig) -> None:
         lock_run(out)
         _remove_run(out)
     else:
+        if not out.exists():
+            _created.add(out)
         out.mkdir(parents=True, exist_ok=True)
         lock_run(out)
         if any(out.iterdir()):  # another run got here between the check and the lock

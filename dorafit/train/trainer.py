@@ -77,7 +77,7 @@ from dorafit.train.models import (
     read_model_config,
     resolve_model_path,
 )
-from dorafit.train.rundir import RunStopped, mark_running, prepare_output, release_run, stop_message
+from dorafit.train.rundir import RunStopped, abandon_new_run, mark_running, prepare_output, release_run, stop_message
 
 BUNDLED_DATA = D.BUNDLED_DATA
 TASK_FILE = "task.json"
@@ -212,12 +212,14 @@ def train(cfg: TrainConfig) -> TrainResult | None:
             dist_utils.teardown(run.info)
             return None
         return finish(run, state, time.perf_counter() - train_started, started)
-    except KeyboardInterrupt:
-        raise RunStopped(stop_message(out, "interrupted", state and state.step)) from None
-    except Exception as err:
-        if is_disk_full(err):
+    except BaseException as err:
+        if state is None and not cfg.resume and parallel.info.is_main:
+            abandon_new_run(out)  # refused or stopped before its first step: the new run leaves nothing behind
+        if isinstance(err, KeyboardInterrupt):
+            raise RunStopped(stop_message(out, "interrupted", state and state.step)) from err
+        if isinstance(err, Exception) and is_disk_full(err):
             detail = " ".join(str(err).split())[:400]
-            raise RunStopped(stop_message(out, f"the disk is full ({detail})", state and state.step)) from None
+            raise RunStopped(stop_message(out, f"the disk is full ({detail})", state and state.step)) from err
         raise
     finally:
         release_run(out)

@@ -194,7 +194,7 @@ def test_a_full_disk_during_a_checkpoint_loses_nothing_and_resume_continues(tiny
 
     def fill_then_save(run, state):
         if state.step == 4:  # the disk fills up just before the second checkpoint
-            with open(filler, "wb") as f:
+            with open(filler, "wb", buffering=0) as f:
                 try:
                     while True:
                         f.write(b"\0" * 65536)
