@@ -51,8 +51,10 @@ MARKER_NAME = ".dorafit-folder.json"
 # A temporary whose name carries no process id (written by an older dorafit) counts as left
 # over once it is this old.
 _ANONYMOUS_LEFTOVER_AGE = 3600.0
-# Deepest JSON nesting dorafit reads; real configs and data rows nest a few levels.
+# Deepest JSON nesting dorafit reads (real configs and data rows nest a few levels), and the
+# largest JSON config (an adapter_config.json for a 70B model is well under a megabyte).
 MAX_JSON_DEPTH = 100
+MAX_JSON_CONFIG_BYTES = 64 << 20
 
 
 class OutputPathError(FileExistsError):
@@ -304,24 +306,26 @@ def sha256_file(path: PathLike) -> str:
     return digest.hexdigest()
 
 
+_JSON_TOKENS = None
+
+
 def json_depth_problem(text: str, limit: int = MAX_JSON_DEPTH) -> Optional[str]:
-    """'nests deeper than N levels' when brackets outside strings nest deeper than ``limit``."""
-    depth, in_string, escaped = 0, False, False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
+    """'nests deeper than N levels' when brackets outside strings nest deeper than ``limit``.
+    Strings are skipped whole by one regular expression, so a large file of flat rows is scanned
+    at the speed of its brackets."""
+    import re
+
+    global _JSON_TOKENS
+    if _JSON_TOKENS is None:
+        _JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]')
+    depth = 0
+    for match in _JSON_TOKENS.finditer(text):
+        token = match.group()
+        if token in "[{":
             depth += 1
             if depth > limit:
                 return f"nests deeper than {limit} levels"
-        elif ch in "]}":
+        elif token in "]}":
             depth -= 1
     return None
 
@@ -338,9 +342,13 @@ def loads_json(text: str, source: PathLike, error: type = ValueError) -> Any:
 
 
 def read_json_object(path: PathLike, error: type = ValueError) -> Dict[str, Any]:
-    """The JSON object in file ``path``; ``error`` (naming the file) for bad UTF-8, bad JSON, nesting
-    deeper than ``MAX_JSON_DEPTH`` or a value that is not an object."""
+    """The JSON object in file ``path``; ``error`` (naming the file) for a file over
+    ``MAX_JSON_CONFIG_BYTES``, bad UTF-8, bad JSON, nesting deeper than ``MAX_JSON_DEPTH`` or a
+    value that is not an object."""
     path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_JSON_CONFIG_BYTES:
+        raise error(f"{path}: {size:,} bytes is too large for a JSON config (at most {MAX_JSON_CONFIG_BYTES:,})")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

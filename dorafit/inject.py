@@ -256,6 +256,9 @@ def check_ranks(modules: Dict[str, nn.Module], config: AdapterConfig) -> None:
         dims = weight_dims(module)
         if opts["method"] == "magnitude" or dims is None:
             continue
+        if opts["method"] in METHOD_BUILDERS and adapter_class_for(module) not in (LinearAdapter, Conv1DAdapter) \
+                and not isinstance(module, nn.Linear):
+            continue  # VeRA-style methods refuse this layer type with their own message
         if opts["rank"] > min(dims):
             source = "rank_pattern" if config.rank_pattern and opts["rank"] != config.rank else "rank"
             raise AdapterError(

@@ -35,7 +35,7 @@ class LoadedBase:
     """A loaded base model and what was decided on the way."""
 
     model: object
-    name: str  # the base as given or recorded (a folder, hub id or bundled name)
+    name: str  # the base as given or recorded (a folder, hf:// hub id or bundled name)
     path: str  # the local folder it was read from
     config: object  # its transformers config
     kind: object | None  # the ModelKind it was built for (None when built by class name)

@@ -240,9 +240,12 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def unmerged_weight_2d(adapter: AdapterLayer, merged_2d: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """W0 = W / g − s B A per output feature, (out, in_flat) float32 (W / g for magnitude-only)."""
-    w = merged_2d.float() / g.to(merged_2d.device).unsqueeze(1)
+    """W0 = W / g − s B A per output feature, (out, in_flat) float32 (W / g for magnitude-only).
+
+    Computed in float64: W0 is often small beside W / g and s B A, and the subtraction would
+    otherwise add float32's rounding of those larger terms to the one of the stored W."""
+    w = merged_2d.double() / g.to(merged_2d.device).double().unsqueeze(1)
     if adapter.method == "magnitude":
-        return w
+        return w.float()
     a, b = adapter.lowrank_factors()
-    return w - adapter.scaling * (b.reshape(b.shape[0], -1).float() @ a.reshape(a.shape[0], -1).float())
+    return (w - adapter.scaling * (b.reshape(b.shape[0], -1).double() @ a.reshape(a.shape[0], -1).double())).float()

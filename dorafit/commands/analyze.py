@@ -3,7 +3,7 @@
     dorafit analyze [--base BASE] TUNED [TUNED ...]
     dorafit analyze --base BASE --checkpoints RUN1/ckpt-1 RUN1/ckpt-2 ... --checkpoints RUN2/ckpt-1 ...
 
-BASE is a Hugging Face model folder or hub id (default: the base the adapters record); each TUNED is a full fine-tune (model.safetensors),
+BASE is a Hugging Face model folder or hf://owner/name (default: the base the adapters record); each TUNED is a full fine-tune (model.safetensors),
 a dorafit adapter or a PEFT adapter folder (merged in memory). Writes OUT/analysis.csv,
 OUT/analysis.json (rows + per-panel Pearson r and slope) and the figure (OUT/figure2.png).
 """
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fine-tuned checkpoints: model folder/.safetensors file, dorafit or PEFT adapter folder "
                              "(give them before any --checkpoints, which takes every path that follows it)")
     parser.add_argument("--base", default=None,
-                        help="the pretrained model (Hugging Face folder or hub id); default: the base the first "
+                        help="the pretrained model (Hugging Face folder or hf://owner/name); default: the base the first "
                              "adapter among the checkpoints records (the same for every adapter)")
     parser.add_argument("--checkpoints", nargs="+", action="append", default=[], metavar="CKPT",
                         help="one training run's intermediate checkpoints, in training order (repeat per run)")

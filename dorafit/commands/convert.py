@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="base model folder or hub id the adapter belongs to (default: the base recorded in SRC)",
+        help="base model folder or hf://owner/name the adapter belongs to (default: the base recorded in SRC)",
     )
     parser.add_argument(
         "--model-class",

@@ -20,11 +20,11 @@ def add_arguments(parser) -> None:
     from dorafit.train.config import DEFAULT_MODEL, MODEL_KINDS
 
     parser.add_argument("--model", default=None,
-                        help=f"base model folder or hub id (default: the base the adapter records, else {DEFAULT_MODEL})")
+                        help=f"base model folder or hf://owner/name (default: the base the adapter records, else {DEFAULT_MODEL})")
     parser.add_argument("--adapter", default="", help="adapter folder (dorafit or PEFT format); none: the base model alone")
     parser.add_argument("--task", default="", help="task name(s), comma-separated, or 'all'; default: the adapter's task")
     parser.add_argument("--data", default="", help="test data for a single task: a JSON/JSONL/CSV/parquet file, a "
-                        "datasets.save_to_disk folder, a folder of data files or a hub dataset id (SOURCE:SPLIT picks a "
+                        "datasets.save_to_disk folder, a folder of data files or a hub dataset hf://owner/name (SOURCE:SPLIT picks a "
                         "split); default: <data-dir>/<task>/test.json")
     parser.add_argument("--data-split", default="", help="split of --data when it holds several (default: its only split)")
     parser.add_argument("--data-dir", default="", help="folder laid out as <task>/test.json (default: the data shipped with dorafit)")

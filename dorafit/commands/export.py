@@ -28,14 +28,14 @@ DEFAULT_PROMPTS = [
 def add_arguments(parser) -> None:
     from dorafit.train.config import MODEL_KINDS
 
-    parser.add_argument("adapter", metavar="ADAPTER", help="adapter folder (dorafit or PEFT format) or hub id")
+    parser.add_argument("adapter", metavar="ADAPTER", help="adapter folder (dorafit or PEFT format) or hf://owner/name")
     parser.add_argument("--to", default="lora", choices=["lora"], help="target format (default: lora)")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=int, help="rank of the exported LoRA")
     size.add_argument("--max-error", type=float,
                       help="choose the smallest rank whose overall relative weight error ‖ΔW − BA‖/‖ΔW‖ is at most this (e.g. 0.05)")
     parser.add_argument("--out", required=True, help="folder for the LoRA adapter")
-    parser.add_argument("--model", default=None, help="base model folder or hub id (default: the base the adapter records)")
+    parser.add_argument("--model", default=None, help="base model folder or hf://owner/name (default: the base the adapter records)")
     parser.add_argument("--model-kind", default="auto", choices=MODEL_KINDS,
                         help="model class to load (default: the adapter's task.json, else detected)")
     parser.add_argument("--prompt", action="append", default=None,

@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
     from dorafit.train.config import DEFAULT_MODEL, MODEL_KINDS
 
     parser.add_argument("--model", default=None,
-                        help=f"base model folder or hub id (default: the base the adapter records, else {DEFAULT_MODEL})")
+                        help=f"base model folder or hf://owner/name (default: the base the adapter records, else {DEFAULT_MODEL})")
     parser.add_argument("--adapter", required=True, help="adapter folder (dorafit or PEFT format)")
     parser.add_argument("--out", required=True, help="folder for the merged checkpoint")
     parser.add_argument("--model-kind", default="auto", choices=MODEL_KINDS,

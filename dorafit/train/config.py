@@ -106,7 +106,7 @@ class TrainConfig:
 
     # -- model and data
     model: str = DEFAULT_MODEL
-    """Model: a local Hugging Face folder, a hub id, a .gguf file, or a bundled name:
+    """Model: a local Hugging Face folder, a hub model hf://owner/name, a .gguf file, or a bundled name:
     "smollm2-135m-instruct" (the default decoder) or "all-MiniLM-L6-v2" (an encoder)."""
     model_kind: str = "auto"
     """How the model is trained: causal-lm (instruction tuning), multiple-choice (cross-encoder
@@ -118,7 +118,7 @@ class TrainConfig:
     ARC-Challenge, openbookqa); selects the answer words and the default data files."""
     data: str = ""
     """Training data: a JSON, JSONL, CSV or parquet file, a datasets.save_to_disk folder, a folder of
-    data files or a hub dataset id (SOURCE:SPLIT picks a split of several); default: <data-dir>/<task>/train.json."""
+    data files or a hub dataset hf://owner/name (SOURCE:SPLIT picks a split of several); default: <data-dir>/<task>/train.json."""
     test_data: str = ""
     """Held-out test data evaluated before and after training (the same kinds of source as --data,
     e.g. my_dataset_dict:test); default: <data-dir>/<task>/test.json."""

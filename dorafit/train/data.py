@@ -22,7 +22,7 @@ Nothing is dropped or cut without a word: examples cut inside their response or 
 the prompt alone fills ``max_length`` are counted and reported (``LengthReport``); a test answer
 that is not among the row's choices, a classification set with one class, a prompt longer than
 the model's context, a chat template or pad token the tokenizer lacks are errors naming the file
-and row. JSON nesting deeper than ``dorafit.files.MAX_JSON_DEPTH`` is refused before parsing.
+and row. JSON nested too deeply for the parser is an error naming the file, not a traceback.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from dorafit.eval.examples import (  # noqa: F401  (the examples and batches, sh
     format_prompt,
 )
 from dorafit.eval.tasks import Task, extract_answer, parse_instruction
-from dorafit.files import brief, clip, json_depth_problem
+from dorafit.files import brief, clip
 
 # The commonsense subsets shipped with dorafit: <task folder>/{train,test}.json.
 BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data"
@@ -69,23 +69,21 @@ def _locate_json_error(path: Path) -> str | None:
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
-            problem = json_depth_problem(line)
-            if problem:
-                return f"line {number}: JSON {problem}; rows are flat objects"
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as err:
                 return f"line {number}: invalid JSON ({err.msg}, column {err.colno})"
+            except RecursionError:
+                return f"line {number}: JSON nests too deeply to be read; rows are flat objects"
             if not isinstance(value, dict):
                 return f"line {number}: expected a JSON object, got {type(value).__name__}"
         return None
-    problem = json_depth_problem(text)
-    if problem:
-        return f"JSON {problem}; rows are flat objects"
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         return f"line {err.lineno}: invalid JSON ({err.msg}, column {err.colno})"
+    except RecursionError:
+        return "JSON nests too deeply to be read; rows are flat objects"
     if isinstance(value, list):
         if not value:
             return "the data set is empty"
@@ -98,7 +96,7 @@ def _locate_json_error(path: Path) -> str | None:
 def read_rows(path: str | os.PathLike, split: str = "") -> list[dict]:
     """Read every row of a JSON / JSONL / CSV / parquet file as a dict, via ``datasets``.
 
-    A folder (``datasets.save_to_disk`` output or a folder of data files) or a hub dataset id,
+    A folder (``datasets.save_to_disk`` output or a folder of data files) or a hub dataset (``hf://owner/name``),
     optionally ending in ``:SPLIT``, is read by ``dorafit.train.datasets_io``; ``split`` picks
     the split there.
     """

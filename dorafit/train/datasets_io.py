@@ -1,5 +1,5 @@
 """Data sources that are not a single file: ``datasets.save_to_disk`` folders, folders of data
-files, and hub dataset ids.
+files, and hub datasets (``hf://owner/name``).
 
 A source may end in ``:SPLIT`` (``my_dataset_dict:test``) to pick a split; a ``split`` argument
 (``dorafit eval --data-split``) does the same. Without one, a source with a single split uses it
@@ -61,7 +61,7 @@ def looks_like_hub_id(source: str) -> bool:
 
 
 def read_source_rows(source: str, split: str = "") -> list[dict]:
-    """Every row of the chosen split of a save_to_disk folder, data folder or hub id, as dicts."""
+    """Every row of the chosen split of a save_to_disk folder, data folder or hub dataset, as dicts."""
     import datasets
 
     datasets.disable_progress_bars()

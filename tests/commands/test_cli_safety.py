@@ -214,9 +214,9 @@ def test_deep_json_is_one_line_everywhere(tiny_model, adapter, tmp_path, capsys)
     one_line(run_cli(capsys, "eval", "--model", tiny_model, "--adapter", task_bad, "--no-progress"),
              "eval", "task.json", "nests deeper than 100 levels")
     one_line(run_cli(capsys, "eval", "--model", tiny_model, "--task", "ARC-Easy", "--data", data_bad, "--no-progress"),
-             "eval", "data.json", "nests deeper than 100 levels")
+             "eval", "data.json: JSON nests too deeply to be read")
     one_line(run_cli(capsys, "train", "--model", tiny_model, "--data", data_bad, "--output", tmp_path / "r",
-                     "--no-progress"), "train", "nests deeper than 100 levels")
+                     "--no-progress"), "train", "data.json: JSON nests too deeply to be read")
 
 
 @pytest.mark.parametrize("text, needle", [
