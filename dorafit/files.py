@@ -513,8 +513,9 @@ def read_marker(folder: PathLike) -> Optional[str]:
 
 
 def is_same_or_inside(path: PathLike, other: PathLike) -> bool:
-    """True when ``path`` is ``other`` or lies inside it (after resolving links and ``..``)."""
-    a, b = Path(path).resolve(), Path(other).resolve()
+    """True when ``path`` is ``other`` or lies inside it (after resolving links and ``..``; a link
+    loop resolves as far as it goes, never raising)."""
+    a, b = Path(os.path.realpath(path)), Path(os.path.realpath(other))
     return a == b or b in a.parents
 
 

@@ -10,30 +10,10 @@ import dorafit
 from dorafit import AdapterConfig, AdapterError
 from dorafit.adapters import rename_adapter, set_trainable
 
-from conftest import TinyMLP, randomize_adapter
+from conftest import TinyMLP
+from test_adapters import MATH, _randomized, two  # noqa: F401 (the fixture of two named adapters)
 
-MATH = AdapterConfig(rank=4, targets=["fc1", "fc2"])
-CODE = AdapterConfig(rank=2, method="lora", targets=["fc1", "conv", "embed"], modules_to_save=["head"])
 X = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(1))
-
-
-def _randomized(model, seed):
-    for i, (_, a) in enumerate(dorafit.adapter_modules(model)):
-        randomize_adapter(a, seed=seed + i)
-    return model
-
-
-@pytest.fixture
-def two():
-    torch.manual_seed(0)
-    model = _randomized(dorafit.attach(TinyMLP(), MATH, name="math"), 10)
-    dorafit.attach(model, CODE, name="code")
-    dorafit.set_adapter(model, "code")
-    _randomized(model, 20)
-    with torch.no_grad():
-        model.head.trainable.weight.add_(0.3)
-    dorafit.set_adapter(model, "math")
-    return model
 
 
 def _base_out():

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dorafit import files
+from tmpfs import small_tmpfs
 
 
 def snapshot(folder: Path) -> dict:
@@ -272,16 +273,8 @@ def test_concurrent_writers_of_one_target_never_break_each_other(tmp_path):
 
 @pytest.fixture()
 def small_disk(tmp_path):
-    """A 256 KiB tmpfs mounted in tmp_path (skipped where mounting is not allowed)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "256k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_a_full_disk_is_one_error_and_the_old_file_stays(small_disk):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
 
 from test_gguf import write_tiny_gguf  # noqa: E402
+from tmpfs import small_tmpfs  # noqa: E402
 
 from dorafit import gguf as dgguf  # noqa: E402
 from dorafit.cli import main  # noqa: E402
@@ -103,17 +103,10 @@ def test_a_conversion_from_before_files_were_recorded_gets_them_recorded(tiny):
 
 
 def test_a_full_disk_during_conversion_is_one_line_and_leaves_nothing(tiny, tmp_path, monkeypatch, capsys):
-    small = tmp_path / "small"
-    small.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "64k") as small:
         monkeypatch.setenv("DORAFIT_CACHE", str(small))
         assert main(["train", "--model", str(tiny), "--output", str(tmp_path / "run"), "--no-progress"]) == 2
         line = _one_line(capsys)
         assert "the disk is full (no space left on the device while writing" in line and "free some space" in line
         assert "converting tiny.F32.gguf to float32 needs about" in line
         assert [p for p in small.rglob("*") if p.is_file()] == []
-    finally:
-        subprocess.run(["umount", str(small)], check=False)

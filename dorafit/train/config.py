@@ -58,8 +58,10 @@ def load_yaml_file(path, what: str = "--config"):
     import yaml
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise TrainConfigError(f"{what} {path}: no such file")
+    if not path.is_file():
+        raise TrainConfigError(f"{what} {path}: not a regular file")
     if path.stat().st_size > MAX_YAML_BYTES:
         raise TrainConfigError(f"{what} {path}: {path.stat().st_size:,} bytes is too large for an options file "
                                f"(at most {MAX_YAML_BYTES:,})")

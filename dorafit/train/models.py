@@ -12,7 +12,6 @@ in full (``AdapterConfig.modules_to_save``, ``ModelKind.trained_heads``). Remote
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dorafit.train.config import MINILM
@@ -75,10 +74,9 @@ def read_model_config(path: str, trust_remote_code: bool):
     if folder.exists() and not (folder / "config.json").is_file():
         raise ModelError(f"{folder}: not a transformers model folder (no config.json)")
     if (folder / "config.json").is_file():
-        try:
-            raw = json.loads((folder / "config.json").read_text())
-        except json.JSONDecodeError as err:
-            raise ModelError(f"{folder / 'config.json'}: not valid JSON: {err}") from None
+        from dorafit.files import read_json_object
+
+        raw = read_json_object(folder / "config.json", ModelError)  # bounded: size, nesting
         if raw.get("auto_map") and raw.get("model_type") not in CONFIG_MAPPING_NAMES and not trust_remote_code:
             raise ModelError(
                 f"{folder} needs its own Python code (auto_map in config.json); dorafit never runs a "
@@ -167,8 +165,12 @@ def load_model(path: str, kind, trust_remote_code: bool, num_labels: int | None 
     path = resolve_model_path(path)
     try:
         model, info = kind.load(path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load {path!r} as a {kind.name} model: {err}") from None
+    except Exception as err:
+        # A damaged weight file raises safetensors' own error type (not an OSError): bad input too.
+        if not isinstance(err, (OSError, ValueError)) and not type(err).__module__.startswith("safetensors"):
+            raise
+        detail = " ".join(str(err).split())[:300]
+        raise ModelError(f"cannot load {path!r} as a {kind.name} model: {detail}") from None
     fresh = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", [])})
     # Keep the outermost fresh modules only (classifier, not classifier.dense and classifier).
     fresh = [m for m in fresh if not any(m.startswith(o + ".") for o in fresh if o != m)]

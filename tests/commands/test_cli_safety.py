@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ import torch
 from cli_models import ARC, adapter, hashes, tiny_model  # noqa: F401 (fixtures)
 
 from dorafit.cli import main
+from tmpfs import small_tmpfs
 
 
 def run_cli(capsys, *argv):
@@ -184,6 +184,27 @@ def test_a_hostile_pattern_in_a_downloaded_adapter_cannot_hang(command, tiny_mod
     one_line(run_cli(capsys, *argv), command, "targets: pattern", "needs more than 0.2 s to match")
     assert time.perf_counter() - started < 60
     assert not any((tmp_path / n).exists() for n in ("m", "c", "e"))
+
+
+@pytest.mark.parametrize("option", ["target_modules", "exclude_modules", "rank_pattern", "layers_pattern"])
+def test_a_hostile_pattern_in_a_peft_adapter_cannot_hang(option, tiny_model, adapter, tmp_path, capsys, monkeypatch):
+    from dorafit import config
+
+    monkeypatch.setattr(config, "MATCH_SECONDS", 0.2)
+    peft = tmp_path / "peft"
+    assert run_cli(capsys, "convert", adapter, peft, "--to", "peft", "--model", tiny_model)[0] == 0
+    cfg = json.loads((peft / "adapter_config.json").read_text())
+    hostile = r"(?:.|\w)+(?=Z)"
+    if option == "rank_pattern":
+        cfg["rank_pattern"] = {hostile: 4}
+    elif option == "layers_pattern":
+        cfg.update(target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 1], layers_pattern=hostile)
+    else:
+        cfg[option] = hostile
+    (peft / "adapter_config.json").write_text(json.dumps(cfg))
+    one_line(run_cli(capsys, "merge", "--model", tiny_model, "--adapter", peft, "--out", tmp_path / "m"), "merge",
+             f"{option}: pattern", "needs more than 0.2 s to match")
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("edit, needle", [
@@ -388,12 +409,7 @@ def test_ctrl_c_in_eval_is_one_line_and_writes_nothing(tiny_model, adapter, tmp_
 
 
 def test_a_full_disk_during_merge_keeps_the_previous_merged_model(tiny_model, adapter, tmp_path, capsys):
-    small = tmp_path / "small"
-    small.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "256k") as small:
         out = small / "merged"
         out.mkdir()
         (out / ".dorafit-folder.json").write_text(json.dumps({"made_by": "dorafit", "kind": "merged"}))
@@ -403,8 +419,6 @@ def test_a_full_disk_during_merge_keeps_the_previous_merged_model(tiny_model, ad
                  "merge", f"no space left on the device while writing {out}", "intact", "free some space")
         assert hashes(out) == before
         assert sorted(p.name for p in small.iterdir()) == ["merged"]
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
 
 
 def test_model_weights_are_finite_in_the_tiny_model(tiny_model):

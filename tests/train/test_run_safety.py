@@ -21,6 +21,7 @@ from dorafit.cli import main
 from dorafit.train import trainer
 from dorafit.train.config import TrainConfig, TrainConfigError
 from dorafit.train.rundir import mark_running, prepare_output, release_run
+from tmpfs import small_tmpfs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -175,15 +176,8 @@ def test_ctrl_c_stops_with_the_step_and_resume_continues(tiny_llama, arc_files, 
 
 @pytest.fixture()
 def small_disk(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "4m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_a_full_disk_during_a_checkpoint_loses_nothing_and_resume_continues(tiny_llama, arc_files, small_disk,
