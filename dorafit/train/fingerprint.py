@@ -16,6 +16,7 @@ kept fingerprints resumes with a note saying that its inputs could not be checke
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -121,3 +122,26 @@ def check(out: Path, sources: Dict[str, Optional[str]]) -> Optional[str]:
             "two runs. Put the original files back, or start a new run (--overwrite or another --output)")
     write_json_atomic(path, {"version": VERSION, "inputs": current})
     return None
+
+
+def record_or_check(out: Path, resume: bool, sources: Dict[str, Optional[str]], info) -> None:
+    """On rank 0: a new run (or a resumed one with no checkpoint yet) records its fingerprint; a
+    resumed one is checked against it and then names this process in its marker. Every rank
+    raises the same TrainConfigError."""
+    from dorafit.train import distributed as dist_utils
+    from dorafit.train.checkpoint import list_checkpoints
+    from dorafit.train.rundir import mark_running
+
+    error = None
+    if info.is_main:
+        try:
+            note = check(out, sources) if resume and list_checkpoints(Path(out) / "checkpoints") else record(out, sources)
+            if note:
+                print(note, file=sys.stderr, flush=True)
+            if resume:
+                mark_running(out)  # every check passed: the folder now names this process
+        except TrainConfigError as err:
+            error = str(err)
+    error = dist_utils.broadcast_object(error, info)
+    if error:
+        raise TrainConfigError(error)

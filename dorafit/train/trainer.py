@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -66,6 +65,7 @@ from dorafit.train import checkpoint as ckpt
 from dorafit.train import data as D
 from dorafit.train import distributed as dist_utils
 from dorafit.train import fingerprint
+from dorafit.train.health import MagnitudeWatch
 from dorafit.train.config import TrainConfig, TrainConfigError, format_config, load_yaml_file
 from dorafit.train.distributed import Parallel, gather_trainable, load_trainable, trainable_named
 from dorafit.train.kinds import EvalSettings, ModelKind, get_kind
@@ -77,7 +77,7 @@ from dorafit.train.models import (
     read_model_config,
     resolve_model_path,
 )
-from dorafit.train.rundir import RunStopped, abandon_new_run, mark_running, prepare_output, release_run, stop_message
+from dorafit.train.rundir import RunStopped, abandon_new_run, prepare_output, release_run, stop_message
 
 BUNDLED_DATA = D.BUNDLED_DATA
 TASK_FILE = "task.json"
@@ -272,25 +272,10 @@ def check_resume_options(out: Path, cfg: TrainConfig) -> None:
 
 
 def check_inputs(cfg: TrainConfig, out: Path, data: "RunData", info: dist_utils.DistInfo) -> None:
-    """A new run (or a resumed one without a checkpoint yet) records the fingerprint of its model and
-    data; a resumed one refuses changed ones."""
+    """Record the fingerprint of the run's model and data, or refuse a resume where they changed."""
     test = _data_path(cfg, "test", data.task.folder) if data.test_rows else ""
-    sources = {"model": data.model_path, "training data": str(data.train_path), "validation data": cfg.val_data,
-               "test data": str(test)}
-    error = None
-    if info.is_main:
-        try:
-            started = cfg.resume and bool(ckpt.list_checkpoints(out / "checkpoints"))
-            note = fingerprint.check(out, sources) if started else fingerprint.record(out, sources)
-            if note:
-                print(note, file=sys.stderr, flush=True)
-            if cfg.resume:
-                mark_running(out)  # every check passed: the folder now names this process
-        except TrainConfigError as err:
-            error = str(err)
-    error = dist_utils.broadcast_object(error, info)
-    if error:
-        raise TrainConfigError(error)
+    fingerprint.record_or_check(out, cfg.resume, {"model": data.model_path, "training data": str(data.train_path),
+                                                  "validation data": cfg.val_data, "test data": str(test)}, info)
 
 
 def default_output(cfg: TrainConfig) -> Path:
@@ -474,14 +459,12 @@ def train_loop(run: Run, state: RunState) -> bool:
     cfg = run.cfg
     bar = _progress_bar(run, state.step)
     run.wrapped.train()
-    check_at = min(MAGNITUDE_CHECK_STEPS, run.total_steps)
-    magnitudes = _magnitudes(run) if state.step < check_at else {}
+    magnitudes = MagnitudeWatch(run.model, state.step, run.total_steps)
     try:
         while state.step < run.total_steps:
             loss, lr = train_step(run, state.step)
             state.step += 1
-            if state.step == check_at and magnitudes:
-                _report_frozen_magnitudes(run, magnitudes, state.step)
+            magnitudes.after_step(state.step, run.optimizer, cfg.lr, run.info)
             record = {"step": state.step, "epoch": (state.step - 1) // run.steps_per_epoch, "loss": loss, "lr": lr}
             at_save = (cfg.save_steps and state.step % cfg.save_steps == 0) or state.step == run.total_steps
             if run.data.val and _at_eval(run, state.step, at_save):
@@ -501,47 +484,6 @@ def train_loop(run: Run, state: RunState) -> bool:
     finally:
         if bar is not None:
             bar.close()
-
-
-# After this many optimizer steps (or at the end of a shorter run) every trainable magnitude must
-# have moved; one that is still bit-identical is reported (a bf16 master that never changes is
-# the most reported silent DoRA failure).
-MAGNITUDE_CHECK_STEPS = 3
-
-
-def _magnitudes(run: Run) -> dict:
-    """{name: a copy of the local values} of every trainable magnitude vector."""
-    return {name: _local(p).detach().clone() for name, p in trainable_named(run.model)
-            if name.rsplit(".", 1)[-1] == "magnitude"}
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t  # an FSDP2 shard
-
-
-def _report_frozen_magnitudes(run: Run, before: dict, step: int) -> None:
-    """Say which trainable magnitudes are still bit-identical to their start after ``step`` steps."""
-    params = dict(trainable_named(run.model))
-    frozen = []
-    for name, old in before.items():
-        changed = dist_utils.all_reduce_sum(float(not torch.equal(_local(params[name]).detach(), old)), run.info)
-        if changed == 0:
-            frozen.append(name)
-    if not frozen or not run.info.is_main:
-        return
-    first = params[frozen[0]]
-    state = run.optimizer.state.get(first, {})
-    moment = state.get("exp_avg")
-    if first.dtype != torch.float32:
-        why = (f"it is stored in {str(first.dtype).replace('torch.', '')}, whose resolution near its values is coarser than "
-               "the updates: keep adapter parameters in float32 (AdapterConfig adapter_dtype=\"float32\", and do not "
-               "cast the adapted model to a lower precision)")
-    elif moment is not None and not bool(_local(moment).any()):
-        why = "it receives no gradient: check that the adapted modules take part in the loss"
-    else:
-        why = f"its updates are below float32's resolution at lr {run.cfg.lr:g}"
-    print(f"warning: after {step} optimizer steps the magnitude of {len(frozen)} of {len(before)} adapted modules has "
-          f"not changed at all (e.g. {frozen[0].rsplit('.', 1)[0]}): {why}", file=sys.stderr, flush=True)
 
 
 def train_step(run: Run, step: int) -> tuple[float, float]:
