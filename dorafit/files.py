@@ -355,7 +355,7 @@ def read_json_object(path: PathLike, error: type = ValueError) -> Dict[str, Any]
         raise error(f"{path} is not valid JSON: {exc}") from None
     problem = json_depth_problem(text)
     if problem:
-        raise error(f"{path}: JSON {problem}; not a file dorafit or PEFT wrote")
+        raise error(f"{path}: JSON {problem}; refusing to read it (no config of dorafit, PEFT or transformers nests so)")
     data = loads_json(text, path, error)
     if not isinstance(data, dict):
         raise error(f"{path} must hold a JSON object, got {type(data).__name__}")
