@@ -463,21 +463,58 @@ def write_into_directory(path: PathLike, writers: Dict[str, Callable[[Path], Non
     under a temporary name and renamed into place); in an existing folder each file is replaced
     by its own atomic rename, in the order given, so every file is whole at every moment and
     files of other programs stay as they are. A link at ``path`` or at one of the names is refused.
+    Several writers may race: a folder that another writer created in the meantime is never
+    replaced (that would pull it from under a writer inside it); the files move into it one by one.
     """
     path = Path(path)
     check_folder_target(path)
     for name in writers:
         check_file_target(path / name)
     if not path.exists():
-        with atomic_directory(path) as tmp:
-            for name, write in writers.items():
-                write(tmp / name)
+        _write_new_directory(path, writers)
         return path
     for name, write in writers.items():
         write_file_atomic(path / name, write)
         remove_leftovers(path / name)
     remove_leftovers(path)
     return path
+
+
+def _write_new_directory(path: Path, writers: Dict[str, Callable[[Path], None]]) -> None:
+    """The files of ``writers`` in a new folder renamed into place, or, when another writer made
+    ``path`` first, renamed into that folder one by one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = _make_temp_dir(path, TMP_SUFFIX)
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(path, "the folder was not made") from None
+        raise
+    try:
+        for name, write in writers.items():
+            write(tmp / name)
+        _apply_umask(tmp)
+        fsync_tree(tmp)
+        try:
+            os.rename(tmp, path)  # unlike an exchange, this never replaces a folder holding files
+            made = True
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            made = False
+        if not made:
+            check_folder_target(path)
+            for name in writers:
+                check_file_target(path / name)
+                os.replace(tmp / name, path / name)
+            shutil.rmtree(tmp, ignore_errors=True)
+        _fsync_dir(path.parent)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception) and is_disk_full(err):
+            raise disk_full_error(path, "the folder was not made") from None
+        raise
+    remove_leftovers(path)
 
 
 # ---------------------------------------------------------------------------- markers, overlaps

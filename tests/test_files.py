@@ -242,30 +242,33 @@ def _writer(args):
     for i in range(rounds):
         payload = (f"{worker}:{i}:" + "x" * 4000).encode()
         files.write_bytes_atomic(target, payload)
-        files.write_into_directory(Path(target).parent / "folder", {
+        # Every round a new folder that all writers race to create, then write into.
+        files.write_into_directory(Path(target).parent / f"folder{i}", {
             "a.bin": lambda f, p=payload: f.write_bytes(p), "b.bin": lambda f, p=payload: f.write_bytes(p)})
     return worker
 
 
 def test_concurrent_writers_of_one_target_never_break_each_other(tmp_path):
-    """Four processes rewrite one file and one folder's files 40 times each at once: no writer fails
-    (none removes another's temporary), every read sees one whole payload, nothing is left over."""
+    """Four processes rewrite one file 40 times at once, and race 40 times to create a folder and
+    write into it: no writer fails (none removes or swaps away another's temporary), every read
+    sees one whole payload, every folder holds both files whole, nothing is left over."""
     target = tmp_path / "out.bin"
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(4) as pool:
         result = pool.map_async(_writer, [(str(target), w, 40) for w in range(4)])
-        seen = set()
         while not result.ready():
             try:
                 data = target.read_bytes()
             except FileNotFoundError:
                 continue
             assert data.endswith(b"x" * 4000) and data.count(b":") == 2, data[:40]
-            seen.add(data[:8])
         assert sorted(result.get(timeout=120)) == [0, 1, 2, 3]
     leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith((files.TMP_SUFFIX, files.OLD_SUFFIX))]
     assert leftovers == []
-    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["a.bin", "b.bin"]
+    for i in range(40):
+        folder = tmp_path / f"folder{i}"
+        assert sorted(p.name for p in folder.iterdir()) == ["a.bin", "b.bin"]
+        assert all((folder / n).read_bytes().endswith(b"x" * 4000) for n in ("a.bin", "b.bin"))
 
 
 # ---------------------------------------------------------------------------- a full disk
