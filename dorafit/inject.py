@@ -273,7 +273,9 @@ def non_finite_weights(modules: Dict[str, nn.Module]) -> List[Tuple[str, int]]:
     for name, module in modules.items():
         count = 0
         for p in module.parameters(recurse=False):
-            if p.is_floating_point() and p.device.type != "meta":
+            packed = getattr(p, "quant_state", None) is not None  # 4-bit codes, also when stored as bf16
+            p = p.to_local() if hasattr(p, "device_mesh") else p  # a sharded weight: this process's part
+            if p.is_floating_point() and p.device.type != "meta" and not packed:
                 count += int((~torch.isfinite(p.detach())).sum())
         if count:
             bad.append((name, count))
