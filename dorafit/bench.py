@@ -215,3 +215,108 @@ def measure_variants(
             if steps:
                 results[v.name]["peak"] = step_peak_bytes(v.train_step, device)
     return results
+
+
+# ------------------------------------------------------------------------------------------
+# What a GPU would launch: aten operators, elementwise traffic and host syncs, counted exactly
+
+# Matmuls: their outputs are not counted as elementwise traffic.
+MATMUL_OPS = frozenset({"mm", "addmm", "addmm_", "bmm", "baddbmm", "addbmm", "mv", "dot", "matmul", "linear"})
+# Reads of a tensor's value by Python (``.item()``, ``bool(t)``, ``if t.any():``): a stream stall.
+HOST_SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero"})
+# Operators that return an alias of their input without a kernel, besides schema views.
+_ALIASING_OPS = frozenset({"_unsafe_view", "lift_fresh", "alias", "detach_"})
+
+
+@dataclass
+class OpCount:
+    """Aten operators of a piece of code: each one is at least one kernel launch on a GPU.
+
+    ``ops``: operator names in call order, views excluded; ``elementwise_bytes``: bytes written
+    by non-matmul operators whose output has ``big_numel`` elements (e.g. tokens × out of one
+    layer); ``syncs``: operators that read a value on the host.
+    """
+
+    ops: List[str] = field(default_factory=list)
+    elementwise_bytes: int = 0
+    syncs: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+
+def count_ops(fn: Callable[[], object], big_numel: Optional[int] = None) -> OpCount:
+    """Run ``fn()`` once and count its aten operators (forward and backward alike)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = OpCount()
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in HOST_SYNC_OPS:
+                count.syncs += 1
+            if func.is_view or name in _ALIASING_OPS:
+                return out
+            count.ops.append(name)
+            if big_numel is not None and name not in MATMUL_OPS:
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor) and t.numel() == big_numel:
+                        count.elementwise_bytes += t.numel() * t.element_size()
+            return out
+
+    with Counter():
+        fn()
+    return count
+
+
+# The calls ``count_layer_ops`` measures on one adapted layer.
+LAYER_CALLS = ("train", "accumulation", "eval", "decode")
+
+
+def count_layer_ops(method: str, tokens: int, in_features: int, out_features: int, call: str, *,
+                    rank: int = 16, bias: bool = False, dtype: torch.dtype = torch.float32) -> OpCount:
+    """Count one call of one adapted nn.Linear in its steady state:
+
+    train         forward + backward right after an optimizer step (the norm is due)
+    accumulation  forward + backward of a later micro-batch (the norm is kept)
+    eval          a no-grad forward in eval mode (g is kept)
+    decode        the same with one token, x (1, 1, in)
+
+    The input needs a gradient in training, as for any layer but the first. Counted from the
+    call itself: the optimizer step before it is not.
+    """
+    import dorafit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=bias)).to(dtype)
+    dorafit.attach(model, dorafit.AdapterConfig(method=method, rank=rank, alpha=2 * rank, targets=["0"],
+                                                adapter_dtype="base" if dtype != torch.float32 else "float32"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01)
+    optimizer = torch.optim.SGD(params, lr=1e-3)
+    x = torch.randn(tokens, in_features, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(tokens, out_features, dtype=dtype)
+
+    def step(micro: bool) -> None:
+        x.grad = None
+        model(x).backward(grad_out)
+        if not micro:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):  # warm: the first calls read ‖W0‖² and build what is kept
+        step(False)
+    if call in ("train", "accumulation"):
+        if call == "accumulation":
+            step(True)
+        x.grad = None
+        return count_ops(lambda: model(x).backward(grad_out), tokens * out_features)
+    model.eval()
+    x_eval = torch.randn(1, 1, in_features, dtype=dtype) if call == "decode" else x.detach()
+    with torch.no_grad():
+        model(x_eval)
+        return count_ops(lambda: model(x_eval), x_eval.numel() // in_features * out_features)

@@ -171,29 +171,41 @@ class _ScaleShift(torch.autograd.Function):
     def backward(ctx, grad_y):
         saved, scale, bias = ctx.saved_tensors
         need_t, need_scale, need_bias, _ = ctx.needs_input_grad
-        # Σ over every axis but the output one, in at least float32.
-        acc = torch.promote_types(saved.dtype, torch.float32)
-        grad_sum = None
-        if bias is not None and (need_scale or need_bias):
-            grad_sum = grad_y.to(acc).sum_to_size(scale.shape)
-        grad_scale = grad_bias = prod = None
-        if need_scale:  # Σ grad_y ⊙ (t − b), with t − b = (y − b) / g where y is saved
-            prod = grad_y.to(acc) * saved.to(acc)
-            dot = prod.sum_to_size(scale.shape)
-            if bias is not None:
-                dot = dot - bias.to(acc) * grad_sum
-            if not ctx.keep_sum:  # 0 / 0 where g_i = 0: read as 0 (see ``_DoraLinear``)
-                dot = (dot / scale.to(acc)).nan_to_num_(0.0, 0.0, 0.0)
-            grad_scale = dot.to(scale.dtype)
-        grad_t = None
+        grad_scale = grad_bias = grad_t = None
+        if need_scale or need_bias:
+            # Σ grad_y ⊙ (t − b) per output feature, with t − b = (y − b) / g where y is saved
+            # (1 / g_i read as 0 where g_i = 0, as in ``_DoraLinear``), and Σ grad_y.
+            stat = torch.float64 if saved.dtype == torch.float64 else torch.float32
+            flat = scale.reshape(-1).to(stat)
+            inv = torch.ones_like(flat) if ctx.keep_sum else flat.reciprocal().nan_to_num_(0.0, 0.0, 0.0)
+            dot, grad_sum = _feature_sums(grad_y, saved, bias, inv, need_bias, scale.shape)
+            grad_scale = dot.view(scale.shape).to(scale.dtype)
+            if need_bias:
+                grad_bias = ((1 - flat) * grad_sum).view(bias.shape).to(bias.dtype)
         if need_t:
-            s = scale.to(grad_y.dtype)
-            # prod may be reused only where the reduction above made a new tensor of it
-            reuse = prod is not None and prod.dtype == grad_y.dtype and prod.shape == grad_y.shape and prod.numel() > scale.numel()
-            grad_t = torch.mul(grad_y, s, out=prod) if reuse else grad_y * s  # one (tokens, out) buffer
-        if need_bias:
-            grad_bias = ((1 - scale.to(acc)) * grad_sum).to(bias.dtype)
-        return grad_t, grad_scale, grad_bias, None
+            grad_t = grad_y * scale.to(grad_y.dtype)
+        return grad_t, grad_scale if need_scale else None, grad_bias, None
+
+
+def _feature_sums(grad_y, saved, bias, inv, need_sum: bool, scale_shape):
+    """Σ grad_y ⊙ (saved − b) ⊙ inv and Σ grad_y over every axis but the output-feature one, in
+    one reduction: batch norm's backward computes both per channel without writing the product
+    (input ``saved``, mean b, invstd ``inv``). The feature axis is where ``scale_shape`` (the
+    shape g broadcasts with) is not 1."""
+    ndim = grad_y.dim()
+    sizes = [d for d, n in enumerate(scale_shape) if n != 1]
+    axis = ndim - len(scale_shape) + sizes[0] if sizes else None
+    if axis is None:  # one output feature: every element sums
+        grad_y, saved = grad_y.reshape(-1, 1), saved.reshape(-1, 1)
+    elif axis == ndim - 1:  # features last: (tokens, out)
+        grad_y, saved = grad_y.reshape(-1, grad_y.shape[-1]), saved.reshape(-1, saved.shape[-1])
+    elif axis != 1:  # an unbatched conv output (C, *spatial), or features elsewhere
+        grad_y, saved = grad_y.movedim(axis, 0).unsqueeze(0), saved.movedim(axis, 0).unsqueeze(0)
+    mean = bias.reshape(-1).to(inv.dtype) if bias is not None else inv.new_zeros(inv.shape)
+    _, dot, grad_sum = torch.ops.aten.native_batch_norm_backward(
+        grad_y, saved, None, None, None, mean, inv, True, 0.0, [False, True, need_sum]
+    )
+    return dot, grad_sum
 
 
 class _DoraLinear(torch.autograd.Function):
@@ -211,10 +223,11 @@ class _DoraLinear(torch.autograd.Function):
         ∂L/∂B = s (g ⊙ grad_y)ᵀ h,  ∂L/∂h = s (g ⊙ grad_y) B,  ∂L/∂x = (g ⊙ grad_y) W0 + ∂L/∂h A
 
     It saves y (usually kept anyway by the next operation: see ``_ScaleShift``), h, x' and the
-    (out,)-sized g, never z + s h Bᵀ. Where m_i = 0, y_i = b_i keeps no trace of the row's
-    z + s h Bᵀ and 0 / 0 is read as 0: the exact gradient where the row W0_i + s (BA)_i is zero
-    (a zero row of W0 initialises a zero magnitude), and 0 where the magnitude was set to zero by
-    hand (see docs/methods.md). No value is read by the host.
+    (out,)-sized g, never z + s h Bᵀ; the magnitude's reduction writes no (tokens, out) product
+    (``_magnitude_and_bias_grads``). Where m_i = 0, y_i = b_i keeps no trace of the row's
+    z + s h Bᵀ and its gradient reads 0: the layers send a W0 with a zero row (which initialises a
+    zero magnitude) to a path that keeps the sum instead, so this concerns a magnitude set to zero
+    by hand, which stays zero (docs/methods.md). No value is read by the host.
     """
 
     @staticmethod
@@ -230,16 +243,11 @@ class _DoraLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x_low, h, a, b, weight, y, g, magnitude, bias = ctx.saved_tensors
         need_x, need_low, need_a, need_b, need_m = ctx.needs_input_grad[:5]
-        grad_sum = grad_y.sum(0) if bias is not None and (need_m or ctx.needs_input_grad[9]) else None
-        grad_m = buf = None
-        if need_m:  # Σ grad_y ⊙ (y − b) / m, reduced in at least float32
-            acc = torch.promote_types(y.dtype, torch.float32)
-            buf = grad_y * y
-            dot = buf.sum(0, dtype=acc)
-            if grad_sum is not None:
-                dot = torch.addcmul(dot, bias.to(acc), grad_sum.to(acc), value=-1)
-            grad_m = dot.div_(magnitude).nan_to_num_(0.0, 0.0, 0.0).to(magnitude.dtype)
-        grad_t = torch.mul(grad_y, g, out=buf) if buf is not None else grad_y * g  # (N, out)
+        need_bias = ctx.needs_input_grad[9]
+        grad_m = grad_bias = None
+        if need_m or need_bias:
+            grad_m, grad_bias = _magnitude_and_bias_grads(grad_y, y, magnitude, bias, need_bias)
+        grad_t = grad_y * g  # (N, out): the gradient of z + s h Bᵀ
         grad_h = torch.addmm(h, grad_t, b, beta=0, alpha=ctx.scaling) if (need_x or need_low or need_a) else None
         grad_b = torch.addmm(b, grad_t.t(), h, beta=0, alpha=ctx.scaling) if need_b else None
         grad_a = grad_h.t().mm(x_low) if need_a else None
@@ -247,8 +255,16 @@ class _DoraLinear(torch.autograd.Function):
         if need_x and not ctx.own_low:
             grad_x.addmm_(grad_h, a)  # the low-rank path's input gradient, in place
         grad_low = grad_h.mm(a) if need_low else None
-        grad_bias = grad_sum if ctx.needs_input_grad[9] else None
-        return grad_x, grad_low, grad_a, grad_b, grad_m, None, None, None, None, grad_bias, None
+        return grad_x, grad_low, grad_a, grad_b, grad_m.to(magnitude.dtype) if need_m else None, None, None, None, None, grad_bias, None
+
+
+def _magnitude_and_bias_grads(grad_y, y, magnitude, bias, need_bias):
+    """Σ_tokens grad_y ⊙ (y − b) / m and Σ_tokens grad_y per output feature (``_feature_sums``);
+    1 / m_i reads 0 where m_i = 0 (see ``_DoraLinear``). Float64 for float64, else float32."""
+    stat = torch.float64 if y.dtype == torch.float64 else torch.float32
+    inv_m = magnitude.to(stat).reciprocal().nan_to_num_(0.0, 0.0, 0.0)
+    grad_m, grad_bias = _feature_sums(grad_y, y, bias, inv_m, need_bias, inv_m.shape)
+    return grad_m, (grad_bias.to(bias.dtype) if need_bias else None)
 
 
 def dora_linear(x_2d, x_low_2d, a, b, magnitude, z, h, norm, weight, bias, scaling: float) -> torch.Tensor:
