@@ -50,6 +50,23 @@ def refuse_meta_base(base: nn.Module, weight: torch.Tensor) -> None:
         )
 
 
+def _check_rank(layer: "AdapterLayer", method: str, weight_shape) -> None:
+    out_features, in_features = weight_shape
+    if layer.rank > min(out_features, in_features) and method in ("lora", "dora"):
+        raise AdapterError(
+            f"rank {layer.rank} is larger than the layer allows: weight (out, in) = "
+            f"({out_features}, {in_features}), rank must be ≤ {min(out_features, in_features)}"
+        )
+
+
+def initial_lowrank(layer: "AdapterLayer", dtype: torch.dtype, device: torch.device) -> Tuple[nn.Parameter, nn.Parameter]:
+    """A Kaiming-uniform (a = sqrt(5), as nn.Linear) and B = 0, so that ΔW = 0 at step 0."""
+    a_shape, b_shape = layer.lora_shapes()
+    a = torch.empty(a_shape, dtype=dtype, device=device)
+    nn.init.kaiming_uniform_(a.view(layer.rank, -1), a=math.sqrt(5))
+    return nn.Parameter(a), nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
+
+
 def initial_magnitude(layer: "AdapterLayer", dtype: torch.dtype) -> nn.Parameter:
     """m = ‖W0‖ per output feature, so that W' = W0 at step 0 (the one place a magnitude is made)."""
     return nn.Parameter(layer.w0_norm_sq.sqrt().to(dtype))
@@ -109,12 +126,7 @@ class AdapterLayer(nn.Module):
 
         weight = self.base_weight_2d()
         refuse_meta_base(base, weight)
-        out_features, in_features = weight.shape
-        if self.rank > min(out_features, in_features) and method in ("lora", "dora"):
-            raise AdapterError(
-                f"rank {self.rank} is larger than the layer allows: weight (out, in) = "
-                f"({out_features}, {in_features}), rank must be ≤ {min(out_features, in_features)}"
-            )
+        _check_rank(self, method, weight.shape)
         dtype = torch.float32 if adapter_dtype == "float32" else self.base_dtype()
         self.norm_cache = NormCache()  # a plain object, not buffers: casts never reach it
         self.register_load_state_dict_post_hook(forget_on_load)
@@ -122,11 +134,7 @@ class AdapterLayer(nn.Module):
         self.lora_b: Optional[nn.Parameter] = None
         self.magnitude: Optional[nn.Parameter] = None
         if method in ("lora", "dora"):
-            a_shape, b_shape = self.lora_shapes()
-            a = torch.empty(a_shape, dtype=dtype, device=weight.device)
-            nn.init.kaiming_uniform_(a.view(self.rank, -1), a=math.sqrt(5))
-            self.lora_a = nn.Parameter(a)
-            self.lora_b = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=weight.device))
+            self.lora_a, self.lora_b = initial_lowrank(self, dtype, weight.device)
         if method in ("dora", "magnitude"):
             self.magnitude = initial_magnitude(self, dtype)
         for p in self.base.parameters():  # last, after every check (``attach`` undoes it on failure)
