@@ -2,8 +2,9 @@
 
 Training and evaluation steps of every method, dropout on (both dropout modes), run with the
 default device set to ``meta`` while the model lives on the CPU: a tensor created without an
-explicit device would land on ``meta`` and the step would fail. The same steps run with bf16
-and fp16 bases under float32 adapters.
+explicit device would land on ``meta`` and the step would fail. torch's default-device mode does
+not reach backward functions, so the mirror image runs too: the model on ``meta``, the default
+device the CPU. The same steps run with bf16 and fp16 bases under float32 adapters.
 """
 
 from __future__ import annotations
@@ -75,3 +76,22 @@ def test_steps_with_half_precision_bases_and_float32_adapters(method, dtype):
     with torch.no_grad():
         x = torch.randn(3, 32).to(dtype)
         torch.testing.assert_close(layer(x).float(), layer.reference_forward(x).float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dropout_mode", ["input", "lowrank"])
+@pytest.mark.parametrize("method", METHODS)
+def test_steps_of_a_model_on_meta_with_the_cpu_as_default_device(tiny_mlp, method, dropout_mode):
+    """Forward and backward of a model moved to ``meta`` after attach: a CPU tensor made without
+    a device (in backward too) would meet meta tensors and fail."""
+    targets = ["fc1", "fc2"] if method in ("vera", "dvora") else ["embed", "conv", "fc1", "fc2"]
+    model = dorafit.attach(tiny_mlp, dorafit.AdapterConfig(method=method, rank=2, targets=targets, dropout=0.1,
+                                                           dropout_mode=dropout_mode)).to("meta")
+    ids = torch.randint(0, 20, (2, 5)).to("meta")
+    for _ in range(2):
+        model.train()
+        model(ids).sum().backward()
+    with torch.no_grad():
+        out = model.eval()(ids)
+    assert out.device.type == "meta"
+    layer = dorafit.adapter_modules(model)[-1][1]
+    assert all(getattr(layer, n).grad.device.type == "meta" for n in layer.adapter_parameter_names())
