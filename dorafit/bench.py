@@ -218,6 +218,31 @@ def measure_variants(
 
 
 # ------------------------------------------------------------------------------------------
+# Another version of dorafit in the same process (a baseline to measure a change against)
+
+
+def load_dorafit_copy(checkout: str, name: str = "dorafit_baseline"):
+    """Import the ``dorafit`` package of another checkout (e.g. ``git archive main``) as module
+    ``name``, beside this one, so that both versions run in one process and one round structure.
+
+    Only the library core is meant to be used from it (``attach``, ``AdapterConfig``, ``merge``):
+    it imports itself relatively; its ``train`` and ``eval`` recipes import ``dorafit`` by name.
+    """
+    import importlib.util
+    import pathlib
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    root = pathlib.Path(checkout) / "dorafit"
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------------
 # What a GPU would launch: aten operators, elementwise traffic and host syncs, counted exactly
 
 # Matmuls: their outputs are not counted as elementwise traffic.
@@ -233,8 +258,8 @@ class OpCount:
     """Aten operators of a piece of code: each one is at least one kernel launch on a GPU.
 
     ``ops``: operator names in call order, views excluded; ``elementwise_bytes``: bytes written
-    by non-matmul operators whose output has ``big_numel`` elements (e.g. tokens × out of one
-    layer); ``syncs``: operators that read a value on the host.
+    by non-matmul operators whose output has one of the ``big_numel`` sizes (e.g. tokens × out
+    and tokens × in of one layer); ``syncs``: operators that read a value on the host.
     """
 
     ops: List[str] = field(default_factory=list)
@@ -245,7 +270,7 @@ class OpCount:
         return len(self.ops)
 
 
-def count_ops(fn: Callable[[], object], big_numel: Optional[int] = None) -> OpCount:
+def count_ops(fn: Callable[[], object], big_numel: Sequence[int] = ()) -> OpCount:
     """Run ``fn()`` once and count its aten operators (forward and backward alike)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -260,9 +285,9 @@ def count_ops(fn: Callable[[], object], big_numel: Optional[int] = None) -> OpCo
             if func.is_view or name in _ALIASING_OPS:
                 return out
             count.ops.append(name)
-            if big_numel is not None and name not in MATMUL_OPS:
+            if name not in MATMUL_OPS:
                 for t in out if isinstance(out, (tuple, list)) else (out,):
-                    if isinstance(t, torch.Tensor) and t.numel() == big_numel:
+                    if isinstance(t, torch.Tensor) and t.numel() in big_numel:
                         count.elementwise_bytes += t.numel() * t.element_size()
             return out
 
@@ -276,7 +301,8 @@ LAYER_CALLS = ("train", "accumulation", "eval", "decode")
 
 
 def count_layer_ops(method: str, tokens: int, in_features: int, out_features: int, call: str, *,
-                    rank: int = 16, bias: bool = False, dtype: torch.dtype = torch.float32) -> OpCount:
+                    rank: int = 16, bias: bool = False, dtype: torch.dtype = torch.float32,
+                    device: str = "cpu") -> OpCount:
     """Count one call of one adapted nn.Linear in its steady state:
 
     train         forward + backward right after an optimizer step (the norm is due)
@@ -285,12 +311,13 @@ def count_layer_ops(method: str, tokens: int, in_features: int, out_features: in
     decode        the same with one token, x (1, 1, in)
 
     The input needs a gradient in training, as for any layer but the first. Counted from the
-    call itself: the optimizer step before it is not.
+    call itself: the optimizer step before it is not. Elementwise bytes: outputs of tokens × out
+    or tokens × in elements.
     """
     import dorafit
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=bias)).to(dtype)
+    model = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=bias)).to(device, dtype)
     dorafit.attach(model, dorafit.AdapterConfig(method=method, rank=rank, alpha=2 * rank, targets=["0"],
                                                 adapter_dtype="base" if dtype != torch.float32 else "float32"))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -298,8 +325,8 @@ def count_layer_ops(method: str, tokens: int, in_features: int, out_features: in
         for p in params:
             p.add_(0.01)
     optimizer = torch.optim.SGD(params, lr=1e-3)
-    x = torch.randn(tokens, in_features, dtype=dtype, requires_grad=True)
-    grad_out = torch.randn(tokens, out_features, dtype=dtype)
+    x = torch.randn(tokens, in_features, dtype=dtype, device=device, requires_grad=True)
+    grad_out = torch.randn(tokens, out_features, dtype=dtype, device=device)
 
     def step(micro: bool) -> None:
         x.grad = None
@@ -314,9 +341,10 @@ def count_layer_ops(method: str, tokens: int, in_features: int, out_features: in
         if call == "accumulation":
             step(True)
         x.grad = None
-        return count_ops(lambda: model(x).backward(grad_out), tokens * out_features)
+        return count_ops(lambda: model(x).backward(grad_out), (tokens * out_features, tokens * in_features))
     model.eval()
-    x_eval = torch.randn(1, 1, in_features, dtype=dtype) if call == "decode" else x.detach()
+    x_eval = torch.randn(1, 1, in_features, dtype=dtype, device=device) if call == "decode" else x.detach()
     with torch.no_grad():
         model(x_eval)
-        return count_ops(lambda: model(x_eval), x_eval.numel() // in_features * out_features)
+        rows = x_eval.numel() // in_features
+        return count_ops(lambda: model(x_eval), (rows * out_features, rows * in_features))

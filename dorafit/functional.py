@@ -34,6 +34,9 @@ NORM_EPS = 1e-12
 # Rows of a half-precision weight converted to float32 at a time for the cross term, so that no
 # float32 copy of the whole (out, in) weight ever exists.
 _CHUNK_ELEMENTS = 1 << 22
+# Below this many elements the per-feature reductions of the backward use plain mul + sum
+# (TensorIterator's serial grain size): batch norm's kernel would cost more than the work.
+_SMALL_REDUCTION = 1 << 15
 
 
 def weight_norm_sq_per_output(weight_2d: torch.Tensor) -> torch.Tensor:
@@ -190,8 +193,8 @@ class _ScaleShift(torch.autograd.Function):
 def _feature_sums(grad_y, saved, bias, inv, need_sum: bool, scale_shape):
     """Σ grad_y ⊙ (saved − b) ⊙ inv and Σ grad_y over every axis but the output-feature one, in
     one reduction: batch norm's backward computes both per channel without writing the product
-    (input ``saved``, mean b, invstd ``inv``). The feature axis is where ``scale_shape`` (the
-    shape g broadcasts with) is not 1."""
+    (input ``saved``, mean b, invstd ``inv``); small tensors take mul + sum (its reference). The
+    feature axis is where ``scale_shape`` (the shape g broadcasts with) is not 1."""
     ndim = grad_y.dim()
     sizes = [d for d, n in enumerate(scale_shape) if n != 1]
     axis = ndim - len(scale_shape) + sizes[0] if sizes else None
@@ -201,6 +204,13 @@ def _feature_sums(grad_y, saved, bias, inv, need_sum: bool, scale_shape):
         grad_y, saved = grad_y.reshape(-1, grad_y.shape[-1]), saved.reshape(-1, saved.shape[-1])
     elif axis != 1:  # an unbatched conv output (C, *spatial), or features elsewhere
         grad_y, saved = grad_y.movedim(axis, 0).unsqueeze(0), saved.movedim(axis, 0).unsqueeze(0)
+    if grad_y.numel() < _SMALL_REDUCTION:  # batch norm's CPU kernel opens a parallel region: not worth it
+        dims = [d for d in range(grad_y.dim()) if d != 1]
+        grad_sum = grad_y.sum(dims, dtype=inv.dtype)
+        dot = (grad_y * saved).sum(dims, dtype=inv.dtype)
+        if bias is not None:
+            dot = torch.addcmul(dot, bias.reshape(-1).to(inv.dtype), grad_sum, value=-1)
+        return dot.mul_(inv), (grad_sum if need_sum else None)
     mean = bias.reshape(-1).to(inv.dtype) if bias is not None else inv.new_zeros(inv.shape)
     _, dot, grad_sum = torch.ops.aten.native_batch_norm_backward(
         grad_y, saved, None, None, None, mean, inv, True, 0.0, [False, True, need_sum]

@@ -299,3 +299,43 @@ def test_dropout_paths_match_reference(mode):
     torch.manual_seed(123)
     y_ref = layer.reference_forward(x)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep_sum", [False, True])
+@pytest.mark.parametrize("bias_kind", ["none", "trained"])
+def test_feature_sums_by_batch_norm_equal_mul_and_sum(bias_kind, keep_sum):
+    """Reductions of 2^15 elements and more run through batch norm's backward (no product is
+    written), smaller ones as mul + sum: both give the reference's gradients, linear (tokens, out)
+    and conv (N, C, H, W) layouts alike."""
+    torch.manual_seed(0)
+    for shape, scale_shape in (((64, 600), (600,)), ((4, 40, 16, 16), (40, 1, 1)), ((3, 5, 7), (7,))):
+        base = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        low = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        scale = (torch.rand(scale_shape, dtype=torch.float64) + 0.5).requires_grad_(True)
+        bias = None if bias_kind == "none" else torch.randn(scale_shape, dtype=torch.float64, requires_grad=True)
+        leaves = [base, low, scale] + ([bias] if bias is not None else [])
+        y = DF.dora_compose(base, low, scale, bias, keep_sum=keep_sum)
+        y_ref = DF.reference_dora_compose(base, low, scale, bias)
+        grad_out = torch.randn_like(y)
+        for g, g_ref in zip(_grads(y, leaves, grad_out), _grads(y_ref, leaves, grad_out)):
+            torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("bias_kind", ["none", "trained"])
+def test_dora_linear_on_a_large_reduction_matches_reference(bias_kind):
+    torch.manual_seed(0)
+    n, in_f, out_f, r = 64, 20, 600, 4  # 64 × 600 ≥ 2^15: batch norm's reduction
+    x = torch.randn(n, in_f, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(r, in_f, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out_f, r, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(out_f, in_f, dtype=torch.float64)
+    m = (torch.rand(out_f, dtype=torch.float64) + 0.5).requires_grad_(True)
+    bias = None if bias_kind == "none" else torch.randn(out_f, dtype=torch.float64, requires_grad=True)
+    norm = torch.linalg.vector_norm(w + 0.7 * b.detach() @ a.detach(), dim=1)
+    case = (x, None, a, b, m, w, bias, norm)
+    y, y_ref = _node(*case), _node_reference(*case)
+    torch.testing.assert_close(y, y_ref)
+    leaves = [t for t in (x, a, b, m, bias) if t is not None]
+    grad_out = torch.randn_like(y)
+    for g, g_ref in zip(_grads(y, leaves, grad_out), _grads(y_ref, leaves, grad_out)):
+        torch.testing.assert_close(g, g_ref)

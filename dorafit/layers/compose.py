@@ -93,7 +93,9 @@ def _bias(layer) -> Optional[torch.Tensor]:
 
 
 def _adapter_dtype(layer) -> torch.dtype:
-    for p in (layer.magnitude, layer.lora_b, getattr(layer, "vera_b", None)):
+    params = layer._parameters  # dict entries: this runs on every call
+    for name in ("magnitude", "lora_b", "vera_b"):
+        p = params.get(name)
         if p is not None:
             return p.dtype
     raise AssertionError("an adapter without parameters")
@@ -183,7 +185,8 @@ def dora_no_grad_addmm(layer, x: torch.Tensor) -> torch.Tensor:
     base_out = layer.base(x)
     h = F.linear(x, a)  # (..., r)
     t = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=layer.scaling)
-    return _scale_in_place(layer, t).view(base_out.shape)
+    g, shift = layer.norm_cache.scale(layer, t.dtype)  # kept between calls; features are t's last axis
+    return DF.dora_scale_shift_(t, g, shift).view(base_out.shape)
 
 
 def dora_no_grad_rows(layer, x: torch.Tensor) -> torch.Tensor:

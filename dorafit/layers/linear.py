@@ -36,11 +36,12 @@ class LinearLayout(AdapterLayer):
     def direct_weight(self) -> Optional[torch.Tensor]:
         """W0 as (out, in) where the base may be bypassed — exactly ``base_type`` (not a quantized
         or other subclass), a frozen dense weight, no hooks that expect the call — else None."""
-        base = self.base
+        base = self._modules["base"]  # read as dict entries: this runs on every call
         if type(base) is not self.base_type or base._forward_hooks or base._forward_pre_hooks:
             return None
-        w = base.weight
-        return self.base_weight_2d() if type(w.data) is torch.Tensor and not w.requires_grad else None
+        w = base._parameters["weight"]
+        # A plain Parameter (not DTensor, not a quantized parameter class), frozen.
+        return self.base_weight_2d() if type(w) is nn.Parameter and not w.requires_grad else None
 
     def cross_term(self, a_2d: torch.Tensor) -> torch.Tensor:
         """C = A W0ᵀ (r, out), float32, by running the frozen base layer on A's r rows.
