@@ -131,7 +131,7 @@ def model_syncs(device: str) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import dorafit
-    from dorafit.bench import count_ops
+    from dorafit.bench import count_step_syncs
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -141,25 +141,7 @@ def model_syncs(device: str) -> str:
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
     def syncs(model):
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-
-        def train():
-            model.train()
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-
-        for _ in range(2):
-            train()
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        row = [count_ops(train).syncs]
-        model.eval()
-        with torch.no_grad():
-            row.append(count_ops(lambda: model(input_ids=ids, use_cache=False)).syncs)
-            row.append(count_ops(lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
-                                                        min_new_tokens=3, do_sample=False, pad_token_id=0)).syncs)
-        return row
+        return list(count_step_syncs(model, ids).values())
 
     lines = [f"### host syncs per step, 2-layer LLaMA, 14 adapted projections, device {device}", "",
              "| model | training step (fwd + bwd) | evaluation forward | generate 3 tokens |", "|---|---|---|---|"]

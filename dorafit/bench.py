@@ -348,3 +348,34 @@ def count_layer_ops(method: str, tokens: int, in_features: int, out_features: in
         model(x_eval)
         rows = x_eval.numel() // in_features
         return count_ops(lambda: model(x_eval), (rows * out_features, rows * in_features))
+
+
+def count_step_syncs(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int = 3) -> Dict[str, int]:
+    """Host syncs of a causal LM's steady-state steps: a training step (forward + backward after
+    two optimizer steps), an evaluation forward, and a greedy generation of ``new_tokens`` with
+    the key/value cache. Compare with the same model without adapters: transformers reads a
+    value or two itself."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def train() -> None:
+        model.train()
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+    def generate() -> None:
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    for _ in range(2):
+        train()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    counts = {"train": count_ops(train).syncs}
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+        counts["eval"] = count_ops(lambda: model(input_ids=ids, use_cache=False)).syncs
+        generate()
+        counts["generate"] = count_ops(generate).syncs
+    return counts
