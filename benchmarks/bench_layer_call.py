@@ -23,7 +23,6 @@ difference is kernels and how much is Python around them.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time

@@ -34,7 +34,7 @@ import platform
 import statistics
 import sys
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn

@@ -174,48 +174,66 @@ class _ScaleShift(torch.autograd.Function):
     def backward(ctx, grad_y):
         saved, scale, bias = ctx.saved_tensors
         need_t, need_scale, need_bias, _ = ctx.needs_input_grad
-        grad_scale = grad_bias = grad_t = None
-        if need_scale or need_bias:
-            # Σ grad_y ⊙ (t − b) per output feature, with t − b = (y − b) / g where y is saved
-            # (1 / g_i read as 0 where g_i = 0, as in ``_DoraLinear``), and Σ grad_y.
-            stat = torch.float64 if saved.dtype == torch.float64 else torch.float32
-            flat = scale.reshape(-1).to(stat)
-            inv = torch.ones_like(flat) if ctx.keep_sum else flat.reciprocal().nan_to_num_(0.0, 0.0, 0.0)
-            dot, grad_sum = _feature_sums(grad_y, saved, bias, inv, need_bias, scale.shape)
+        # g ⊙ grad_y, Σ grad_y ⊙ (saved − b) and Σ grad_y in one pass; with y saved,
+        # t − b = (y − b) / g (1 / g_i read as 0 where g_i = 0, as in ``_DoraLinear``).
+        grad_t, dot, grad_sum = _scaled_grad_and_sums(grad_y, saved, scale, bias, (need_t, need_scale, need_bias))
+        grad_scale = grad_bias = None
+        flat = scale.reshape(-1).to(dot.dtype if dot is not None else grad_sum.dtype) if (need_scale or need_bias) else None
+        if need_scale:
+            if not ctx.keep_sum:
+                dot = dot.div_(flat).nan_to_num_(0.0, 0.0, 0.0)
             grad_scale = dot.view(scale.shape).to(scale.dtype)
-            if need_bias:
-                grad_bias = ((1 - flat) * grad_sum).view(bias.shape).to(bias.dtype)
-        if need_t:
-            grad_t = grad_y * scale.to(grad_y.dtype)
-        return grad_t, grad_scale if need_scale else None, grad_bias, None
+        if need_bias:
+            grad_bias = ((1 - flat) * grad_sum).view(bias.shape).to(bias.dtype)
+        return grad_t, grad_scale, grad_bias, None
 
 
-def _feature_sums(grad_y, saved, bias, inv, need_sum: bool, scale_shape):
-    """Σ grad_y ⊙ (saved − b) ⊙ inv and Σ grad_y over every axis but the output-feature one, in
-    one reduction: batch norm's backward computes both per channel without writing the product
-    (input ``saved``, mean b, invstd ``inv``); small tensors take mul + sum (its reference). The
-    feature axis is where ``scale_shape`` (the shape g broadcasts with) is not 1."""
-    ndim = grad_y.dim()
+def _features_second(grad_y, saved, scale_shape):
+    """grad_y and saved viewed with the output features on axis 1 (batch norm's channels), and
+    a function that gives a result of that layout grad_y's own shape back. The feature axis is
+    where ``scale_shape`` (the shape g broadcasts with) is not 1."""
+    ndim, shape = grad_y.dim(), grad_y.shape
     sizes = [d for d, n in enumerate(scale_shape) if n != 1]
     axis = ndim - len(scale_shape) + sizes[0] if sizes else None
-    if axis is None:  # one output feature: every element sums
-        grad_y, saved = grad_y.reshape(-1, 1), saved.reshape(-1, 1)
-    elif axis == ndim - 1:  # features last: (tokens, out)
-        grad_y, saved = grad_y.reshape(-1, grad_y.shape[-1]), saved.reshape(-1, saved.shape[-1])
-    elif axis != 1:  # an unbatched conv output (C, *spatial), or features elsewhere
-        grad_y, saved = grad_y.movedim(axis, 0).unsqueeze(0), saved.movedim(axis, 0).unsqueeze(0)
-    if grad_y.numel() < _SMALL_REDUCTION:  # batch norm's CPU kernel opens a parallel region: not worth it
-        dims = [d for d in range(grad_y.dim()) if d != 1]
-        grad_sum = grad_y.sum(dims, dtype=inv.dtype)
-        dot = (grad_y * saved).sum(dims, dtype=inv.dtype)
-        if bias is not None:
-            dot = torch.addcmul(dot, bias.reshape(-1).to(inv.dtype), grad_sum, value=-1)
-        return dot.mul_(inv), (grad_sum if need_sum else None)
-    mean = bias.reshape(-1).to(inv.dtype) if bias is not None else inv.new_zeros(inv.shape)
-    _, dot, grad_sum = torch.ops.aten.native_batch_norm_backward(
-        grad_y, saved, None, None, None, mean, inv, True, 0.0, [False, True, need_sum]
+    if axis is None or axis == ndim - 1:  # features last, (tokens, out); or one feature
+        width = 1 if axis is None else shape[-1]
+        return grad_y.reshape(-1, width), saved.reshape(-1, width), lambda t: t.view(shape)
+    if axis == 1:  # (N, C, *spatial)
+        return grad_y, saved, lambda t: t
+    # an unbatched conv output (C, *spatial), or features elsewhere
+    moved = lambda t: t.movedim(axis, 0).unsqueeze(0)  # noqa: E731
+    return moved(grad_y), moved(saved), lambda t: t.squeeze(0).movedim(0, axis)
+
+
+def _scaled_grad_and_sums(grad_y, saved, scale, bias, need):
+    """(g ⊙ grad_y, Σ grad_y ⊙ (saved − b), Σ grad_y), sums over every axis but the output
+    feature's, in float32 (float64 for float64); ``need`` says which of the three to compute.
+
+    One pass of batch norm's backward in evaluation mode computes exactly these per channel —
+    grad_input = grad ⊙ weight ⊙ invstd, grad_weight = Σ grad ⊙ (input − running_mean) ⊙ invstd,
+    grad_bias = Σ grad — with weight g, running mean b, running variance 0 and eps 1 (invstd 1),
+    reading grad_y and saved once and writing no product. Below 2^15 elements (where that
+    kernel's parallel region costs more than the work): mul and sum, its reference.
+    """
+    need_grad, need_dot, need_sum = need
+    stat = torch.float64 if saved.dtype == torch.float64 else torch.float32
+    grad_2d, saved_2d, restore = _features_second(grad_y, saved, scale.shape)
+    flat = scale.reshape(-1)
+    if grad_2d.numel() < _SMALL_REDUCTION:
+        dims = [d for d in range(grad_2d.dim()) if d != 1]
+        grad = grad_y * scale.to(grad_y.dtype) if need_grad else None
+        need_sum = need_sum or (need_dot and bias is not None)
+        grad_sum = grad_2d.sum(dims, dtype=stat) if need_sum else None
+        dot = (grad_2d * saved_2d).sum(dims, dtype=stat) if need_dot else None
+        if need_dot and bias is not None:
+            dot = torch.addcmul(dot, bias.reshape(-1).to(stat), grad_sum, value=-1)
+        return grad, dot, grad_sum
+    zeros = torch.zeros_like(flat, dtype=stat)
+    mean = zeros if bias is None else bias.reshape(-1).to(stat)
+    grad, dot, grad_sum = torch.ops.aten.native_batch_norm_backward(
+        grad_2d, saved_2d, flat.to(stat), mean, zeros, None, None, False, 1.0, [need_grad, need_dot, need_sum]
     )
-    return dot, grad_sum
+    return (restore(grad) if need_grad else None), dot, grad_sum
 
 
 class _DoraLinear(torch.autograd.Function):
@@ -233,8 +251,8 @@ class _DoraLinear(torch.autograd.Function):
         ∂L/∂B = s (g ⊙ grad_y)ᵀ h,  ∂L/∂h = s (g ⊙ grad_y) B,  ∂L/∂x = (g ⊙ grad_y) W0 + ∂L/∂h A
 
     It saves y (usually kept anyway by the next operation: see ``_ScaleShift``), h, x' and the
-    (out,)-sized g, never z + s h Bᵀ; the magnitude's reduction writes no (tokens, out) product
-    (``_magnitude_and_bias_grads``). Where m_i = 0, y_i = b_i keeps no trace of the row's
+    (out,)-sized g, never z + s h Bᵀ; g ⊙ grad_y and the magnitude's reduction are one pass that
+    writes no (tokens, out) product (``_scaled_grad_and_sums``). Where m_i = 0, y_i = b_i keeps no trace of the row's
     z + s h Bᵀ and its gradient reads 0: the layers send a W0 with a zero row (which initialises a
     zero magnitude) to a path that keeps the sum instead, so this concerns a magnitude set to zero
     by hand, which stays zero (docs/methods.md). No value is read by the host.
@@ -254,10 +272,10 @@ class _DoraLinear(torch.autograd.Function):
         x_low, h, a, b, weight, y, g, magnitude, bias = ctx.saved_tensors
         need_x, need_low, need_a, need_b, need_m = ctx.needs_input_grad[:5]
         need_bias = ctx.needs_input_grad[9]
-        grad_m = grad_bias = None
-        if need_m or need_bias:
-            grad_m, grad_bias = _magnitude_and_bias_grads(grad_y, y, magnitude, bias, need_bias)
-        grad_t = grad_y * g  # (N, out): the gradient of z + s h Bᵀ
+        # g ⊙ grad_y (the gradient of z + s h Bᵀ), Σ grad_y ⊙ (y − b) and Σ grad_y, in one pass.
+        grad_t, dot, grad_sum = _scaled_grad_and_sums(grad_y, y, g, bias, (True, need_m, need_bias))
+        grad_m = dot.div_(magnitude).nan_to_num_(0.0, 0.0, 0.0).to(magnitude.dtype) if need_m else None  # 1 / 0 → 0
+        grad_bias = grad_sum.to(bias.dtype) if need_bias else None
         grad_h = torch.addmm(h, grad_t, b, beta=0, alpha=ctx.scaling) if (need_x or need_low or need_a) else None
         grad_b = torch.addmm(b, grad_t.t(), h, beta=0, alpha=ctx.scaling) if need_b else None
         grad_a = grad_h.t().mm(x_low) if need_a else None
@@ -265,16 +283,7 @@ class _DoraLinear(torch.autograd.Function):
         if need_x and not ctx.own_low:
             grad_x.addmm_(grad_h, a)  # the low-rank path's input gradient, in place
         grad_low = grad_h.mm(a) if need_low else None
-        return grad_x, grad_low, grad_a, grad_b, grad_m.to(magnitude.dtype) if need_m else None, None, None, None, None, grad_bias, None
-
-
-def _magnitude_and_bias_grads(grad_y, y, magnitude, bias, need_bias):
-    """Σ_tokens grad_y ⊙ (y − b) / m and Σ_tokens grad_y per output feature (``_feature_sums``);
-    1 / m_i reads 0 where m_i = 0 (see ``_DoraLinear``). Float64 for float64, else float32."""
-    stat = torch.float64 if y.dtype == torch.float64 else torch.float32
-    inv_m = magnitude.to(stat).reciprocal().nan_to_num_(0.0, 0.0, 0.0)
-    grad_m, grad_bias = _feature_sums(grad_y, y, bias, inv_m, need_bias, inv_m.shape)
-    return grad_m, (grad_bias.to(bias.dtype) if need_bias else None)
+        return grad_x, grad_low, grad_a, grad_b, grad_m, None, None, None, None, grad_bias, None
 
 
 def dora_linear(x_2d, x_low_2d, a, b, magnitude, z, h, norm, weight, bias, scaling: float) -> torch.Tensor:

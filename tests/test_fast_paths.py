@@ -16,7 +16,6 @@ The path table of ``dorafit.layers.compose`` as a whole is held against ``refere
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 
 import pytest
@@ -339,3 +338,20 @@ def test_dora_linear_on_a_large_reduction_matches_reference(bias_kind):
     grad_out = torch.randn_like(y)
     for g, g_ref in zip(_grads(y, leaves, grad_out), _grads(y_ref, leaves, grad_out)):
         torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_feature_sums_by_batch_norm_in_half_precision(dtype):
+    """Half-precision outputs with float32 statistics (batch norm's mixed-precision kernel)."""
+    torch.manual_seed(0)
+    base, low = torch.randn(64, 600), torch.randn(64, 600)
+    scale, bias = torch.rand(600) + 0.5, torch.randn(600)
+    grad_out = torch.randn(64, 600)
+    leaves = [t.to(dtype).requires_grad_(True) for t in (base, low)] + [scale.clone().requires_grad_(True)]
+    y = DF.dora_compose(leaves[0], leaves[1], leaves[2], bias.to(dtype))
+    got = _grads(y.float(), leaves, grad_out)
+    ref_leaves = [t.double().requires_grad_(True) for t in (base, low, scale)]
+    y_ref = DF.reference_dora_compose(ref_leaves[0], ref_leaves[1], ref_leaves[2], bias.double())
+    want = _grads(y_ref, ref_leaves, grad_out.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=2e-2, atol=2e-1)
