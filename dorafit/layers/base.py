@@ -198,11 +198,13 @@ class AdapterLayer(nn.Module):
     # Method hooks (VeRA-style subclasses override these)
     def lowrank_factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The A (r, in...) and B (out, r...) of the directional update."""
-        return self.lora_a, self.lora_b
+        params = self._parameters  # dict entries: read on every call
+        return params.get("lora_a"), params.get("lora_b")
 
     def norm_inputs(self) -> List[torch.Tensor]:
         """The stored tensors ‖W0 + s B A‖ is computed from (besides the scaling)."""
-        inputs = [self.lora_a, self.lora_b, self.base_weight_2d()]
+        params = self._parameters
+        inputs = [params.get("lora_a"), params.get("lora_b"), self.base_weight_2d()]
         return [t for t in inputs if t is not None]  # magnitude-only has no A and B
 
     def adapter_parameter_names(self) -> List[str]:

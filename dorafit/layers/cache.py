@@ -84,6 +84,14 @@ class _OptimizerSteps:
 OPTIMIZER_STEPS = _OptimizerSteps()
 
 
+def base_bias(layer: nn.Module) -> Optional[torch.Tensor]:
+    """The base module's bias, or None (read as a dict entry where it is a parameter: this runs
+    on every call, and nn.Module.__getattr__ costs about a microsecond a lookup)."""
+    base = layer._modules["base"]
+    params = base._parameters
+    return params["bias"] if "bias" in params else getattr(base, "bias", None)
+
+
 def _key(tensors, *extra) -> tuple:
     """What a kept value was computed from: each tensor's storage and version, plus ``extra``."""
     return tuple([(t.data_ptr(), t._version) for t in tensors]) + extra
@@ -170,7 +178,7 @@ class NormCache:
 
     def scale(self, layer: nn.Module, dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(g, (1 − g) ⊙ b) in ``dtype`` for an eager call without autograd, kept while valid."""
-        bias = getattr(layer.base, "bias", None)
+        bias = base_bias(layer)
         deps = layer.norm_inputs() + [layer.magnitude] + ([bias] if bias is not None else [])
         key = _key(deps, layer.scaling, OPTIMIZER_STEPS.count, dtype)
         if _usable(self.scale_entry, key):

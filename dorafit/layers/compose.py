@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as DF
-from .cache import is_compiling
+from .cache import base_bias, is_compiling
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -75,7 +75,7 @@ def no_autocast(device_type: str):
 
 def dropping(layer) -> bool:
     """True when dropout changes the input (training with p > 0)."""
-    return layer.training and isinstance(layer.dropout, nn.Dropout)
+    return layer.training and isinstance(layer._modules["dropout"], nn.Dropout)
 
 
 def shaped(layer, v: Optional[torch.Tensor], ndim: int) -> Optional[torch.Tensor]:
@@ -88,8 +88,8 @@ def shaped(layer, v: Optional[torch.Tensor], ndim: int) -> Optional[torch.Tensor
     return v.view(shape)
 
 
-def _bias(layer) -> Optional[torch.Tensor]:
-    return getattr(layer.base, "bias", None)
+def _base(layer) -> nn.Module:
+    return layer._modules["base"]  # a dict entry: nn.Module.__getattr__ costs about a microsecond
 
 
 def _adapter_dtype(layer) -> torch.dtype:
@@ -101,12 +101,19 @@ def _adapter_dtype(layer) -> torch.dtype:
     raise AssertionError("an adapter without parameters")
 
 
+def _any_autocast(x: torch.Tensor) -> bool:
+    """Whether an autocast region is open (any device type: cheaper than asking x's, and a
+    region for another device only sends the call to the generic path)."""
+    any_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
+    return any_enabled() if any_enabled is not None else autocast_enabled(x.device.type)
+
+
 def _direct(layer, x: torch.Tensor) -> bool:
     """True for a plain linear layout (see the table): W0 may be read directly."""
     if not layer.linear_layout:
         return False
     w = layer.direct_weight()
-    return w is not None and w.dtype == x.dtype == _adapter_dtype(layer) and not autocast_enabled(x.device.type)
+    return w is not None and w.dtype == x.dtype == _adapter_dtype(layer) and not _any_autocast(x)
 
 
 def keeps_sum(layer) -> bool:
@@ -128,14 +135,14 @@ def _tokens(x: torch.Tensor) -> int:
 
 def base_only(layer, x: torch.Tensor) -> torch.Tensor:
     """y = base(x): the frozen base module alone."""
-    return layer.base(x)
+    return _base(layer)(x)
 
 
 def lora(layer, x: torch.Tensor) -> torch.Tensor:
     """y = base(x) + s · B A x'   (LoRA; VeRA with A = Λ_d A_shared, B = Λ_b B_shared, s = 1)."""
     a, b = layer.lowrank_factors()
     xd = layer.dropout(x) if dropping(layer) else x
-    base_out = layer.base(x)
+    base_out = _base(layer)(x)
     return base_out + layer.lowrank(xd, a, b * layer.scaling).to(base_out.dtype)
 
 
@@ -143,7 +150,7 @@ def lora_addmm(layer, x: torch.Tensor) -> torch.Tensor:
     """y = base(x) + (x' Aᵀ)(s B)ᵀ with the sum made by the second matmul (addmm)."""
     a, b = layer.lowrank_factors()
     xd = layer.dropout(x) if dropping(layer) else x
-    base_out = layer.base(x)
+    base_out = _base(layer)(x)
     h = F.linear(xd, a)  # (..., r)
     y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), (b * layer.scaling).t())
     return y.view(base_out.shape)
@@ -151,10 +158,10 @@ def lora_addmm(layer, x: torch.Tensor) -> torch.Tensor:
 
 def magnitude_only(layer, x: torch.Tensor) -> torch.Tensor:
     """y = (m / ‖W0‖) ⊙ (base(x) − b) + b   (magnitude-only DoRA: W' = m ⊙ W0 / ‖W0‖)."""
-    base_out = layer.base(x)
+    base_out = _base(layer)(x)
     ndim = base_out.dim()
     g = shaped(layer, DF.magnitude_scale(layer.magnitude, layer.weight_norm()), ndim)
-    return DF.dora_scale_shift(base_out, g, shaped(layer, _bias(layer), ndim), keeps_sum(layer))
+    return DF.dora_scale_shift(base_out, g, shaped(layer, base_bias(layer), ndim), keeps_sum(layer))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,14 +182,14 @@ def dora_no_grad(layer, x: torch.Tensor) -> torch.Tensor:
     plus one elementwise pass.
     """
     a, b = layer.lowrank_factors()
-    base_out = layer.base(x)
+    base_out = _base(layer)(x)
     return _scale_in_place(layer, base_out + layer.lowrank(x, a, b * layer.scaling).to(base_out.dtype))
 
 
 def dora_no_grad_addmm(layer, x: torch.Tensor) -> torch.Tensor:
     """The same with t = addmm(base(x), x Aᵀ, Bᵀ, alpha=s): LoRA's kernels, then the scaling."""
     a, b = layer.lowrank_factors()
-    base_out = layer.base(x)
+    base_out = _base(layer)(x)
     h = F.linear(x, a)  # (..., r)
     t = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=layer.scaling)
     g, shift = layer.norm_cache.scale(layer, t.dtype)  # kept between calls; features are t's last axis
@@ -197,7 +204,7 @@ def dora_no_grad_rows(layer, x: torch.Tensor) -> torch.Tensor:
     LoRA's does. Float32 only (g is float32).
     """
     a, b = layer.lowrank_factors()
-    w, bias = layer.direct_weight(), _bias(layer)
+    w, bias = layer.direct_weight(), base_bias(layer)
     g = layer.norm_cache.scale(layer, torch.float32)[0].unsqueeze(1)  # (out, 1)
     x_2d = x.reshape(-1, x.shape[-1])
     w_scaled = w * g
@@ -219,11 +226,11 @@ def dora(layer, x: torch.Tensor, keep_sum: bool = False) -> torch.Tensor:
     """
     a, b = layer.lowrank_factors()
     xd = layer.dropout(x) if dropping(layer) else x
-    base_out = layer.base(x)
+    base_out = _base(layer)(x)
     ndim = base_out.dim()
     g = shaped(layer, layer.magnitude_scale(), ndim)
     t = base_out + layer.lowrank(xd, a, b * layer.scaling).to(base_out.dtype)
-    return DF.dora_scale_shift(t, g, shaped(layer, _bias(layer), ndim), keep_sum)
+    return DF.dora_scale_shift(t, g, shaped(layer, base_bias(layer), ndim), keep_sum)
 
 
 def dora_dropout(layer, x: torch.Tensor) -> torch.Tensor:
@@ -231,7 +238,7 @@ def dora_dropout(layer, x: torch.Tensor) -> torch.Tensor:
     as the official code and PEFT: W0 x' costs a second base matmul)."""
     a, b = layer.lowrank_factors()
     xd = layer.dropout(x)
-    base_out = layer.base(x)
+    base_out = _base(layer)(x)
     g = shaped(layer, layer.magnitude_scale(), base_out.dim())
     return DF.dora_compose_dropout(base_out, layer.base_nobias(xd), layer.lowrank(xd, a, b * layer.scaling), g)
 
@@ -264,7 +271,7 @@ def dora_linear(layer, x: torch.Tensor) -> torch.Tensor:
     x_2d = x.reshape(-1, x.shape[-1])
     low_2d = layer.dropout(x).reshape(x_2d.shape) if dropping(layer) else None  # "lowrank" mode
     z, h, norm = _linear_products(layer, x_2d, low_2d, a, w)
-    y = DF.dora_linear(x_2d, low_2d, a, b, layer.magnitude, z, h, norm, w, _bias(layer), layer.scaling)
+    y = DF.dora_linear(x_2d, low_2d, a, b, layer.magnitude, z, h, norm, w, base_bias(layer), layer.scaling)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -24,6 +24,7 @@ class LinearLayout(AdapterLayer):
 
     linear_layout = True
     base_type: type = nn.Linear  # exactly this type (not a quantized subclass) may be bypassed
+    stores_out_in = True  # the base's weight is (out, in) as stored (Conv1D stores (in, out))
 
     def features(self) -> Tuple[int, int]:
         """(out, in) of the base layer, without dequantizing it."""
@@ -36,12 +37,16 @@ class LinearLayout(AdapterLayer):
     def direct_weight(self) -> Optional[torch.Tensor]:
         """W0 as (out, in) where the base may be bypassed — exactly ``base_type`` (not a quantized
         or other subclass), a frozen dense weight, no hooks that expect the call — else None."""
-        base = self._modules["base"]  # read as dict entries: this runs on every call
+        # Read as dict entries: this runs on every call, and nn.Module.__getattr__ costs about a
+        # microsecond a lookup.
+        base = self._modules["base"]
         if type(base) is not self.base_type or base._forward_hooks or base._forward_pre_hooks:
             return None
-        w = base._parameters["weight"]
+        w = base._parameters.get("weight")
         # A plain Parameter (not DTensor, not a quantized parameter class), frozen.
-        return self.base_weight_2d() if type(w) is nn.Parameter and not w.requires_grad else None
+        if type(w) is not nn.Parameter or w.requires_grad:
+            return None
+        return w if self.stores_out_in else w.t()
 
     def cross_term(self, a_2d: torch.Tensor) -> torch.Tensor:
         """C = A W0ᵀ (r, out), float32, by running the frozen base layer on A's r rows.
@@ -78,7 +83,9 @@ class LinearAdapter(LinearLayout):
         return self.base.out_features, self.base.in_features
 
     def base_weight_2d(self) -> torch.Tensor:
-        return self.base.weight
+        base = self._modules["base"]
+        weight = base._parameters.get("weight")  # a dict entry: read on every call (cache keys)
+        return weight if weight is not None else base.weight
 
     def weight_from_2d(self, weight_2d: torch.Tensor) -> torch.Tensor:
         return weight_2d.to(self.base.weight.dtype)
@@ -94,6 +101,8 @@ def _conv1d_type() -> type:
 
 class Conv1DAdapter(LinearLayout):
     """LoRA / DoRA on transformers' ``Conv1D`` (GPT-2 style, weight (in, out), y = x W + b)."""
+
+    stores_out_in = False
 
     @property
     def base_type(self) -> type:
