@@ -9,6 +9,8 @@ Per adapted layer (``AdapterLayer.norm_cache``) dorafit keeps
                                         recomputation and evaluation that follow
     g, (1 − g) ⊙ b     (out,)           g = m / n for eager calls without autograd (evaluation,
                                         generation), in the output's dtype
+    w0_zero_rows       bool             whether W0 has a zero row (``compose.keeps_sum``), read
+                                        on the host when ‖W0‖² is computed for a new W0
 
 The layer asks (``w0_norm_sq``, ``kept_norm`` / ``keep_norm``, ``norm``, ``scale``); the cache
 decides. The rule: a kept value is valid while nothing it was computed from changed — no optimizer
@@ -34,7 +36,8 @@ optimizer step, ``load_state_dict``, a move or cast and ``forget`` clear it. Wri
 autograd's back (through ``.data``, by a collective) are seen by neither rule:
 ``invalidate_norm_caches`` then forgets everything.
 
-A cache is never copied: ``pickle`` and ``copy.deepcopy`` of an adapter give it a fresh one.
+A cache is never copied: ``pickle`` and ``copy.deepcopy`` of an adapter give it a fresh one,
+watched by the optimizer-step counter like any other (only ``w0_zero_rows`` carries over).
 """
 
 from __future__ import annotations
