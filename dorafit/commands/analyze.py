@@ -3,7 +3,7 @@
     dorafit analyze [--base BASE] TUNED [TUNED ...]
     dorafit analyze --base BASE --checkpoints RUN1/ckpt-1 RUN1/ckpt-2 ... --checkpoints RUN2/ckpt-1 ...
 
-BASE is a Hugging Face model folder or hub id (default: the base the adapters record); each TUNED is a full fine-tune (model.safetensors),
+BASE is a Hugging Face model folder or hf://owner/name (default: the base the adapters record); each TUNED is a full fine-tune (model.safetensors),
 a dorafit adapter or a PEFT adapter folder (merged in memory). Writes OUT/analysis.csv,
 OUT/analysis.json (rows + per-panel Pearson r and slope) and the figure (OUT/figure2.png).
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fine-tuned checkpoints: model folder/.safetensors file, dorafit or PEFT adapter folder "
                              "(give them before any --checkpoints, which takes every path that follows it)")
     parser.add_argument("--base", default=None,
-                        help="the pretrained model (Hugging Face folder or hub id); default: the base the first "
+                        help="the pretrained model (Hugging Face folder or hf://owner/name); default: the base the first "
                              "adapter among the checkpoints records (the same for every adapter)")
     parser.add_argument("--checkpoints", nargs="+", action="append", default=[], metavar="CKPT",
                         help="one training run's intermediate checkpoints, in training order (repeat per run)")
@@ -43,27 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--title", default=None, help="figure title")
     parser.add_argument("--reference", action="append", default=[], metavar="METHOD=R",
                         help="a correlation to print beside a panel's, e.g. the paper's: --reference FT=-0.62")
-
-
-def load_base_model(base: str, class_name: str = None):
-    """The plain pretrained model: class from --base-class, else the config's architecture."""
-    import transformers
-
-    from dorafit.train.models import resolve_model_path
-
-    base = resolve_model_path(base)  # a bundled name or a .gguf file -> its folder
-    if (os.sep in base or base.startswith(".")) and not Path(base).is_dir():
-        raise FileNotFoundError(f"base model folder {base} does not exist")
-    config = transformers.AutoConfig.from_pretrained(base)
-    names = [class_name] if class_name else list(getattr(config, "architectures", None) or [])
-    for name in names:
-        cls = getattr(transformers, name, None)
-        if cls is None:
-            if class_name:
-                raise ValueError(f"--base-class {class_name} is not a transformers class")
-            continue
-        return cls.from_pretrained(base)
-    return transformers.AutoModel.from_pretrained(base)
 
 
 def _report(stats) -> str:
@@ -87,8 +65,21 @@ def _recorded_base(paths) -> str | None:
     return next(iter(bases.values()), None)
 
 
+def check_outputs(args: argparse.Namespace, out: Path, base: str, specs) -> None:
+    """--out (a folder) and --plot (a file) are no links, devices or inputs, nor inside one."""
+    from dorafit.files import check_output_file, check_output_folder
+
+    inputs = [("--base", base)] + [("checkpoint", s.path) for s in specs]
+    check_output_folder(out, inputs, "--out")
+    if not args.no_plot:
+        check_output_file(Path(args.plot) if args.plot else out / "figure2.png", inputs, "--plot")
+    for name in ("analysis.csv", "analysis.json"):
+        check_output_file(out / name, inputs, "--out")
+
+
 def run(args: argparse.Namespace) -> int:
     from dorafit.analysis import AnalysisError, Checkpoint, analyze, panel_stats, plot_figure2, write_table
+    from dorafit.loading import load_base_for_adapter
 
     specs = []
     for k, path in enumerate(args.tuned):
@@ -131,9 +122,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.base:
         print(f"base model: {base} (recorded by the adapter)")
     try:
-        model = load_base_model(base, args.base_class)
-        rows = analyze(model, specs, modules=args.modules, axis=1 if args.axis == "out" else 0)
         out = Path(args.out)
+        check_outputs(args, out, base, specs)
+        model = load_base_for_adapter(model=base, default_model=None, by_class=True, model_class=args.base_class,
+                                      attach=False, model_flag="--base").model
+        rows = analyze(model, specs, modules=args.modules, axis=1 if args.axis == "out" else 0)
         write_table(rows, out / "analysis.csv", out / "analysis.json")
         stats = panel_stats(rows)
         print(_report(stats))

@@ -21,15 +21,6 @@ from typing import Any, Dict, Optional
 
 HELP = "convert an adapter between the dorafit and PEFT formats (loads the base model to check it)"
 
-# PEFT's task_type -> the transformers auto class PEFT itself pairs with it.
-_TASK_CLASSES = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -40,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="base model folder or hub id the adapter belongs to (default: the base recorded in SRC)",
+        help="base model folder or hf://owner/name the adapter belongs to (default: the base recorded in SRC)",
     )
     parser.add_argument(
         "--model-class",
@@ -70,55 +61,14 @@ def _source_format(cfg: Dict[str, Any]) -> Optional[str]:
     return None
 
 
-def _recorded_base(cfg: Dict[str, Any]) -> Optional[str]:
-    if "peft_type" in cfg:
-        return cfg.get("base_model_name_or_path") or None
-    return (cfg.get("base_model") or {}).get("name_or_path") or None
-
-
-def _class_name(cfg: Dict[str, Any], requested: Optional[str], model: str) -> str:
-    if requested:
-        return requested
-    if "peft_type" in cfg:
-        mapping = cfg.get("auto_mapping") or {}
-        if mapping.get("base_model_class"):
-            return mapping["base_model_class"]
-        if cfg.get("task_type") in _TASK_CLASSES:
-            return _TASK_CLASSES[cfg["task_type"]]
-    else:
-        recorded = (cfg.get("base_model") or {}).get("class")
-        if recorded:
-            return recorded
-    from transformers import AutoConfig
-
-    from dorafit.train.models import resolve_model_path
-
-    architectures = getattr(AutoConfig.from_pretrained(resolve_model_path(model)), "architectures", None) or []
-    return architectures[0] if architectures else "AutoModel"
-
-
-def load_base_model(model: str, class_name: str, dtype: str):
-    """Build the base model ``class_name`` (a transformers class) from ``model``."""
-    import torch
-    import transformers
-
-    from dorafit.train.models import resolve_model_path
-
-    cls = getattr(transformers, class_name, None)
-    model = resolve_model_path(model)  # a bundled name or a .gguf file -> its folder
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        raise ValueError(f"--model-class {class_name!r} is not a transformers model class")
-    kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
-    base = cls.from_pretrained(model, **kwargs)
-    return base.eval()
-
-
 def run(args: argparse.Namespace) -> int:
     import dorafit
     from dorafit.io import AdapterFileError, read_adapter_config
 
-    src, dst = Path(args.src), Path(args.dst)
+    from dorafit.remote import resolve_adapter_path
+
     try:
+        src, dst = resolve_adapter_path(args.src), Path(args.dst)  # hf://owner/name, or a local folder
         cfg = read_adapter_config(src)
     except AdapterFileError as exc:
         if getattr(args, "debug", False):
@@ -129,34 +79,42 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"{src / 'adapter_config.json'} is neither a dorafit nor a PEFT adapter config")
     if fmt == args.to:
         return _fail(f"{src} is already in the {fmt} format")
-    from dorafit.files import is_same_or_inside
+    from dorafit.files import OutputPathError, check_output_folder
 
-    if is_same_or_inside(dst, src) or is_same_or_inside(src, dst):
-        return _fail(f"DST {dst} overlaps SRC {src}: the conversion would replace the adapter it reads; choose another DST")
-    if dst.exists() and not dst.is_dir():
+    if dst.exists() and not dst.is_dir() and not dst.is_symlink():
         return _fail(f"DST {dst} is a file, not a folder")
+    try:
+        check_output_folder(dst, [("SRC", src)], "DST")
+    except (OutputPathError, FileExistsError) as exc:
+        return _fail(str(exc))
     if dst.exists() and not args.force and any(dst.iterdir()):
         return _fail(f"{dst} exists; pass --force to write the adapter files into it")
-    model = args.model or _recorded_base(cfg)
-    if not model:
-        return _fail(f"{src} does not record its base model: pass --model FOLDER_OR_HUB_ID")
-    if Path(model).exists() and is_same_or_inside(Path(model), dst):
-        return _fail(f"DST {dst} overlaps the base model folder {model}; choose another DST")
+    import torch
+
+    from dorafit.loading import attach_adapter, base_model_name, load_base_for_adapter, recorded_model_class
 
     try:
-        class_name = _class_name(cfg, args.model_class, model)
-        print(f"loading base model {model} as {class_name} (dtype {args.dtype})", file=sys.stderr)
-        base = load_base_model(model, class_name, args.dtype)
+        model = base_model_name(src, args.model, default_model=None)
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
+    try:
+        check_output_folder(dst, [("the base model folder", model)], "DST")
+    except OutputPathError as exc:
+        return _fail(str(exc))
+
+    class_name = args.model_class or recorded_model_class(src) or "the checkpoint's class"
+    print(f"loading base model {model} as {class_name} (dtype {args.dtype})", file=sys.stderr)
+    try:
+        base = load_base_for_adapter(src, model=model, by_class=True, model_class=args.model_class,
+                                     dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
+                                     attach=False).model
     except (OSError, ValueError) as exc:
         if getattr(args, "debug", False):
             raise
         return _fail(f"cannot load base model {model!r}: {exc}")
 
     try:
-        from dorafit.commands.eval import quantize_like_adapter
-
-        quantize_like_adapter(base, str(src), "convert")
-        dorafit.load_adapter(base, src)
+        attach_adapter(base, src, "convert")
         dorafit.save_adapter(base, dst, format=args.to)
     except (ValueError, OSError) as exc:  # AdapterFileError, PeftFormatError, ConfigError, AdapterError
         if getattr(args, "debug", False):

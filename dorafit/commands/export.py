@@ -3,7 +3,8 @@
     dorafit export ADAPTER --to lora --rank R --out DIR
     dorafit export ADAPTER --to lora --max-error 0.05 --out DIR
 
-Loads the base model (by default the one the adapter records), attaches the adapter, writes
+Loads the base model (by default the one the adapter records; for an adapter trained on a
+4-bit base, quantized the same way: ``dorafit.loading``), attaches the adapter, writes
 the rank-R truncated-SVD LoRA of every layer's W' − W0 (``dorafit.export``) and prints the
 relative weight error per layer and overall and the logits drift on a few prompts (the last
 hidden state for a model without an output head). ``dorafit merge`` stays the exact path.
@@ -27,14 +28,14 @@ DEFAULT_PROMPTS = [
 def add_arguments(parser) -> None:
     from dorafit.train.config import MODEL_KINDS
 
-    parser.add_argument("adapter", metavar="ADAPTER", help="adapter folder (dorafit or PEFT format) or hub id")
+    parser.add_argument("adapter", metavar="ADAPTER", help="adapter folder (dorafit or PEFT format) or hf://owner/name")
     parser.add_argument("--to", default="lora", choices=["lora"], help="target format (default: lora)")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=int, help="rank of the exported LoRA")
     size.add_argument("--max-error", type=float,
                       help="choose the smallest rank whose overall relative weight error ‖ΔW − BA‖/‖ΔW‖ is at most this (e.g. 0.05)")
     parser.add_argument("--out", required=True, help="folder for the LoRA adapter")
-    parser.add_argument("--model", default=None, help="base model folder or hub id (default: the base the adapter records)")
+    parser.add_argument("--model", default=None, help="base model folder or hf://owner/name (default: the base the adapter records)")
     parser.add_argument("--model-kind", default="auto", choices=MODEL_KINDS,
                         help="model class to load (default: the adapter's task.json, else detected)")
     parser.add_argument("--prompt", action="append", default=None,
@@ -44,43 +45,55 @@ def add_arguments(parser) -> None:
 
 
 def load_for_export(args):
-    """(the base model with the adapter attached, frozen, in eval mode; the tokenized prompts)."""
+    """(the base model with the adapter attached, frozen, in eval mode; the tokenized prompts).
+    An adapter trained on a 4-bit base meets the base quantized the same way."""
     import dorafit
-    from dorafit.commands.eval import _load_task_info
+    from dorafit.loading import load_base_for_adapter
     from dorafit.remote import resolve_adapter_path
-    from dorafit.io import recorded_base_model
-    from dorafit.train.config import DEFAULT_MODEL
-    from dorafit.train.models import detect_kind, load_model, load_tokenizer, read_model_config, resolve_model_path
+    from dorafit.train.models import load_tokenizer
 
     adapter = resolve_adapter_path(args.adapter)
     if not adapter.is_dir():
         raise dorafit.AdapterFileError(f"adapter folder {args.adapter} does not exist")
-    info = _load_task_info(str(adapter))
-    model_path = resolve_model_path(args.model or recorded_base_model(adapter) or DEFAULT_MODEL)
-    config = read_model_config(model_path, args.trust_remote_code)
-    kind = args.model_kind if args.model_kind != "auto" else info.get("model_kind") or detect_kind(model_path, config, "commonsense")
-    labels = info.get("labels")
-    model, _ = load_model(model_path, kind, args.trust_remote_code, num_labels=len(labels) if labels else None)
-    model.eval()
-    dorafit.load_adapter(model, adapter, trainable=False)
-    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
-    inputs = []
-    for prompt in args.prompt or DEFAULT_PROMPTS:
-        batch = dict(tokenizer(prompt, return_tensors="pt"))
-        if kind == "multiple-choice":  # (batch, choices, tokens)
-            batch = {k: v.unsqueeze(1) for k, v in batch.items()}
-        inputs.append(batch)
-    return model, inputs
+    loaded = load_base_for_adapter(adapter, model=args.model, kind=args.model_kind,
+                                   trust_remote_code=args.trust_remote_code, trainable=False, command="export")
+    tokenizer = load_tokenizer(loaded.path, args.trust_remote_code)
+    inputs = [loaded.kind.prompt_inputs(tokenizer, prompt) for prompt in args.prompt or DEFAULT_PROMPTS]
+    return loaded.model, inputs
+
+
+EXPORT_KIND = "export"
+
+
+def check_output(out: Path, adapter: str, model: str | None, overwrite: bool) -> None:
+    """Refuse an --out that is a link, an input or inside one, or that holds files: with --overwrite,
+    only a folder an earlier ``dorafit export`` wrote (it carries dorafit's marker file)."""
+    from dorafit.files import MARKER_NAME, check_output_folder, read_marker
+
+    if out.exists() and not out.is_dir() and not out.is_symlink():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    check_output_folder(out, [("ADAPTER", adapter), ("--model", model)], "--out")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        if read_marker(out) != EXPORT_KIND:
+            raise FileExistsError(f"--overwrite: {out} is not a folder dorafit export wrote (no {MARKER_NAME} marker); "
+                                  "not writing into it")
 
 
 def export(args):
     from dorafit.export import export_lora
+    from dorafit.files import write_marker
+    from dorafit.loading import base_model_name
+    from dorafit.remote import resolve_adapter_path
 
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    adapter = resolve_adapter_path(args.adapter)
+    check_output(out, str(adapter), base_model_name(adapter, args.model), args.overwrite)
     model, inputs = load_for_export(args)
-    return export_lora(model, out, rank=args.rank, max_error=args.max_error, inputs=inputs)
+    report = export_lora(model, out, rank=args.rank, max_error=args.max_error, inputs=inputs)
+    write_marker(out, EXPORT_KIND)  # --overwrite may replace this folder later, and no other
+    return report
 
 
 def run(args) -> int:
