@@ -114,13 +114,15 @@ def factored_norm(
     lora_b_2d: torch.Tensor,
     scaling: float,
     eps: float = NORM_EPS,
+    gram: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """‖W0 + s B A‖ per output feature without forming the (out, in) matrix: (out,), float32.
 
-    w0_norm_sq: (out,) ‖W0_i‖²; cross: (r, out) = A W0ᵀ; lora_a_2d: (r, in); lora_b_2d: (out, r).
-    Reference: ``reference_norm``.
+    w0_norm_sq: (out,) ‖W0_i‖²; cross: (r, out) = A W0ᵀ; lora_a_2d: (r, in); lora_b_2d: (out, r);
+    gram: A Aᵀ where the caller has it. ``norm_from_squares`` of ``factored_norm_sq`` (a sharded
+    W0 reduces the squares between the two). Reference: ``reference_norm``.
     """
-    return norm_from_squares(factored_norm_sq(w0_norm_sq, cross, lora_a_2d, lora_b_2d, scaling), eps)
+    return norm_from_squares(factored_norm_sq(w0_norm_sq, cross, lora_a_2d, lora_b_2d, scaling, gram), eps)
 
 
 def stacked_products(x_2d: torch.Tensor, a: torch.Tensor, weight: torch.Tensor):

@@ -221,9 +221,11 @@ class AdapterLayer(nn.Module):
     def _compute_norm(self, cross: Optional[torch.Tensor] = None, gram: Optional[torch.Tensor] = None) -> torch.Tensor:
         """‖W0 + s B A‖ per output feature, (out,) float32, computed now (the cache decides when).
 
-        The one place where the squared norm is formed (``functional.factored_norm_sq``) and its
-        square root taken (``functional.norm_from_squares``); ``cross`` = A W0ᵀ and ``gram`` =
-        A Aᵀ where the caller got them from its own matmuls. Float32 even inside autocast.
+        The one place a layer's norm is computed: ``functional.factored_norm``, i.e. the squared
+        norm (``factored_norm_sq``) and its square root (``norm_from_squares``), which a layer with
+        a column-sharded W0 would call apart to all-reduce the squares in between. ``cross`` =
+        A W0ᵀ and ``gram`` = A Aᵀ where the caller got them from its own matmuls. Float32 even
+        inside autocast.
         """
         if self.method == "magnitude":
             return DF.norm_from_squares(self.w0_norm_sq)
@@ -232,7 +234,7 @@ class AdapterLayer(nn.Module):
         with compose.no_autocast(a.device.type):
             if cross is None:
                 cross = self.cross_term(a_2d)
-            return DF.norm_from_squares(DF.factored_norm_sq(self.w0_norm_sq, cross, a_2d, b_2d, self.scaling, gram))
+            return DF.factored_norm(self.w0_norm_sq, cross, a_2d, b_2d, self.scaling, gram=gram)
 
     def weight_norm(self) -> torch.Tensor:
         """‖W0 + s B A‖ per output feature, (out,) float32 (factored, never materialised).
