@@ -16,6 +16,7 @@ from .inject import (
 from .io import AdapterFileError, load_adapter, save_adapter
 from .layers import AdapterError, AdapterLayer
 from .layers.cache import invalidate_norm_caches
+from .layers.deferred import materialize
 from .hub import push_adapter_to_hub
 from .merge import merge, merged_weights, unmerge
 from .export import export_lora
@@ -38,6 +39,7 @@ __all__ = [
     "invalidate_norm_caches",
     "list_adapters",
     "load_adapter",
+    "materialize",
     "merge",
     "merged_weights",
     "push_adapter_to_hub",

@@ -132,6 +132,29 @@ def local_slices(t: torch.Tensor) -> Tuple[torch.Tensor, Tuple[slice, ...]]:
     return t.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
+def row_norms_sq(layer: nn.Module, name: str = "") -> Tuple[torch.Tensor, slice]:
+    """(‖W0_i‖² in float32, the slice of output features i) for the rows of an adapter's base
+    weight that this process holds: from its local shard alone, the partial squares summed over
+    the processes that split those rows by columns (rowwise tensor parallel). No gather of W0."""
+    from . import functional as DF
+
+    weight = layer.base.weight
+    local, index = local_slices(weight)
+    out_dim = layer.weight_out_dim
+    rows = local.detach() if out_dim == 0 else local.detach().transpose(0, out_dim)
+    norm_sq = DF.weight_norm_sq_per_output(rows.reshape(rows.shape[0], -1))
+    if hasattr(weight, "device_mesh"):
+        import torch.distributed as dist
+
+        for mesh_dim, placement in enumerate(weight.placements):
+            if placement.is_partial():
+                raise ShardingError(f"module {name!r}: its weight is a partial sum over the processes "
+                                    f"({placement}); dorafit needs whole or split values")
+            if placement.is_shard() and placement.dim % weight.dim() != out_dim:
+                dist.all_reduce(norm_sq, group=weight.device_mesh.get_group(mesh_dim))
+    return norm_sq, index[out_dim]
+
+
 def _wrapper_parts(model: nn.Module) -> Dict[str, Tuple[str, ...]]:
     """{module name: child names that a base checkpoint does not know}: an adapter's ``base``,
     a trained copy's ``original`` and ``trainable``, which stand for the module itself."""
@@ -330,6 +353,17 @@ class TensorParallel:
         if self.style == "rowwise":
             return _SumInForward.apply(partial, self.group)
         return partial
+
+    def local_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x W0ᵀ with this rank's part of W0 and of x, completed as the base layer's output is:
+        colwise the local output rows (x's gradient summed over the ranks), rowwise the partial
+        sums over the columns summed."""
+        import torch.nn.functional as F
+
+        if self.style == "colwise":
+            return F.linear(_SumInBackward.apply(x, self.group), weight)
+        out = F.linear(x, weight)
+        return _SumInForward.apply(out, self.group) if self.style == "rowwise" else out
 
     def replicated_use(self, t: torch.Tensor) -> torch.Tensor:
         """A replicated factor used in a computation local to this rank's part of the weight (the

@@ -115,6 +115,120 @@ def case_qdora_fsdp(model_dir: Path, out: Path) -> dict:
             "files": sorted(p.name for p in (out / "qdora_fsdp-dorafit").iterdir())}
 
 
+def _on_meta(model_dir: Path):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):  # buffers (the rotary table) are computed for real
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+
+
+def _tp_run(model, out: Path, case: str) -> dict:
+    """Every rank sees the whole batch: the first step's gradients, 3 AdamW steps, then the
+    adapter files (save_adapter, save_pretrained) and the merged weights, whole, from rank 0."""
+    from safetensors.torch import save_file
+
+    ids = batch()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses, grads = [], {}
+    for step in range(STEPS):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if step == 0:
+            grads = {n: full_tensor(p.grad).clone() for n, p in model.named_parameters() if p.requires_grad}
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    dorafit.save_adapter(model, out / f"{case}-dorafit")
+    model.save_pretrained(out / f"{case}-pretrained")
+    dorafit.merge(model)
+    merged = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    if dist.get_rank() == 0:
+        save_file(grads, str(out / f"{case}-grads.safetensors"))
+        save_file(merged, str(out / f"{case}-merged.safetensors"))
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    return {"losses": losses, "local_share": weight.to_local().numel() / weight.numel()}
+
+
+def case_tp(model_dir: Path, out: Path) -> dict:
+    """Tensor parallel with the model's plan (colwise q, k, v, gate, up; rowwise o, down), then
+    attach: gradients, 3 steps, files and merge against one process."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    sharding.parallelize_base(model, init_device_mesh("cpu", (dist.get_world_size(),)))
+    torch.manual_seed(1)
+    dorafit.attach(model, adapter_config())
+    return _tp_run(model, out, "tp")
+
+
+def case_tp_meta(model_dir: Path, out: Path) -> dict:
+    """Tensor parallel from meta: split, attach, allocate, load each rank's slices, materialize."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model = _on_meta(model_dir)
+    sharding.parallelize_base(model, init_device_mesh("cpu", (dist.get_world_size(),)))
+    torch.manual_seed(1)
+    dorafit.attach(model, adapter_config())
+    sharding.allocate(model, "cpu")
+    sharding.load_base(model, model_dir)
+    dorafit.materialize(model)
+    return _tp_run(model, out, "tp_meta")
+
+
+def _fsdp_run(model, out: Path, case: str) -> dict:
+    weight = model.model.layers[0].self_attn.q_proj.base.weight
+    local_share = weight.to_local().numel() / weight.numel()
+    losses = train(model, my_rows(batch()))
+    dorafit.save_adapter(model, out / f"{case}-dorafit")
+    return {"losses": losses, "local_share": local_share}
+
+
+def case_fsdp_meta(model_dir: Path, out: Path) -> dict:
+    """Plain FSDP2 from meta: build on meta, attach, fully_shard, allocate, load each rank's rows
+    of the safetensors, materialize; 3 AdamW steps on this rank's rows."""
+    model = _on_meta(model_dir)
+    torch.manual_seed(1)
+    dorafit.attach(model, adapter_config())
+    shard_fully(model)
+    sharding.allocate(model, "cpu")
+    sharding.load_base(model, model_dir)
+    dorafit.materialize(model)
+    return _fsdp_run(model, out, "fsdp_meta")
+
+
+def case_fsdp_accelerate(model_dir: Path, out: Path) -> dict:
+    """accelerate's FSDP2 with cpu_ram_efficient_loading: rank 0 loads the model and attaches,
+    the others build on meta and attach; ``prepare`` shards and broadcasts rank 0's values;
+    materialize; 3 AdamW steps on this rank's rows."""
+    from transformers import AutoModelForCausalLM
+
+    accelerator = cpu_fsdp2_accelerator()
+    model = AutoModelForCausalLM.from_pretrained(model_dir) if dist.get_rank() == 0 else _on_meta(model_dir)
+    torch.manual_seed(1)
+    dorafit.attach(model, adapter_config())
+    model = accelerator.prepare(model)
+    dorafit.materialize(model)
+    return _fsdp_run(model, out, "fsdp_accelerate")
+
+
+def cpu_fsdp2_accelerator():
+    """accelerate's Accelerator with its FSDP2 plugin and cpu_ram_efficient_loading, on the CPU:
+    accelerate launches FSDP on GPUs only, so the state is told FSDP after it is made (all that
+    ``prepare`` reads)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=True,
+                                            auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+    accelerator = Accelerator(cpu=True)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    return accelerator
+
+
 # ------------------------------------------------------------------------------------------------
 
 

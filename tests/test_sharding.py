@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sharding_worker as worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ["load_base_fsdp", "qdora_fsdp"]
+CASES = ["load_base_fsdp", "qdora_fsdp", "tp", "tp_meta", "fsdp_meta", "fsdp_accelerate"]
 
 
 @pytest.fixture(scope="module")
@@ -174,9 +174,75 @@ def test_qdora_under_fsdp2_trains_like_one_process_and_saves_its_files(two_proce
     dorafit.save_adapter(model, tmp_path / "dorafit")
     model.save_pretrained(tmp_path / "pretrained")
     for name in ("dorafit", "pretrained"):
-        ours, theirs = tmp_path / name, two_processes / f"qdora_fsdp-{name}"
-        assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
-        assert json.loads((ours / "adapter_config.json").read_text()) == json.loads((theirs / "adapter_config.json").read_text())
-        a, b = load_file(str(ours / "adapter_model.safetensors")), load_file(str(theirs / "adapter_model.safetensors"))
-        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
-        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+        same_files(tmp_path / name, two_processes / f"qdora_fsdp-{name}")
+
+
+def one_process(llama_dir):
+    """The tiny LLaMA with DoRA attached as one process does it (the workers' seed)."""
+    model = load(llama_dir)
+    torch.manual_seed(1)
+    dorafit.attach(model, worker.adapter_config())
+    return model
+
+
+def same_files(ours: Path, theirs: Path) -> None:
+    """Two adapter folders hold the same files, config and tensors (within 1e-5)."""
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    assert json.loads((ours / "adapter_config.json").read_text()) == json.loads((theirs / "adapter_config.json").read_text())
+    a, b = load_file(str(ours / "adapter_model.safetensors")), load_file(str(theirs / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", ["tp", "tp_meta"])
+def test_tensor_parallel_trains_merges_and_saves_like_one_process(two_processes, llama_dir, tmp_path, case):
+    """The LLaMA plan over 2 processes (colwise q, k, v, gate, up; rowwise o, down), attached on
+    the split base or on meta and materialized: first-step gradients, 3 AdamW steps, the adapter
+    files and the merged weights equal one process's."""
+    ranks = results(two_processes, case)
+    model = one_process(llama_dir)
+    ids = worker.batch()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(worker.STEPS):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    for r in ranks:
+        assert r["local_share"] == pytest.approx(0.5)
+        assert max(abs(a - b) for a, b in zip(r["losses"], losses)) <= 1e-5
+    theirs = load_file(str(two_processes / f"{case}-grads.safetensors"))
+    assert theirs.keys() == grads.keys()
+    assert max(float((theirs[k] - grads[k]).abs().max()) for k in grads) <= 1e-5
+    assert max(float(grads[k].abs().max()) for k in grads if k.endswith("lora_b")) > 0  # B moves at step 1
+    dorafit.save_adapter(model, tmp_path / "dorafit")
+    model.save_pretrained(tmp_path / "pretrained")
+    for name in ("dorafit", "pretrained"):
+        same_files(tmp_path / name, two_processes / f"{case}-{name}")
+    dorafit.merge(model)
+    merged = load_file(str(two_processes / f"{case}-merged.safetensors"))
+    ours = {n: p.detach() for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    assert merged.keys() == ours.keys() and len(ours) == 14
+    assert max(float((merged[k] - ours[k]).abs().max()) for k in ours) <= 1e-5
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", ["fsdp_meta", "fsdp_accelerate"])
+def test_fsdp2_from_meta_trains_like_one_process(two_processes, llama_dir, tmp_path, case):
+    """FSDP2 with the base on meta: (fsdp_meta) every rank builds on meta, attaches, shards, loads
+    its rows of the files and materializes; (fsdp_accelerate) accelerate's
+    cpu_ram_efficient_loading, rank 0 loading and broadcasting. Losses and adapter equal one
+    process on the same rows within 1e-5."""
+    ranks = results(two_processes, case)
+    model = one_process(llama_dir)
+    expected = reference_losses(model)
+    for r in ranks:
+        assert r["local_share"] == pytest.approx(0.5)
+        assert max(abs(a - b) for a, b in zip(r["losses"], expected)) <= 1e-5
+    dorafit.save_adapter(model, tmp_path / "dorafit")
+    same_files(tmp_path / "dorafit", two_processes / f"{case}-dorafit")
