@@ -213,6 +213,50 @@ def case_fsdp_accelerate(model_dir: Path, out: Path) -> dict:
     return _fsdp_run(model, out, "fsdp_accelerate")
 
 
+def case_fsdp_tp(model_dir: Path, out: Path) -> dict:
+    """4 processes on a 2-D mesh, 2 data-parallel replicas x 2 tensor-parallel ranks, from meta:
+    split with the LLaMA plan over "tp", attach, fully_shard over "dp", allocate, load each
+    process's slices, materialize; 3 AdamW steps, replica r on rows 2r, 2r+1."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = _on_meta(model_dir)
+    sharding.parallelize_base(model, mesh["tp"])
+    torch.manual_seed(1)
+    dorafit.attach(model, adapter_config())
+    shard_fully(model, mesh["dp"])
+    sharding.allocate(model, "cpu")
+    sharding.load_base(model, model_dir)
+    dorafit.materialize(model)
+    weight = model.model.layers[0].self_attn.q_proj.base.weight
+    local_share = weight.to_local().numel() / weight.numel()
+    replica = mesh["dp"].get_local_rank()
+    losses = train(model, batch()[2 * replica:2 * replica + 2])
+    dorafit.save_adapter(model, out / "fsdp_tp-dorafit")
+    return {"losses": losses, "local_share": local_share}
+
+
+def case_refusals(model_dir: Path, out: Path) -> dict:
+    """The one-line messages: attach after fully_shard; a target split in a way dorafit cannot
+    follow (a rowwise embedding: Shard(0) of an nn.Embedding)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoModelForCausalLM
+
+    messages = {}
+    model = shard_fully(AutoModelForCausalLM.from_pretrained(model_dir))
+    try:
+        dorafit.attach(model, adapter_config())
+    except ValueError as err:
+        messages["fully_sharded"] = str(err)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    sharding.parallelize_base(model, init_device_mesh("cpu", (dist.get_world_size(),)), {"model.embed_tokens": "rowwise"})
+    try:
+        dorafit.attach(model, dorafit.AdapterConfig(rank=4, targets=["embed_tokens"]))
+    except ValueError as err:
+        messages["embedding"] = str(err)
+    return messages
+
+
 def cpu_fsdp2_accelerator():
     """accelerate's Accelerator with its FSDP2 plugin and cpu_ram_efficient_loading, on the CPU:
     accelerate launches FSDP on GPUs only, so the state is told FSDP after it is made (all that

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sharding_worker as worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ["load_base_fsdp", "qdora_fsdp", "tp", "tp_meta", "fsdp_meta", "fsdp_accelerate"]
+CASES = ["load_base_fsdp", "qdora_fsdp", "tp", "tp_meta", "fsdp_meta", "fsdp_accelerate", "refusals"]
 
 
 @pytest.fixture(scope="module")
@@ -110,20 +110,29 @@ def test_load_base_refuses_tensors_left_on_meta(llama_dir):
 # Two processes
 
 
-@pytest.fixture(scope="module")
-def two_processes(llama_dir, tmp_path_factory) -> Path:
-    """Run every case of the worker once in two processes; the folder of their results."""
-    out = tmp_path_factory.mktemp("ranks")
+def run_workers(llama_dir: Path, out: Path, processes: int, cases: list[str]) -> Path:
+    """Run ``cases`` of the worker once in ``processes`` processes; the folder of their results."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "tests" / "sharding_worker.py"),
-                           str(out), str(llama_dir), *CASES], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", str(processes),
+                           str(ROOT / "tests" / "sharding_worker.py"), str(out), str(llama_dir), *cases],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return out
 
 
-def results(out: Path, case: str) -> list[dict]:
-    ranks = [json.loads((out / f"{case}-rank{r}.json").read_text()) for r in range(2)]
+@pytest.fixture(scope="module")
+def two_processes(llama_dir, tmp_path_factory) -> Path:
+    return run_workers(llama_dir, tmp_path_factory.mktemp("ranks"), 2, CASES)
+
+
+@pytest.fixture(scope="module")
+def four_processes(llama_dir, tmp_path_factory) -> Path:
+    return run_workers(llama_dir, tmp_path_factory.mktemp("ranks4"), 4, ["fsdp_tp"])
+
+
+def results(out: Path, case: str, processes: int = 2) -> list[dict]:
+    ranks = [json.loads((out / f"{case}-rank{r}.json").read_text()) for r in range(processes)]
     for r in ranks:
         assert "error" not in r, r["error"]
     return ranks
@@ -246,3 +255,24 @@ def test_fsdp2_from_meta_trains_like_one_process(two_processes, llama_dir, tmp_p
         assert max(abs(a - b) for a, b in zip(r["losses"], expected)) <= 1e-5
     dorafit.save_adapter(model, tmp_path / "dorafit")
     same_files(tmp_path / "dorafit", two_processes / f"{case}-dorafit")
+
+
+@pytest.mark.distributed
+def test_fsdp_by_tensor_parallel_on_a_2d_mesh_of_4_processes(four_processes, llama_dir, tmp_path):
+    """2 data-parallel replicas x 2 tensor-parallel ranks, from meta: each process holds a quarter
+    of each split weight; losses and adapter equal one process on the replicas' rows."""
+    ranks = results(four_processes, "fsdp_tp", 4)
+    model = one_process(llama_dir)
+    expected = reference_losses(model)
+    for r in ranks:
+        assert r["local_share"] == pytest.approx(0.25)
+        assert max(abs(a - b) for a, b in zip(r["losses"], expected)) <= 1e-5
+    dorafit.save_adapter(model, tmp_path / "dorafit")
+    same_files(tmp_path / "dorafit", four_processes / "fsdp_tp-dorafit")
+
+
+@pytest.mark.distributed
+def test_layouts_dorafit_cannot_follow_get_one_line(two_processes):
+    for r in results(two_processes, "refusals"):
+        assert "attach the adapters before fully_shard" in r["fully_sharded"]
+        assert r["embedding"].startswith("module 'model.embed_tokens': a tensor-parallel Embedding (S(0)) cannot be adapted")

@@ -132,8 +132,7 @@ class AdapterLayer(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
         weight = self.base_weight_2d()
-        # A base on ``meta`` (built before its weights are loaded): the adapter tensors are made
-        # there too, and ``dorafit.materialize`` initialises them once the base is real.
+        # A base on ``meta``: the adapter is made there too, ``dorafit.materialize`` fills it.
         self.deferred = deferred.pending(self) if weight.device.type == "meta" else None
         _check_rank(self, method, weight.shape)
         dtype = torch.float32 if adapter_dtype == "float32" else self.base_dtype()
@@ -183,10 +182,6 @@ class AdapterLayer(nn.Module):
         """C = A W0ᵀ, (r, out) float32, from the base weight (layer types override this to run
         the frozen base layer itself on A's rows)."""
         return DF.rows_times_weight_t(a_2d, self.base_weight_2d())
-
-    def base_weight_key(self) -> torch.Tensor:
-        """The tensor whose storage and version stand for W0 in the cache's keys."""
-        return self.base.weight
 
     def initial_weight_norm_sq(self) -> torch.Tensor:
         """‖W0_i‖² per output feature, float32, from the weight (quantized layers override this)."""

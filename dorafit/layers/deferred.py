@@ -130,7 +130,6 @@ def materialize(model: torch.nn.Module) -> torch.nn.Module:
     from .. import sharding
     from ..inject import check_finite_base
     from .base import AdapterError, AdapterLayer
-    from .vera import generate_shared_matrices
 
     todo = [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer) and m.deferred is not None]
     for name, layer in todo:
@@ -139,36 +138,44 @@ def materialize(model: torch.nn.Module) -> torch.nn.Module:
                 f"module {name!r}: its base weight is still on the meta device; load the base weights "
                 "(to_empty and load_state_dict, or dorafit.sharding.load_base) before dorafit.materialize")
     check_finite_base(model, {n: layer.base for n, layer in todo})
-    draws, shared_done = {}, set()
+    draws: dict = {}
+    shared_done: set = set()
     for name, layer in todo:
-        pending = layer.deferred
         _allocate_own(layer, sharding.local_tensor(layer.base.weight).device)
-        params = layer._parameters
-        if pending.index is not None:
-            group = pending.group
-            if id(group) not in draws:
-                draws[id(group)] = group.draw_all()
-            _fill(params["lora_a"], draws[id(group)][pending.index])
-        for key in ("lora_b", "vera_b"):
-            if params.get(key) is not None:
-                sharding.local_tensor(params[key]).zero_()
-        if params.get("vera_d") is not None:
-            sharding.local_tensor(params["vera_d"]).fill_(layer.vera_d_init)
-            shared = layer.vera_shared
-            if id(shared) not in shared_done:
-                shared_done.add(id(shared))
-                a, b = generate_shared_matrices(shared.seed, *shared.a.shape, shared.b.shape[0])
-                shared.a.copy_(a)
-                shared.b.copy_(b)
-        if params.get("magnitude") is not None:
-            norm_sq, rows = sharding.row_norms_sq(layer, name)
-            local, index = sharding.local_slices(params["magnitude"])
-            if index[0] != rows:
-                raise sharding.ShardingError(
-                    f"module {name!r}: the magnitude holds output features {index[0].start}..{index[0].stop}, the base "
-                    f"weight's rows here are {rows.start}..{rows.stop}; shard both alike")
-            local.copy_(norm_sq.sqrt())
+        _initialise(layer, name, draws, shared_done)
         layer.deferred = None
         layer.norm_cache.forget()
         layer.norm_cache.w0_zero_rows = None
     return model
+
+
+def _initialise(layer, name: str, draws: dict, shared_done: set) -> None:
+    """One layer's values (its shard of them): A from its group's draws (made once per group in
+    ``draws``), zeros, VeRA's d and shared matrices (once per model), m from the loaded rows."""
+    from .. import sharding
+    from .vera import generate_shared_matrices
+
+    params, pending = layer._parameters, layer.deferred
+    if pending.index is not None:
+        if id(pending.group) not in draws:
+            draws[id(pending.group)] = pending.group.draw_all()
+        _fill(params["lora_a"], draws[id(pending.group)][pending.index])
+    for key in ("lora_b", "vera_b"):
+        if params.get(key) is not None:
+            sharding.local_tensor(params[key]).zero_()
+    if params.get("vera_d") is not None:
+        sharding.local_tensor(params["vera_d"]).fill_(layer.vera_d_init)
+        shared = layer.vera_shared
+        if id(shared) not in shared_done:
+            shared_done.add(id(shared))
+            a, b = generate_shared_matrices(shared.seed, *shared.a.shape, shared.b.shape[0])
+            shared.a.copy_(a)
+            shared.b.copy_(b)
+    if params.get("magnitude") is not None:
+        norm_sq, rows = sharding.row_norms_sq(layer, name)
+        local, index = sharding.local_slices(params["magnitude"])
+        if index[0] != rows:
+            raise sharding.ShardingError(
+                f"module {name!r}: the magnitude holds output features {index[0].start}..{index[0].stop}, the base "
+                f"weight's rows here are {rows.start}..{rows.stop}; shard both alike")
+        local.copy_(norm_sq.sqrt())

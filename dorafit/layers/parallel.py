@@ -70,8 +70,9 @@ class TensorParallelLinearAdapter(LinearAdapter):
         out = self.base.out_features
         return DTensor.from_local(local_rows.contiguous(), mesh, [Shard(0)], run_check=False, shape=(out,), stride=(1,))
 
-    # ---- layout hooks: the local parts
-    def base_weight_2d(self) -> torch.Tensor:
+    # ---- layout hooks: the local parts (``base_weight_2d`` stays the whole DTensor: its shape
+    # is the layer's, for the checks)
+    def local_weight(self) -> torch.Tensor:
         return _local(self.base._parameters["weight"])
 
     def direct_weight(self):
@@ -94,7 +95,7 @@ class TensorParallelLinearAdapter(LinearAdapter):
         return F.linear(h, b)
 
     def base_nobias(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parallel.local_linear(x, self.base_weight_2d())
+        return self.parallel.local_linear(x, self.local_weight())
 
     def initial_weight_norm_sq(self) -> torch.Tensor:
         from ..sharding import row_norms_sq
@@ -111,20 +112,17 @@ class TensorParallelLinearAdapter(LinearAdapter):
         with compose.no_autocast(a.device.type):
             if tp.style == "rowwise":  # partial over the columns: summed, then W0's complete squares
                 a, b_used = a.float(), tp.replicated_use(b)
-                part = DF.factored_norm_sq(torch.zeros_like(w0_sq), DF.rows_times_weight_t(a, self.base_weight_2d()), a, b_used, s)
+                part = DF.factored_norm_sq(torch.zeros_like(w0_sq), DF.rows_times_weight_t(a, self.local_weight()), a, b_used, s)
                 return DF.norm_from_squares(w0_sq + tp.complete_norm_sq(part))
             a_used = tp.replicated_use(a)
-            return DF.factored_norm(w0_sq, DF.rows_times_weight_t(a_used, self.base_weight_2d()), a_used, b, s)
+            return DF.factored_norm(w0_sq, DF.rows_times_weight_t(a_used, self.local_weight()), a_used, b, s)
 
     def magnitude_scale(self) -> torch.Tensor:
         return DF.magnitude_scale(self.local_magnitude(), self.weight_norm())
 
     def norm_inputs(self) -> List[torch.Tensor]:
         a, b = self.lowrank_factors()
-        return [t for t in (a, b, self.base_weight_2d()) if t is not None]
-
-    def base_weight_key(self) -> torch.Tensor:
-        return self.base_weight_2d()
+        return [t for t in (a, b, self.local_weight()) if t is not None]
 
     # ---- the forward: the generic paths on local tensors
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +150,7 @@ class TensorParallelLinearAdapter(LinearAdapter):
 
     # ---- merging: the local part of the merged weight, placed as the base weight is
     def merged_weight_2d(self) -> torch.Tensor:
-        w0 = self.base_weight_2d().float()
+        w0 = self.local_weight().float()
         if self.method == "magnitude":
             return (self.local_magnitude().float() / DF.norm_from_squares(self.w0_norm_sq)).unsqueeze(1) * w0
         a, b = self.lowrank_factors()

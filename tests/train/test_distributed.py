@@ -108,6 +108,20 @@ def test_fsdp_matches_one_process_and_resumes_bit_for_bit_after_kill(tiny_llama,
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
 
 
+def test_tensor_parallel_matches_one_process_and_writes_sharded_checkpoints(tiny_llama, arc_files, tmp_path):
+    """--distributed tp: every process holds half of each split layer (the model's plan) and sees
+    every row; the adapter equals a one-process run's, the checkpoints hold a shard per process."""
+    single = tmp_path / "single"
+    assert main(_args(tiny_llama, arc_files, single, 8, "--save-steps", "2")) == 0
+    tp = tmp_path / "tp"
+    done = _torchrun(_args(tiny_llama, arc_files, tp, 8, "--distributed", "tp", "--save-steps", "2"), ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-8000:]
+    assert done.stdout.count("accuracy after") == 1
+    assert _max_diff(_adapter(single), _adapter(tp)) <= 1e-5
+    last = ckpt.list_checkpoints(tp / "checkpoints")[0]
+    assert len(list((last / ckpt.SHARDS).iterdir())) == 2 and not (last / "trainable.safetensors").exists()
+
+
 def _descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (Linux /proc)."""
     found = []
