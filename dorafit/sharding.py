@@ -12,9 +12,14 @@ carry it as ``config.base_model_tp_plan`` ("layers.*.self_attn.q_proj": "colwise
 
 ``allocate`` gives the tensors of a model built on ``meta`` (and possibly sharded there) real,
 uninitialised memory, leaving tensors that are real already (buffers computed at construction,
-such as rotary tables) as they are; ``load_base`` then fills a model whose parameters are sharded (FSDP2's Shard(0) rows, tensor-parallel
-shards, both on a 2-D mesh) or plain from a Hugging Face folder's safetensors files, reading
-only the slice of each tensor that this process holds: no process ever holds the whole base.
+such as rotary tables) as they are; ``load_base`` then fills a model whose parameters are
+sharded (FSDP2's Shard(0) rows, tensor-parallel shards, both on a 2-D mesh) or plain from a
+Hugging Face folder's safetensors files, reading only the slice of each tensor that this process
+holds: no process ever holds the whole base.
+
+``TensorParallel`` describes how an adapter follows a tensor-parallel base (the layer itself is
+``dorafit.layers.parallel``); ``row_norms_sq`` gives ‖W0‖² of the rows a process holds, from
+its shard alone (``dorafit.materialize`` and the tensor-parallel layers use it).
 
 ``written_by_one_rank`` makes an adapter writer (``save_adapter``, the PEFT export,
 ``save_pretrained``) work on a sharded model: every rank calls it, the adapter's shards are

@@ -163,6 +163,54 @@ def case_tp(model_dir: Path, out: Path) -> dict:
     return _tp_run(model, out, "tp")
 
 
+VARIANTS = {"lora": dict(method="lora"), "magnitude": dict(method="magnitude"),
+            "dora-full-norm-gradient": dict(method="dora", detach_norm=False)}
+
+
+def variant_config(name: str) -> dorafit.AdapterConfig:
+    return dorafit.AdapterConfig(rank=4, alpha=8, targets=TARGETS, **VARIANTS[name])
+
+
+def case_tp_variants(model_dir: Path, out: Path) -> dict:
+    """LoRA, magnitude-only and DoRA with the norm's gradient kept (detach_norm=False) on the
+    tensor-parallel base: the first step's gradients (whole) and 3 steps' losses."""
+    from safetensors.torch import save_file
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoModelForCausalLM
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    found = {}
+    for name in VARIANTS:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        sharding.parallelize_base(model, mesh)
+        torch.manual_seed(1)
+        dorafit.attach(model, variant_config(name))
+        ids, losses = batch(), []
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for step in range(STEPS):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            if step == 0:
+                grads = {n: full_tensor(p.grad).clone() for n, p in model.named_parameters() if p.requires_grad}
+                if dist.get_rank() == 0:
+                    save_file(grads, str(out / f"tp_variants-{name}-grads.safetensors"))
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(loss.detach()))
+        found[name] = losses
+    return found
+
+
+def case_tp_transformers(model_dir: Path, out: Path) -> dict:
+    """transformers' own tensor parallel (``from_pretrained(tp_plan="auto")``), then attach."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto")
+    torch.manual_seed(1)
+    dorafit.attach(model, adapter_config())
+    return _tp_run(model, out, "tp_transformers")
+
+
 def case_tp_meta(model_dir: Path, out: Path) -> dict:
     """Tensor parallel from meta: split, attach, allocate, load each rank's slices, materialize."""
     from torch.distributed.device_mesh import init_device_mesh

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sharding_worker as worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ["load_base_fsdp", "qdora_fsdp", "tp", "tp_meta", "fsdp_meta", "fsdp_accelerate", "refusals"]
+CASES = ["load_base_fsdp", "qdora_fsdp", "tp", "tp_meta", "fsdp_meta", "fsdp_accelerate", "refusals", "tp_variants"]
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +194,22 @@ def one_process(llama_dir):
     return model
 
 
+def whole_batch_steps(model) -> tuple[list[float], dict]:
+    """One process, every row (as each tensor-parallel rank sees them): the losses of the AdamW
+    steps and the first step's gradients."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids, losses = worker.batch(), []
+    for step in range(worker.STEPS):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses, grads
+
+
 def same_files(ours: Path, theirs: Path) -> None:
     """Two adapter folders hold the same files, config and tensors (within 1e-5)."""
     assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
@@ -211,17 +227,7 @@ def test_tensor_parallel_trains_merges_and_saves_like_one_process(two_processes,
     files and the merged weights equal one process's."""
     ranks = results(two_processes, case)
     model = one_process(llama_dir)
-    ids = worker.batch()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for step in range(worker.STEPS):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if step == 0:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(loss.detach()))
+    losses, grads = whole_batch_steps(model)
     for r in ranks:
         assert r["local_share"] == pytest.approx(0.5)
         assert max(abs(a - b) for a, b in zip(r["losses"], losses)) <= 1e-5
@@ -276,3 +282,20 @@ def test_layouts_dorafit_cannot_follow_get_one_line(two_processes):
     for r in results(two_processes, "refusals"):
         assert "attach the adapters before fully_shard" in r["fully_sharded"]
         assert r["embedding"].startswith("module 'model.embed_tokens': a tensor-parallel Embedding (S(0)) cannot be adapted")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("variant", list(worker.VARIANTS))
+def test_tensor_parallel_lora_magnitude_and_the_norm_gradient(two_processes, llama_dir, variant):
+    """The other methods on the split base, and DoRA whose norm keeps its gradient (the partial
+    squares' gradient summed over the ranks): first-step gradients and 3 steps as one process."""
+    ranks = results(two_processes, "tp_variants")
+    model = load(llama_dir)
+    torch.manual_seed(1)
+    dorafit.attach(model, worker.variant_config(variant))
+    losses, grads = whole_batch_steps(model)
+    for r in ranks:
+        assert max(abs(a - b) for a, b in zip(r[variant], losses)) <= 1e-5
+    theirs = load_file(str(two_processes / f"tp_variants-{variant}-grads.safetensors"))
+    assert theirs.keys() == grads.keys()
+    assert max(float((theirs[k] - grads[k]).abs().max()) for k in grads) <= 1e-5

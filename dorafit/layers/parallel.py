@@ -32,13 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as DF
+from ..sharding import local_tensor as _local
 from . import compose
 from .base import AdapterError
 from .linear import LinearAdapter
-
-
-def _local(t):
-    return t.to_local() if hasattr(t, "device_mesh") else t
 
 
 class TensorParallelLinearAdapter(LinearAdapter):
