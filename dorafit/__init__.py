@@ -20,7 +20,7 @@ _PUBLIC = {
     "attach": "inject", "delete_adapter": "inject", "detach": "inject", "trainable_report": "inject",
     "AdapterFileError": "io", "load_adapter": "io", "save_adapter": "io",
     "AdapterError": "layers", "AdapterLayer": "layers",
-    "invalidate_norm_caches": "layers.cache", "materialize": "layers.deferred",
+    "invalidate_norm_caches": "layers.cache", "materialize": "deferred_init",
     "push_adapter_to_hub": "hub",
     "merge": "merge", "merged_weights": "merge", "unmerge": "merge",
     "export_lora": "export",
@@ -33,6 +33,9 @@ def __getattr__(name: str):
     if name not in _PUBLIC:
         raise AttributeError(f"module 'dorafit' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"dorafit.{_PUBLIC[name]}"), name)
+    # ``attach`` gives a transformers model the adapter-only save_pretrained that dorafit.hub
+    # registers when it is imported (it cannot be imported by dorafit.inject: hub reads adapters).
+    importlib.import_module("dorafit.hub")
     globals()[name] = value  # the next lookup is a plain attribute
     return value
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sharding_worker as worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ["load_base_fsdp", "qdora_fsdp", "tp", "tp_meta", "fsdp_meta", "fsdp_accelerate", "refusals", "tp_variants"]
+CASES = ["load_base_fsdp", "qdora_fsdp", "tp", "tp_meta", "fsdp_meta", "fsdp_accelerate", "refusals", "tp_variants", "tp_transformers"]
 
 
 @pytest.fixture(scope="module")
@@ -220,11 +220,12 @@ def same_files(ours: Path, theirs: Path) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["tp", "tp_meta"])
+@pytest.mark.parametrize("case", ["tp", "tp_meta", "tp_transformers"])
 def test_tensor_parallel_trains_merges_and_saves_like_one_process(two_processes, llama_dir, tmp_path, case):
-    """The LLaMA plan over 2 processes (colwise q, k, v, gate, up; rowwise o, down), attached on
-    the split base or on meta and materialized: first-step gradients, 3 AdamW steps, the adapter
-    files and the merged weights equal one process's."""
+    """The LLaMA plan over 2 processes (colwise q, k, v, gate, up; rowwise o, down) applied by
+    torch's styles (on the loaded base, or on meta then materialized) or by transformers'
+    ``tp_plan="auto"``, then attach: first-step gradients, 3 AdamW steps, the adapter files and
+    the merged weights equal one process's."""
     ranks = results(two_processes, case)
     model = one_process(llama_dir)
     losses, grads = whole_batch_steps(model)

@@ -49,21 +49,19 @@ def _check_rank(layer: "AdapterLayer", method: str, weight_shape) -> None:
         )
 
 
+def not_materialized(layer: nn.Module) -> AdapterError:
+    return AdapterError(
+        f"{type(layer).__name__} was attached to a base on the meta device and is not initialised yet: "
+        "load the base weights, then call dorafit.materialize(model) before the first forward")
+
+
 def initial_lowrank(layer: "AdapterLayer", dtype: torch.dtype, device: torch.device) -> Tuple[nn.Parameter, nn.Parameter]:
     """A Kaiming-uniform (a = sqrt(5), as nn.Linear) and B = 0, so that ΔW = 0 at step 0."""
     a_shape, b_shape = layer.lora_shapes()
-    a = draw_lora_a(a_shape, dtype, device)
+    a = deferred.draw_lora_a(a_shape, dtype, device)
     if layer.deferred is not None:
         layer.deferred.draws(a_shape, dtype)  # drawn by ``dorafit.materialize``, in this order
     return nn.Parameter(a), nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
-
-
-def draw_lora_a(shape: Tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-    """A of ``shape`` (r, in...), Kaiming-uniform from the global random generator (on ``meta``
-    nothing is drawn)."""
-    a = torch.empty(shape, dtype=dtype, device=device)
-    nn.init.kaiming_uniform_(a.view(shape[0], -1), a=math.sqrt(5))
-    return a
 
 
 def initial_magnitude(layer: "AdapterLayer", dtype: torch.dtype) -> nn.Parameter:
@@ -150,7 +148,7 @@ class AdapterLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deferred is not None:
-            raise deferred.not_materialized(self)
+            raise not_materialized(self)
         return compose.forward(self, x)
 
     # ----------------------------------------------------------------------------------------

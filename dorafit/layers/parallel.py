@@ -34,7 +34,7 @@ from torch import nn
 from .. import functional as DF
 from ..sharding import local_tensor as _local
 from . import compose
-from .base import AdapterError
+from .base import AdapterError, not_materialized
 from .linear import LinearAdapter
 
 
@@ -124,8 +124,6 @@ class TensorParallelLinearAdapter(LinearAdapter):
     # ---- the forward: the generic paths on local tensors
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deferred is not None:
-            from .deferred import not_materialized
-
             raise not_materialized(self)
         base = self.base
         if self.adapter_disabled:
