@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib
 import re
 import sys
 from dataclasses import dataclass, field
@@ -51,8 +52,9 @@ DISABLED_ATTR = "_dorafit_disabled"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 # Marker of the instance-level ``save_pretrained`` that ``attach`` installs (see ``dorafit.hub``).
 SAVE_HOOK_MARKER = "_dorafit_save_pretrained"
-# The adapter-only writer ``model.save_pretrained`` becomes. ``dorafit.hub`` provides it when
-# ``import dorafit`` runs; this module stays below the file formats it needs.
+# The adapter-only writer ``model.save_pretrained`` becomes. ``dorafit.hub`` provides it when it is
+# imported (``install_save_pretrained`` imports it on first need); this module stays below the
+# file formats it needs.
 _save_pretrained_writer: Optional[Callable] = None
 
 
@@ -94,8 +96,10 @@ def _is_transformers_model(model: nn.Module) -> bool:
 
 def install_save_pretrained(model: nn.Module) -> None:
     """Shadow ``model.save_pretrained`` with the adapter-only writer (transformers models only)."""
-    if _save_pretrained_writer is None or not _is_transformers_model(model) or SAVE_HOOK_MARKER in model.__dict__:
+    if not _is_transformers_model(model) or SAVE_HOOK_MARKER in model.__dict__:
         return
+    if _save_pretrained_writer is None:
+        importlib.import_module("dorafit.hub")  # registers the writer (``import dorafit`` is lazy)
     # A partial, not a bound method: it pickles by reference (torch.save(model), copy.deepcopy).
     model.__dict__["save_pretrained"] = functools.partial(_save_pretrained_writer, model)
     model.__dict__[SAVE_HOOK_MARKER] = True

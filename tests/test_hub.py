@@ -60,6 +60,25 @@ def test_save_pretrained_writes_the_adapter_in_peft_layout(tmp_path):
     torch.testing.assert_close(_logits(dorafit.load_adapter(_tiny_llama(), tmp_path)), _logits(model), rtol=1e-6, atol=1e-6)
 
 
+def test_save_pretrained_writes_the_adapter_when_nothing_imported_the_hub_module(tmp_path):
+    """``import dorafit`` loads its modules on first use: attach alone must still make
+    ``model.save_pretrained`` the adapter writer (a fresh process, so no other test imported it)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch, dorafit\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "assert 'dorafit.hub' not in sys.modules\n"
+        "cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,\n"
+        "                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)\n"
+        "model = dorafit.attach(LlamaForCausalLM(cfg), dorafit.AdapterConfig(rank=4, targets=['q_proj']))\n"
+        "model.save_pretrained(sys.argv[1])\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=300)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def test_transformers_load_adapter_reads_save_pretrained(tmp_path):
     """transformers' own ``model.load_adapter``. A LoRA adapter: transformers 5.24 asks for PEFT >= 0.22
     and with the PEFT 0.21 here it misnames DoRA's magnitude key for PEFT's own files too."""

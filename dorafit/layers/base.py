@@ -248,10 +248,8 @@ class AdapterLayer(nn.Module):
         """‖W0 + s B A‖ per output feature, (out,) float32 (factored, never materialised).
 
         Detached (paper section 4.3) and kept by the cache, unless the full gradient is asked
-        for (``detach_norm=False``) while autograd records.
+        for (``detach_norm=False``) while autograd records: the cache decides.
         """
-        if not self.detach_norm and torch.is_grad_enabled():
-            return self._compute_norm()
         return self.norm_cache.norm(self)
 
     def magnitude_scale(self) -> torch.Tensor:

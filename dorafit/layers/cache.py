@@ -173,7 +173,11 @@ class NormCache:
         return norm
 
     def norm(self, layer: nn.Module) -> torch.Tensor:
-        """The detached norm: the kept one, or computed through the base layer and kept."""
+        """The norm of this call: with its gradient where ``detach_norm=False`` and autograd
+        records (never kept), else detached, the kept one or computed through the base layer
+        and kept."""
+        if not layer.detach_norm and torch.is_grad_enabled():
+            return layer._compute_norm()
         norm = self.kept_norm(layer)
         if norm is None:
             with torch.no_grad():

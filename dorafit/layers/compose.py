@@ -187,7 +187,8 @@ def dora_no_grad(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def dora_no_grad_addmm(layer, x: torch.Tensor) -> torch.Tensor:
-    """The same with t = addmm(base(x), x Aᵀ, Bᵀ, alpha=s): LoRA's kernels, then the scaling."""
+    """y = g ⊙ t + (1 − g) ⊙ b with t = addmm(base(x), x Aᵀ, Bᵀ, alpha=s), scaled in place:
+    LoRA's kernels, then the scaling (g and (1 − g) ⊙ b kept as in ``dora_no_grad``)."""
     a, b = layer.lowrank_factors()
     base_out = _base(layer)(x)
     h = F.linear(x, a)  # (..., r)

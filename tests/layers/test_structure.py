@@ -4,6 +4,7 @@
   most 25 methods, none about caching (that is ``cache``), and a forward of a few lines (which
   path runs is ``compose``);
 - no function in the package is longer than 40 lines; ``base.py`` stays under 350;
+- every row of the path table runs a function whose docstring opens with its equation;
 - ``is_compiling()`` is asked only by the cache and the compose module;
 - GPT-2's Conv1D shares the linear paths: its adapter only says how its weight is stored.
 """
@@ -11,12 +12,13 @@
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import pathlib
 import re
 
 import dorafit
-from dorafit.layers import AdapterLayer, Conv1DAdapter, LinearAdapter
+from dorafit.layers import AdapterLayer, Conv1DAdapter, LinearAdapter, compose
 from dorafit.layers.linear import LinearLayout
 
 PACKAGE = pathlib.Path(dorafit.__file__).parent
@@ -67,3 +69,9 @@ def test_gpt2_conv1d_shares_the_linear_paths():
     assert issubclass(Conv1DAdapter, LinearLayout) and issubclass(LinearAdapter, LinearLayout)
     own = {name for name, value in vars(Conv1DAdapter).items() if callable(value) or isinstance(value, property)}
     assert own <= {"base_type", "features", "base_weight_2d", "weight_from_2d"}, own
+
+
+def test_every_path_opens_with_its_equation():
+    for name, path in compose.PATHS.items():
+        run = path.run.func if isinstance(path.run, functools.partial) else path.run
+        assert (run.__doc__ or "").startswith("y = "), (name, run.__doc__)
