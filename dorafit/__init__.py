@@ -33,9 +33,6 @@ def __getattr__(name: str):
     if name not in _PUBLIC:
         raise AttributeError(f"module 'dorafit' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"dorafit.{_PUBLIC[name]}"), name)
-    # ``attach`` gives a transformers model the adapter-only save_pretrained that dorafit.hub
-    # registers when it is imported (it cannot be imported by dorafit.inject: hub reads adapters).
-    importlib.import_module("dorafit.hub")
     globals()[name] = value  # the next lookup is a plain attribute
     return value
 
