@@ -20,7 +20,7 @@ _PUBLIC = {
     "attach": "inject", "delete_adapter": "inject", "detach": "inject", "trainable_report": "inject",
     "AdapterFileError": "io", "load_adapter": "io", "save_adapter": "io",
     "AdapterError": "layers", "AdapterLayer": "layers",
-    "invalidate_norm_caches": "layers.cache",
+    "invalidate_norm_caches": "layers.cache", "materialize": "deferred_init",
     "push_adapter_to_hub": "hub",
     "merge": "merge", "merged_weights": "merge", "unmerge": "merge",
     "export_lora": "export",

@@ -32,6 +32,7 @@ from torch import nn
 from .adapter_files import WRITER, WRITER_KEY
 from .adapters import set_save_pretrained_writer
 from .remote import ADAPTER_FILES, resolve_adapter_path, upload_adapter_folder  # noqa: F401  (re-exported)
+from .sharding import written_by_one_rank
 
 
 
@@ -70,6 +71,7 @@ def write_adapter_files(model: nn.Module, folder: Union[str, os.PathLike]) -> Pa
         return save_adapter(model, folder)
 
 
+@written_by_one_rank
 def save_pretrained_adapter(model: nn.Module, save_directory, is_main_process: bool = True, state_dict=None,
                             push_to_hub: bool = False, **kwargs: Any) -> Path:
     """``model.save_pretrained`` of a model with dorafit adapters: the adapter only.

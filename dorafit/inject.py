@@ -20,6 +20,9 @@ from torch import nn
 from .config import AdapterConfig, ConfigError, bounded_matching, pattern_matches, resolve_module_options
 from .files import brief
 from .layers import AdapterError, AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
+from .layers import deferred
+from .layers.parallel import TensorParallelLinearAdapter
+from .sharding import tensor_parallel_of
 from .layers.quantized import keep_4bit_layers_trainable, release_4bit_layers
 from .layers.vera import build_vera_adapter, build_vera_shared
 
@@ -174,6 +177,16 @@ def _check_not_attached(model: nn.Module, name: str = DEFAULT_NAME) -> None:
         )
 
 
+def _check_not_fully_sharded(model: nn.Module) -> None:
+    """FSDP2 replaces a module's weights by shards between calls: the adapters must exist before
+    ``fully_shard`` so that they are sharded with their block (and their init reads W0 whole)."""
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    sharded = [n or "<root>" for n, m in model.named_modules() if fsdp is not None and isinstance(m, fsdp)]
+    if sharded:
+        raise AdapterError(f"the model is sharded by FSDP2 already ({sharded[0]}); attach the adapters before "
+                           "fully_shard (on meta if the base does not fit: see dorafit.materialize)")
+
+
 def shared_states(modules: Dict[str, nn.Module], config: AdapterConfig) -> Dict[str, object]:
     """{method: shared state} for the methods of SHARED_STATE_FACTORIES that ``modules`` use."""
     states: Dict[str, object] = {}
@@ -212,6 +225,12 @@ def build_adapter(
         adapter_dtype=config.adapter_dtype,
     )
     builder = METHOD_BUILDERS.get(opts["method"])
+    parallel = tensor_parallel_of(name, module)  # None unless torch's tensor parallel split the weight
+    if parallel is not None:
+        if builder is not None:
+            raise AdapterError(f"module {name!r}: method {opts['method']!r} on a tensor-parallel layer; "
+                               "use lora, dora or magnitude there")
+        cls, kwargs["parallel"] = TensorParallelLinearAdapter, parallel
     try:
         if shared is None:
             shared = shared_states({name: module}, config)
@@ -273,7 +292,9 @@ def non_finite_weights(modules: Dict[str, nn.Module]) -> List[Tuple[str, int]]:
     for name, module in modules.items():
         count = 0
         for p in module.parameters(recurse=False):
-            if p.is_floating_point() and p.device.type != "meta":
+            packed = getattr(p, "quant_state", None) is not None  # 4-bit codes, also when stored as bf16
+            p = p.to_local() if hasattr(p, "device_mesh") else p  # a sharded weight: this process's part
+            if p.is_floating_point() and p.device.type != "meta" and not packed:
                 count += int((~torch.isfinite(p.detach())).sum())
         if count:
             bad.append((name, count))
@@ -317,6 +338,7 @@ def _attach(model: nn.Module, config: AdapterConfig, name: str) -> nn.Module:
             attach(model, config)
         return model
     _check_not_attached(model)
+    _check_not_fully_sharded(model)
     names = find_targets(model, config)
     # Leaves only: adapting a container and its child at once is ambiguous.
     names = [n for n in names if not any(o.startswith(n + ".") for o in names)]
@@ -336,8 +358,9 @@ def _attach(model: nn.Module, config: AdapterConfig, name: str) -> nn.Module:
     # back as it was (building an adapter freezes its base).
     flags = {id(p): p.requires_grad for p in model.parameters()}
     try:
-        shared = shared_states(modules, config)  # one VeRA matrix pair per model
-        adapters = {n: build_adapter(m, n, config, shared) for n, m in modules.items()}  # nothing swapped yet
+        with deferred.recording():  # a base on meta: the layers' A are drawn later, in this order
+            shared = shared_states(modules, config)  # one VeRA matrix pair per model
+            adapters = {n: build_adapter(m, n, config, shared) for n, m in modules.items()}  # nothing swapped yet
     except BaseException:
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])

@@ -57,6 +57,7 @@ from .config import (
 from .files import brief, write_into_directory
 from .inject import CONFIG_ATTR, ModulesToSave, adapter_modules, attach, check_patterns_match, detach, find_targets
 from .layers import AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
+from .sharding import written_by_one_rank
 
 PREFIX = "base_model.model."
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # PEFT before safetensors became its default
@@ -745,6 +746,7 @@ def peft_config_and_state(model: nn.Module) -> Tuple[Dict[str, Any], Dict[str, t
     return peft_cfg, state
 
 
+@written_by_one_rank
 def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     """Write the model's adapters as a PEFT directory that ``PeftModel.from_pretrained`` loads.
 

@@ -41,6 +41,7 @@ from .adapter_files import (  # noqa: F401  (re-exported: dorafit.io is where us
 )
 from .files import write_into_directory
 from .inject import CONFIG_ATTR, adapter_modules, adapter_state_dict, attach, detach
+from .sharding import model_class, written_by_one_rank
 
 FORMAT = "dorafit"
 
@@ -49,7 +50,7 @@ def _base_identity(model: nn.Module) -> Dict[str, Any]:
     cfg = getattr(model, "config", None)
     name = getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None)
     return {
-        "class": type(model).__name__,
+        "class": model_class(model).__name__,
         "name_or_path": str(name) if name else None,
         "model_type": getattr(cfg, "model_type", None),
     }
@@ -61,7 +62,7 @@ def _weight_shape(module: nn.Module) -> Optional[list]:
     weight = getattr(module, "weight", None)
     if weight is None:
         return None
-    quant_state = getattr(weight, "quant_state", None)
+    quant_state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)  # FSDP2: the layer's
     shape = getattr(quant_state, "shape", None)
     return list(shape if shape is not None else weight.shape)
 
@@ -85,7 +86,7 @@ def _extra_tensors(model: nn.Module, names_only: bool = False):
 
 def base_quantization(module: nn.Module) -> Optional[Dict[str, Any]]:
     """How a 4-bit (bitsandbytes) base layer is quantized, or None for a full-precision one."""
-    quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+    quant_state = getattr(getattr(module, "weight", None), "quant_state", None) or getattr(module, "quant_state", None)
     if quant_state is None:
         return None
     compute = getattr(module, "compute_dtype", None)
@@ -138,13 +139,15 @@ def adapter_file_contents(model: nn.Module):
     return meta, state
 
 
+@written_by_one_rank
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], format: str = "dorafit") -> Path:
     """Write the model's adapters to folder ``path``; returns the path.
 
     Only ``adapter_config.json`` and ``adapter_model.safetensors`` are written (each replaced
     atomically); other files in an existing folder, e.g. a base model's, stay untouched.
 
-    ``format="peft"`` writes PEFT's layout instead (see ``dorafit.interop``).
+    ``format="peft"`` writes PEFT's layout instead (see ``dorafit.interop``). On a model sharded
+    over processes (FSDP2, tensor parallel) every rank calls it and rank 0 writes whole tensors.
     """
     if format == "peft":
         from .interop import save_peft_adapter

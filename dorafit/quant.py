@@ -54,10 +54,15 @@ def quantize_linear(
     compute_dtype: Optional[torch.dtype] = None,
     double_quant: bool = True,
     blocksize: int = 64,
+    quant_storage: torch.dtype = torch.uint8,
 ) -> nn.Module:
     """A frozen ``Linear4bit`` holding ``linear``'s weight quantized (on the weight's device).
 
-    compute_dtype defaults to the weight's dtype (bf16 base -> bf16 matmuls).
+    compute_dtype defaults to the weight's dtype (bf16 base -> bf16 matmuls). ``quant_storage``
+    is the dtype the packed codes are stored as; FSDP shards a bfloat16 storage like the model's
+    other bf16 tensors (QLoRA-with-FSDP's convention). The quantization state is registered on
+    the layer too, so that bitsandbytes finds it again when FSDP2 replaces the weight by its
+    gathered copy in forward.
     """
     bnb = _bitsandbytes()
     if quant_type not in QUANT_TYPES:
@@ -73,11 +78,12 @@ def quantize_linear(
         compute_dtype=compute_dtype or weight.dtype,
         compress_statistics=double_quant,
         quant_type=quant_type,
+        quant_storage=quant_storage,
         device="meta",
     )
     layer.weight = bnb.nn.Params4bit(
         weight.contiguous(), requires_grad=False, quant_type=quant_type,
-        compress_statistics=double_quant, blocksize=blocksize,
+        compress_statistics=double_quant, blocksize=blocksize, quant_storage=quant_storage, module=layer,
     )
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -92,6 +98,7 @@ def quantize_model(
     exclude: Iterable[str] = (),
     compute_dtype: Optional[torch.dtype] = None,
     double_quant: bool = True,
+    quant_storage: torch.dtype = torch.uint8,
 ) -> List[str]:
     """Quantize the nn.Linear layers that ``targets`` select (AdapterConfig's matching rules:
     exact names, dotted suffixes, regexes, "all-linear") to 4-bit in place; returns their names.
@@ -113,7 +120,8 @@ def quantize_model(
                 f"module {name!r} is a {type(module).__name__}; only nn.Linear layers can be quantized to 4-bit"
             )
     for name, module in modules.items():
-        _set_submodule(model, name, quantize_linear(module, quant_type, compute_dtype, double_quant))
+        _set_submodule(model, name, quantize_linear(module, quant_type, compute_dtype, double_quant,
+                                                    quant_storage=quant_storage))
     return names
 
 

@@ -174,11 +174,12 @@ def test_attach_rejects_non_config(tiny_mlp):
         dorafit.attach(tiny_mlp, {"rank": 2})
 
 
-def test_meta_device_base_is_refused():
+def test_meta_device_base_is_attached_deferred():
+    """The adapter is made on meta and waits for dorafit.materialize (tests/layers/test_deferred.py)."""
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(8, 8))
-    with pytest.raises(AdapterError, match=r"module '0'.*meta device"):
-        dorafit.attach(model, AdapterConfig(rank=2, targets=["0"]))
+    dorafit.attach(model, AdapterConfig(rank=2, targets=["0"]))
+    assert model[0].lora_a.is_meta and model[0].magnitude.is_meta and model[0].deferred is not None
 
 
 # ------------------------------------------------------------------------------------------

@@ -32,22 +32,12 @@ import torch
 from torch import nn
 
 from .. import functional as DF
-from . import compose
+from . import compose, deferred
 from .cache import NormCache, forget_on_load
 
 
 class AdapterError(ValueError):
     """An adapter cannot be built or used on this module."""
-
-
-def refuse_meta_base(base: nn.Module, weight: torch.Tensor) -> None:
-    """The magnitude is initialised from ‖W0‖: a base whose weights are not loaded yet cannot be
-    adapted."""
-    if weight.device.type == "meta":
-        raise AdapterError(
-            f"{type(base).__name__}: base weights are on the meta device; load the base weights "
-            "before attaching (the magnitude is initialised from ‖W0‖)"
-        )
 
 
 def _check_rank(layer: "AdapterLayer", method: str, weight_shape) -> None:
@@ -59,16 +49,26 @@ def _check_rank(layer: "AdapterLayer", method: str, weight_shape) -> None:
         )
 
 
+def not_materialized(layer: nn.Module) -> AdapterError:
+    return AdapterError(
+        f"{type(layer).__name__} was attached to a base on the meta device and is not initialised yet: "
+        "load the base weights, then call dorafit.materialize(model) before the first forward")
+
+
 def initial_lowrank(layer: "AdapterLayer", dtype: torch.dtype, device: torch.device) -> Tuple[nn.Parameter, nn.Parameter]:
     """A Kaiming-uniform (a = sqrt(5), as nn.Linear) and B = 0, so that ΔW = 0 at step 0."""
     a_shape, b_shape = layer.lora_shapes()
-    a = torch.empty(a_shape, dtype=dtype, device=device)
-    nn.init.kaiming_uniform_(a.view(layer.rank, -1), a=math.sqrt(5))
+    a = deferred.draw_lora_a(a_shape, dtype, device)
+    if layer.deferred is not None:
+        layer.deferred.draws(a_shape, dtype)  # drawn by ``dorafit.materialize``, in this order
     return nn.Parameter(a), nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
 
 
 def initial_magnitude(layer: "AdapterLayer", dtype: torch.dtype) -> nn.Parameter:
-    """m = ‖W0‖ per output feature, so that W' = W0 at step 0 (the one place a magnitude is made)."""
+    """m = ‖W0‖ per output feature, so that W' = W0 at step 0 (the one place a magnitude is made).
+    On a base still on ``meta`` an empty (out,) tensor there, filled by ``dorafit.materialize``."""
+    if layer.deferred is not None:
+        return nn.Parameter(torch.empty(layer.lora_shapes()[1][0], dtype=dtype, device="meta"))
     return nn.Parameter(layer.w0_norm_sq.sqrt().to(dtype))
 
 
@@ -99,6 +99,11 @@ class AdapterLayer(nn.Module):
     # Set by ``dorafit.disable_adapter`` for the duration of its block: the layer then computes
     # its frozen base module's output alone (a flag, so entering copies no weights).
     adapter_disabled: bool = False
+    # The axis of the base module's weight tensor that holds the output features (0 for
+    # nn.Linear and convolutions; 1 where the weight is stored transposed).
+    weight_out_dim: int = 0
+    # ``deferred.Pending`` while the adapter waits for ``dorafit.materialize``, else None.
+    deferred = None
 
     def __init__(
         self,
@@ -125,7 +130,8 @@ class AdapterLayer(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
         weight = self.base_weight_2d()
-        refuse_meta_base(base, weight)
+        # A base on ``meta``: the adapter is made there too, ``dorafit.materialize`` fills it.
+        self.deferred = deferred.pending(self) if weight.device.type == "meta" else None
         _check_rank(self, method, weight.shape)
         dtype = torch.float32 if adapter_dtype == "float32" else self.base_dtype()
         self.norm_cache = NormCache()  # a plain object, not buffers: casts never reach it
@@ -141,6 +147,8 @@ class AdapterLayer(nn.Module):
             p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deferred is not None:
+            raise not_materialized(self)
         return compose.forward(self, x)
 
     # ----------------------------------------------------------------------------------------

@@ -135,6 +135,8 @@ class NormCache:
         if is_compiling() and self.w0 is not None:
             return self.w0[1]  # a constant of the graph: data pointers cannot be compared there
         w = layer.base.weight
+        if hasattr(w, "device_mesh"):  # a tensor-parallel DTensor: its local part has the storage
+            w = w.to_local()
         key = _key([w], w.device, w.dtype)
         if not _usable(self.w0, key):
             new_weight = self.w0 is not None or self.w0_zero_rows is None  # not a move after ``forget``

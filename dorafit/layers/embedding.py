@@ -27,6 +27,8 @@ from .base import AdapterLayer
 class EmbeddingAdapter(AdapterLayer):
     """LoRA / DoRA on nn.Embedding."""
 
+    weight_out_dim = 1  # the table is (vocab, dim): the output features are its columns
+
     def __init__(self, base: nn.Module, **kwargs) -> None:
         kwargs["dropout"] = 0.0
         super().__init__(base, **kwargs)

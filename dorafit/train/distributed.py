@@ -1,34 +1,52 @@
-"""Several processes: process-group setup, DDP / FSDP2 wrapping and full-tensor gathering.
+"""Several processes: process-group setup, DDP / FSDP2 / tensor-parallel wrapping, checkpoints.
 
 Launched by ``torchrun`` (which sets RANK, WORLD_SIZE, LOCAL_RANK), the recipe joins a process
-group (NCCL on GPUs, gloo on CPUs) and wraps the adapted model:
+group (NCCL on GPUs, gloo on CPUs) and spreads the adapted model over the processes:
 
 - ``ddp``: ``DistributedDataParallel``; every process holds the whole model, gradients of the
   trainable (adapter) parameters are averaged after backward.
 - ``fsdp``: FSDP2, ``torch.distributed.fsdp.fully_shard`` on every transformer block and then
   on the root; parameters become DTensors sharded over the processes and are gathered per
-  block in forward and backward. DoRA's norm runs inside the block's forward, on the
-  gathered base weight.
+  block in forward and backward.
+- ``tp``: tensor parallel. The model's own plan (transformers' ``base_model_tp_plan``: colwise
+  q, k, v, gate, up; rowwise o, down for LLaMA) is applied with torch's ``parallelize_module``
+  before the adapters are attached; the adapters follow their base layer's sharding (see
+  ``dorafit.sharding``).
+
+With ``--tp-size N`` below the number of processes P, the processes form a 2-D mesh
+(P/N data-parallel replicas x N tensor-parallel ranks, the tensor-parallel ranks adjacent) and
+FSDP2 shards over the data-parallel dimension. A row of the global batch belongs to one replica;
+the N ranks of a replica see the same rows.
 
 Only rank 0 writes files and shows progress. ``Parallel`` holds every decision that depends on
 the mode, so the recipe asks it instead of testing the mode itself: which rows of a batch are
-this process's, when gradients are synchronised, how the trainable tensors and the optimizer
-state are gathered for a checkpoint (whole tensors on rank 0, collectives under FSDP2) and
-loaded back (each rank keeps its shard), and whether the adapter can be saved from the model in
-memory (one process, DDP) or only from gathered tensors (FSDP2).
+this process's, when gradients are synchronised, how a checkpoint is written and read back
+(whole tensors on rank 0 for DDP; with sharded parameters every process writes its own shards
+through torch.distributed.checkpoint), and who saves the adapter (rank 0 alone, or every rank
+when it is sharded: dorafit's writers gather it and rank 0 writes one process's files).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from dorafit.files import atomic_directory
+from dorafit.train import checkpoint as ckpt
 from dorafit.train.checkpoint import CheckpointError, optimizer_from_flat, optimizer_to_flat
+
+MODES = ("ddp", "fsdp", "tp")
+
+
+class ParallelError(ValueError):
+    """A parallel layout that cannot be built from these processes or this model."""
 
 
 @dataclass
@@ -47,6 +65,11 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the process group, or a process that runs alone."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def setup() -> DistInfo:
@@ -106,23 +129,14 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def wrap(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
-    """The model to call in training: DDP- or FSDP2-wrapped with several processes, else itself."""
-    if not info.enabled:
-        return model
-    if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
+def shard_fully(model: nn.Module, mesh=None) -> nn.Module:
+    """FSDP2: ``fully_shard`` every transformer block, then the root (over ``mesh``, default all)."""
+    from torch.distributed.fsdp import fully_shard
 
-        ids = [info.local_rank] if info.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
-    if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for block in _blocks(model):
-            fully_shard(block)
-        fully_shard(model)
-        return model
-    raise ValueError(f"unknown distributed mode {mode!r}; use 'ddp' or 'fsdp'")
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -151,31 +165,105 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor], source) -> 
     with torch.no_grad():
         for name, p in params.items():
             value = state[name]
-            if hasattr(p, "device_mesh"):  # an FSDP2 DTensor: keep this rank's shard only
+            if hasattr(p, "device_mesh"):  # a DTensor: keep this rank's shard only
                 from torch.distributed.tensor import distribute_tensor
 
                 value = distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements)
             p.copy_(value)
 
 
+def _sharded_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
+    """(model state, optimizer state) of the trainable parameters as this process holds them
+    (DTensor shards; the tensors are the parameters and AdamW's state themselves)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_state = get_model_state_dict(model, options=options)
+    # Creates AdamW's state where no step has run yet, so that a load has tensors to fill.
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    return model_state, optim_state
+
+
+def _flat(model_state: dict, optim_state: dict) -> dict:
+    """The {key: tensor} that torch.distributed.checkpoint writes and reads: "model.<param>",
+    "optim.<param>.<field>"."""
+    flat = {f"model.{name}": t for name, t in model_state.items()}
+    for name, per_param in optim_state["state"].items():
+        for key, value in per_param.items():
+            flat[f"optim.{name}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return flat
+
+
 @dataclass
 class Parallel:
-    """How this run spreads over processes: the mode (ddp / fsdp) and where this process stands."""
+    """How this run spreads over processes: the mode, the tensor-parallel degree and the mesh."""
 
     info: DistInfo
     mode: str = "ddp"
+    tp_size: int = 0  # as configured: 0 = every process with mode "tp", none otherwise
+    mesh: object = field(default=None, repr=False)  # DeviceMesh ("dp", "tp"), built on first use
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ParallelError(f"unknown distributed mode {self.mode!r}; use one of {MODES}")
+        world = self.info.world_size
+        self.tp = self.tp_size or (world if self.mode == "tp" else 1)
+        if world % self.tp:
+            raise ParallelError(f"--tp-size {self.tp} does not divide the {world} processes "
+                                f"(launch a multiple of {self.tp} with torchrun --nproc_per_node)")
+        self.dp = world // self.tp
 
     @property
     def sharded(self) -> bool:
-        """Parameters and optimizer state are split over the processes (FSDP2)."""
-        return self.mode == "fsdp" and self.info.enabled
+        """Parameters and optimizer state are split over the processes (FSDP2 or tensor parallel)."""
+        return self.mode in ("fsdp", "tp") and self.info.enabled
+
+    @property
+    def replicas(self) -> int:
+        """Data-parallel replicas: processes that see different rows of each batch."""
+        return self.dp
+
+    @property
+    def replica(self) -> int:
+        """This process's replica (tensor-parallel ranks are adjacent: rank = replica * tp + tp_rank)."""
+        return self.info.rank // self.tp
+
+    def device_mesh(self):
+        """The ("dp", "tp") mesh of the processes (built once; a collective the first time)."""
+        if self.mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(self.info.device.type, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
+        return self.mesh
+
+    def prepare_base(self, model: nn.Module) -> nn.Module:
+        """Before the adapters are attached: split the base layers over the tensor-parallel ranks."""
+        if self.tp > 1:
+            from dorafit.sharding import parallelize_base
+
+            parallelize_base(model, self.device_mesh()["tp"])
+        return model
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        return wrap(model, self.mode, self.info)
+        """The model to call in training: DDP- or FSDP2-wrapped with several processes, else itself."""
+        if not self.info.enabled:
+            return model
+        if self.mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.info.local_rank] if self.info.device.type == "cuda" else None
+            return DistributedDataParallel(model, device_ids=ids)
+        if self.mode == "fsdp" or self.dp > 1:
+            return shard_fully(model, self.device_mesh()["dp"])
+        return model  # tensor parallel alone: the layers are split already
 
     def local_rows(self, batch: dict, rows: int) -> dict:
-        """This process's ``rows`` rows of a batch that holds every process's rows in rank order."""
-        lo, hi = self.info.rank * rows, (self.info.rank + 1) * rows
+        """This replica's ``rows`` rows of a batch that holds every replica's rows in order."""
+        lo, hi = self.replica * rows, (self.replica + 1) * rows
         mine = {k: v[lo:hi] for k, v in batch.items()}
         if "choice_mask" in batch and any(k.startswith("choice_") and k != "choice_mask" for k in batch):
             # Similarity batches store choices flat, (B*C, T): C entries per row.
@@ -184,51 +272,91 @@ class Parallel:
                          if k.startswith("choice_") and k != "choice_mask"})
         return mine
 
+    def sum_over_replicas(self, value: float) -> float:
+        """Sum a number that each replica computed (its tensor-parallel ranks hold the same value)."""
+        return all_reduce_sum(value, self.info) / self.tp
+
     def accumulating(self, wrapped: nn.Module, last: bool):
         """The context of one micro-batch's backward: gradients are synchronised on the last only."""
         if last or not hasattr(wrapped, "no_sync"):
             return nullcontext()
         return wrapped.no_sync()
 
-    def optimizer_state(self, model: nn.Module, optimizer, names: list[str]) -> tuple[dict, list]:
-        """The optimizer state keyed by parameter name, whole on rank 0 (collective under FSDP)."""
+    # ------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, folder: Path, model: nn.Module, optimizer, names: list[str], counters: dict,
+                        write_extra=None) -> None:
+        """Write checkpoint ``folder`` (every rank calls it): whole tensors by rank 0, or with
+        sharded parameters each rank's shards into one temporary folder that rank 0 renames.
+        ``write_extra(tmp)`` adds the adapter folder (on rank 0, or every rank when sharded)."""
         if not self.sharded:
-            return optimizer_to_flat(optimizer, names)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        full = get_optimizer_state_dict(model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        # Only rank 0 receives the gathered state (cpu_offload); the others get {}.
-        tensors = {f"{n}::{k}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-                   for n, per in full.get("state", {}).items() for k, v in per.items()}
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in full.get("param_groups", [])]
-        return tensors, groups
-
-    def load_optimizer_state(self, model: nn.Module, optimizer, names: list[str], tensors: dict, groups: list) -> None:
-        """Load a state written by ``optimizer_state``; under FSDP each rank keeps its shard."""
-        if not self.sharded:
-            optimizer_from_flat(optimizer, names, tensors, groups)
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        state: dict = {}
-        for key, value in tensors.items():
-            name, _, field_name = key.rpartition("::")
-            state.setdefault(name, {})[field_name] = value
-        param_groups = [{**g, "params": list(names)} for g in groups]
-        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": param_groups},
-                                 options=StateDictOptions(full_state_dict=True))
-
-    def from_model(self, write):
-        """``write`` where rank 0's model holds whole parameters (it can save itself), else None."""
-        return None if self.sharded else write
-
-    def save_adapter(self, model: nn.Module, write_from_model, write_from_state) -> None:
-        """Rank 0 writes the adapter: from the model, or under FSDP from the gathered tensors."""
-        if self.sharded:
-            state = gather_trainable(model)
+            optim_tensors, optim_groups = optimizer_to_flat(optimizer, names)
+            trainable = gather_trainable(model)
             if self.info.is_main:
-                write_from_state(state)
-        elif self.info.is_main:
-            write_from_model()
+                ckpt.save_checkpoint(folder, trainable, optim_tensors, optim_groups, counters, write_extra=write_extra)
+            return
+        model_state, optim_state = _sharded_state(model, optimizer)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optim_state["param_groups"]]
+        with contextlib.ExitStack() as stack:
+            tmp = None
+            if self.info.is_main:
+                tmp = str(stack.enter_context(atomic_directory(folder)))
+            tmp = Path(broadcast_object(tmp, self.info))
+            ckpt.write_shards(tmp, _flat(model_state, optim_state))
+            barrier(self.info)  # every shard is on disk before rank 0 hashes and renames
+            if self.info.is_main:
+                ckpt.write_state(tmp, {}, groups, counters)
+            if write_extra is not None:
+                write_extra(tmp)  # a collective: the adapter is gathered, rank 0 writes it
+        barrier(self.info)
+
+    def latest_checkpoint(self, root: Path) -> tuple[Path, dict] | None:
+        """The newest checkpoint that verifies, as rank 0 found it (every rank loads the same)."""
+        found = ckpt.load_latest(root) if self.info.is_main else None
+        folder = broadcast_object(str(found[0]) if found else None, self.info)
+        if folder is None:
+            return None
+        if self.info.is_main:
+            return found
+        return Path(folder), ckpt.load_checkpoint(Path(folder))
+
+    def load_checkpoint(self, model: nn.Module, optimizer, names: list[str], folder: Path, loaded: dict) -> None:
+        """Put a checkpoint's trainable parameters and optimizer state into the model and optimizer."""
+        groups = loaded["state"]["optimizer_param_groups"]
+        if "shards" not in loaded:
+            if self.sharded:
+                raise CheckpointError(f"{folder}: a checkpoint of whole tensors; this run shards its parameters "
+                                      f"(--distributed {self.mode})")
+            load_trainable(model, loaded["trainable"], folder)
+            optimizer_from_flat(optimizer, names, loaded["optimizer"], groups)
+            return
+        if not self.sharded:
+            raise CheckpointError(f"{folder}: a sharded checkpoint; resume it with the --distributed mode it was "
+                                  "written with")
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        model_state, optim_state = _sharded_state(model, optimizer)
+        flat = _flat(model_state, optim_state)
+        ckpt.read_shards(folder, flat)
+        for name, per_param in optim_state["state"].items():
+            for key in per_param:
+                per_param[key] = flat[f"optim.{name}.{key}"]
+        if len(groups) != len(optim_state["param_groups"]):
+            raise CheckpointError(f"{folder}: the checkpoint's optimizer has another number of parameter groups")
+        optim_state["param_groups"] = [{**g, "params": c["params"]} for g, c in zip(groups, optim_state["param_groups"])]
+        options = StateDictOptions(ignore_frozen_params=True, strict=False)
+        set_model_state_dict(model, model_state, options=options)
+        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+
+    # ------------------------------------------------------------------------------- adapters
+
+    def save_adapter(self, write) -> None:
+        """``write()`` saves the adapter from the model in memory: rank 0 alone where it holds whole
+        parameters; with sharded ones every rank (the writers gather the whole adapter, rank 0 writes)."""
+        if self.sharded or self.info.is_main:
+            write()
         barrier(self.info)

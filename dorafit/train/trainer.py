@@ -67,7 +67,7 @@ from dorafit.train import distributed as dist_utils
 from dorafit.train import fingerprint
 from dorafit.train.health import MagnitudeWatch
 from dorafit.train.config import TrainConfig, TrainConfigError, format_config, load_yaml_file
-from dorafit.train.distributed import Parallel, gather_trainable, load_trainable, trainable_named
+from dorafit.train.distributed import Parallel, trainable_named
 from dorafit.train.kinds import EvalSettings, ModelKind, get_kind
 from dorafit.train.models import (
     default_targets,
@@ -231,6 +231,10 @@ def train(cfg: TrainConfig) -> TrainResult | None:
 def prepare_run(cfg: TrainConfig) -> tuple[Parallel, Path]:
     """Join the processes, check and make the run folder (rank 0), print and save the config."""
     info = dist_utils.setup()
+    try:
+        parallel = Parallel(info, cfg.distributed, cfg.tp_size)
+    except dist_utils.ParallelError as err:
+        raise TrainConfigError(str(err)) from None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _check_precision(cfg, info.device)
@@ -254,7 +258,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[Parallel, Path]:
 
         write_bytes_atomic(out / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False).encode())
     seed_everything(cfg.seed)
-    return Parallel(info, cfg.distributed), out
+    return parallel, out
 
 
 def check_resume_options(out: Path, cfg: TrainConfig) -> None:
@@ -357,11 +361,11 @@ def load_and_attach(cfg: TrainConfig, parallel: Parallel, out: Path, data: RunDa
     first step is the base model's.
     """
     info = parallel.info
-    global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
+    global_batch = cfg.batch_size * cfg.grad_accum * parallel.replicas
     steps_per_epoch = len(data.train) // global_batch
     if steps_per_epoch == 0:
         raise D.DataError(f"{data.train_path}: {len(data.train)} training rows are fewer than one global batch "
-                          f"({global_batch} = batch size x grad accum x processes)")
+                          f"({global_batch} = batch size x grad accum x data-parallel processes)")
     _print(info, f"{steps_per_epoch * cfg.epochs} steps of {global_batch} rows")
     model, fresh_modules = load_model(data.model_path, data.kind, cfg.trust_remote_code,
                                       num_labels=len(data.labels) if data.labels else None)
@@ -371,7 +375,8 @@ def load_and_attach(cfg: TrainConfig, parallel: Parallel, out: Path, data: RunDa
                                         targets=targets, detach_norm=cfg.detach_norm,
                                         modules_to_save=data.kind.trained_heads(model, fresh_modules))
     if cfg.quantize:
-        _quantize_base(model, targets, cfg.quantize, info)
+        _quantize_base(model, targets, cfg.quantize, parallel)
+    parallel.prepare_base(model)  # tensor parallel: the base layers are split before attaching
     torch.manual_seed(cfg.seed)  # the adapter's initialisation depends on the seed alone
     dorafit.attach(model, adapter_cfg)
     model.to(info.device)
@@ -388,14 +393,17 @@ def load_and_attach(cfg: TrainConfig, parallel: Parallel, out: Path, data: RunDa
                names=[n for n, _ in trainable_named(model)])
 
 
-def _quantize_base(model, targets: list[str], quant_type: str, info: dist_utils.DistInfo) -> None:
+def _quantize_base(model, targets: list[str], quant_type: str, parallel: Parallel) -> None:
     """QDoRA: exactly the adapted linear layers become 4-bit (bitsandbytes), on the device
-    they train on; the norm then runs through the 4-bit layers (dorafit.quant)."""
+    they train on; the norm then runs through the 4-bit layers (dorafit.quant). Sharded over
+    processes, the 4-bit codes are stored as bfloat16 (see ``quant.quantize_linear``)."""
     from dorafit import quant
 
+    info = parallel.info
     model.to(info.device)
     compute = torch.bfloat16 if info.device.type == "cuda" else torch.float32
-    names = quant.quantize_model(model, targets, quant_type, compute_dtype=compute)
+    storage = torch.bfloat16 if parallel.sharded else torch.uint8
+    names = quant.quantize_model(model, targets, quant_type, compute_dtype=compute, quant_storage=storage)
     _print(info, f"quantized {len(names)} linear layers to 4-bit {quant_type} (compute dtype {compute})")
 
 
@@ -406,7 +414,7 @@ def start(run: Run) -> RunState:
     """Wrap the model, build AdamW, and return the state to continue from: a checkpoint's with
     --resume, else step 0 (after the evaluation of the untrained model)."""
     cfg, info = run.cfg, run.info
-    resumed = ckpt.load_latest(run.out / "checkpoints") if cfg.resume else None
+    resumed = run.parallel.latest_checkpoint(run.out / "checkpoints") if cfg.resume else None
     if cfg.resume and resumed is None:
         warnings.warn(f"--resume: no usable checkpoint in {run.out / 'checkpoints'}; starting from step 0",
                       stacklevel=2)
@@ -420,9 +428,7 @@ def start(run: Run) -> RunState:
     if resumed is None:
         return state
     folder, loaded = resumed
-    load_trainable(run.model, loaded["trainable"], folder)
-    run.parallel.load_optimizer_state(run.wrapped, run.optimizer, run.names, loaded["optimizer"],
-                                      loaded["state"]["optimizer_param_groups"])
+    run.parallel.load_checkpoint(run.model, run.optimizer, run.names, folder, loaded)
     ckpt.restore_rng(loaded["rng"], loaded["state"]["rng"])
     state = RunState.from_counters(loaded["state"])
     if info.is_main:
@@ -498,12 +504,12 @@ def train_step(run: Run, step: int) -> tuple[float, float]:
     for j, micro in enumerate(micro_batches):
         mine = _to(run.parallel.local_rows(micro, cfg.batch_size), info.device)
         with run.parallel.accumulating(run.wrapped, last=j == len(micro_batches) - 1), _autocast(cfg, info.device):
-            # DDP and FSDP average gradients over processes; scale by world size so the
-            # result is the sum over the step divided by its units.
-            loss = run.data.kind.loss_sum(run.wrapped, mine) * (info.world_size / units)
-        step_loss += float(loss.detach()) / info.world_size
+            # DDP and FSDP average gradients over the data-parallel replicas; scale by their
+            # number so the result is the sum over the step divided by its units.
+            loss = run.data.kind.loss_sum(run.wrapped, mine) * (run.parallel.replicas / units)
+        step_loss += float(loss.detach()) / run.parallel.replicas
         (run.scaler.scale(loss) if run.scaler else loss).backward()
-    step_loss = dist_utils.all_reduce_sum(step_loss, info)
+    step_loss = run.parallel.sum_over_replicas(step_loss)
     _refuse_non_finite(run, "loss", step_loss, step + 1)
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
@@ -520,7 +526,7 @@ def train_step(run: Run, step: int) -> tuple[float, float]:
 
 def step_batches(run: Run, step: int) -> list[dict]:
     """The micro-batches of global batch ``step``: rows perm_e[s*G:(s+1)*G] (see the module docstring)."""
-    cfg, world = run.cfg, run.info.world_size
+    cfg, world = run.cfg, run.parallel.replicas
     epoch, in_epoch = divmod(step, run.steps_per_epoch)
     global_batch = cfg.batch_size * cfg.grad_accum * world
     order = torch.randperm(len(run.data.train), generator=torch.Generator().manual_seed(cfg.seed + epoch))
@@ -586,14 +592,13 @@ def validation_loss(run: Run, model) -> float:
 
 
 def save_checkpoint(run: Run, state: RunState) -> None:
-    """A resumable checkpoint of this step (gathered to rank 0), then the oldest ones pruned."""
-    optim_tensors, optim_groups = run.parallel.optimizer_state(run.wrapped, run.optimizer, run.names)
-    trainable = gather_trainable(run.model)
+    """A resumable checkpoint of this step (whole tensors from rank 0, or every rank's shards),
+    then the oldest ones pruned."""
+    root = run.out / "checkpoints"
+    run.parallel.save_checkpoint(root / f"step-{state.step:06d}", run.model, run.optimizer, run.names,
+                                 state.counters(),
+                                 write_extra=lambda tmp: save_adapter_dir(run.model, tmp / "adapter", run.task_info))
     if run.info.is_main:
-        root = run.out / "checkpoints"
-        write_adapter = run.parallel.from_model(lambda tmp: save_adapter_dir(run.model, tmp / "adapter", run.task_info))
-        ckpt.save_checkpoint(root / f"step-{state.step:06d}", trainable, optim_tensors, optim_groups,
-                             state.counters(), write_extra=write_adapter)
         ckpt.prune_checkpoints(root, run.cfg.keep_checkpoints)
     dist_utils.barrier(run.info)
 
@@ -601,8 +606,7 @@ def save_checkpoint(run: Run, state: RunState) -> None:
 def save_adapter_as(run: Run, name: str) -> None:
     """Write the current adapter to out/<name> (gathered to full tensors under FSDP2)."""
     path = run.out / name
-    run.parallel.save_adapter(run.model, lambda: save_adapter_dir(run.model, path, run.task_info),
-                              lambda state: export_adapter(run, state, path))
+    run.parallel.save_adapter(lambda: save_adapter_dir(run.model, path, run.task_info))
 
 
 # ---------------------------------------------------------------------------- 6. final adapter, test
@@ -644,19 +648,11 @@ def measure_accuracy(run: Run) -> EvalResult | None:
 
 
 def save_adapter_dir(model, path: Path, task_info: dict) -> None:
-    """The adapter in dorafit's format plus task.json (how to score it)."""
+    """The adapter in dorafit's format plus task.json (how to score it). A model sharded over
+    processes is saved by all of them together, its files written by rank 0 alone."""
     dorafit.save_adapter(model, path)
-    write_json_atomic(path / TASK_FILE, task_info)
-
-
-def export_adapter(run: Run, state: dict, path: Path) -> None:
-    """Write an adapter folder from gathered trainable tensors, through an unsharded model copy."""
-    labels = run.data.labels
-    model, _ = load_model(run.data.model_path, run.data.kind, run.cfg.trust_remote_code,
-                          num_labels=len(labels) if labels else None)
-    dorafit.attach(model, run.adapter_cfg)
-    load_trainable(model, state, path)
-    save_adapter_dir(model, path, run.task_info)
+    if dist_utils.is_main_process():
+        write_json_atomic(path / TASK_FILE, task_info)
 
 
 # ---------------------------------------------------------------------------- small helpers

@@ -1,18 +1,22 @@
 """Two CPU processes (torchrun, gloo): DDP and FSDP2 runs end with the adapter of a single
-process run with the same global batch (max abs difference <= 1e-5)."""
+process run with the same global batch (max abs difference <= 1e-5); a sharded FSDP2 run killed
+with SIGKILL and resumed ends bit for bit where the uninterrupted one did."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from dorafit.cli import main
+from dorafit.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.distributed
@@ -25,28 +29,132 @@ def _args(model, files, out, batch_size, *extra):
             "--no-eval-before", "--max-test-rows", "4", "--max-new-tokens", "2", *extra]
 
 
-def _torchrun(args, cwd: Path) -> subprocess.CompletedProcess:
+def _torchrun_command(args) -> list[str]:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "dorafit", *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "dorafit", *args]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one(mode, tiny_llama, arc_files, tmp_path):
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(_torchrun_command(args), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _adapter(out: Path) -> dict:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_ddp_matches_one_process(tiny_llama, arc_files, tmp_path):
     single = tmp_path / "single"
     assert main(_args(tiny_llama, arc_files, single, 8)) == 0
-    multi = tmp_path / mode
-    done = _torchrun(_args(tiny_llama, arc_files, multi, 4, "--distributed", mode), ROOT)
+    multi = tmp_path / "ddp"
+    done = _torchrun(_args(tiny_llama, arc_files, multi, 4, "--distributed", "ddp"), ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-8000:]  # the ranks' own errors come first
     # Only rank 0 prints the result table.
     assert done.stdout.count("accuracy after") == 1
-    a = load_file(str(single / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(multi / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst <= 1e-5, worst
-    # The checkpoints hold the full (gathered) adapter and optimizer state.
+    assert _max_diff(_adapter(single), _adapter(multi)) <= 1e-5
+    # The checkpoints hold the full adapter and optimizer state, written by rank 0.
     last = sorted((multi / "checkpoints").iterdir())[-1]
     state = load_file(str(last / "trainable.safetensors"))
-    assert all(state[k].shape == a[k].shape for k in a if k in state)
+    assert state and all(t.shape == _adapter(single)[k].shape for k, t in state.items() if k in _adapter(single))
+
+
+def test_fsdp_matches_one_process_and_resumes_bit_for_bit_after_kill(tiny_llama, arc_files, tmp_path):
+    single = tmp_path / "single"
+    assert main(_args(tiny_llama, arc_files, single, 8, "--save-steps", "2")) == 0
+    whole = tmp_path / "fsdp"
+    done = _torchrun(_args(tiny_llama, arc_files, whole, 4, "--distributed", "fsdp", "--save-steps", "2"), ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-8000:]
+    assert done.stdout.count("accuracy after") == 1
+    assert _max_diff(_adapter(single), _adapter(whole)) <= 1e-5
+    # Each process wrote its own shard (torch.distributed.checkpoint), and the folder records
+    # every file's sha256; no whole-tensor files.
+    last = ckpt.list_checkpoints(whole / "checkpoints")[0]
+    shards = sorted(p.name for p in (last / ckpt.SHARDS).iterdir())
+    assert len(shards) == 2 and not (last / "trainable.safetensors").exists()
+    loaded = ckpt.load_checkpoint(last)
+    assert {k.split(":", 1)[1] for k in loaded["shards"]} >= {f"model.{k}" for k in _names(single)}
+    # Beside the shards, the checkpoint's adapter folder holds whole tensors (written by rank 0).
+    in_checkpoint = load_file(str(last / "adapter" / "adapter_model.safetensors"))
+    assert {k: t.shape for k, t in in_checkpoint.items()} == {k: t.shape for k, t in _adapter(single).items()}
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_torchrun_command(_args(tiny_llama, arc_files, killed, 4, "--distributed", "fsdp",
+                                                    "--save-steps", "2")),
+                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        # SIGKILL to torchrun and both ranks as soon as the first checkpoint exists.
+        while not (killed / "checkpoints" / "step-000002").exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun starts its ranks in sessions of their own
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (killed / "results.json").exists(), "the run finished before the kill"
+    done = _torchrun(["train", "--resume", "--output", str(killed), "--no-progress"], ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-8000:]
+    assert "resumed from" in done.stdout
+    a, b = _adapter(whole), _adapter(killed)
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_tensor_parallel_matches_one_process_and_writes_sharded_checkpoints(tiny_llama, arc_files, tmp_path):
+    """--distributed tp: every process holds half of each split layer (the model's plan) and sees
+    every row; the adapter equals a one-process run's, the checkpoints hold a shard per process."""
+    single = tmp_path / "single"
+    assert main(_args(tiny_llama, arc_files, single, 8, "--save-steps", "2")) == 0
+    tp = tmp_path / "tp"
+    done = _torchrun(_args(tiny_llama, arc_files, tp, 8, "--distributed", "tp", "--save-steps", "2"), ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-8000:]
+    assert done.stdout.count("accuracy after") == 1
+    assert _max_diff(_adapter(single), _adapter(tp)) <= 1e-5
+    last = ckpt.list_checkpoints(tp / "checkpoints")[0]
+    assert len(list((last / ckpt.SHARDS).iterdir())) == 2 and not (last / "trainable.safetensors").exists()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *_descendants(child)]
+    return found
+
+
+def _names(run: Path) -> list[str]:
+    """Trainable parameter names of a one-process run's checkpoint."""
+    return list(load_file(str(ckpt.list_checkpoints(run / "checkpoints")[0] / "trainable.safetensors")))
+
+
+def test_processes_form_a_data_by_tensor_mesh():
+    from dorafit.train.distributed import DistInfo, Parallel, ParallelError
+
+    fsdp_tp = Parallel(DistInfo(rank=3, world_size=4), "fsdp", tp_size=2)
+    assert (fsdp_tp.replicas, fsdp_tp.tp, fsdp_tp.replica, fsdp_tp.sharded) == (2, 2, 1, True)
+    tp = Parallel(DistInfo(rank=1, world_size=2), "tp")  # every process shares each layer
+    assert (tp.replicas, tp.tp, tp.replica) == (1, 2, 0)
+    assert Parallel(DistInfo(rank=1, world_size=2), "fsdp").tp == 1
+    with pytest.raises(ParallelError, match="--tp-size 2 does not divide the 3 processes"):
+        Parallel(DistInfo(world_size=3), "tp", tp_size=2)
+
+
+def test_tp_size_needs_a_mode_that_splits_layers():
+    from dorafit.train.config import TrainConfig, TrainConfigError
+
+    with pytest.raises(TrainConfigError, match="tp_size 2 needs --distributed tp or fsdp"):
+        TrainConfig(tp_size=2)
+    assert TrainConfig(distributed="tp", tp_size=2).tp_size == 2
