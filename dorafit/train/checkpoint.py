@@ -6,7 +6,7 @@ renamed into place, so a kill at any moment leaves either the complete folder or
     trainable.safetensors   every trainable parameter by name (adapters, trained heads)
     optimizer.safetensors   AdamW state by parameter name: "<name>::exp_avg", "::exp_avg_sq", "::step"
     rng.safetensors         torch CPU (and CUDA) generator states, as uint8 tensors
-    adapter/                the adapter in dorafit's format (one process or DDP), for dorafit eval
+    adapter/                the adapter (PEFT's layout where PEFT holds the method; one process or DDP)
     state.json              step, epoch, best validation loss, Python / NumPy RNG states,
                             the optimizer's hyper-parameters and the sha256 of each file above
 

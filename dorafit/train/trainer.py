@@ -631,8 +631,10 @@ def measure_accuracy(run: Run) -> EvalResult | None:
 
 
 def save_adapter_dir(model, path: Path, task_info: dict) -> None:
-    """The adapter in dorafit's format plus task.json (how to score it)."""
-    dorafit.save_adapter(model, path)
+    """The adapter plus task.json (how to score it): in PEFT's layout where PEFT can hold the
+    method (LoRA, DoRA), so that PEFT, transformers and lm-evaluation-harness read it; dorafit's
+    own layout for the rest (VeRA, DVoRA, magnitude-only)."""
+    dorafit.save_adapter(model, path, format="auto")
     write_json_atomic(path / TASK_FILE, task_info)
 
 
