@@ -252,12 +252,13 @@ def run_adapter(name: str, spec: dict) -> dict:
 def own_examples():
     """The trainer's training examples of the mix (its prompt, response, 160-token cut) and the tokenizer."""
     from dorafit.train import data as D
+    from dorafit.train.kinds import CAUSAL_LM
     from dorafit.train.models import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(MODEL), trust_remote_code=False)
-    examples, _ = D.loss_examples(D.read_rows(train_file()), "causal-lm", train_file(), tokenizer,
-                                  COMMON["max_length"], prompt_template=COMMON["prompt_template"],
-                                  response_format=COMMON["response_format"])
+    examples, _ = CAUSAL_LM.loss_examples(D.read_rows(train_file()), train_file(), tokenizer,
+                                          COMMON["max_length"], prompt_template=COMMON["prompt_template"],
+                                          response_format=COMMON["response_format"])
     return examples, tokenizer
 
 
@@ -267,9 +268,9 @@ def pad_id(tokenizer) -> int:
 
 
 def batch_loss(model, batch):
-    from dorafit.eval.scoring import count_units, loss_sum
+    from dorafit.train.kinds import CAUSAL_LM
 
-    return loss_sum(model, batch, "causal-lm") / max(count_units(batch, "causal-lm"), 1)
+    return CAUSAL_LM.loss_sum(model, batch) / max(CAUSAL_LM.count_units(batch), 1)
 
 
 def train_own(name: str, spec: dict) -> dict:
@@ -409,7 +410,7 @@ def validation_losses(model) -> dict[str, list[float]]:
     import torch
 
     from dorafit.eval.examples import collate_causal
-    from dorafit.train import data as D
+    from dorafit.train.kinds import CAUSAL_LM
     from dorafit.train.models import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(MODEL), trust_remote_code=False)
@@ -418,9 +419,9 @@ def validation_losses(model) -> dict[str, list[float]]:
     out = {}
     for task in TRAIN_TASKS:
         rows = val_rows(task)
-        examples, _ = D.loss_examples(rows, "causal-lm", f"{task} validation rows", tokenizer, 4096,
-                                      prompt_template=COMMON["prompt_template"],
-                                      response_format=COMMON["response_format"])
+        examples, _ = CAUSAL_LM.loss_examples(rows, f"{task} validation rows", tokenizer, 4096,
+                                              prompt_template=COMMON["prompt_template"],
+                                              response_format=COMMON["response_format"])
         with torch.no_grad():
             out[task] = [float(batch_loss(model, collate_causal([e], pad))) for e in examples]
     return out

@@ -176,3 +176,12 @@ def test_import_registers_no_optimizer_hook():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0", "1"]
+
+
+def test_no_command_imports_another_command():
+    """Each subcommand module stands alone: what several share lives in the library
+    (``dorafit.loading``, ``dorafit.train.kinds``), never in another command module."""
+    graph = import_graph(module_files())
+    commands = {m for m in graph if m.startswith("dorafit.commands.")}
+    offenders = sorted(f"{m} -> {t}" for m in commands for t in graph[m] & commands)
+    assert commands and not offenders, offenders

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -45,27 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a correlation to print beside a panel's, e.g. the paper's: --reference FT=-0.62")
 
 
-def load_base_model(base: str, class_name: str = None):
-    """The plain pretrained model: class from --base-class, else the config's architecture."""
-    import transformers
-
-    from dorafit.train.models import resolve_model_path
-
-    base = resolve_model_path(base)  # a bundled name or a .gguf file -> its folder
-    if (os.sep in base or base.startswith(".")) and not Path(base).is_dir():
-        raise FileNotFoundError(f"base model folder {base} does not exist")
-    config = transformers.AutoConfig.from_pretrained(base)
-    names = [class_name] if class_name else list(getattr(config, "architectures", None) or [])
-    for name in names:
-        cls = getattr(transformers, name, None)
-        if cls is None:
-            if class_name:
-                raise ValueError(f"--base-class {class_name} is not a transformers class")
-            continue
-        return cls.from_pretrained(base)
-    return transformers.AutoModel.from_pretrained(base)
-
-
 def _report(stats) -> str:
     lines = [f"{'method':<10} {'module':<46} {'points':>6} {'pearson r':>10} {'slope':>10} {'r within ckpt':>14}"]
     for s in stats:
@@ -89,6 +67,7 @@ def _recorded_base(paths) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from dorafit.analysis import AnalysisError, Checkpoint, analyze, panel_stats, plot_figure2, write_table
+    from dorafit.loading import load_base_for_adapter
 
     specs = []
     for k, path in enumerate(args.tuned):
@@ -131,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.base:
         print(f"base model: {base} (recorded by the adapter)")
     try:
-        model = load_base_model(base, args.base_class)
+        model = load_base_for_adapter(model=base, default_model=None, by_class=True, model_class=args.base_class,
+                                      attach=False, model_flag="--base").model
         rows = analyze(model, specs, modules=args.modules, axis=1 if args.axis == "out" else 0)
         out = Path(args.out)
         write_table(rows, out / "analysis.csv", out / "analysis.json")

@@ -21,15 +21,6 @@ from typing import Any, Dict, Optional
 
 HELP = "convert an adapter between the dorafit and PEFT formats (loads the base model to check it)"
 
-# PEFT's task_type -> the transformers auto class PEFT itself pairs with it.
-_TASK_CLASSES = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -70,49 +61,6 @@ def _source_format(cfg: Dict[str, Any]) -> Optional[str]:
     return None
 
 
-def _recorded_base(cfg: Dict[str, Any]) -> Optional[str]:
-    if "peft_type" in cfg:
-        return cfg.get("base_model_name_or_path") or None
-    return (cfg.get("base_model") or {}).get("name_or_path") or None
-
-
-def _class_name(cfg: Dict[str, Any], requested: Optional[str], model: str) -> str:
-    if requested:
-        return requested
-    if "peft_type" in cfg:
-        mapping = cfg.get("auto_mapping") or {}
-        if mapping.get("base_model_class"):
-            return mapping["base_model_class"]
-        if cfg.get("task_type") in _TASK_CLASSES:
-            return _TASK_CLASSES[cfg["task_type"]]
-    else:
-        recorded = (cfg.get("base_model") or {}).get("class")
-        if recorded:
-            return recorded
-    from transformers import AutoConfig
-
-    from dorafit.train.models import resolve_model_path
-
-    architectures = getattr(AutoConfig.from_pretrained(resolve_model_path(model)), "architectures", None) or []
-    return architectures[0] if architectures else "AutoModel"
-
-
-def load_base_model(model: str, class_name: str, dtype: str):
-    """Build the base model ``class_name`` (a transformers class) from ``model``."""
-    import torch
-    import transformers
-
-    from dorafit.train.models import resolve_model_path
-
-    cls = getattr(transformers, class_name, None)
-    model = resolve_model_path(model)  # a bundled name or a .gguf file -> its folder
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        raise ValueError(f"--model-class {class_name!r} is not a transformers model class")
-    kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
-    base = cls.from_pretrained(model, **kwargs)
-    return base.eval()
-
-
 def run(args: argparse.Namespace) -> int:
     import dorafit
     from dorafit.io import AdapterFileError, read_adapter_config
@@ -137,26 +85,30 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"DST {dst} is a file, not a folder")
     if dst.exists() and not args.force and any(dst.iterdir()):
         return _fail(f"{dst} exists; pass --force to write the adapter files into it")
-    model = args.model or _recorded_base(cfg)
-    if not model:
-        return _fail(f"{src} does not record its base model: pass --model FOLDER_OR_HUB_ID")
+    import torch
+
+    from dorafit.loading import attach_adapter, base_model_name, load_base_for_adapter, recorded_model_class
+
+    try:
+        model = base_model_name(src, args.model, default_model=None)
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
     if Path(model).exists() and is_same_or_inside(Path(model), dst):
         return _fail(f"DST {dst} overlaps the base model folder {model}; choose another DST")
 
+    class_name = args.model_class or recorded_model_class(src) or "the checkpoint's class"
+    print(f"loading base model {model} as {class_name} (dtype {args.dtype})", file=sys.stderr)
     try:
-        class_name = _class_name(cfg, args.model_class, model)
-        print(f"loading base model {model} as {class_name} (dtype {args.dtype})", file=sys.stderr)
-        base = load_base_model(model, class_name, args.dtype)
+        base = load_base_for_adapter(src, model=model, by_class=True, model_class=args.model_class,
+                                     dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
+                                     attach=False).model
     except (OSError, ValueError) as exc:
         if getattr(args, "debug", False):
             raise
         return _fail(f"cannot load base model {model!r}: {exc}")
 
     try:
-        from dorafit.commands.eval import quantize_like_adapter
-
-        quantize_like_adapter(base, str(src), "convert")
-        dorafit.load_adapter(base, src)
+        attach_adapter(base, src, "convert")
         dorafit.save_adapter(base, dst, format=args.to)
     except (ValueError, OSError) as exc:  # AdapterFileError, PeftFormatError, ConfigError, AdapterError
         if getattr(args, "debug", False):

@@ -3,8 +3,9 @@
 Causal LMs: the paper's protocol (prompt, greedy generation, first regex match of the task's
 answer words), reporting accuracy and the share of unparseable outputs. Encoders: multiple-
 choice accuracy, scored the way the adapter was trained (its task.json), or as --model-kind
-says. An adapter trained on a 4-bit base (QDoRA) is evaluated on the base quantized the same
-way, never silently on the full-precision one.
+says. The base comes from ``dorafit.loading.load_base_for_adapter``: an adapter trained on a
+4-bit base (QDoRA) is evaluated on the base quantized the same way, never silently on the
+full-precision one.
 """
 
 from __future__ import annotations
@@ -40,77 +41,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-def _load_task_info(adapter: str) -> dict:
-    path = Path(adapter) / "task.json" if adapter else None
-    if path and path.is_file():
-        from dorafit.files import read_json_object
-
-        return read_json_object(path)
-    return {}
-
-
-def check_local_model(name: str, flag: str = "--model") -> None:
-    """A model given as a path (absolute, ./, ../ or ~) must exist: otherwise transformers takes
-    it for a hub id and answers with a message about repository names."""
-    import os
-
-    if (os.path.isabs(name) or name.startswith((".", "~"))) and not Path(name).expanduser().exists():
-        raise FileNotFoundError(f"{flag} {name}: no such model folder")
-
-
-def quantize_like_adapter(model, adapter: str, command: str) -> list:
-    """Quantize the base layers the adapter was trained on in 4-bit exactly as in training
-    (same quant type, block size, double quantization, compute dtype), so that the adapter meets
-    the base it was trained with; returns the quantized module names. Refuses with a message
-    saying how when bitsandbytes is missing."""
+def evaluate(args) -> tuple:
+    """Evaluate every requested task; returns (the model kind, a list of EvalResult)."""
     import torch
 
-    from dorafit.inject import _set_submodule
-    from dorafit.io import read_adapter_config, recorded_quantization
-
-    recorded = recorded_quantization(read_adapter_config(adapter))
-    if not recorded:
-        return []
-    from dorafit import quant
-
-    kinds = sorted({r.get("quant_type", "nf4") for r in recorded.values()})
-    try:
-        quant._bitsandbytes()
-    except quant.QuantizationError as err:
-        raise quant.QuantizationError(
-            f"{adapter} was trained on a 4-bit {'/'.join(kinds)} base ({len(recorded)} layers); dorafit {command} "
-            f"quantizes the base the same way and needs bitsandbytes for it: pip install bitsandbytes ({err})") from None
-    for name, record in recorded.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise quant.QuantizationError(f"{adapter}: module {name!r} of the adapter does not exist in this base model") from None
-        if quant.is_quantized_4bit(module):
-            continue
-        compute = record.get("compute_dtype")
-        _set_submodule(model, name, quant.quantize_linear(
-            module, record.get("quant_type", "nf4"),
-            compute_dtype=getattr(torch, compute) if isinstance(compute, str) and hasattr(torch, compute) else None,
-            double_quant=bool(record.get("double_quant", True)), blocksize=int(record.get("blocksize", 64))))
-    print(f"quantized {len(recorded)} base layers to 4-bit {'/'.join(kinds)} as the adapter was trained",
-          file=sys.stderr)
-    return sorted(recorded)
-
-
-def evaluate(args) -> list:
-    """Evaluate every requested task; returns a list of EvalResult."""
-    import torch
-
-    import dorafit
-    from dorafit.eval.evaluate import evaluate_choices, evaluate_generation
     from dorafit.eval.examples import resolve_template
     from dorafit.eval.tasks import TASKS, get_task
+    from dorafit.loading import load_base_for_adapter, read_task_info
     from dorafit.train import data as D
-    from dorafit.train.models import detect_kind, load_model, load_tokenizer, read_model_config, resolve_model_path
-    from dorafit.io import recorded_base_model
-    from dorafit.train.config import DEFAULT_MODEL
+    from dorafit.train.kinds import EvalSettings
+    from dorafit.train.models import load_tokenizer
 
-    info = _load_task_info(args.adapter)
+    info = read_task_info(args.adapter)
     if args.adapter and not Path(args.adapter).exists():
         raise D.DataError(f"adapter folder {args.adapter} does not exist")
     names = args.task or info.get("task") or ""
@@ -138,37 +80,24 @@ def evaluate(args) -> list:
     if not tables:
         raise D.DataError(f"no test file for any task under {data_dir}")
 
-    model_name = args.model or (args.adapter and recorded_base_model(args.adapter)) or DEFAULT_MODEL
-    check_local_model(model_name)
-    model_path = resolve_model_path(model_name)
-    config = read_model_config(model_path, args.trust_remote_code)
-    fmt = D.detect_format(tables[0][2], tables[0][1])
-    kind = args.model_kind if args.model_kind != "auto" else info.get("model_kind") or detect_kind(model_path, config, fmt)
-    labels = info.get("labels")
-    max_length = args.max_length or info.get("max_length") or 128
-    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
-    model, _ = load_model(model_path, kind, args.trust_remote_code, num_labels=len(labels) if labels else None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.adapter:
-        model.to(device)  # a 4-bit base is quantized on the device it runs on, as in training
-        quantize_like_adapter(model, args.adapter, "eval")
-        dorafit.load_adapter(model, args.adapter)
-    model.to(device).eval()
+    loaded = load_base_for_adapter(args.adapter or None, model=args.model, kind=args.model_kind,
+                                   data_format=D.detect_format(tables[0][2], tables[0][1]),
+                                   trust_remote_code=args.trust_remote_code, device=device, command="eval")
+    model, kind = loaded.model.to(device).eval(), loaded.kind
+    tokenizer = load_tokenizer(loaded.path, args.trust_remote_code)
     # An adapter is scored with the template it was trained with (task.json; one written before
     # task.json recorded it was trained with "paper"); a bare model as `dorafit train` prompts it.
     template = args.prompt_template or info.get("prompt_template") or ("paper" if info else "auto")
-    template = resolve_template(template, tokenizer)
+    settings = EvalSettings(batch_size=args.batch_size, device=device, progress=args.progress,
+                            max_length=args.max_length or info.get("max_length") or 128,
+                            max_new_tokens=args.max_new_tokens, prompt_template=resolve_template(template, tokenizer))
+    labels = info.get("labels")
     results = []
     for task, path, rows in tables:
-        examples = D.accuracy_examples(rows, kind, path, task, labels)
-        if kind == "causal-lm":
-            result = evaluate_generation(model, tokenizer, task, examples, args.max_new_tokens, args.batch_size,
-                                         device, progress=args.progress, prompt_template=template)
-        else:
-            result = evaluate_choices(model, examples, tokenizer, kind, task.name, max_length, args.batch_size,
-                                      device, progress=args.progress)
-        results.append(result)
-    return results
+        examples = kind.accuracy_examples(rows, path, task, labels)
+        results.append(kind.accuracy(model, tokenizer, task, examples, settings))
+    return kind, results
 
 
 def format_table(results, causal: bool) -> str:
@@ -202,19 +131,14 @@ def run(args) -> int:
             print(f"dorafit eval: error: --{option.replace('_', '-')} must be >= {least}, got {value}", file=sys.stderr)
             return 2
     try:
-        results = evaluate(args)
+        kind, results = evaluate(args)
     except (DataError, ModelError, dorafit.AdapterFileError, dorafit.ConfigError, ValueError, FileNotFoundError) as err:
         if getattr(args, "debug", False):
             raise
         print(f"dorafit eval: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    causal = any(r.unparseable for r in results) or _is_causal(args)
-    print(format_table(results, causal))
+    print(format_table(results, causal=kind.generates))
     if args.json:
         write_json_atomic(args.json, [r.to_dict() for r in results])
     return 0
 
-
-def _is_causal(args) -> bool:
-    info = _load_task_info(args.adapter)
-    return info.get("model_kind") == "causal-lm" or args.model_kind == "causal-lm"

@@ -3,7 +3,8 @@
     dorafit export ADAPTER --to lora --rank R --out DIR
     dorafit export ADAPTER --to lora --max-error 0.05 --out DIR
 
-Loads the base model (by default the one the adapter records), attaches the adapter, writes
+Loads the base model (by default the one the adapter records; for an adapter trained on a
+4-bit base, quantized the same way: ``dorafit.loading``), attaches the adapter, writes
 the rank-R truncated-SVD LoRA of every layer's W' − W0 (``dorafit.export``) and prints the
 relative weight error per layer and overall and the logits drift on a few prompts (the last
 hidden state for a model without an output head). ``dorafit merge`` stays the exact path.
@@ -44,33 +45,21 @@ def add_arguments(parser) -> None:
 
 
 def load_for_export(args):
-    """(the base model with the adapter attached, frozen, in eval mode; the tokenized prompts)."""
+    """(the base model with the adapter attached, frozen, in eval mode; the tokenized prompts).
+    An adapter trained on a 4-bit base meets the base quantized the same way."""
     import dorafit
-    from dorafit.commands.eval import _load_task_info
+    from dorafit.loading import load_base_for_adapter
     from dorafit.remote import resolve_adapter_path
-    from dorafit.io import recorded_base_model
-    from dorafit.train.config import DEFAULT_MODEL
-    from dorafit.train.models import detect_kind, load_model, load_tokenizer, read_model_config, resolve_model_path
+    from dorafit.train.models import load_tokenizer
 
     adapter = resolve_adapter_path(args.adapter)
     if not adapter.is_dir():
         raise dorafit.AdapterFileError(f"adapter folder {args.adapter} does not exist")
-    info = _load_task_info(str(adapter))
-    model_path = resolve_model_path(args.model or recorded_base_model(adapter) or DEFAULT_MODEL)
-    config = read_model_config(model_path, args.trust_remote_code)
-    kind = args.model_kind if args.model_kind != "auto" else info.get("model_kind") or detect_kind(model_path, config, "commonsense")
-    labels = info.get("labels")
-    model, _ = load_model(model_path, kind, args.trust_remote_code, num_labels=len(labels) if labels else None)
-    model.eval()
-    dorafit.load_adapter(model, adapter, trainable=False)
-    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
-    inputs = []
-    for prompt in args.prompt or DEFAULT_PROMPTS:
-        batch = dict(tokenizer(prompt, return_tensors="pt"))
-        if kind == "multiple-choice":  # (batch, choices, tokens)
-            batch = {k: v.unsqueeze(1) for k, v in batch.items()}
-        inputs.append(batch)
-    return model, inputs
+    loaded = load_base_for_adapter(adapter, model=args.model, kind=args.model_kind,
+                                   trust_remote_code=args.trust_remote_code, trainable=False, command="export")
+    tokenizer = load_tokenizer(loaded.path, args.trust_remote_code)
+    inputs = [loaded.kind.prompt_inputs(tokenizer, prompt) for prompt in args.prompt or DEFAULT_PROMPTS]
+    return loaded.model, inputs
 
 
 def export(args):

@@ -53,30 +53,22 @@ def check_output(out: Path, adapter: Path, model: str, overwrite: bool) -> None:
 
 def merge_to_folder(args) -> Path:
     import dorafit
-    from dorafit.commands.eval import _load_task_info, check_local_model, quantize_like_adapter
     from dorafit.files import atomic_directory, write_marker
-    from dorafit.train.models import detect_kind, load_model, load_tokenizer, read_model_config, resolve_model_path
-    from dorafit.io import recorded_base_model
-    from dorafit.train.config import DEFAULT_MODEL
+    from dorafit.loading import base_model_name, load_base_for_adapter
+    from dorafit.train.models import load_tokenizer
 
     out, adapter = Path(args.out), Path(args.adapter)
     if not adapter.is_dir():
         raise dorafit.AdapterFileError(f"adapter folder {args.adapter} does not exist")
-    model_name = args.model or recorded_base_model(args.adapter) or DEFAULT_MODEL
-    check_local_model(model_name)
+    model_name = base_model_name(args.adapter, args.model)
     check_output(out, adapter, model_name, args.overwrite)
-    info = _load_task_info(args.adapter)
-    model_path = resolve_model_path(model_name)
-    config = read_model_config(model_path, args.trust_remote_code)
-    kind = args.model_kind if args.model_kind != "auto" else info.get("model_kind") or detect_kind(model_path, config, "commonsense")
-    labels = info.get("labels")
-    model, _ = load_model(model_path, kind, args.trust_remote_code, num_labels=len(labels) if labels else None)
-    quantize_like_adapter(model, args.adapter, "merge")
-    dorafit.load_adapter(model, args.adapter)
+    loaded = load_base_for_adapter(args.adapter, model=model_name, kind=args.model_kind,
+                                   trust_remote_code=args.trust_remote_code, command="merge")
+    model, config = loaded.model, loaded.config
     dorafit.merge(model)
     if hasattr(config, "use_cache"):  # load_model turns it off for training; the folder keeps the original's
         model.config.use_cache = config.use_cache
-    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
+    tokenizer = load_tokenizer(loaded.path, args.trust_remote_code)
     replaced = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

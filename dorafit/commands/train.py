@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     import dorafit
-    from dorafit.commands.eval import check_local_model
+    from dorafit.loading import check_local_model
     from dorafit.train.checkpoint import CheckpointError
     from dorafit.train.config import TrainConfigError, config_from_args
     from dorafit.train.data import DataError

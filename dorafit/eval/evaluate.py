@@ -7,7 +7,7 @@ continuation is the prediction; a continuation with no match is wrong and is cou
 unparseable. A row stops generating as soon as its continuation holds a match: later tokens
 cannot change the first match, so the prediction is the same as with all ``max_new_tokens``
 and the evaluation costs only the tokens up to the answer. Encoders pick the highest-scoring
-choice (``dorafit.eval.scoring.choice_logits``). Rows are batched in order of length so that little
+choice (the scores of their kind, ``dorafit.train.kinds``). Rows are batched in order of length so that little
 compute goes into padding; the result does not depend on the order.
 """
 
@@ -19,8 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from dorafit.eval.examples import ChoiceExample, build_prompt, collate_choices, collate_texts
-from dorafit.eval.scoring import choice_logits
+from dorafit.eval.examples import build_prompt
 from dorafit.eval.tasks import Task, extract_answer
 
 
@@ -60,23 +59,18 @@ def _to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate_choices(model, examples, tokenizer, kind: str, task_name: str, max_length: int,
-                     batch_size: int = 32, device="cpu", progress: bool = False) -> EvalResult:
-    """Multiple-choice or classification accuracy of an encoder on ``examples``."""
+def evaluate_choices(model, examples, collate, logits, task_name: str, batch_size: int = 32, device="cpu",
+                     progress: bool = False) -> EvalResult:
+    """Accuracy of an encoder on ``examples``: the highest of ``logits(model, batch)`` (B, C) per
+    row, batches made by ``collate`` (both from the model's kind, ``dorafit.train.kinds``)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: _length_key(examples[i]))
     correct = 0
     starts = range(0, len(order), batch_size)
     for start in _progress(starts, progress, f"eval {task_name}"):
-        chunk = [examples[i] for i in order[start:start + batch_size]]
-        if isinstance(chunk[0], ChoiceExample):
-            scoring = "similarity" if kind == "similarity" else "pair"
-            batch = collate_choices(chunk, tokenizer, max_length, scoring)
-        else:
-            batch = collate_texts(chunk, tokenizer, max_length)
-        batch = _to(batch, device)
-        predictions = choice_logits(model, batch, kind).argmax(-1)  # (B,)
+        batch = _to(collate([examples[i] for i in order[start:start + batch_size]]), device)
+        predictions = logits(model, batch).argmax(-1)  # (B,)
         correct += int((predictions == batch["labels"]).sum())
     model.train(was_training)
     return EvalResult(task_name, len(examples), correct)

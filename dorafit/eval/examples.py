@@ -13,14 +13,12 @@
   "paper" (the row's own output, "the correct answer is answer1") or "choice" (the chosen
   choice's text before its answer word, "the correct answer is casting (answer1)").
 
-``collate_for_kind`` picks the batching of a model kind; ``collate_*`` build the tensors.
+``collate_*`` build the tensors (a model's kind picks which: ``dorafit.train.kinds``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
-from typing import Callable
 
 import torch
 
@@ -135,14 +133,14 @@ def collate_causal(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]
 
 
 def collate_choices(examples: list[ChoiceExample], tokenizer, max_length: int,
-                    scoring: str = "pair") -> dict[str, torch.Tensor]:
+                    layout: str = "pair") -> dict[str, torch.Tensor]:
     """Question/choice batches; rows with fewer choices are padded with empty choices.
 
     ``choice_mask`` (B, C) marks the real choices so that padded ones can be left out of the
-    softmax. With ``scoring="pair"`` (a cross-encoder such as ``...ForMultipleChoice``) each
+    softmax. With ``layout="pair"`` (a cross-encoder such as ``...ForMultipleChoice``) each
     (question, choice) pair is one sequence: ``input_ids`` (B, C, T). With
-    ``scoring="similarity"`` the two texts are encoded separately: ``question_*`` (B, Tq) and
-    ``choice_*`` (B*C, Tc).
+    ``layout="separate"`` (an embedding model) the two texts are encoded separately:
+    ``question_*`` (B, Tq) and ``choice_*`` (B*C, Tc).
     """
     n_choices = max(len(e.choices) for e in examples)
     mask = torch.zeros((len(examples), n_choices), dtype=torch.bool)  # (B, C)
@@ -152,18 +150,18 @@ def collate_choices(examples: list[ChoiceExample], tokenizer, max_length: int,
         questions.append(e.question)
         choices += e.choices + [""] * (n_choices - len(e.choices))
     batch = {"choice_mask": mask, "labels": torch.tensor([e.label for e in examples])}
-    if scoring == "pair":
+    if layout == "pair":
         firsts = [q for q in questions for _ in range(n_choices)]
         enc = tokenizer(firsts, choices, padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")
         batch.update({k: v.view(len(examples), n_choices, -1) for k, v in enc.items()})  # (B, C, T)
-    elif scoring == "similarity":
+    elif layout == "separate":
         enc_q = tokenizer(questions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         enc_c = tokenizer(choices, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         batch.update({f"question_{k}": v for k, v in enc_q.items()})  # (B, Tq)
         batch.update({f"choice_{k}": v for k, v in enc_c.items()})  # (B*C, Tc)
     else:
-        raise ValueError(f"unknown scoring {scoring!r}; use 'pair' or 'similarity'")
+        raise ValueError(f"unknown layout {layout!r}; use 'pair' or 'separate'")
     return batch
 
 
@@ -175,13 +173,3 @@ def collate_texts(examples: list[TextExample], tokenizer, max_length: int) -> di
     batch = dict(enc)
     batch["labels"] = torch.tensor([e.label for e in examples])
     return batch
-
-
-def collate_for_kind(kind: str, tokenizer, max_length: int, pad_id: int = 0) -> Callable[[list], dict]:
-    """The function that batches a list of examples for a model kind (see ``dorafit.eval.scoring``)."""
-    if kind == "causal-lm":
-        return partial(collate_causal, pad_id=pad_id)
-    if kind == "sequence-classification":
-        return partial(collate_texts, tokenizer=tokenizer, max_length=max_length)
-    return partial(collate_choices, tokenizer=tokenizer, max_length=max_length,
-                   scoring="similarity" if kind == "similarity" else "pair")

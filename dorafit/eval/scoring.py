@@ -1,6 +1,5 @@
-"""Model outputs turned into per-choice scores and summed losses, for training and evaluation.
-
-Four ways a model answers (``kind``):
+"""The tensor math of scores and losses, for training and evaluation (``dorafit.train.kinds`` picks
+which applies to a model kind):
 
 - ``causal-lm``: next-token logits (B, T, V); the loss is the summed cross-entropy over the
   response tokens (labels != -100), one unit per token.
@@ -74,32 +73,20 @@ def _embed(model, prefix: str, batch: dict) -> torch.Tensor:
     return F.normalize(pooled, dim=-1)
 
 
-def choice_logits(model, batch: dict, kind: str) -> torch.Tensor:
-    """Scores (B, C) of every choice (or class) for one batch; padded choices are -inf."""
-    if kind == "multiple-choice":
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        logits = model(**inputs).logits.float()  # (B, C)
-    elif kind == "similarity":
-        questions = _embed(model, "question_", batch)  # (B, H)
-        choices = _embed(model, "choice_", batch)  # (B*C, H)
-        choices = choices.view(questions.shape[0], -1, questions.shape[-1])  # (B, C, H)
-        logits = SIMILARITY_SCALE * torch.einsum("bh,bch->bc", questions, choices)  # (B, C)
-    elif kind == "sequence-classification":
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        return model(**inputs).logits.float()  # (B, num_labels)
-    else:
-        raise ValueError(f"choice_logits does not handle kind {kind!r}")
-    return logits.masked_fill(~batch["choice_mask"], float("-inf"))
+def similarity_logits(model, batch: dict) -> torch.Tensor:
+    """``SIMILARITY_SCALE * cos(question, choice)`` for every choice: (B, C)."""
+    questions = _embed(model, "question_", batch)  # (B, H)
+    choices = _embed(model, "choice_", batch)  # (B*C, H)
+    choices = choices.view(questions.shape[0], -1, questions.shape[-1])  # (B, C, H)
+    return SIMILARITY_SCALE * torch.einsum("bh,bch->bc", questions, choices)  # (B, C)
 
 
-def count_units(batch: dict, kind: str) -> int:
-    """How many loss terms a batch holds: response tokens (causal LM) or rows."""
-    if kind == "causal-lm":
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    return int(batch["labels"].shape[0])
+def count_response_tokens(batch: dict) -> int:
+    """The loss units of a causal-LM batch: its labelled (response) tokens that some position predicts."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def _response_loss_sum(model, batch: dict) -> torch.Tensor:
+def response_loss_sum(model, batch: dict) -> torch.Tensor:
     """Summed next-token cross-entropy over the labelled (response) tokens.
 
     Rows are right-padded, so every labelled token lies at or after the batch's earliest
@@ -128,15 +115,3 @@ def accepts_logits_to_keep(model) -> bool:
     """Whether the model's forward (under a DDP wrapper too) takes ``logits_to_keep``."""
     inner = getattr(model, "module", model)
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
-
-
-def loss_sum(model, batch: dict, kind: str) -> torch.Tensor:
-    """Summed (not averaged) cross-entropy of a batch, in float32.
-
-    Summing lets the trainer divide by the number of units of the whole optimizer step, so the
-    gradient does not depend on how that step is split into micro-batches or processes.
-    """
-    if kind == "causal-lm":
-        return _response_loss_sum(model, batch)
-    logits = choice_logits(model, batch, kind)
-    return F.cross_entropy(logits, batch["labels"], reduction="sum")

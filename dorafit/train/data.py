@@ -13,9 +13,10 @@ For a causal LM a row becomes a prompt (the paper's template or the model's chat
 choice's text before its answer word: ``build_response``); the loss is taken on the
 response tokens only (prompt positions carry label -100). For an encoder a commonsense row is
 parsed into its question and choices (see ``dorafit.eval.tasks.parse_instruction``).
-``loss_examples`` and ``accuracy_examples`` are the one place where rows become examples for a
-model kind, used by ``dorafit train`` and ``dorafit eval`` alike; the example types, the prompt
-and the batching live in ``dorafit.eval.examples`` (evaluation needs them without the trainer).
+Which of these a model gets is its kind's choice (``dorafit.train.kinds``: ``loss_examples``,
+``accuracy_examples``), for ``dorafit train`` and ``dorafit eval`` alike; the example types,
+the prompt and the batching live in ``dorafit.eval.examples`` (evaluation needs them without
+the trainer).
 """
 
 from __future__ import annotations
@@ -301,39 +302,3 @@ def split_validation(items: list, size: float, seed: int) -> tuple[list, list]:
     train = [x for i, x in enumerate(items) if i not in val_ids]
     val = [x for i, x in enumerate(items) if i in val_ids]
     return train, val
-
-
-# ---------------------------------------------------------------------------- rows -> examples
-# The one place where rows become what a model of each kind is trained and scored on, for
-# ``dorafit train`` and ``dorafit eval`` alike.
-
-
-def loss_examples(rows: list[dict], kind: str, path, tokenizer, max_length: int, *,
-                  task: Task | None = None, labels: list | None = None,
-                  prompt_template: str = "paper", response_format: str = "paper") -> tuple[list, list | None]:
-    """(examples, labels): rows as the examples a model of ``kind`` computes its loss on.
-
-    Causal LMs get tokenized prompt + response pairs in ``prompt_template``; encoders get choice or text examples
-    (``labels``: the class names, found in the rows when not given). ``task`` checks the answer
-    words of commonsense rows.
-    """
-    data_format = detect_format(rows, path)
-    if kind == "causal-lm":
-        pairs = to_instruction_pairs(rows, data_format, path, prompt_template, tokenizer, response_format, task)
-        return tokenize_instruction_pairs(pairs, tokenizer, max_length, path), None
-    if kind == "sequence-classification":
-        return to_text_examples(rows, path, labels)
-    return to_choice_examples(rows, data_format, path, task if data_format == "commonsense" else None), None
-
-
-def accuracy_examples(rows: list[dict], kind: str, path, task: Task, labels: list | None = None) -> list:
-    """Rows as test examples: checked instruction rows for a causal LM (it generates its answer
-    from the prompt), choice or text examples for an encoder."""
-    if kind == "causal-lm":
-        for number, row in enumerate(rows, start=1):
-            require_text(row, "instruction", path, number)
-            require_text(row, "answer", path, number)
-        return rows
-    if kind == "sequence-classification":
-        return to_text_examples(rows, path, labels)[0]
-    return to_choice_examples(rows, detect_format(rows, path), path, task)

@@ -4,9 +4,9 @@
 ``.gguf`` file (or the bundled ``smollm2-135m-instruct``) to its converted folder
 (``dorafit.gguf``);
 ``detect_kind`` picks causal-lm for decoder models and a choice/classification kind for
-encoders; ``load_model`` builds the right ``AutoModelFor...`` class and reports which modules
-were newly initialised (a classification head), which must then train in full
-(``AdapterConfig.modules_to_save``). Remote code in a model folder runs only with
+encoders; ``load_model`` builds the kind's ``AutoModelFor...`` class (``dorafit.train.kinds``) and
+reports which modules were newly initialised (a classification head), which must then train
+in full (``AdapterConfig.modules_to_save``, ``ModelKind.trained_heads``). Remote code in a model folder runs only with
 ``trust_remote_code=True``.
 """
 
@@ -123,22 +123,6 @@ def default_targets(model) -> list[str]:
     return ["all-linear"]
 
 
-_HEAD_NAMES = ("classifier", "score", "qa_outputs")
-
-
-def trained_heads(model, kind: str, fresh: list[str]) -> list[str]:
-    """Modules that must train in full: newly initialised ones, and a classification head.
-
-    A multiple-choice or classification head is specific to the task even when the checkpoint
-    carries one, so it trains with the adapter (``modules_to_save``).
-    """
-    heads = list(fresh)
-    if kind in ("multiple-choice", "sequence-classification"):
-        children = dict(model.named_children())
-        heads += [name for name in _HEAD_NAMES if name in children and name not in heads]
-    return heads
-
-
 def load_tokenizer(path: str, trust_remote_code: bool, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
@@ -154,21 +138,18 @@ def load_tokenizer(path: str, trust_remote_code: bool, padding_side: str = "righ
     return tokenizer
 
 
-def load_model(path: str, kind: str, trust_remote_code: bool, num_labels: int | None = None, dtype=None):
-    """(model, names of newly initialised modules) for a training kind.
+def load_model(path: str, kind, trust_remote_code: bool, num_labels: int | None = None, dtype=None):
+    """(model, names of newly initialised modules) for a model kind (a name or a ``dorafit.train.kinds``
+    object), built with the kind's transformers class.
 
     ``path`` may also be a ``.gguf`` file or a bundled model's name (see ``resolve_model_path``).
-    A causal LM comes with ``config.use_cache`` off: in training the key/value cache is pure
-    cost (it is built on every forward and never read), and ``generate`` turns it on for itself.
+    A causal LM comes with ``config.use_cache`` off (see ``dorafit.train.kinds.CausalLM.load``).
     """
     import transformers
 
-    classes = {
-        "causal-lm": transformers.AutoModelForCausalLM,
-        "multiple-choice": transformers.AutoModelForMultipleChoice,
-        "similarity": transformers.AutoModel,
-        "sequence-classification": transformers.AutoModelForSequenceClassification,
-    }
+    from dorafit.train.kinds import get_kind
+
+    kind = get_kind(kind)
     kwargs = {"trust_remote_code": trust_remote_code}
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
@@ -178,11 +159,9 @@ def load_model(path: str, kind: str, trust_remote_code: bool, num_labels: int | 
     transformers.utils.logging.disable_progress_bar()
     path = resolve_model_path(path)
     try:
-        model, info = classes[kind].from_pretrained(path, output_loading_info=True, **kwargs)
+        model, info = kind.load(path, **kwargs)
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load {path!r} as a {kind} model: {err}") from None
-    if kind == "causal-lm" and hasattr(model.config, "use_cache"):
-        model.config.use_cache = False
+        raise ModelError(f"cannot load {path!r} as a {kind.name} model: {err}") from None
     fresh = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", [])})
     # Keep the outermost fresh modules only (classifier, not classifier.dense and classifier).
     fresh = [m for m in fresh if not any(m.startswith(o + ".") for o in fresh if o != m)]

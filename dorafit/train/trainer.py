@@ -52,16 +52,16 @@ import numpy as np
 import torch
 
 import dorafit
-from dorafit.eval.evaluate import EvalResult, evaluate_choices, evaluate_generation
-from dorafit.eval.examples import collate_for_kind, resolve_template
-from dorafit.eval.scoring import count_units, loss_sum
-from dorafit.eval.tasks import Task, get_task, parse_instruction
+from dorafit.eval.evaluate import EvalResult
+from dorafit.eval.examples import resolve_template
+from dorafit.eval.tasks import Task, get_task
 from dorafit.files import write_bytes_atomic, write_json_atomic
 from dorafit.train import checkpoint as ckpt
 from dorafit.train import data as D
 from dorafit.train import distributed as dist_utils
 from dorafit.train.config import TrainConfig, TrainConfigError, format_config
 from dorafit.train.distributed import Parallel, gather_trainable, load_trainable, trainable_named
+from dorafit.train.kinds import EvalSettings, ModelKind, get_kind
 from dorafit.train.models import (
     default_targets,
     detect_kind,
@@ -69,7 +69,6 @@ from dorafit.train.models import (
     load_tokenizer,
     read_model_config,
     resolve_model_path,
-    trained_heads,
 )
 from dorafit.train.rundir import prepare_output
 
@@ -120,7 +119,7 @@ class RunData:
     """The examples of a run, read and checked before the model is loaded."""
 
     task: Task
-    kind: str
+    kind: ModelKind
     model_path: str
     tokenizer: object
     train_path: Path
@@ -160,7 +159,7 @@ class Run:
     @property
     def task_info(self) -> dict:
         """task.json: how ``dorafit eval`` scores the adapter."""
-        return {"task": self.data.task.name, "model_kind": self.data.kind, "labels": self.data.labels,
+        return {"task": self.data.task.name, "model_kind": self.data.kind.name, "labels": self.data.labels,
                 "max_length": self.cfg.max_length, "prompt_template": self.data.prompt_template,
                 "response_format": self.cfg.response_format}
 
@@ -284,24 +283,22 @@ def load_data(cfg: TrainConfig, info: dist_utils.DistInfo) -> RunData:
     train_path = _data_path(cfg, "train", task.folder)
     train_rows = D.read_rows(train_path)[: cfg.max_train_rows or None]
     data_format = D.detect_format(train_rows, train_path)
-    kind = detect_kind(model_path, model_config, data_format) if cfg.model_kind == "auto" else cfg.model_kind
+    kind = get_kind(detect_kind(model_path, model_config, data_format) if cfg.model_kind == "auto" else cfg.model_kind)
     test_path = _data_path(cfg, "test", task.folder) if (cfg.test_data or data_format == "commonsense") else None
     test_rows = D.read_rows(test_path)[: cfg.max_test_rows or None] if test_path else []
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     template = resolve_template(cfg.prompt_template, tokenizer)
-    train, labels = D.loss_examples(train_rows, kind, train_path, tokenizer, cfg.max_length, task=task,
-                                    prompt_template=template, response_format=cfg.response_format)
+    train, labels = kind.loss_examples(train_rows, train_path, tokenizer, cfg.max_length, task=task,
+                                       prompt_template=template, response_format=cfg.response_format)
     val = None
     if cfg.val_data:
-        val = D.loss_examples(D.read_rows(cfg.val_data), kind, cfg.val_data, tokenizer, cfg.max_length,
-                              task=task, labels=labels, prompt_template=template,
-                              response_format=cfg.response_format)[0]
-    test = D.accuracy_examples(test_rows, kind, test_path, task, labels) if test_rows else []
-    if kind != "causal-lm":
-        D.check_encoder_lengths(train, tokenizer, cfg.max_length, train_path)
+        val = kind.loss_examples(D.read_rows(cfg.val_data), cfg.val_data, tokenizer, cfg.max_length,
+                                 task=task, labels=labels, prompt_template=template,
+                                 response_format=cfg.response_format)[0]
+    test = kind.accuracy_examples(test_rows, test_path, task, labels) if test_rows else []
     if val is None:
         train, val = D.split_validation(train, cfg.val_size, cfg.seed)
-    _print(info, f"data: {len(train)} train, {len(val)} validation, {len(test_rows)} test rows; kind {kind}")
+    _print(info, f"data: {len(train)} train, {len(val)} validation, {len(test_rows)} test rows; kind {kind.name}")
     return RunData(task, kind, model_path, tokenizer, train_path, train, val, test_rows, test, labels, template)
 
 
@@ -339,7 +336,7 @@ def load_and_attach(cfg: TrainConfig, parallel: Parallel, out: Path, data: RunDa
     targets = cfg.targets or default_targets(model)
     adapter_cfg = dorafit.AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                                         targets=targets, detach_norm=cfg.detach_norm,
-                                        modules_to_save=trained_heads(model, data.kind, fresh_modules))
+                                        modules_to_save=data.kind.trained_heads(model, fresh_modules))
     if cfg.quantize:
         _quantize_base(model, targets, cfg.quantize, info)
     torch.manual_seed(cfg.seed)  # the adapter's initialisation depends on the seed alone
@@ -353,7 +350,7 @@ def load_and_attach(cfg: TrainConfig, parallel: Parallel, out: Path, data: RunDa
     _print(info, str(report))
     pad_id = data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None else 0
     return Run(cfg=cfg, parallel=parallel, out=out, data=data, model=model, adapter_cfg=adapter_cfg, report=report,
-               collate=collate_for_kind(data.kind, data.tokenizer, cfg.max_length, pad_id),
+               collate=data.kind.collate(data.tokenizer, cfg.max_length, pad_id),
                steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * cfg.epochs,
                names=[n for n, _ in trainable_named(model)])
 
@@ -458,7 +455,7 @@ def train_step(run: Run, step: int) -> tuple[float, float]:
     """One optimizer step over global batch ``step``; returns (loss per unit, learning rate)."""
     cfg, info = run.cfg, run.info
     micro_batches = step_batches(run, step)
-    units = sum(count_units(b, run.data.kind) for b in micro_batches)  # the whole step, all processes
+    units = sum(run.data.kind.count_units(b) for b in micro_batches)  # the whole step, all processes
     lr = lr_at(step, cfg, run.total_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -468,7 +465,7 @@ def train_step(run: Run, step: int) -> tuple[float, float]:
         with run.parallel.accumulating(run.wrapped, last=j == len(micro_batches) - 1), _autocast(cfg, info.device):
             # DDP and FSDP average gradients over processes; scale by world size so the
             # result is the sum over the step divided by its units.
-            loss = loss_sum(run.wrapped, mine, run.data.kind) * (info.world_size / units)
+            loss = run.data.kind.loss_sum(run.wrapped, mine) * (info.world_size / units)
         step_loss += float(loss.detach()) / info.world_size
         (run.scaler.scale(loss) if run.scaler else loss).backward()
     step_loss = dist_utils.all_reduce_sum(step_loss, info)
@@ -547,8 +544,8 @@ def validation_loss(run: Run, model) -> float:
     for start in range(0, len(examples), cfg.eval_batch_size):
         batch = _to(run.collate(examples[start:start + cfg.eval_batch_size]), device)
         with _autocast(cfg, device):
-            total += float(loss_sum(model, batch, run.data.kind))
-        units += count_units(batch, run.data.kind)
+            total += float(run.data.kind.loss_sum(model, batch))
+        units += run.data.kind.count_units(batch)
     model.train(was_training)
     return total / max(units, 1)
 
@@ -580,9 +577,9 @@ def finish(run: Run, state: RunState, train_seconds: float, started: float) -> T
     """Save the final adapter, measure the test accuracy after training, write results.json."""
     save_adapter_as(run, "adapter")
     after = measure_accuracy(run)
-    before, causal, report = state.before, run.data.kind == "causal-lm", run.report
+    before, causal, report = state.before, run.data.kind.generates, run.report
     result = TrainResult(
-        output=str(run.out), task=run.data.task.name, model_kind=run.data.kind, test_rows=len(run.data.test_rows),
+        output=str(run.out), task=run.data.task.name, model_kind=run.data.kind.name, test_rows=len(run.data.test_rows),
         accuracy_before=before.accuracy if before else None, accuracy_after=after.accuracy if after else None,
         unparseable_before=before.unparseable_share if before and causal else None,
         unparseable_after=after.unparseable_share if after and causal else None,
@@ -591,7 +588,7 @@ def finish(run: Run, state: RunState, train_seconds: float, started: float) -> T
         total_seconds=time.perf_counter() - started, history=state.history,
         predicted_before=before.predicted if before and causal else None,
         predicted_after=after.predicted if after and causal else None,
-        chance=chance_accuracy(run.data),
+        chance=run.data.kind.chance(run.data.test, run.data.labels),
     )
     if run.info.is_main:
         write_json_atomic(run.out / "results.json", {k: v for k, v in result.__dict__.items() if k != "history"})
@@ -600,34 +597,15 @@ def finish(run: Run, state: RunState, train_seconds: float, started: float) -> T
     return result
 
 
-def chance_accuracy(data: RunData) -> float | None:
-    """The mean over the test rows of 1 / (number of choices), or None where the rows do not say
-    (instruction rows without an "Answer format:" line)."""
-    if not data.test:
-        return None
-    if data.kind == "sequence-classification":
-        return 1 / len(data.labels)
-    if data.kind != "causal-lm":
-        return sum(1 / len(ex.choices) for ex in data.test) / len(data.test)
-    try:
-        counts = [len(parse_instruction(row["instruction"])[1]) for row in data.test]
-    except ValueError:
-        return None
-    return sum(1 / n for n in counts) / len(counts)
-
-
 def measure_accuracy(run: Run) -> EvalResult | None:
-    """Accuracy on the test rows (None without any): generated answers or the best-scored choice."""
+    """Accuracy on the test rows (None without any), as the model's kind scores it."""
     data, cfg, info = run.data, run.cfg, run.info
     if not data.test_rows:
         return None
-    progress = cfg.progress and info.is_main
-    if data.kind == "causal-lm":
-        return evaluate_generation(run.model, data.tokenizer, data.task, data.test, cfg.max_new_tokens,
-                                   cfg.eval_batch_size, info.device, progress=progress,
-                                   prompt_template=data.prompt_template)
-    return evaluate_choices(run.model, data.test, data.tokenizer, data.kind, data.task.name, cfg.max_length,
-                            cfg.eval_batch_size, info.device, progress=progress)
+    settings = EvalSettings(batch_size=cfg.eval_batch_size, device=info.device, progress=cfg.progress and info.is_main,
+                            max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens,
+                            prompt_template=data.prompt_template)
+    return data.kind.accuracy(run.model, data.tokenizer, data.task, data.test, settings)
 
 
 def save_adapter_dir(model, path: Path, task_info: dict) -> None:

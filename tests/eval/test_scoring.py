@@ -6,6 +6,7 @@ import torch
 
 from dorafit.eval import scoring
 from dorafit.train.data import ChoiceExample, collate_choices
+from dorafit.train.kinds import CAUSAL_LM, SIMILARITY
 
 
 def test_length_groups_cover_every_row_within_budget():
@@ -26,15 +27,15 @@ def test_similarity_logits_same_for_any_grouping(monkeypatch):
                                  num_hidden_layers=2, num_attention_heads=4)).eval()
     examples = [ChoiceExample("Which of these is a gas at room temperature and pressure?", ["oxygen", "iron", "a"], 0),
                 ChoiceExample("Why?", ["because the sun heats the surface of the earth unevenly", "no"], 1)]
-    batch = collate_choices(examples, tok, 64, "similarity")
+    batch = collate_choices(examples, tok, 64, "separate")
     with torch.no_grad():
         monkeypatch.setattr(scoring, "TOKENS_PER_FORWARD", 10**6)
-        whole = scoring.choice_logits(model, batch, "similarity")
+        whole = SIMILARITY.logits(model, batch)
         monkeypatch.setattr(scoring, "TOKENS_PER_FORWARD", 8)
-        grouped = scoring.choice_logits(model, batch, "similarity")
+        grouped = SIMILARITY.logits(model, batch)
     assert whole.shape == (2, 3) and torch.isinf(whole[1, 2])  # the padded third choice
     assert torch.allclose(whole, grouped, atol=1e-5)
-    assert scoring.loss_sum(model, batch, "similarity").isfinite()
+    assert SIMILARITY.loss_sum(model, batch).isfinite()
 
 
 def _tiny_llama():
@@ -67,7 +68,7 @@ def test_causal_loss_computes_logits_only_from_the_first_labelled_position():
     seen = []
     model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
     with torch.no_grad():
-        loss = scoring.loss_sum(model, batch, "causal-lm")
+        loss = CAUSAL_LM.loss_sum(model, batch)
         reference = _reference_loss(model, batch)
     # Width 12; the earliest labelled token is at 4, predicted from position 3: positions 3..11.
     assert seen[0] == 9 and seen[1] == 12
@@ -88,5 +89,5 @@ def test_causal_loss_without_logits_to_keep_uses_every_position():
     model, batch = _tiny_llama(), _right_padded_batch()
     assert not scoring.accepts_logits_to_keep(NoKeep(model)) and scoring.accepts_logits_to_keep(model)
     with torch.no_grad():
-        torch.testing.assert_close(scoring.loss_sum(NoKeep(model), batch, "causal-lm"), _reference_loss(model, batch),
+        torch.testing.assert_close(CAUSAL_LM.loss_sum(NoKeep(model), batch), _reference_loss(model, batch),
                                    rtol=1e-6, atol=1e-6)

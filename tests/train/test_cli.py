@@ -101,7 +101,7 @@ def test_chat_template_and_response_format_are_trained_recorded_and_evaluated_wi
     # eval takes the template from task.json: the accuracy after training is reproduced.
     assert json.loads(report.read_text())[0]["accuracy"] == pytest.approx(results["accuracy_after"])
     # Without an adapter, eval prompts as train's default does ("auto": chat for this tokenizer).
-    import dorafit.eval.evaluate as E
+    import dorafit.train.kinds as E
 
     templates = []
     real = E.evaluate_generation

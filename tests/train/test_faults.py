@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from dorafit.cli import main
 from dorafit.train import checkpoint as ckpt
 from dorafit.train import trainer
+from dorafit.train.kinds import CausalLM
 
 
 def _args(model, files, out, *extra):
@@ -30,18 +31,18 @@ def _args(model, files, out, *extra):
 
 def _poison_gradient_at(monkeypatch, step_index: int) -> list:
     """Make every gradient of optimizer step ``step_index`` (1-based) NaN; the loss stays finite."""
-    real = trainer.loss_sum
+    real = CausalLM.loss_sum
     seen = []
 
-    def loss_sum(model, batch, kind):
-        loss = real(model, batch, kind)
+    def loss_sum(self, model, batch):
+        loss = real(self, model, batch)
         if model.training and torch.is_grad_enabled():
             seen.append(float(loss))
             if len(seen) == step_index:  # one micro-batch per step in these runs
                 loss.register_hook(lambda grad: grad * math.nan)
         return loss
 
-    monkeypatch.setattr(trainer, "loss_sum", loss_sum)
+    monkeypatch.setattr(CausalLM, "loss_sum", loss_sum)
     return seen
 
 
