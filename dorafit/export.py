@@ -274,25 +274,11 @@ def write_lora_export(model: nn.Module, path: Union[str, os.PathLike], format: s
 
 # ------------------------------------------------------------------------------------------------
 # Pre-normalized DoRA
-def normalized_scale(adapter) -> torch.Tensor:
-    """g = m / ‖W0 + s B A‖ per output feature, (out,) float32, computed directly from W0 as the
-    base holds it (row blocks in float64), the way an engine's offline normalization does."""
-    w0 = adapter.base_weight_2d().detach()
-    a, b = adapter.lowrank_factors()
-    a_2d = a.detach().reshape(a.shape[0], -1).double()
-    b_2d = b.detach().reshape(b.shape[0], -1).double()
-    norms = []
-    for start in range(0, w0.shape[0], 1024):  # (rows, in_flat) float64 at a time
-        rows = w0[start:start + 1024].double() + adapter.scaling * (b_2d[start:start + 1024] @ a_2d)
-        norms.append(rows.norm(dim=1))
-    norm = torch.cat(norms).clamp_min(1e-12)
-    return (adapter.magnitude.detach().double() / norm).float()
-
-
 def dora_normalized_contents(model: nn.Module):
     """(PEFT config with the ``dora_normalized`` record, state with g in each magnitude's place)
     of the model's active DoRA adapter."""
-    from .interop import NORMALIZED_CONVENTION, NORMALIZED_KEY, PREFIX, base_weights_hash, peft_config_and_state
+    from .interop import PREFIX, peft_config_and_state
+    from .normalized import NORMALIZED_CONVENTION, NORMALIZED_KEY, base_weights_hash, normalized_scale
 
     adapters = adapter_modules(model)
     if active_adapter(model) is None or not adapters:

@@ -51,7 +51,6 @@ from .adapter_files import (
     AdapterFiles,
     read_adapter_config,
     read_adapter_files,
-    weights_sha256,
     write_adapter_pair,
 )
 from .config import (
@@ -63,8 +62,10 @@ from .config import (
     lookup_pattern,
     pattern_matches,
 )
+from .adapter_record import adapter_record_of, warn_unquantized_base
 from .inject import CONFIG_ATTR, ModulesToSave, adapter_modules, attach, check_patterns_match, detach, find_targets
 from .layers import AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
+from .normalized import check_normalized_base, normalized_record, rebuild_magnitudes
 
 PREFIX = "base_model.model."
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # PEFT before safetensors became its default
@@ -438,7 +439,7 @@ def load_peft_adapter(base_model: nn.Module, path: Union[str, os.PathLike], allo
 
     A layer whose rank exceeds min(out, in) (PEFT allows it; a product B A never has more) is
     loaded at that rank with the same product B A and scaling. A pre-normalized DoRA folder
-    (``NORMALIZED_KEY`` in its config) gets m = g ⊙ ‖W0 + s B A‖ rebuilt on this base; a base
+    (``dorafit.normalized``) gets m = g ⊙ ‖W0 + s B A‖ rebuilt on this base; a base
     whose weights' hash differs from the recorded one is refused unless ``allow_base_mismatch``.
     ``files``: the folder's files when the caller has read them already.
     """
@@ -446,7 +447,7 @@ def load_peft_adapter(base_model: nn.Module, path: Union[str, os.PathLike], allo
     files = files if files is not None else read_peft_files(source)
     cfg = files.config
     check_peft_config(cfg, source)
-    normalized = _normalized_record(cfg, source)
+    normalized = normalized_record(cfg, source)
     record = files.record()
     options = {k: v for k, v in (record.get("config") or {}).items() if k in ("dropout_mode", "detach_norm", "adapter_dtype")}
     weights_file = source / WEIGHTS_NAME
@@ -571,7 +572,7 @@ def load_peft_adapter(base_model: nn.Module, path: Union[str, os.PathLike], allo
 
     # 4. A pre-normalized DoRA adapter: g is tied to the base weights it was computed against.
     if normalized is not None:
-        _check_normalized_base(base_model, normalized, sorted(layers), source, allow_base_mismatch)
+        check_normalized_base(base_model, normalized, sorted(layers), source, allow_base_mismatch)
 
     # 5. Attach and copy. attach validates before touching the model; after it, undo on error.
     config = _dorafit_config(base_model, cfg, layers, saves, options)
@@ -592,65 +593,13 @@ def load_peft_adapter(base_model: nn.Module, path: Union[str, os.PathLike], allo
                     raise PeftFormatError(f"modules_to_save module {s!r} was not wrapped")
                 copy.trainable.load_state_dict(save_states[s], strict=True)
             if normalized is not None:  # the file holds g; the layer's magnitude is m = g ⊙ ‖W0 + s B A‖
-                for _, adapter in adapter_modules(base_model):
-                    if adapter.magnitude is not None:
-                        adapter.magnitude.copy_(adapter.magnitude * adapter.weight_norm().to(adapter.magnitude.dtype))
+                rebuild_magnitudes(base_model)
     except BaseException:
         detach(base_model)
         raise
     if record:
-        from .io import warn_unquantized_base
-
         warn_unquantized_base(base_model, record, source)
     return base_model
-
-
-# ------------------------------------------------------------------------------------------------
-# Pre-normalized DoRA (TensorRT-LLM's convention): the magnitude key holds g = m / ‖W0 + s B A‖
-NORMALIZED_KEY = "dora_normalized"
-NORMALIZED_CONVENTION = "g = m / ||W0 + s B A|| per output feature"
-
-
-def _normalized_record(cfg: Dict[str, Any], source: Path) -> Optional[Dict[str, Any]]:
-    """The ``dora_normalized`` record of a PEFT config, checked; None for an ordinary adapter."""
-    record = cfg.get(NORMALIZED_KEY)
-    if record is None:
-        return None
-    where = source / CONFIG_NAME
-    if not isinstance(record, dict) or not isinstance(record.get("base_weights_sha256"), str):
-        raise PeftFormatError(f"{where}: {NORMALIZED_KEY!r} must be an object with the base weights' "
-                              "\"base_weights_sha256\"")
-    if not cfg.get("use_dora"):
-        raise PeftFormatError(f"{where}: {NORMALIZED_KEY!r} is set but use_dora is not: only DoRA has a magnitude to normalize")
-    return record
-
-
-def base_weights_hash(model: nn.Module, names: List[str]) -> str:
-    """sha256 of the base weights of modules ``names`` (as stored: dtype and bytes), the hash a
-    pre-normalized DoRA adapter records; adapted modules count by their frozen base."""
-    weights = {}
-    for name in names:
-        module = model.get_submodule(name)
-        module = getattr(module, "base", module)
-        weights[name] = module.weight
-    return weights_sha256(weights)
-
-
-def _check_normalized_base(model: nn.Module, record: Dict[str, Any], names: List[str], source: Path,
-                           allow_mismatch: bool) -> None:
-    got = base_weights_hash(model, names)
-    want = record["base_weights_sha256"]
-    if got == want:
-        return
-    dtypes = sorted({str(getattr(model.get_submodule(n), "weight").dtype).replace("torch.", "") for n in names})
-    message = (f"{source} is pre-normalized DoRA (g = m / ||W0 + s B A|| computed against base weights with sha256 "
-               f"{want[:12]}..., {record.get('base_weights_dtype', '?')}); this base's weights hash to {got[:12]}... "
-               f"({'/'.join(dtypes)}), so g does not fit it")
-    if not allow_mismatch:
-        raise PeftFormatError(message + ": load it onto the base it was normalized against, or pass "
-                                        "allow_base_mismatch=True to serve g on this base as an engine would")
-    warnings.warn(message + "; the magnitude is rebuilt for this base, so the model computes what an engine serving "
-                            "the folder on this base computes, not the fine-tune", UserWarning, stacklevel=4)
 
 
 def _reduce_rank(found: Dict[str, torch.Tensor], rank: int, alpha: float, rslora: bool) -> Tuple[int, float]:
@@ -847,7 +796,6 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
 def peft_metadata(model: nn.Module) -> Dict[str, str]:
     """The safetensors metadata of a PEFT-layout file dorafit writes for ``model``'s adapter."""
     from . import __version__
-    from .io import adapter_record_of
 
     return {"format": "pt", WRITER_KEY: WRITER, "dorafit_version": __version__,
             RECORD_KEY: json.dumps(adapter_record_of(model), sort_keys=True)}

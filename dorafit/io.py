@@ -24,7 +24,6 @@ dorafit wrote, this record travels in the weights' metadata.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -44,30 +43,15 @@ from .adapter_files import (  # noqa: F401  (re-exported: dorafit.io is where us
     read_safetensors,
     write_adapter_pair,
 )
-from .inject import CONFIG_ATTR, adapter_modules, adapter_state_dict, attach, detach
-
-FORMAT = "dorafit"
-
-
-def _base_identity(model: nn.Module) -> Dict[str, Any]:
-    cfg = getattr(model, "config", None)
-    name = getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None)
-    return {
-        "class": type(model).__name__,
-        "name_or_path": str(name) if name else None,
-        "model_type": getattr(cfg, "model_type", None),
-    }
-
-
-def _weight_shape(module: nn.Module) -> Optional[list]:
-    """The logical shape of a module's weight; a 4-bit weight is stored packed, its quant_state
-    knows the shape it stands for (so an adapter trained on a 4-bit base loads on a full one)."""
-    weight = getattr(module, "weight", None)
-    if weight is None:
-        return None
-    quant_state = getattr(weight, "quant_state", None)
-    shape = getattr(quant_state, "shape", None)
-    return list(shape if shape is not None else weight.shape)
+from .adapter_record import (  # noqa: F401  (re-exported)
+    FORMAT,
+    _weight_shape,
+    adapter_record_of,
+    base_quantization,
+    recorded_quantization,
+    warn_unquantized_base,
+)
+from .inject import adapter_modules, adapter_state_dict, attach, detach
 
 
 def _extra_tensors(model: nn.Module, names_only: bool = False):
@@ -85,63 +69,6 @@ def _extra_tensors(model: nn.Module, names_only: bool = False):
             if not names_only:
                 tensors.update(adapter.extra_tensors())
     return names if names_only else tensors
-
-
-def base_quantization(module: nn.Module) -> Optional[Dict[str, Any]]:
-    """How a 4-bit (bitsandbytes) base layer is quantized, or None for a full-precision one."""
-    quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
-    if quant_state is None:
-        return None
-    compute = getattr(module, "compute_dtype", None)
-    return {
-        "quant_type": str(getattr(quant_state, "quant_type", "nf4")),
-        "blocksize": int(getattr(quant_state, "blocksize", 64)),
-        "double_quant": bool(getattr(quant_state, "nested", False)),
-        "compute_dtype": str(compute).replace("torch.", "") if compute is not None else None,
-    }
-
-
-def _module_record(adapter) -> Dict[str, Any]:
-    record = {
-        "type": type(adapter.base).__name__,
-        "weight_shape": _weight_shape(adapter.base),
-        "method": adapter.method,
-        "rank": adapter.rank,
-        "alpha": adapter.alpha,
-        "base_dtype": str(getattr(adapter.base.weight, "dtype", "")).replace("torch.", ""),
-    }
-    quantization = base_quantization(adapter.base)
-    if quantization is not None:
-        record["quantization"] = quantization
-    return record
-
-
-def recorded_quantization(data: Union[Dict[str, Any], str, os.PathLike]) -> Dict[str, Dict[str, Any]]:
-    """{module name: quantization record} of an adapter: its folder (either layout), or a dorafit
-    record (an adapter config read by ``read_adapter_config``, or ``adapter_record(folder)``)."""
-    if not isinstance(data, dict):
-        data = adapter_record(data)
-    modules = data.get("modules") if isinstance(data.get("modules"), dict) else {}
-    return {name: rec["quantization"] for name, rec in modules.items()
-            if isinstance(rec, dict) and isinstance(rec.get("quantization"), dict)}
-
-
-def adapter_record_of(model: nn.Module) -> Dict[str, Any]:
-    """dorafit's record of the model's active adapter: the ``adapter_config.json`` dict of the
-    dorafit layout (also carried in the metadata of a PEFT-layout file dorafit writes)."""
-    config = getattr(model, CONFIG_ATTR, None)
-    if config is None or not adapter_modules(model):
-        raise AdapterFileError("model has no dorafit adapters to save (attach or load an adapter first)")
-    meta = {
-        "format": FORMAT,
-        "dorafit_version": __version__,
-        "config": config.to_dict(),
-        "base_model": _base_identity(model),
-        "modules": {name: _module_record(a) for name, a in adapter_modules(model)},
-    }
-    quantized = sorted({r["quantization"]["quant_type"] for r in meta["modules"].values() if "quantization" in r})
-    meta["base_quantization"] = quantized[0] if len(quantized) == 1 else (quantized or None)
-    return meta
 
 
 def adapter_file_contents(model: nn.Module):
@@ -205,28 +132,6 @@ def _check_base(model: nn.Module, modules: Dict[str, Any], source: Path) -> None
                 f"{source}: module {name!r} has weight shape {got} in this base model but the adapter "
                 f"was trained on shape {tuple(want)} (a base model of another shape?)"
             )
-
-
-def warn_unquantized_base(model: nn.Module, data: Dict[str, Any], source: Path) -> None:
-    """One warning when the adapter was trained on a 4-bit base and this base is not 4-bit: the
-    model then computes something other than what was trained."""
-    recorded = recorded_quantization(data)
-    plain = []
-    for name in recorded:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            continue
-        module = getattr(module, "base", module)  # the adapted layer's frozen base
-        if base_quantization(module) is None:
-            plain.append(name)
-    if plain:
-        kind = sorted({recorded[n]["quant_type"] for n in plain})
-        warnings.warn(
-            f"{source}: the adapter was trained on a 4-bit {'/'.join(kind)} base ({len(plain)} modules, e.g. "
-            f"{plain[0]!r}) but this base is full precision, so its outputs differ from the trained model's; "
-            "quantize the base first: dorafit.quant.quantize_model(model, names, quant_type)",
-            UserWarning, stacklevel=3)
 
 
 def load_adapter(

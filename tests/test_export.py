@@ -160,7 +160,7 @@ def test_dora_normalized_holds_g_and_loads_back_exactly(tmp_path):
     from safetensors.torch import load_file
 
     from dorafit.export import export_dora_normalized
-    from dorafit.interop import base_weights_hash
+    from dorafit.normalized import base_weights_hash
 
     model = _dora_model()
     path = export_dora_normalized(model, tmp_path / "normalized")
