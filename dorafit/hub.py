@@ -93,8 +93,13 @@ def load_adapter_weights(model: nn.Module, path: Union[str, os.PathLike]) -> nn.
     from .interop import read_peft_files, split_peft_state
     from .io import AdapterFileError
 
+    from .normalized import NORMALIZED_KEY
+
     path = Path(path)
     files = read_peft_files(path)
+    if NORMALIZED_KEY in files.config:
+        raise AdapterFileError(f"{path} is pre-normalized DoRA (its magnitudes hold g = m / ||W0 + s B A||): load it with "
+                               "dorafit.load_adapter, which rebuilds m, not as training weights")
     expected = adapter_state_dict(model)  # {"<module>.<param>": live tensor}
     if "peft_type" in files.config:
         factors, _, other = split_peft_state(files.tensors, path)
