@@ -99,8 +99,8 @@ def save_checkpoint(folder: Path, trainable: dict, optim_tensors: dict, optim_gr
                     write_extra=None) -> Path:
     """Write one checkpoint folder atomically (rank 0 only).
 
-    ``write_extra(tmp_folder)``, if given, adds files before the rename (e.g. the adapter in
-    dorafit's format, so that a checkpoint can be evaluated as it is).
+    ``write_extra(tmp_folder)``, if given, adds files before the rename (e.g. the adapter, so that
+    a checkpoint can be evaluated as it is).
     """
     from safetensors.torch import save_file
 

@@ -31,7 +31,7 @@ Run folder (written by rank 0 only):
     config.yaml              the resolved TrainConfig
     checkpoints/step-N/      resumable checkpoints with an adapter/ folder (see dorafit.train.checkpoint)
     best/                    adapter with the lowest validation loss
-    adapter/                 final adapter (dorafit format) + task.json
+    adapter/                 final adapter + task.json (PEFT's layout where PEFT holds the method)
     log.jsonl                step, loss, learning rate, validation loss
     results.json             accuracies, trainable share, times; marks the run as finished
 """
