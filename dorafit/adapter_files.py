@@ -17,13 +17,12 @@ An adapter folder always holds one adapter:
   ``base_model.name_or_path``, ``revision``), which users edit by hand; any other change to the
   config is refused as not belonging to the weights. Files without the record (PEFT's own
   ``save_pretrained``) are read as they are.
-- **Private temporaries.** Each file is written to a temporary created exclusively
-  (``.<name>.<pid>.<random>.dorafit-tmp``) in the target folder, flushed, then renamed over the
-  target: the weights first, the config last. A writer removes only its own temporaries, and
-  the leftovers of writers whose process is gone; a running writer's are never touched.
-- **A new folder appears complete**: both files are written in a private temporary folder that
-  is renamed into place; if another writer created the folder meanwhile, the pair is renamed in
-  beside it as above.
+- **Private temporaries.** Each file is written through ``dorafit.files`` (a temporary created
+  exclusively in the target folder, named after the writing process, flushed, renamed over the
+  target): the weights first, the config last. Leftovers are removed only once the process that
+  made them has ended, so two writers never delete each other's temporaries.
+- **A new folder appears complete**; if another writer created it meanwhile, the files are
+  renamed into it one by one.
 - **Never where it changes how other tools read a folder.** A folder holding a model (its
   config.json and weights) is refused as a target: ``from_pretrained`` on it would then load the
   model with the adapter applied, or fail. Targets that are links, devices or other non-regular
@@ -33,12 +32,10 @@ An adapter folder always holds one adapter:
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
 import secrets
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +43,15 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from .files import read_json_object
+from .files import (
+    OLD_SUFFIX,
+    check_file_target,
+    check_folder_target,
+    read_json_object,
+    remove_leftovers,
+    write_file_atomic,
+    write_into_directory,
+)
 
 # Metadata key in a PEFT-layout adapter_model.safetensors naming its writer (dorafit's own layout
 # says "format": "dorafit"): a file with neither was not written by dorafit.
@@ -63,7 +68,6 @@ RECORD_KEY = "dorafit_adapter"
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-TMP_SUFFIX = ".dorafit-tmp"
 
 # Files that make a folder a model checkpoint for transformers (next to config.json).
 MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -247,14 +251,11 @@ def check_adapter_target(folder: Union[str, os.PathLike]) -> Path:
 
     A model's own folder (config.json beside model weights) is refused: an adapter there makes
     transformers (with PEFT installed) load the model with the adapter applied, or fail. A
-    target that is not a folder, or adapter files there that are links or not regular files,
-    are refused too (never written through or replaced).
+    target that is a link or not a folder, and adapter files there that are links or not regular
+    files, are refused too (never written through or replaced).
     """
     folder = Path(folder)
-    if folder.is_symlink() and not folder.is_dir():
-        raise FileExistsError(f"{folder} is a link to nothing; refusing to write an adapter through it")
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder} exists and is not a directory")
+    check_folder_target(folder)
     if folder.is_dir():
         weights = [n for n in MODEL_WEIGHT_FILES if (folder / n).exists()]
         if (folder / "config.json").is_file() and weights:
@@ -263,79 +264,26 @@ def check_adapter_target(folder: Union[str, os.PathLike]) -> Path:
                 "transformers and PEFT read the folder (from_pretrained would apply the adapter or fail). "
                 f"Save the adapter to a folder of its own, e.g. {folder / 'adapter'}")
         for name in (CONFIG_NAME, WEIGHTS_NAME):
-            target = folder / name
-            if target.is_symlink() or (target.exists() and not target.is_file()):
-                raise FileExistsError(f"{target} is a link or not a regular file; refusing to replace it")
+            check_file_target(folder / name)
     return folder
 
 
-def _temp_prefix(name: str) -> str:
-    return f".{name}.{os.getpid()}."
+def _write_bytes(file: Path, data: bytes) -> None:
+    with open(file, "wb") as f:
+        f.write(data)
 
 
-def _private_temp(folder: Path, name: str) -> Path:
-    """A new empty file beside ``folder/name``, created exclusively (never an existing file or
-    link), with the permissions an ordinary ``open`` gets under the umask."""
-    while True:
-        tmp = folder / f"{_temp_prefix(name)}{secrets.token_hex(6)}{TMP_SUFFIX}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return tmp
-
-
-def _write_synced(file: Path, data: bytes) -> None:
-    fd = os.open(file, os.O_WRONLY | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0))
+def _keep_previous(file: Path) -> Optional[Path]:
+    """A hard link to ``file`` under a fresh name beside it (None when there is no file, or the
+    filesystem has no hard links), so that the previous weights can be put back."""
+    if not file.is_file():
+        return None
+    backup = file.parent / f".{file.name}.{os.getpid()}-{secrets.token_hex(6)}{OLD_SUFFIX}"
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _process_gone(pid: str) -> bool:
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError):
-        return False
-    return False
-
-
-def remove_dead_temporaries(folder: Path, name: str) -> None:
-    """Remove the temporaries for ``folder/name`` left by writers whose process is gone; those
-    of running writers (this one's included) stay."""
-    if not folder.is_dir():
-        return
-    for leftover in folder.glob(f".{glob_escape(name)}.*{TMP_SUFFIX}"):
-        pid = leftover.name[len(name) + 2:].split(".", 1)[0]
-        if pid != str(os.getpid()) and _process_gone(pid) and not leftover.is_symlink():
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    leftover.unlink()
-
-
-def glob_escape(name: str) -> str:
-    """``name`` with glob wildcards escaped."""
-    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+        os.link(file, backup, follow_symlinks=False)
+    except OSError:
+        return None
+    return backup
 
 
 def write_adapter_pair(folder: Union[str, os.PathLike], config: Dict[str, Any], tensors: Dict[str, torch.Tensor],
@@ -344,8 +292,11 @@ def write_adapter_pair(folder: Union[str, os.PathLike], config: Dict[str, Any], 
     ``metadata`` plus the config's hash) into ``folder`` as one pair; returns the folder.
     ``sort_keys``: the config's keys in sorted order (as PEFT writes them).
 
-    Other files in an existing folder stay as they are. See the module docstring for what a
-    concurrent reader or writer sees.
+    A new folder appears complete; in an existing one the weights are replaced first and the
+    config last, each by its own atomic rename (``dorafit.files``), and other files stay. When
+    the config cannot be renamed into place the previous weights are put back, so an error
+    leaves the previous pair; a kill between the two renames leaves a mixed pair that readers
+    refuse (the tie).
     """
     from safetensors.torch import save
 
@@ -354,98 +305,26 @@ def write_adapter_pair(folder: Union[str, os.PathLike], config: Dict[str, Any], 
     meta = dict(metadata)
     meta[TIE_KEY] = config_tie(json.loads(config_bytes))
     weights_bytes = save(tensors, metadata=meta)
+    writers = {WEIGHTS_NAME: lambda f: _write_bytes(f, weights_bytes), CONFIG_NAME: lambda f: _write_bytes(f, config_bytes)}
     if not folder.exists():
-        landed = _write_new_folder(folder, weights_bytes, config_bytes)
-        if landed:
-            return folder
-    _write_into_folder(folder, weights_bytes, config_bytes)
-    return folder
-
-
-def _write_into_folder(folder: Path, weights_bytes: bytes, config_bytes: bytes) -> None:
-    """Both files by their own temporaries and renames: the weights first, the config last. When
-    the config's rename fails, the previous weights (kept by a hard link) are put back, so an
-    error leaves the previous pair; only a kill between the two renames leaves a mixed pair,
-    which readers refuse (the tie)."""
-    temps = []
+        return write_into_directory(folder, writers)  # another writer making it meanwhile is handled there
+    previous = _keep_previous(folder / WEIGHTS_NAME)
     try:
-        for name, data in ((WEIGHTS_NAME, weights_bytes), (CONFIG_NAME, config_bytes)):
-            tmp = _private_temp(folder, name)
-            temps.append(tmp)
-            _write_synced(tmp, data)
-        check_adapter_target(folder)  # a link put there while we wrote is still refused
-        weights_tmp, config_tmp = temps
-        previous = _keep_previous(folder / WEIGHTS_NAME)
-        if previous is not None:
-            temps.append(previous)
-        os.replace(weights_tmp, folder / WEIGHTS_NAME)
+        write_file_atomic(folder / WEIGHTS_NAME, writers[WEIGHTS_NAME])
         try:
-            os.replace(config_tmp, folder / CONFIG_NAME)
+            write_file_atomic(folder / CONFIG_NAME, writers[CONFIG_NAME])
         except BaseException:
             if previous is not None:
                 os.replace(previous, folder / WEIGHTS_NAME)
+                previous = None
             raise
-        _fsync_dir(folder)
     finally:
-        for tmp in temps:
+        if previous is not None:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                previous.unlink()
     for name in (WEIGHTS_NAME, CONFIG_NAME):
-        remove_dead_temporaries(folder, name)
-
-
-def _keep_previous(file: Path) -> Optional[Path]:
-    """A hard link to ``file`` under a private temporary name (None when there is no file, or
-    the filesystem has no hard links)."""
-    if not file.is_file():
-        return None
-    tmp = _private_temp(file.parent, file.name)
-    try:
-        os.unlink(tmp)
-        os.link(file, tmp, follow_symlinks=False)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        return None
-    return tmp
-
-
-def _write_new_folder(folder: Path, weights_bytes: bytes, config_bytes: bytes) -> bool:
-    """Write a folder that does not exist yet in a private temporary folder and rename it into
-    place; False (nothing left behind) when another writer created ``folder`` first."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = folder.parent / f"{_temp_prefix(folder.name)}{secrets.token_hex(6)}{TMP_SUFFIX}"
-        try:
-            tmp.mkdir(mode=0o777)
-            break
-        except FileExistsError:
-            continue
-    try:
-        _write_synced_new(tmp / WEIGHTS_NAME, weights_bytes)
-        _write_synced_new(tmp / CONFIG_NAME, config_bytes)
-        _fsync_dir(tmp)
-        try:
-            os.rename(tmp, folder)  # fails when folder exists and is not empty
-        except OSError as exc:
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
-                raise
-            if folder.exists() and not folder.is_dir():
-                raise FileExistsError(f"{folder} exists and is not a directory") from None
-            return False
-        tmp = None
-        _fsync_dir(folder.parent)
-        remove_dead_temporaries(folder.parent, folder.name)
-        return True
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_synced_new(file: Path, data: bytes) -> None:
-    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
-    os.close(fd)
-    _write_synced(file, data)
+        remove_leftovers(folder / name)
+    return folder
 
 
 def existing_writer(path: Union[str, os.PathLike]) -> Optional[str]:

@@ -3,6 +3,10 @@
 Each module ``dorafit.commands.<name>`` defines ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> int``; it is imported only when its command runs, so ``dorafit --help`` stays
 fast and the library never imports the command line.
+
+Bad input, a full disk and Ctrl-C end a command with one line on stderr and exit code 2; the
+line is cut to ``MAX_ERROR_CHARS`` whatever the input held. Bugs keep their traceback, and
+``--debug`` shows the traceback of an input error too.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ import sys
 from typing import List, Optional
 
 from . import __version__
+from .files import is_disk_full
+
+# The longest error line printed (a message quoting a huge input value is cut).
+MAX_ERROR_CHARS = 1000
 
 COMMANDS = {
     "train": "fine-tune a model with an adapter (default: DoRA on SmolLM2-135M-Instruct, ARC-Easy)",
@@ -33,6 +41,20 @@ def _is_input_error(err: BaseException) -> bool:
     """Bad input rather than a bug: dorafit's own ValueError subclasses (config, file, data,
     model errors all derive from it) and file-system errors (missing, read-only, not a folder)."""
     return isinstance(err, OSError) or (isinstance(err, ValueError) and type(err).__module__.startswith("dorafit."))
+
+
+def error_line(name: str, err: BaseException) -> str:
+    """'dorafit NAME: error: MESSAGE' on one line, at most MAX_ERROR_CHARS long."""
+    if isinstance(err, KeyboardInterrupt):
+        text = "interrupted (Ctrl-C); nothing was written: dorafit's outputs appear whole or not at all"
+    else:
+        text = " ".join(str(err).split()) or type(err).__name__
+        if is_disk_full(err) and not type(err).__module__.startswith("dorafit."):  # a raw OSError: say what it means
+            text = (f"no space left on the device ({text}); dorafit's outputs are written whole or not at all, so "
+                    "what was there before is intact: free some space and run again")
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + " [...]"
+    return f"dorafit {name}: error: {text}"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -56,10 +78,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.debug = debug
     try:
         return int(module.run(args) or 0)
-    except Exception as err:
-        if debug or not _is_input_error(err):
+    except KeyboardInterrupt as err:
+        if debug:
             raise
-        print(f"dorafit {name}: error: {' '.join(str(err).split())} (--debug shows the traceback)", file=sys.stderr)
+        print(error_line(name, err), file=sys.stderr)
+        return 2
+    except Exception as err:
+        if debug or not (_is_input_error(err) or is_disk_full(err)):
+            raise
+        print(f"{error_line(name, err)} (--debug shows the traceback)", file=sys.stderr)
         return 2
 
 

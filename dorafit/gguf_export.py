@@ -56,6 +56,7 @@ from .inject import ModulesToSave, adapter_modules
 from .layers import AdapterError, LinearAdapter
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "source")
+VERSION_KEY = "dorafit.version"  # in every file dorafit writes: --overwrite replaces only those
 LLAMA_FAMILY = ("llama", "mistral")
 
 
@@ -229,7 +230,8 @@ def _write_merged_from_source(model: nn.Module, source: Path, tmp: Path, quant: 
                                   "embedding or output head, or a module the file does not have)")
         plan[gname] = (name, merged, _match_source(name, w0, tensors[gname], heads, source))
     writer = gguf.GGUFWriter(str(tmp), arch)
-    _copy_fields(reader, writer, skip=(gguf.Keys.General.FILE_TYPE,))
+    _copy_fields(reader, writer, skip=(gguf.Keys.General.FILE_TYPE, VERSION_KEY))
+    _add_version(writer)
     sizes: Dict[object, int] = {}
     types: Dict[str, str] = {}
     bar = _progress(len(reader.tensors), "GGUF tensors", progress)
@@ -268,6 +270,21 @@ def _writable_types():
     gguf = _gguf()
     q = gguf.GGMLQuantizationType
     return (q.F32, q.F16, q.BF16, q.Q4_0, q.Q4_1, q.Q5_0, q.Q5_1, q.Q8_0)
+
+
+def _add_version(writer) -> None:
+    from . import __version__
+
+    writer.add_string(VERSION_KEY, __version__)
+
+
+def written_by_dorafit(path: Union[str, os.PathLike]) -> bool:
+    """Whether the GGUF file ``path`` was written by dorafit (it carries ``VERSION_KEY``)."""
+    gguf = _gguf()
+    try:
+        return VERSION_KEY in gguf.GGUFReader(str(path)).fields
+    except Exception:  # not a GGUF file at all
+        return False
 
 
 def _finish(writer, progress: bool) -> None:
@@ -411,6 +428,7 @@ def _write_merged_from_folder(model: nn.Module, folder: Path, tmp: Path, quant: 
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
     writer = gguf.GGUFWriter(str(tmp), "llama")
     writer.add_name(folder.name)
+    _add_version(writer)
     _llama_metadata(writer, config, file_type)
     _tokenizer_metadata(writer, folder, config.vocab_size)
     tmap = _name_map("llama", config.num_hidden_layers)
@@ -539,6 +557,7 @@ def write_lora_gguf(model: nn.Module, cfg: Dict, state: Dict[str, torch.Tensor],
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(cfg["lora_alpha"]))
+        _add_version(writer)
         for module in sorted(factors):
             gname = _gguf_name(tmap, f"{module}.weight")
             if gname is None:

@@ -289,7 +289,7 @@ def test_interrupted_save_keeps_old_adapter(saved, monkeypatch, ref):
             f.write(data[: len(data) // 2])
         raise KeyboardInterrupt("interrupted")
 
-    monkeypatch.setattr(adapter_files, "_write_synced", crash)
+    monkeypatch.setattr(adapter_files, "_write_bytes", crash)
     ref.randomize_adapter(model.q_proj, seed=7)
     with pytest.raises(KeyboardInterrupt):
         dorafit.save_adapter(model, path)
@@ -310,7 +310,7 @@ def test_interrupted_first_save_leaves_nothing(tmp_path, monkeypatch):
     def crash(file, data):
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_files, "_write_synced", crash)
+    monkeypatch.setattr(adapter_files, "_write_bytes", crash)
     with pytest.raises(OSError, match="disk full"):
         dorafit.save_adapter(model, tmp_path / "adapter")
     assert list(tmp_path.iterdir()) == []
@@ -380,14 +380,14 @@ def test_weights_are_written_under_a_temporary_name(tmp_path, monkeypatch):
 
     model = dorafit.attach(fresh(), CFG)
     seen = []
-    real_write = adapter_files._write_synced
+    real_write = adapter_files._write_bytes
 
     def spy(file, data):
         seen.append(str(file))
         assert not (tmp_path / "adapter").exists()  # nothing under the final name yet
         return real_write(file, data)
 
-    monkeypatch.setattr(adapter_files, "_write_synced", spy)
+    monkeypatch.setattr(adapter_files, "_write_bytes", spy)
     dorafit.save_adapter(model, tmp_path / "adapter")
     assert len(seen) == 2 and all("adapter" != os.path.basename(os.path.dirname(f)) for f in seen)
     assert all(os.path.dirname(os.path.dirname(f)) == str(tmp_path) for f in seen)  # a sibling: one filesystem

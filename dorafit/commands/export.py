@@ -44,7 +44,7 @@ def add_arguments(parser) -> None:
     from dorafit.gguf_export import QUANTS
     from dorafit.train.config import MODEL_KINDS
 
-    parser.add_argument("adapter", metavar="ADAPTER", help="adapter folder (dorafit or PEFT format) or hub id")
+    parser.add_argument("adapter", metavar="ADAPTER", help="adapter folder (dorafit or PEFT format) or hf://owner/name")
     parser.add_argument("--to", default="lora", choices=TARGETS,
                         help="lora: plain LoRA (truncated SVD); dora-normalized: TensorRT-LLM's pre-normalized DoRA; "
                              "gguf: the merged model as one GGUF file (default: lora)")
@@ -60,14 +60,13 @@ def add_arguments(parser) -> None:
                         help="--to gguf: type of the merged tensors; source: like the source GGUF file's (default: f16)")
     parser.add_argument("--check", metavar="BASE", default=None,
                         help="--to dora-normalized: a serving base (folder, .gguf, name) to report the drift on")
-    parser.add_argument("--model", default=None, help="base model folder, .gguf file or hub id (default: the base the "
-                                                      "adapter records)")
+    parser.add_argument("--model", default=None, help="base model folder, .gguf file or hf://owner/name (default: the "
+                                                      "base the adapter records)")
     parser.add_argument("--model-kind", default="auto", choices=MODEL_KINDS,
                         help="model class to load (default: the adapter's task.json, else detected)")
     parser.add_argument("--prompt", action="append", default=None,
                         help="a prompt for the drift checks (repeatable; default: four built-in prompts)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (a folder: only the "
-                                                                 "adapter's two files)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --out that an earlier dorafit export wrote")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code to run")
 
 
@@ -89,25 +88,55 @@ def load_for_export(args, dtype=None):
     return loaded, inputs
 
 
-def _check_output(args, out: Path, inputs: list) -> None:
-    """``--out`` never replaces or lies inside an input, and replaces an existing output only with
-    --overwrite."""
-    from dorafit.files import is_same_or_inside
-
-    for given in inputs:
-        if given is not None and Path(given).exists() and (is_same_or_inside(out, given) or is_same_or_inside(given, out)):
-            raise FileExistsError(f"--out {out} overlaps the input {given}; choose another output")
-    if out.is_symlink() or (out.exists() and not (out.is_dir() or out.is_file())):
-        raise FileExistsError(f"--out {out} is a link or not a regular file or folder; refusing to write there")
-    if out.exists() and (out.is_file() or any(out.iterdir())) and not args.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+EXPORT_KIND = "export"
 
 
-def _inputs(args, loaded) -> list:
+def check_output(out: Path, inputs, overwrite: bool, file: bool = False) -> None:
+    """Refuse an --out that is a link, an input (the adapter, the base's folder, its GGUF file) or
+    inside one, or that exists already: with --overwrite, only a folder or GGUF file an earlier
+    ``dorafit export`` wrote (its marker file; the GGUF file's ``dorafit.version`` key)."""
+    from dorafit.files import MARKER_NAME, check_output_file, check_output_folder, read_marker
+    from dorafit.gguf_export import written_by_dorafit
+
+    if file:
+        check_output_file(out, inputs, "--out")
+        if out.exists():
+            if not overwrite:
+                raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+            if not written_by_dorafit(out):
+                raise FileExistsError(f"--overwrite: {out} is not a GGUF file dorafit export wrote (no dorafit.version "
+                                      "key); not replacing it")
+        return
+    if out.exists() and not out.is_dir() and not out.is_symlink():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    check_output_folder(out, inputs, "--out")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        if read_marker(out) != EXPORT_KIND:
+            raise FileExistsError(f"--overwrite: {out} is not a folder dorafit export wrote (no {MARKER_NAME} marker); "
+                                  "not writing into it")
+
+
+def _inputs(args) -> list:
+    """(option, path) of what an export reads: the adapter, the base's folder and its GGUF file."""
     from dorafit.gguf_export import gguf_source
+    from dorafit.loading import base_model_name
     from dorafit.remote import resolve_adapter_path
+    from dorafit.train.models import resolve_model_path
 
-    return [resolve_adapter_path(args.adapter), loaded.path, gguf_source(loaded.name)]
+    adapter = resolve_adapter_path(args.adapter)
+    name = base_model_name(adapter, args.model)
+    source = gguf_source(name)
+    folder = resolve_model_path(name) if source is None else None  # (a GGUF base: its converted cache folder)
+    return [("ADAPTER", str(adapter)), ("--model", name), ("the base's folder", folder),
+            ("the base's GGUF file", str(source) if source else None)]
+
+
+def _mark(out: Path) -> None:
+    from dorafit.files import write_marker
+
+    write_marker(out, EXPORT_KIND)  # --overwrite may replace this folder later, and no other
 
 
 def export_lora(args) -> str:
@@ -118,9 +147,11 @@ def export_lora(args) -> str:
     out = Path(args.out)
     if args.format == "gguf" and out.suffix.lower() != ".gguf":
         raise ValueError(f"--format gguf writes one file: --out must end in .gguf, got {out}")
+    check_output(out, _inputs(args), args.overwrite, file=args.format == "gguf")
     loaded, inputs = load_for_export(args)
-    _check_output(args, out, _inputs(args, loaded))
     report = run_export(loaded.model, out, rank=args.rank, max_error=args.max_error, inputs=inputs, format=args.format)
+    if args.format != "gguf":
+        _mark(out)
     kind = "llama.cpp LoRA file" if args.format == "gguf" else "PEFT format"
     return f"{report}\nLoRA adapter (rank {report.rank}, one scale for every layer, {kind}) written to {report.path}"
 
@@ -147,9 +178,10 @@ def export_normalized(args) -> str:
     from dorafit.export import check_dora_normalized, export_dora_normalized
 
     out = Path(args.out)
+    check_output(out, _inputs(args), args.overwrite)
     loaded, inputs = load_for_export(args, dtype=_recorded_dtype(args.adapter))
-    _check_output(args, out, _inputs(args, loaded))
     path = export_dora_normalized(loaded.model, out)
+    _mark(out)
     lines = [f"pre-normalized DoRA (g = m / ‖W0 + s B A‖, float32, against the base {loaded.name}) written to {path}"]
     if args.check:
         from dorafit.loading import load_base_for_adapter
@@ -175,8 +207,8 @@ def export_gguf(args) -> str:
     out = Path(args.out)
     if out.suffix.lower() != ".gguf":
         raise ValueError(f"--to gguf writes one file: --out must end in .gguf, got {out}")
+    check_output(out, _inputs(args), args.overwrite, file=True)
     loaded, _ = load_for_export(args)
-    _check_output(args, out, _inputs(args, loaded))
     source = gguf_source(loaded.name)
     written = run_export(loaded.model, out, quant=args.quant, source=source,
                          folder=None if source else loaded.path, progress=True)

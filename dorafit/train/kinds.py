@@ -72,8 +72,9 @@ class ModelKind:
 
     def loss_examples(self, rows: list[dict], path, tokenizer, max_length: int, *, task: Task | None = None,
                       labels: list | None = None, prompt_template: str = "paper",
-                      response_format: str = "paper") -> tuple[list, list | None]:
-        """(examples, labels): rows as the examples this kind computes its loss on."""
+                      response_format: str = "paper", report: list | None = None) -> tuple[list, list | None]:
+        """(examples, labels): rows as the examples this kind computes its loss on (examples cut or
+        dropped by ``max_length`` are counted into ``report``: ``dorafit.train.data.LengthReport``)."""
         raise NotImplementedError
 
     def accuracy_examples(self, rows: list[dict], path, task: Task, labels: list | None = None) -> list:
@@ -131,16 +132,15 @@ class CausalLM(ModelKind):
         return model, info
 
     def loss_examples(self, rows, path, tokenizer, max_length, *, task=None, labels=None,
-                      prompt_template="paper", response_format="paper"):
+                      prompt_template="paper", response_format="paper", report=None):
         pairs = D.to_instruction_pairs(rows, D.detect_format(rows, path), path, prompt_template, tokenizer,
                                        response_format, task)
-        return D.tokenize_instruction_pairs(pairs, tokenizer, max_length, path), None
+        return D.tokenize_instruction_pairs(pairs, tokenizer, max_length, path, report), None
 
     def accuracy_examples(self, rows, path, task, labels=None):
-        # The rows themselves: generation prompts them, likelihood scoring parses their choices.
-        for number, row in enumerate(rows, start=1):
-            D.require_text(row, "instruction", path, number)
-            D.require_text(row, "answer", path, number)
+        # The rows themselves: generation prompts them, likelihood scoring parses their choices;
+        # each answer must be among its row's choices.
+        D.check_test_answers(rows, path, task)
         return rows
 
     def collate(self, tokenizer, max_length, pad_id=0):
@@ -174,7 +174,7 @@ class _ChoiceKind(ModelKind):
     layout = "pair"  # how collate_choices lays out question and choices
 
     def loss_examples(self, rows, path, tokenizer, max_length, *, task=None, labels=None,
-                      prompt_template="paper", response_format="paper"):
+                      prompt_template="paper", response_format="paper", report=None):
         data_format = D.detect_format(rows, path)
         examples = D.to_choice_examples(rows, data_format, path, task if data_format == "commonsense" else None)
         D.check_encoder_lengths(examples, tokenizer, max_length, path)
@@ -223,7 +223,7 @@ class SequenceClassification(ModelKind):
     head_names = ("classifier", "score", "qa_outputs")
 
     def loss_examples(self, rows, path, tokenizer, max_length, *, task=None, labels=None,
-                      prompt_template="paper", response_format="paper"):
+                      prompt_template="paper", response_format="paper", report=None):
         examples, labels = D.to_text_examples(rows, path, labels)
         D.check_encoder_lengths(examples, tokenizer, max_length, path)
         return examples, labels

@@ -122,10 +122,18 @@ def test_export_to_gguf_replaces_the_adapted_tensors_of_the_source(gguf_adapter,
     before = source.read_bytes()
     assert main(["export", str(adapter), "--to", "gguf", "--out", str(source), "--overwrite"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("dorafit export: error:") and "overlaps the input" in err and err.count("\n") == 1
+    assert err.startswith("dorafit export: error:") and "overlaps the base's GGUF file" in err and err.count("\n") == 1
     assert source.read_bytes() == before
     assert main(["export", str(adapter), "--to", "gguf", "--out", str(tmp_path / "merged.bin")]) == 2
     assert "must end in .gguf" in capsys.readouterr().err
+    # --overwrite replaces a GGUF file dorafit wrote, never one of the user's
+    assert main(["export", str(adapter), "--to", "gguf", "--out", str(out), "--quant", "q8_0", "--overwrite"]) == 0
+    capsys.readouterr()
+    theirs = tmp_path / "theirs.gguf"
+    theirs.write_bytes(source.read_bytes())
+    assert main(["export", str(adapter), "--to", "gguf", "--out", str(theirs), "--overwrite"]) == 2
+    assert "not a GGUF file dorafit export wrote" in capsys.readouterr().err
+    assert theirs.read_bytes() == source.read_bytes()
 
 
 def test_export_lora_as_a_llama_cpp_file(gguf_adapter, tmp_path, capsys):
