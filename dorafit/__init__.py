@@ -15,7 +15,7 @@ from .inject import (
 )
 from .io import AdapterFileError, load_adapter, save_adapter
 from .layers import AdapterError, AdapterLayer
-from .layers.base import invalidate_norm_caches
+from .layers.cache import invalidate_norm_caches
 from .hub import push_adapter_to_hub
 from .merge import merge, merged_weights, unmerge
 from .export import export_lora

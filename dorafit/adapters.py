@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import re
 import sys
-import types
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -96,7 +96,8 @@ def install_save_pretrained(model: nn.Module) -> None:
     """Shadow ``model.save_pretrained`` with the adapter-only writer (transformers models only)."""
     if _save_pretrained_writer is None or not _is_transformers_model(model) or SAVE_HOOK_MARKER in model.__dict__:
         return
-    model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained_writer, model)
+    # A partial, not a bound method: it pickles by reference (torch.save(model), copy.deepcopy).
+    model.__dict__["save_pretrained"] = functools.partial(_save_pretrained_writer, model)
     model.__dict__[SAVE_HOOK_MARKER] = True
 
 
