@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ from .files import (
     OLD_SUFFIX,
     check_file_target,
     check_folder_target,
+    kind_of,
     read_json_object,
     remove_leftovers,
     write_file_atomic,
@@ -90,14 +92,28 @@ def read_adapter_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     if not path.is_dir():
         raise AdapterFileError(f"{path} is not an adapter directory (expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
     cfg_file = path / CONFIG_NAME
-    if not cfg_file.is_file():
+    if not _regular_file(cfg_file, "adapter config"):
         raise AdapterFileError(f"{path} is not an adapter directory: {CONFIG_NAME} is missing")
     return read_json_object(cfg_file, AdapterFileError)
 
 
+def _regular_file(file: Path, what: str) -> bool:
+    """Whether ``file`` (links followed) exists; AdapterFileError when it is there but is no
+    regular file (a FIFO, a device, a folder), so a reader never blocks on it or calls it missing."""
+    try:
+        mode = file.stat().st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise AdapterFileError(f"{what} ({file}) cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise AdapterFileError(f"{what} ({file}) is a {kind_of(mode)}, not a regular file; nothing was read from it")
+    return True
+
+
 def read_safetensors(file: Path) -> Dict[str, torch.Tensor]:
     """All tensors of a safetensors file, or an AdapterFileError naming the file."""
-    if not file.is_file():
+    if not _regular_file(file, "adapter weights file"):
         raise AdapterFileError(f"adapter weights file {file} is missing")
     return _tensors_from_bytes(file.read_bytes(), file)
 
@@ -195,7 +211,7 @@ def read_adapter_files(path: Union[str, os.PathLike], attempts: int = READ_ATTEM
     cfg_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     for attempt in range(attempts):
         config = _parse_config(cfg_file.read_bytes(), cfg_file)
-        if not weights_file.is_file():
+        if not _regular_file(weights_file, "adapter weights file"):
             raise AdapterFileError(f"adapter weights file {weights_file} is missing")
         data = weights_file.read_bytes()
         metadata = safetensors_metadata(data, weights_file)
@@ -225,7 +241,7 @@ def _parse_config(config_bytes: bytes, source: Path) -> Dict[str, Any]:
 def weights_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
     """The metadata of an adapter folder's safetensors file ({} without one), header only."""
     file = Path(path) / WEIGHTS_NAME
-    if not file.is_file():
+    if not _regular_file(file, "adapter weights file"):
         return {}
     with open(file, "rb") as f:
         head = f.read(8)

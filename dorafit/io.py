@@ -156,9 +156,10 @@ def load_adapter(
     tied to the base it was computed against: a base whose weights hash differently is refused
     unless ``allow_base_mismatch=True``.
     """
-    from .adapters import adding_adapter, registry, set_trainable
+    from .adapters import adding_adapter, check_adapter_name, registry, set_trainable
     from .remote import resolve_adapter_path
 
+    check_adapter_name(name)  # before anything is read
     path = resolve_adapter_path(path, revision=revision)
     if registry(base_model):
         with adding_adapter(base_model, name):

@@ -227,3 +227,58 @@ def test_untied_files_from_other_writers_still_load(tmp_path):
     assert TIE_KEY not in weights_metadata(path)
     files = read_adapter_files(path)
     assert files.record() == {} and identity(path) == (2, 1.0)
+
+
+def _in_time(seconds: int):
+    """A context that fails the test instead of hanging when a read blocks (on a FIFO)."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def guard():
+        def fail(*_):
+            raise AssertionError(f"blocked for {seconds} s")
+
+        previous = signal.signal(signal.SIGALRM, fail)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+
+    return guard()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+@pytest.mark.parametrize("fmt", ["dorafit", "peft"])
+@pytest.mark.parametrize("which", [WEIGHTS_NAME, CONFIG_NAME])
+def test_a_fifo_in_place_of_an_adapter_file_is_named_not_called_missing(tmp_path, fmt, which):
+    folder = dorafit.save_adapter(adapter(2, 1.0), tmp_path / "a", format=fmt)
+    (folder / which).unlink()
+    os.mkfifo(folder / which)
+    with _in_time(20), pytest.raises(AdapterFileError) as err:
+        dorafit.load_adapter(Net(), folder)
+    message = str(err.value)
+    assert "FIFO (named pipe), not a regular file" in message and which in message and "missing" not in message
+    assert "\n" not in message
+    if which == WEIGHTS_NAME:
+        with _in_time(20), pytest.raises(AdapterFileError, match="FIFO"):
+            weights_metadata(folder)
+
+
+def test_a_bad_adapter_name_is_refused_before_anything_is_read(tmp_path, monkeypatch):
+    folder = dorafit.save_adapter(adapter(2, 1.0), tmp_path / "a")
+    import dorafit.remote as remote
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the adapter path was resolved before the name was checked")
+
+    monkeypatch.setattr(remote, "resolve_adapter_path", no_reading)
+    base = Net()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    for bad in ("", "1st", "a b", "x" * 65, None):
+        with pytest.raises(dorafit.AdapterError, match="adapter name .* is not valid") as err:
+            dorafit.load_adapter(base, folder, name=bad)
+        assert "\n" not in str(err.value)
+    assert not dorafit.adapter_modules(base) and all(torch.equal(before[k], v) for k, v in base.state_dict().items())
