@@ -56,6 +56,7 @@ from .inject import ModulesToSave, adapter_modules
 from .layers import AdapterError, LinearAdapter
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "source")
+KEPT_WARNING = 0.5  # warn when a block quantization keeps less of the fine-tune's change than this
 VERSION_KEY = "dorafit.version"  # in every file dorafit writes: --overwrite replaces only those
 LLAMA_FAMILY = ("llama", "mistral")
 
@@ -222,25 +223,26 @@ def _write_merged_from_source(model: nn.Module, source: Path, tmp: Path, quant: 
     tensors = {t.name: t for t in reader.tensors}
     heads = _source_heads(reader)
     replaced = replaced_tensors(model)
-    plan: Dict[str, Tuple[str, torch.Tensor, _Match]] = {}
+    plan: Dict[str, Tuple[str, torch.Tensor, torch.Tensor, _Match]] = {}
     for name, (merged, w0) in replaced.items():
         gname = _gguf_name(tmap, name)
         if gname is None or gname not in tensors:
             raise GGUFExportError(f"{name}: no tensor {gname or '(unnamed)'} in {source} for it (an adapted tied "
                                   "embedding or output head, or a module the file does not have)")
-        plan[gname] = (name, merged, _match_source(name, w0, tensors[gname], heads, source))
+        plan[gname] = (name, merged, w0, _match_source(name, w0, tensors[gname], heads, source))
     writer = gguf.GGUFWriter(str(tmp), arch)
     _copy_fields(reader, writer, skip=(gguf.Keys.General.FILE_TYPE, VERSION_KEY))
     _add_version(writer)
     sizes: Dict[object, int] = {}
     types: Dict[str, str] = {}
+    kept = _KeptChange()
     bar = _progress(len(reader.tensors), "GGUF tensors", progress)
     for tensor in reader.tensors:
         if tensor.name in plan:
-            name, merged, match = plan[tensor.name]
-            array = merged.numpy()
+            name, merged, w0, match = plan[tensor.name]
+            array, base = merged.numpy(), w0.numpy()
             if match.rotary_heads:
-                array = rotary_rows(array, match.rotary_heads)
+                array, base = rotary_rows(array, match.rotary_heads), rotary_rows(base, match.rotary_heads)
             if quant == "source":
                 qtype = tensor.tensor_type
                 if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) and \
@@ -252,6 +254,8 @@ def _write_merged_from_source(model: nn.Module, source: Path, tmp: Path, quant: 
             data, qtype = encode(array, qtype)
             writer.add_tensor(tensor.name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
             types[tensor.name] = qtype.name
+            if qtype in _block_types():
+                kept.add(np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32), array, base, qtype.name)
         else:
             qtype = tensor.tensor_type
             writer.add_tensor(tensor.name, tensor.data, raw_shape=None, raw_dtype=qtype)
@@ -263,7 +267,41 @@ def _write_merged_from_source(model: nn.Module, source: Path, tmp: Path, quant: 
     if file_type is not None:
         writer.add_file_type(int(file_type))
     _finish(writer, progress)
+    kept.warn()
     return types
+
+
+def _block_types():
+    q = _gguf().GGMLQuantizationType
+    return (q.Q4_0, q.Q4_1, q.Q5_0, q.Q5_1, q.Q8_0)
+
+
+class _KeptChange:
+    """How much of the fine-tune's change W' - W0 a block quantization keeps, over all replaced
+    tensors: the projection <Q(W') - W0, W' - W0> / ||W' - W0||^2 (1: all of it; 0: the file
+    holds the base). A 4-bit grid's step is often wider than a fine-tune's change, which then
+    rounds back to the base; that is worth one line rather than a silently lost fine-tune."""
+
+    def __init__(self):
+        self.dot, self.norm, self.types = 0.0, 0.0, set()
+
+    def add(self, written: np.ndarray, merged: np.ndarray, base: np.ndarray, qtype: str) -> None:
+        change = merged.astype(np.float64) - base
+        self.dot += float(((written - base) * change).sum())
+        self.norm += float((change * change).sum())
+        self.types.add(qtype)
+
+    @property
+    def share(self) -> Optional[float]:
+        return self.dot / self.norm if self.norm > 0 else None
+
+    def warn(self) -> None:
+        if self.share is not None and self.share < KEPT_WARNING:
+            warnings.warn(
+                f"re-quantized as {', '.join(sorted(self.types))}, the adapted tensors keep {int(round(100 * self.share))}% of the "
+                "fine-tune's change (most of it is smaller than the type's step and rounds back to the base): serve "
+                "the original file with the LoRA export beside it (--to lora --format gguf), or use --quant q8_0",
+                stacklevel=6)  # the caller of export_gguf
 
 
 def _writable_types():

@@ -52,10 +52,6 @@ def normalized_scale(adapter) -> torch.Tensor:
     return (adapter.magnitude.detach().double() / direct_weight_norm(adapter)).float()
 
 
-NORMALIZED_KEY = "dora_normalized"
-NORMALIZED_CONVENTION = "g = m / ||W0 + s B A|| per output feature"
-
-
 def normalized_record(cfg: Dict[str, Any], source: Path) -> Optional[Dict[str, Any]]:
     """The ``dora_normalized`` record of a PEFT config, checked; None for an ordinary adapter."""
     record = cfg.get(NORMALIZED_KEY)

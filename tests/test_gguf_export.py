@@ -248,3 +248,54 @@ def test_gguf_source_is_found_for_files_bundled_names_and_converted_folders(gguf
     assert gguf_source(str(source)) == source
     assert gguf_source(model.config._name_or_path) == source  # the converted folder records its file
     assert gguf_source(str(source.parent)) is None and gguf_source(None) is None
+
+
+def _kept_share(model, out: Path, source: Path) -> float:
+    """<Q(W') - W0, W' - W0> / ||W' - W0||^2 over the Q4_1 v, up and down tensors of ``out``,
+    computed here from the files (q and k are stored in rotary order; these three suffice)."""
+    written = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    original = {t.name: t for t in gguf.GGUFReader(str(source)).tensors}
+    merged = {n: a.merged_weight_2d().detach().double().numpy() for n, a in dorafit.adapter_modules(model)}
+    modules = {"attn_v": "self_attn.v_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    dot = norm = 0.0
+    for name, tensor in written.items():
+        parts = name.split(".")  # blk.<layer>.<kind>.weight
+        if len(parts) != 4 or parts[2] not in modules or tensor.tensor_type != gguf.GGMLQuantizationType.Q4_1:
+            continue
+        layer, kind = parts[1], parts[2]
+        w0 = gguf.quants.dequantize(original[name].data, original[name].tensor_type).astype(np.float64)
+        got = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float64)
+        change = merged[f"model.layers.{layer}.{modules[kind]}"] - w0
+        dot += float(((got - w0) * change).sum())
+        norm += float((change * change).sum())
+    assert norm > 0
+    return dot / norm
+
+
+def test_source_quantization_says_when_it_loses_the_fine_tune(tmp_path, monkeypatch):
+    """A change below Q4_1's step rounds back to the base: the export says how much was kept
+    (measured on the file here), and says nothing when most of the change survives."""
+    import warnings
+
+    monkeypatch.setenv("DORAFIT_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "tiny.Q4_1.gguf"
+    write_tiny_gguf(source, gguf.GGMLQuantizationType.Q4_1)
+    small, _ = load_model(str(source), "causal-lm", trust_remote_code=False)
+    dorafit.attach(small, dorafit.AdapterConfig(method="dora", rank=4, alpha=8, targets=TARGETS))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, a in dorafit.adapter_modules(small):
+            a.lora_b.copy_(torch.randn(a.lora_b.shape, generator=gen) * 1e-4)
+    out = tmp_path / "small.gguf"
+    with pytest.warns(UserWarning, match=r"re-quantized as Q4_1, the adapted tensors keep \d+% of the fine-tune's change") as rec:
+        export_gguf(small.eval(), out, quant="source", source=source, progress=False)
+    said = int(str(rec[0].message).split("keep ")[1].split("%")[0])
+    assert _kept_share(small, out, source) < 0.5 and said < 50
+
+    big, _ = load_model(str(source), "causal-lm", trust_remote_code=False)
+    big = tuned(big)
+    out = tmp_path / "big.gguf"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_gguf(big, out, quant="source", source=source, progress=False)
+    assert _kept_share(big, out, source) > 0.5
