@@ -190,6 +190,7 @@ def exports(setup: Setup, work: Path) -> dict:
             merged.save_pretrained(tmp, safe_serialization=True)
             setup.tokenizer.save_pretrained(tmp)
     paths["source"] = source
+    paths["adapter"] = setup.adapter.resolve()
     paths["lora-reports"] = reports
     return paths
 
@@ -285,30 +286,41 @@ def references(setup: Setup, work: Path, max_new_tokens: int) -> dict:
     return refs
 
 
-def transformers_on_gguf(setup: Setup, file: Path, work: Path, max_new_tokens: int) -> dict:
+def transformers_on_gguf(setup: Setup, file: Path, work: Path, max_new_tokens: int, pieces: list) -> dict:
     """transformers' GGUF loader on a dorafit GGUF file, scored like dorafit eval: separates what
     the file holds from what llama.cpp computes."""
     cache = work / f"transformers-{file.stem}.json"
     cached = load_json(cache)
     if cached and cached.get("rows") == len(setup.rows):
         return cached
+    spend(pieces)
     from transformers import AutoModelForCausalLM
 
     from dorafit.eval.evaluate import evaluate_generation
 
     log(f"transformers on {file.name}")
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name).eval()
     result = evaluate_generation(model, setup.tokenizer, setup.task, setup.rows, max_new_tokens, batch_size=25,
                                  prompt_template=setup.info.get("prompt_template", "chat"))
     row = {"rows": len(setup.rows), "engine": "transformers (its GGUF loader, dequantized to float32)",
            "config": f"dorafit GGUF, {file.stem.split('-', 1)[1]}", "route": "merged GGUF", "accuracy": result.accuracy,
-           "unparseable": result.unparseable, "seconds": time.perf_counter() - start}
+           "unparseable": result.unparseable, "seconds": time.perf_counter() - start,
+           "load": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     save_json(cache, row)
     return row
 
 
 # ---------------------------------------------------------------------------- 5. llama.cpp
+
+
+def spend(pieces: list) -> None:
+    """Counts one long step (an engine configuration) against --pieces; raises Budget when none is left."""
+    if pieces[0] is not None:
+        if pieces[0] <= 0:
+            raise Budget
+        pieces[0] -= 1
 
 
 def run_llama(python: Path, setup: Setup, model: Path, lora, max_new_tokens: int, threads: int, count: int, texts: bool) -> dict:
@@ -328,8 +340,12 @@ def first_eog(tokens, eog) -> list:
     return tokens
 
 
+class Budget(Exception):
+    """Raised when a run has used its --pieces: the next run resumes from the cached results."""
+
+
 def engine_rows(python: Path, setup: Setup, paths: dict, made: dict, refs: dict, work: Path,
-                max_new_tokens: int, threads: int) -> list:
+                max_new_tokens: int, threads: int, pieces: list) -> list:
     configs = [
         ("dorafit GGUF, f16", "merged GGUF", paths["merged-f16"], None),
         ("dorafit GGUF, q8_0", "merged GGUF", paths["merged-q8_0"], None),
@@ -348,27 +364,63 @@ def engine_rows(python: Path, setup: Setup, paths: dict, made: dict, refs: dict,
         cache = out_dir / f"{i:02d}.json"
         result = load_json(cache)
         if result is None or result.get("rows") != len(setup.rows):
+            spend(pieces)
             log(f"llama.cpp: {label}")
+            load_before = os.getloadavg()[0]
             greedy = run_llama(python, setup, model, lora, GREEDY_TOKENS, threads, GREEDY_PROMPTS, texts=True)
             scored = run_llama(python, setup, model, lora, max_new_tokens, threads, len(setup.rows), texts=False)
             result = {"rows": len(setup.rows), "greedy": greedy["outputs"], "eog": greedy["eog"],
                       "tokenized_like_ids": greedy["tokenized_like_ids"], "outputs": scored["outputs"],
-                      "seconds": scored["seconds"]}
+                      "seconds": scored["seconds"], "load": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
             save_json(cache, result)
         eog = set(result["eog"])
         same = sum(first_eog(a, eog) == first_eog(b, eog) for a, b in zip(result["greedy"], refs["continuations"]))
         scored = setup.score(result["outputs"])
         rows.append({"engine": "llama.cpp (llama-cpp-python 0.3.36)", "config": label, "route": route,
                      "identical": same, "compared": len(result["greedy"]), "accuracy": scored.accuracy, "unparseable": scored.unparseable,
-                     "tokenized_like_ids": result["tokenized_like_ids"], "seconds": result["seconds"]})
+                     "tokenized_like_ids": result["tokenized_like_ids"], "seconds": result["seconds"],
+                     "load": result.get("load")})
         log(f"  {label}: {same}/{len(result['greedy'])} identical, accuracy {100 * scored.accuracy:.1f}%")
     return rows
+
+
+def kept_share(paths: dict, work: Path) -> dict:
+    """Share of the fine-tune's change W' - W0 that the ``source``-quantized merged file keeps: the
+    projection <Q(W') - W0, W' - W0> / ||W' - W0||^2 over the replaced tensors, W0 from the source
+    file, W' from the f16 export (all three in the files' own row order)."""
+    cached = load_json(work / "kept-share.json")
+    if cached:
+        return cached
+    import gguf
+    import numpy as np
+
+    from dorafit.gguf_export import dequantized
+
+    def tensors(file):
+        return {t.name: t for t in gguf.GGUFReader(str(file)).tensors}
+
+    base, exact, quantized = tensors(paths["source"]), tensors(paths["merged-f16"]), tensors(paths["merged-source"])
+    dot = norm = 0.0
+    per_type: dict = {}
+    for name, t in exact.items():
+        if t.tensor_type == base[name].tensor_type:
+            continue  # not replaced (the f16 export writes only the replaced tensors as f16)
+        w0 = dequantized(base[name]).astype(np.float64)
+        change = dequantized(t).astype(np.float64) - w0
+        got = dequantized(quantized[name]).astype(np.float64) - w0
+        kind = name.split(".")[-2]
+        d, n = float((got * change).sum()), float((change * change).sum())
+        dot, norm = dot + d, norm + n
+        per_type[kind] = [per_type.get(kind, [0.0, 0.0])[0] + d, per_type.get(kind, [0.0, 0.0])[1] + n]
+    result = {"adapter": str(paths["adapter"]), "overall": dot / norm, "by_tensor": {k: v[0] / v[1] for k, v in sorted(per_type.items())}}
+    save_json(work / "kept-share.json", result)
+    return result
 
 
 # ---------------------------------------------------------------------------- 6. the table
 
 
-def write_table(rows: list, refs: dict, paths: dict, normalized: dict, command: str, loads: tuple) -> None:
+def write_table(rows: list, refs: dict, paths: dict, normalized: dict, kept: dict, command: str, loads: tuple) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     ref = 100 * refs["accuracy"]
     lines = [
@@ -380,14 +432,23 @@ def write_table(rows: list, refs: dict, paths: dict, normalized: dict, command: 
         f"**{ref:.1f} %** ({refs['correct']} right, {refs['unparseable']} unparseable). Greedy continuations: 32 tokens "
         "of the first 10 prompts by transformers' merged model (float32), compared up to the first end-of-generation token.",
         "",
-        "| engine | route | configuration | identical continuations | accuracy | Δ vs dorafit eval | s for the rows |",
-        "|---|---|---|---|---|---|---|",
+        "| engine | route | configuration | identical continuations | accuracy | Δ vs dorafit eval | s for the rows | load avg before → after |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         acc = 100 * r["accuracy"]
         identical = f"{r['identical']}/{r['compared']}" if r.get("compared") else "-"
+        load = f"{r['load'][0]} → {r['load'][1]}" if r.get("load") else "not recorded"
         lines.append(f"| {r['engine']} | {r['route']} | {r['config']} | {identical} | {acc:.1f} % | "
-                     f"{acc - ref:+.1f} | {r['seconds']:.0f} |")
+                     f"{acc - ref:+.1f} | {r['seconds']:.0f} | {load} |")
+    run = load_json(Path(kept["adapter"]).parent / "results.json") or {}
+    before = f" (the base's own accuracy: {100 * run['accuracy_before']:.1f} %, the run's results.json)" \
+        if "accuracy_before" in run else ""
+    by_tensor = ", ".join(f"{k} {100 * v:.0f} %" for k, v in kept["by_tensor"].items())
+    lines += ["", f"The `source` (Q4_1) file keeps {100 * kept['overall']:.0f} % of the fine-tune's change W' - W0 "
+                  f"(projection of Q(W') - W0 on W' - W0 over the replaced tensors, W' from the f16 export; {by_tensor}). "
+                  + (f"most of the change is smaller than Q4_1's step and rounds back to the base{before}. "
+                     "The LoRA GGUF beside the original Q4_1 file keeps it." if kept["overall"] < 0.5 else "")]
     lora = paths["lora-reports"]
     lines += ["", "LoRA exports (weight error = share of ‖ΔW‖ lost; logits drift on 8 prompts):", ""]
     for name, rep in lora.items():
@@ -402,7 +463,7 @@ def write_table(rows: list, refs: dict, paths: dict, normalized: dict, command: 
     lines.append("")
     RESULTS.with_suffix(".md").write_text("\n".join(lines))
     save_json(RESULTS.with_suffix(".json"), {"reference": refs | {"continuations": None}, "rows": rows, "lora": lora,
-                                             "normalized": normalized})
+                                             "normalized": normalized, "source_quant_kept_share": kept})
     print("\n".join(lines))
 
 
@@ -414,6 +475,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=20, help="the evaluation's (the default run's: 20)")
+    parser.add_argument("--pieces", type=int, default=None,
+                        help="run at most this many uncached engine configurations, then stop (a rerun resumes); "
+                             "keeps each process short on a shared machine")
     args = parser.parse_args()
     loads = (f"{os.getloadavg()[0]:.2f}",)
     work = Path(args.work)
@@ -424,10 +488,15 @@ def main() -> None:
     normalized = normalized_checks(setup, paths, work)
     made = converters(setup, paths, work)
     refs = references(setup, work, args.max_new_tokens)
-    rows = engine_rows(python, setup, paths, made, refs, work, args.max_new_tokens, args.threads)
-    rows.append(transformers_on_gguf(setup, paths["merged-source"], work, args.max_new_tokens))
+    pieces = [args.pieces]
+    try:
+        rows = engine_rows(python, setup, paths, made, refs, work, args.max_new_tokens, args.threads, pieces)
+        rows.append(transformers_on_gguf(setup, paths["merged-source"], work, args.max_new_tokens, pieces))
+    except Budget:
+        log(f"stopped after --pieces {args.pieces}; rerun the same command to continue")
+        return
     command = "python benchmarks/serving_engines.py " + " ".join(sys.argv[1:])
-    write_table(rows, refs, paths, normalized, command, loads + (f"{os.getloadavg()[0]:.2f}",))
+    write_table(rows, refs, paths, normalized, kept_share(paths, work), command, loads + (f"{os.getloadavg()[0]:.2f}",))
 
 
 if __name__ == "__main__":
