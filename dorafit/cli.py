@@ -71,12 +71,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.parse_args(argv or ["--help"])
         return 2
     name = argv[0]
-    module = _load(name)
-    cmd_parser = argparse.ArgumentParser(prog=f"dorafit {name}", description=getattr(module, "HELP", COMMANDS[name]))
-    module.add_arguments(cmd_parser)
-    args = cmd_parser.parse_args(argv[1:])
-    args.debug = debug
     try:
+        module = _load(name)  # imports torch: a Ctrl-C here is one line too
+        cmd_parser = argparse.ArgumentParser(prog=f"dorafit {name}", description=getattr(module, "HELP", COMMANDS[name]))
+        module.add_arguments(cmd_parser)
+        args = cmd_parser.parse_args(argv[1:])
+        args.debug = debug
         return int(module.run(args) or 0)
     except KeyboardInterrupt as err:
         if debug:

@@ -284,6 +284,16 @@ class LengthReport:
                 "raise --max-length to keep them whole")
 
 
+def chars_to_tokenize(tokenizer, max_length: int) -> int:
+    """How many leading characters of a text decide its first ``max_length`` tokens, with room
+    to spare: no token spells more characters than the longest entry of the vocabulary, so this
+    many characters make more than ``2 * max_length`` tokens, and a cut that far away cannot
+    change the first ``max_length``. Texts are cut here before they are tokenized, so that a
+    huge row costs no more than a row of the model's length."""
+    longest = max((len(piece) for piece in tokenizer.get_vocab()), default=1)
+    return 2 * (max_length + 1) * max(longest, 1) + 64
+
+
 def tokenize_instruction_pairs(pairs, tokenizer, max_length: int, path, report: list | None = None) -> list[dict]:
     """Token ids and labels with the prompt masked out (loss on the response only).
 
@@ -298,9 +308,10 @@ def tokenize_instruction_pairs(pairs, tokenizer, max_length: int, path, report: 
     eos = tokenizer.eos_token or ""
     examples, too_long, shortest = [], 0, None
     counts = LengthReport(str(path), len(pairs), max_length)
+    keep = chars_to_tokenize(tokenizer, max_length)
     for prompt, response in pairs:
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        full_ids = tokenizer(prompt + response + eos, add_special_tokens=True)["input_ids"]
+        prompt_ids = tokenizer(prompt[:keep], add_special_tokens=True)["input_ids"]
+        full_ids = tokenizer((prompt + response + eos)[:keep], add_special_tokens=True)["input_ids"]
         shortest = len(full_ids) if shortest is None else min(shortest, len(full_ids))
         if len(full_ids) > max_length:
             too_long += 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -406,6 +407,22 @@ def test_ctrl_c_in_eval_is_one_line_and_writes_nothing(tiny_model, adapter, tmp_
     one_line(run_cli(capsys, "eval", "--model", tiny_model, "--adapter", adapter, "--no-progress", "--json",
                      tmp_path / "r.json"), "eval", "interrupted (Ctrl-C); nothing was written")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_ctrl_c_while_the_command_loads_torch_is_one_line(monkeypatch, capsys):
+    """The command's module (and torch) load inside the handler: an interrupt there is one line."""
+    import sys
+
+    from dorafit import cli
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load", interrupted)
+    one_line(run_cli(capsys, "train"), "train", "interrupted (Ctrl-C); nothing was written")
+    code = "import sys, dorafit, dorafit.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # nothing heavy runs before the handler is in place
 
 
 def test_a_full_disk_during_merge_keeps_the_previous_merged_model(tiny_model, adapter, tmp_path, capsys):
