@@ -286,14 +286,15 @@ def references(setup: Setup, work: Path, max_new_tokens: int) -> dict:
     return refs
 
 
-def transformers_on_gguf(setup: Setup, file: Path, work: Path, max_new_tokens: int, pieces: list) -> dict:
+def transformers_on_gguf(setup: Setup, file: Path, work: Path, max_new_tokens: int, pieces: "Pieces"):
     """transformers' GGUF loader on a dorafit GGUF file, scored like dorafit eval: separates what
     the file holds from what llama.cpp computes."""
     cache = work / f"transformers-{file.stem}.json"
     cached = load_json(cache)
     if cached and cached.get("rows") == len(setup.rows):
         return cached
-    spend(pieces)
+    if not pieces.spend(f"transformers' GGUF loader on {file.name}"):
+        return None
     from transformers import AutoModelForCausalLM
 
     from dorafit.eval.evaluate import evaluate_generation
@@ -315,12 +316,23 @@ def transformers_on_gguf(setup: Setup, file: Path, work: Path, max_new_tokens: i
 # ---------------------------------------------------------------------------- 5. llama.cpp
 
 
-def spend(pieces: list) -> None:
-    """Counts one long step (an engine configuration) against --pieces; raises Budget when none is left."""
-    if pieces[0] is not None:
-        if pieces[0] <= 0:
-            raise Budget
-        pieces[0] -= 1
+class Pieces:
+    """How many long steps (engine configurations) this process may run: None for all; a number
+    stops the run with Budget after that many (a rerun resumes); ``table_only`` runs none and
+    lists the uncached ones as not run."""
+
+    def __init__(self, limit, table_only: bool = False):
+        self.limit, self.table_only, self.not_run = limit, table_only, []
+
+    def spend(self, label: str) -> bool:
+        if self.table_only:
+            self.not_run.append(label)
+            return False
+        if self.limit is not None:
+            if self.limit <= 0:
+                raise Budget
+            self.limit -= 1
+        return True
 
 
 def run_llama(python: Path, setup: Setup, model: Path, lora, max_new_tokens: int, threads: int, count: int, texts: bool) -> dict:
@@ -345,7 +357,7 @@ class Budget(Exception):
 
 
 def engine_rows(python: Path, setup: Setup, paths: dict, made: dict, refs: dict, work: Path,
-                max_new_tokens: int, threads: int, pieces: list) -> list:
+                max_new_tokens: int, threads: int, pieces: Pieces) -> list:
     configs = [
         ("dorafit GGUF, f16", "merged GGUF", paths["merged-f16"], None),
         ("dorafit GGUF, q8_0", "merged GGUF", paths["merged-q8_0"], None),
@@ -364,7 +376,8 @@ def engine_rows(python: Path, setup: Setup, paths: dict, made: dict, refs: dict,
         cache = out_dir / f"{i:02d}.json"
         result = load_json(cache)
         if result is None or result.get("rows") != len(setup.rows):
-            spend(pieces)
+            if not pieces.spend(label):
+                continue
             log(f"llama.cpp: {label}")
             load_before = os.getloadavg()[0]
             greedy = run_llama(python, setup, model, lora, GREEDY_TOKENS, threads, GREEDY_PROMPTS, texts=True)
@@ -420,7 +433,8 @@ def kept_share(paths: dict, work: Path) -> dict:
 # ---------------------------------------------------------------------------- 6. the table
 
 
-def write_table(rows: list, refs: dict, paths: dict, normalized: dict, kept: dict, command: str, loads: tuple) -> None:
+def write_table(rows: list, refs: dict, paths: dict, normalized: dict, kept: dict, command: str, loads: tuple,
+                not_run: list) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     ref = 100 * refs["accuracy"]
     lines = [
@@ -441,6 +455,9 @@ def write_table(rows: list, refs: dict, paths: dict, normalized: dict, kept: dic
         load = f"{r['load'][0]} → {r['load'][1]}" if r.get("load") else "not recorded"
         lines.append(f"| {r['engine']} | {r['route']} | {r['config']} | {identical} | {acc:.1f} % | "
                      f"{acc - ref:+.1f} | {r['seconds']:.0f} | {load} |")
+    if not_run:
+        lines += ["", "Not run (the table was written from the configurations finished so far): "
+                  + "; ".join(not_run) + "."]
     run = load_json(Path(kept["adapter"]).parent / "results.json") or {}
     before = f" (the base's own accuracy: {100 * run['accuracy_before']:.1f} %, the run's results.json)" \
         if "accuracy_before" in run else ""
@@ -463,7 +480,8 @@ def write_table(rows: list, refs: dict, paths: dict, normalized: dict, kept: dic
     lines.append("")
     RESULTS.with_suffix(".md").write_text("\n".join(lines))
     save_json(RESULTS.with_suffix(".json"), {"reference": refs | {"continuations": None}, "rows": rows, "lora": lora,
-                                             "normalized": normalized, "source_quant_kept_share": kept})
+                                             "normalized": normalized, "source_quant_kept_share": kept,
+                                             "not_run": not_run})
     print("\n".join(lines))
 
 
@@ -478,6 +496,8 @@ def main() -> None:
     parser.add_argument("--pieces", type=int, default=None,
                         help="run at most this many uncached engine configurations, then stop (a rerun resumes); "
                              "keeps each process short on a shared machine")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run no engine configuration: write the table from the finished ones, listing the rest")
     args = parser.parse_args()
     loads = (f"{os.getloadavg()[0]:.2f}",)
     work = Path(args.work)
@@ -488,15 +508,16 @@ def main() -> None:
     normalized = normalized_checks(setup, paths, work)
     made = converters(setup, paths, work)
     refs = references(setup, work, args.max_new_tokens)
-    pieces = [args.pieces]
+    pieces = Pieces(args.pieces, args.table_only)
     try:
         rows = engine_rows(python, setup, paths, made, refs, work, args.max_new_tokens, args.threads, pieces)
-        rows.append(transformers_on_gguf(setup, paths["merged-source"], work, args.max_new_tokens, pieces))
+        rows += [r for r in [transformers_on_gguf(setup, paths["merged-source"], work, args.max_new_tokens, pieces)] if r]
     except Budget:
         log(f"stopped after --pieces {args.pieces}; rerun the same command to continue")
         return
     command = "python benchmarks/serving_engines.py " + " ".join(sys.argv[1:])
-    write_table(rows, refs, paths, normalized, kept_share(paths, work), command, loads + (f"{os.getloadavg()[0]:.2f}",))
+    write_table(rows, refs, paths, normalized, kept_share(paths, work), command, loads + (f"{os.getloadavg()[0]:.2f}",),
+                pieces.not_run)
 
 
 if __name__ == "__main__":
