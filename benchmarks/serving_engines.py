@@ -463,7 +463,8 @@ def write_table(rows: list, refs: dict, paths: dict, normalized: dict, kept: dic
         if "accuracy_before" in run else ""
     by_tensor = ", ".join(f"{k} {100 * v:.0f} %" for k, v in kept["by_tensor"].items())
     lines += ["", f"The `source` (Q4_1) file keeps {100 * kept['overall']:.0f} % of the fine-tune's change W' - W0 "
-                  f"(projection of Q(W') - W0 on W' - W0 over the replaced tensors, W' from the f16 export; {by_tensor}). "
+                  f"(projection of Q(W') - W0 on W' - W0 over the replaced tensors, W' from the f16 export; {by_tensor})"
+                  + (": " if kept["overall"] < 0.5 else ". ")
                   + (f"most of the change is smaller than Q4_1's step and rounds back to the base{before}. "
                      "The LoRA GGUF beside the original Q4_1 file keeps it." if kept["overall"] < 0.5 else "")]
     lora = paths["lora-reports"]
