@@ -32,6 +32,9 @@ __all__ = sorted(_PUBLIC)
 def __getattr__(name: str):
     if name not in _PUBLIC:
         raise AttributeError(f"module 'dorafit' has no attribute {name!r}")
+    # dorafit.hub registers the adapter-only save_pretrained that attach and load_adapter install
+    # on transformers models; importing the package eagerly did that, its first public name does.
+    importlib.import_module("dorafit.hub")
     value = getattr(importlib.import_module(f"dorafit.{_PUBLIC[name]}"), name)
     globals()[name] = value  # the next lookup is a plain attribute
     return value

@@ -94,11 +94,7 @@ def _is_transformers_model(model: nn.Module) -> bool:
 
 def install_save_pretrained(model: nn.Module) -> None:
     """Shadow ``model.save_pretrained`` with the adapter-only writer (transformers models only)."""
-    if not _is_transformers_model(model) or SAVE_HOOK_MARKER in model.__dict__:
-        return
-    if _save_pretrained_writer is None:
-        from . import hub  # noqa: F401  (registers the writer; ``import dorafit`` no longer imports it)
-    if _save_pretrained_writer is None:
+    if _save_pretrained_writer is None or not _is_transformers_model(model) or SAVE_HOOK_MARKER in model.__dict__:
         return
     # A partial, not a bound method: it pickles by reference (torch.save(model), copy.deepcopy).
     model.__dict__["save_pretrained"] = functools.partial(_save_pretrained_writer, model)
