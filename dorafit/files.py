@@ -106,7 +106,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _kind_of(mode: int) -> str:
+def kind_of(mode: int) -> str:
     for test, name in ((stat.S_ISLNK, "symbolic link"), (stat.S_ISDIR, "folder"), (stat.S_ISCHR, "character device"),
                        (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket")):
         if test(mode):
@@ -130,7 +130,7 @@ def check_file_target(path: PathLike) -> None:
     if stat.S_ISLNK(st.st_mode):
         raise OutputPathError(f"{path} is a symbolic link (to {os.readlink(path)}); dorafit never writes through or "
                               "over a link: give the real path or a new file name")
-    raise OutputPathError(f"{path} is a {_kind_of(st.st_mode)}, not a regular file; refusing to write over it: "
+    raise OutputPathError(f"{path} is a {kind_of(st.st_mode)}, not a regular file; refusing to write over it: "
                           "give a new file name")
 
 
@@ -143,7 +143,7 @@ def check_folder_target(path: PathLike) -> None:
     if stat.S_ISLNK(st.st_mode):
         raise OutputPathError(f"{path} is a symbolic link (to {os.readlink(path)}); dorafit never writes through or "
                               "over a link: give the real folder")
-    raise FileExistsError(f"{path} exists and is not a directory (it is a {_kind_of(st.st_mode)})")
+    raise FileExistsError(f"{path} exists and is not a directory (it is a {kind_of(st.st_mode)})")
 
 
 def is_disk_full(err: BaseException) -> bool:

@@ -107,6 +107,16 @@ def is_converted(folder: Path) -> bool:
     return (folder / _MARKER).is_file() and (folder / "config.json").is_file()
 
 
+def recorded_source(folder: Path):
+    """The GGUF file a finished conversion ``folder`` was made from (its marker), or None."""
+    try:
+        data = json.loads((Path(folder) / _MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    source = data.get("gguf_file") if isinstance(data, dict) else None
+    return Path(source) if isinstance(source, str) and Path(source).is_file() else None
+
+
 # ---------------------------------------------------------------------------- the GGUF header
 
 # GGUF value types -> struct format of one scalar (8 string, 9 array are read apart).

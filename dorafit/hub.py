@@ -29,46 +29,27 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
-from .adapter_files import WRITER, WRITER_KEY
+from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, existing_writer
 from .adapters import set_save_pretrained_writer
 from .remote import ADAPTER_FILES, resolve_adapter_path, upload_adapter_folder  # noqa: F401  (re-exported)
 from .sharding import written_by_one_rank
 
 
 
-def _check_replaceable(file: Path) -> None:
-    """Refuse to overwrite an adapter weights file that dorafit did not write."""
-    if not file.exists():
-        return
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception:
-        meta = {}
-    if meta.get(WRITER_KEY) != WRITER and meta.get("format") != "dorafit":
-        raise FileExistsError(f"{file} exists and was not written by dorafit; save the adapter to another folder")
-
-
 def write_adapter_files(model: nn.Module, folder: Union[str, os.PathLike]) -> Path:
     """Write the active adapter's two files into ``folder`` (created if needed), leaving every
-    other file there alone. PEFT's layout where it can hold the adapter, dorafit's otherwise;
-    the writing itself is ``save_adapter``'s. Unlike ``save_adapter``, an adapter file there that
+    other file there alone. PEFT's layout where it can hold the adapter, dorafit's otherwise
+    (``save_adapter(..., format="auto")``). Unlike ``save_adapter``, an adapter file there that
     dorafit did not write is refused: ``save_pretrained`` is called on whatever folder a Trainer
     or a user hands it."""
-    from .interop import PeftFormatError, save_peft_adapter
-    from .io import CONFIG_NAME, WEIGHTS_NAME, save_adapter
+    from .io import save_adapter
 
     folder = Path(folder)
-    weights, config_file = folder / WEIGHTS_NAME, folder / CONFIG_NAME
-    _check_replaceable(weights)
-    if config_file.exists() and not weights.exists():
-        raise FileExistsError(f"{config_file} exists and was not written by dorafit; save the adapter to another folder")
-    try:
-        return save_peft_adapter(model, folder)
-    except PeftFormatError:  # raised before anything is written: VeRA, DVoRA, magnitude-only
-        return save_adapter(model, folder)
+    if existing_writer(folder) == "":
+        raise FileExistsError(f"{folder / WEIGHTS_NAME} exists and was not written by dorafit; save the adapter to another folder")
+    if (folder / CONFIG_NAME).exists() and existing_writer(folder) is None:
+        raise FileExistsError(f"{folder / CONFIG_NAME} exists and was not written by dorafit; save the adapter to another folder")
+    return save_adapter(model, folder, format="auto")
 
 
 @written_by_one_rank
@@ -111,14 +92,19 @@ def load_adapter_weights(model: nn.Module, path: Union[str, os.PathLike]) -> nn.
     adapter in place: how a Trainer resumes from an adapter-only checkpoint. Every key and shape
     is checked before the first copy."""
     from .inject import adapter_state_dict
-    from .interop import read_peft_weights, split_peft_state
-    from .io import AdapterFileError, read_adapter_config, read_safetensors, WEIGHTS_NAME
+    from .interop import read_peft_files, split_peft_state
+    from .io import AdapterFileError
+
+    from .normalized import NORMALIZED_KEY
 
     path = Path(path)
-    data = read_adapter_config(path)
+    files = read_peft_files(path)
+    if NORMALIZED_KEY in files.config:
+        raise AdapterFileError(f"{path} is pre-normalized DoRA (its magnitudes hold g = m / ||W0 + s B A||): load it with "
+                               "dorafit.load_adapter, which rebuilds m, not as training weights")
     expected = adapter_state_dict(model)  # {"<module>.<param>": live tensor}
-    if "peft_type" in data:
-        factors, _, other = split_peft_state(read_peft_weights(path), path)
+    if "peft_type" in files.config:
+        factors, _, other = split_peft_state(files.tensors, path)
         stored: Dict[str, torch.Tensor] = {f"{m}.{k}": t for m, fs in factors.items() for k, t in fs.items()}
         saves = {k.split(".trainable.")[0] for k in expected if ".trainable." in k}
         for key, t in other.items():  # modules_to_save copies: "<module>.<key>" of the copy's state
@@ -126,7 +112,7 @@ def load_adapter_weights(model: nn.Module, path: Union[str, os.PathLike]) -> nn.
             if owner is not None:
                 stored[f"{owner}.trainable.{key[len(owner) + 1:]}"] = t
     else:
-        stored = read_safetensors(path / WEIGHTS_NAME)
+        stored = files.tensors
     missing = sorted(set(expected) - set(stored))
     if missing:
         raise AdapterFileError(f"{path}: the adapter lacks {len(missing)} tensor(s) this model's adapter holds, e.g. {missing[:5]}")

@@ -41,7 +41,18 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, WRITER, WRITER_KEY, AdapterFileError, read_adapter_config, read_safetensors
+from .adapter_files import (
+    CONFIG_NAME,
+    RECORD_KEY,
+    WEIGHTS_NAME,
+    WRITER,
+    WRITER_KEY,
+    AdapterFileError,
+    AdapterFiles,
+    read_adapter_config,
+    read_adapter_files,
+    write_adapter_pair,
+)
 from .config import (
     AdapterConfig,
     MAX_PATTERN_LENGTH,
@@ -54,9 +65,11 @@ from .config import (
     match_pattern,
     pattern_matches,
 )
-from .files import brief, write_into_directory
+from .adapter_record import adapter_record_of, warn_unquantized_base
+from .files import brief
 from .inject import CONFIG_ATTR, ModulesToSave, adapter_modules, attach, check_patterns_match, detach, find_targets
 from .layers import AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
+from .normalized import check_normalized_base, normalized_record, rebuild_magnitudes
 from .sharding import written_by_one_rank
 
 PREFIX = "base_model.model."
@@ -100,11 +113,19 @@ class PeftFormatError(AdapterFileError):
 
 # ------------------------------------------------------------------------------------------------
 # Reading PEFT's directory
+def read_peft_files(path: Path) -> AdapterFiles:
+    """A PEFT adapter directory's config and tensors, read as one pair (``read_adapter_files``);
+    a legacy .bin weights file is read as plain tensors."""
+    if (path / WEIGHTS_NAME).is_file() or not (path / LEGACY_WEIGHTS_NAME).is_file():
+        return read_adapter_files(path)  # (names the missing file when there is neither)
+    return AdapterFiles(path, read_adapter_config(path), read_peft_weights(path))
+
+
 def read_peft_weights(path: Path) -> Dict[str, torch.Tensor]:
     """The tensors of a PEFT adapter directory (safetensors; a legacy .bin only as weights)."""
     st = path / WEIGHTS_NAME
     if st.is_file():
-        return read_safetensors(st)
+        return read_adapter_files(path).tensors
     legacy = path / LEGACY_WEIGHTS_NAME
     if legacy.is_file():
         # Older PEFT wrote a torch file; read it as plain tensors, never by unpickling objects.
@@ -380,10 +401,13 @@ def _dorafit_config(
     cfg: Dict[str, Any],
     layers: Dict[str, Tuple[int, float]],
     saves: List[str],
+    options: Optional[Dict[str, Any]] = None,
 ) -> AdapterConfig:
     """An AdapterConfig that adapts exactly ``layers`` (with their rank and alpha) and copies
     exactly ``saves``: PEFT's own patterns when dorafit's matching rules give the same result on
-    this model (readable), else one exact pattern per module."""
+    this model (readable), else one exact pattern per module. ``options``: dorafit's own options
+    PEFT has no field for (dropout_mode, detach_norm, adapter_dtype), from the record of a file
+    dorafit wrote."""
     common = dict(
         method="dora" if cfg.get("use_dora") else "lora",
         rank=int(cfg["r"]),
@@ -394,6 +418,7 @@ def _dorafit_config(
         detach_norm=True,  # PEFT always treats the norm as a constant (paper section 4.3)
         adapter_dtype="float32",  # PEFT's default (autocast_adapter_dtype=True) keeps adapters in fp32
     )
+    common.update(options or {})
     targets = cfg.get("target_modules")
     exclude = cfg.get("exclude_modules")
     candidate = None
@@ -428,18 +453,29 @@ def _dorafit_config(
     return exact
 
 
-def load_peft_adapter(base_model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+def load_peft_adapter(base_model: nn.Module, path: Union[str, os.PathLike], allow_base_mismatch: bool = False,
+                      files: Optional[AdapterFiles] = None) -> nn.Module:
     """Attach the PEFT LoRA / DoRA adapter saved in directory ``path`` to ``base_model``.
 
     Returns ``base_model`` with dorafit adapters (and modules_to_save copies) carrying PEFT's
     weights: the same outputs as ``PeftModel.from_pretrained(base_model, path)``. Every key,
     shape and option is checked first; on error the model is left as it was.
+
+    A layer whose rank exceeds min(out, in) (PEFT allows it; a product B A never has more) is
+    loaded at that rank with the same product B A and scaling. A pre-normalized DoRA folder
+    (``dorafit.normalized``) gets m = g ⊙ ‖W0 + s B A‖ rebuilt on this base; a base
+    whose weights' hash differs from the recorded one is refused unless ``allow_base_mismatch``.
+    ``files``: the folder's files when the caller has read them already.
     """
     source = Path(path)
-    cfg = read_adapter_config(source)
+    files = files if files is not None else read_peft_files(source)
+    cfg = files.config
     check_peft_config(cfg, source)
+    normalized = normalized_record(cfg, source)
+    record = files.record()
+    options = {k: v for k, v in (record.get("config") or {}).items() if k in ("dropout_mode", "detach_norm", "adapter_dtype")}
     weights_file = source / WEIGHTS_NAME
-    factors, tables, other = split_peft_state(read_peft_weights(source), source)
+    factors, tables, other = split_peft_state(files.tensors, source)
     if not factors:
         raise PeftFormatError(f"{weights_file}: no LoRA weights (no key ending in .lora_A.weight or .lora_embedding_A)")
     modules = dict(base_model.named_modules())
@@ -492,6 +528,8 @@ def load_peft_adapter(base_model: nn.Module, path: Union[str, os.PathLike]) -> n
             if not found[factor].is_floating_point():
                 raise PeftFormatError(f"{weights_file}: module {name!r}: {factor} has dtype {found[factor].dtype}")
         alpha = float(peft_pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"], "alpha_pattern"))
+        if rank > min(found["lora_a"][0].numel(), found["lora_b"].shape[0]):
+            rank, alpha = _reduce_rank(found, rank, alpha, bool(cfg.get("use_rslora", False)))
         layers[name] = (rank, alpha)
         if issubclass(kind, ConvAdapter):
             _check_conv_semantics(name, module, "loading PEFT adapter:")
@@ -556,8 +594,12 @@ def load_peft_adapter(base_model: nn.Module, path: Union[str, os.PathLike]) -> n
                     f"{tuple(want[k].shape)}"
                 )
 
-    # 4. Attach and copy. attach validates before touching the model; after it, undo on error.
-    config = _dorafit_config(base_model, cfg, layers, saves)
+    # 4. A pre-normalized DoRA adapter: g is tied to the base weights it was computed against.
+    if normalized is not None:
+        check_normalized_base(base_model, normalized, sorted(layers), source, allow_base_mismatch)
+
+    # 5. Attach and copy. attach validates before touching the model; after it, undo on error.
+    config = _dorafit_config(base_model, cfg, layers, saves, options)
     attach(base_model, config)
     try:
         with torch.no_grad():
@@ -574,10 +616,28 @@ def load_peft_adapter(base_model: nn.Module, path: Union[str, os.PathLike]) -> n
                 if not isinstance(copy, ModulesToSave):
                     raise PeftFormatError(f"modules_to_save module {s!r} was not wrapped")
                 copy.trainable.load_state_dict(save_states[s], strict=True)
+            if normalized is not None:  # the file holds g; the layer's magnitude is m = g ⊙ ‖W0 + s B A‖
+                rebuild_magnitudes(base_model)
     except BaseException:
         detach(base_model)
         raise
+    if record:
+        warn_unquantized_base(base_model, record, source)
     return base_model
+
+
+def _reduce_rank(found: Dict[str, torch.Tensor], rank: int, alpha: float, rslora: bool) -> Tuple[int, float]:
+    """Replace A (r, in...) and B (out, r...) of rank r > k = min(out, in_flat) by factors of rank k
+    with the same product B A (its SVD, float64) and the same scaling; returns (k, new alpha)."""
+    a, b = found["lora_a"], found["lora_b"]
+    a_2d = a.reshape(rank, -1).double()
+    b_2d = b.reshape(b.shape[0], rank).double()
+    k = min(a_2d.shape[1], b_2d.shape[0])
+    u, sigma, vh = torch.linalg.svd(b_2d @ a_2d, full_matrices=False)  # (out, in_flat), rank ≤ k
+    scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+    found["lora_b"] = (u[:, :k] * sigma[:k]).reshape((b.shape[0], k) + tuple(b.shape[2:])).to(b.dtype)
+    found["lora_a"] = vh[:k].reshape((k,) + tuple(a.shape[1:])).to(a.dtype)
+    return k, scaling * (math.sqrt(k) if rslora else k)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -750,14 +810,17 @@ def peft_config_and_state(model: nn.Module) -> Tuple[Dict[str, Any], Dict[str, t
 def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     """Write the model's adapters as a PEFT directory that ``PeftModel.from_pretrained`` loads.
 
-    Only its two files are written (each replaced atomically); other files there stay. Returns the path.
+    The two files are written as one pair (``dorafit.adapter_files``); other files there stay.
+    The weights' metadata carries dorafit's own record of the adapter (``RECORD_KEY``: options
+    PEFT has no field for, the 4-bit base of a QDoRA adapter), which PEFT ignores. Returns the path.
     """
-    from safetensors.torch import save_file
-
     peft_cfg, state = peft_config_and_state(model)
-    path = Path(path)
-    config_text = json.dumps(peft_cfg, indent=2, sort_keys=True) + "\n"
-    return write_into_directory(path, {
-        WEIGHTS_NAME: lambda f: save_file(state, str(f), metadata={"format": "pt", WRITER_KEY: WRITER}),
-        CONFIG_NAME: lambda f: f.write_text(config_text, encoding="utf-8"),
-    })
+    return write_adapter_pair(Path(path), peft_cfg, state, peft_metadata(model), sort_keys=True)
+
+
+def peft_metadata(model: nn.Module) -> Dict[str, str]:
+    """The safetensors metadata of a PEFT-layout file dorafit writes for ``model``'s adapter."""
+    from . import __version__
+
+    return {"format": "pt", WRITER_KEY: WRITER, "dorafit_version": __version__,
+            RECORD_KEY: json.dumps(adapter_record_of(model), sort_keys=True)}

@@ -3,26 +3,27 @@
 The format is fixed:
 - ``adapter_config.json``: {"format": "dorafit", "dorafit_version", "config": AdapterConfig,
   "base_model": {"class", "name_or_path"}, "modules": {name: {"type", "weight_shape", "method",
-  "rank"}}}
+  "rank", "alpha", "base_dtype"}}}
 - ``adapter_model.safetensors``: "<module>.lora_a", "<module>.lora_b", "<module>.magnitude"
-  (and "<module>.trainable.<key>" for modules_to_save copies), tensors only, never pickled.
+  (and "<module>.trainable.<key>" for modules_to_save copies), tensors only, never pickled; its
+  metadata ties it to the config it was saved with (``dorafit.adapter_files``).
 
-Saving into an existing folder adds or replaces only these two files (each by an atomic
-rename; the weights first, so the config never names weights that are not there yet) and
-leaves every other file there alone; a new folder appears complete. Loading validates the
-directory, the config, every module's base shape, every key, shape and value (finite) before
-any weight is copied, and leaves the model untouched when something does not fit.
+``save_adapter`` writes this layout, PEFT's (``format="peft"``, ``dorafit.interop``), or
+``format="auto"``: PEFT's wherever PEFT can hold the adapter (LoRA and DoRA), dorafit's for the
+rest (VeRA, DVoRA, magnitude-only, mixed methods) — what ``dorafit train`` writes. The two files
+are written as one pair into a folder (a new folder appears complete; in an existing one, other
+files stay); a folder holding a model is refused. Loading reads both layouts, validates the
+directory, the config, every module's base shape, every key, shape and value (finite) before any
+weight is copied, and leaves the model untouched when something does not fit.
 A 4-bit base is recorded per module ("quantization": {"quant_type", "blocksize",
 "double_quant", "compute_dtype"}) and as "base_quantization", so that tools can quantize the
-base the same way before loading; ``load_adapter`` warns when it is not. A directory written
-by PEFT (``"peft_type"`` in its config) is handed to ``dorafit.interop``.
+base the same way before loading; ``load_adapter`` warns when it is not. In a PEFT-layout file
+dorafit wrote, this record travels in the weights' metadata.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -35,36 +36,23 @@ from .adapter_files import (  # noqa: F401  (re-exported: dorafit.io is where us
     CONFIG_NAME,
     WEIGHTS_NAME,
     AdapterFileError,
+    adapter_record,
     check_finite,
     read_adapter_config,
+    read_adapter_files,
     read_safetensors,
+    write_adapter_pair,
 )
-from .files import write_into_directory
-from .inject import CONFIG_ATTR, adapter_modules, adapter_state_dict, attach, detach
-from .sharding import model_class, written_by_one_rank
-
-FORMAT = "dorafit"
-
-
-def _base_identity(model: nn.Module) -> Dict[str, Any]:
-    cfg = getattr(model, "config", None)
-    name = getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None)
-    return {
-        "class": model_class(model).__name__,
-        "name_or_path": str(name) if name else None,
-        "model_type": getattr(cfg, "model_type", None),
-    }
-
-
-def _weight_shape(module: nn.Module) -> Optional[list]:
-    """The logical shape of a module's weight; a 4-bit weight is stored packed, its quant_state
-    knows the shape it stands for (so an adapter trained on a 4-bit base loads on a full one)."""
-    weight = getattr(module, "weight", None)
-    if weight is None:
-        return None
-    quant_state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)  # FSDP2: the layer's
-    shape = getattr(quant_state, "shape", None)
-    return list(shape if shape is not None else weight.shape)
+from .adapter_record import (  # noqa: F401  (re-exported)
+    FORMAT,
+    _weight_shape,
+    adapter_record_of,
+    base_quantization,
+    recorded_quantization,
+    warn_unquantized_base,
+)
+from .inject import adapter_modules, adapter_state_dict, attach, detach
+from .sharding import written_by_one_rank
 
 
 def _extra_tensors(model: nn.Module, names_only: bool = False):
@@ -84,58 +72,12 @@ def _extra_tensors(model: nn.Module, names_only: bool = False):
     return names if names_only else tensors
 
 
-def base_quantization(module: nn.Module) -> Optional[Dict[str, Any]]:
-    """How a 4-bit (bitsandbytes) base layer is quantized, or None for a full-precision one."""
-    quant_state = getattr(getattr(module, "weight", None), "quant_state", None) or getattr(module, "quant_state", None)
-    if quant_state is None:
-        return None
-    compute = getattr(module, "compute_dtype", None)
-    return {
-        "quant_type": str(getattr(quant_state, "quant_type", "nf4")),
-        "blocksize": int(getattr(quant_state, "blocksize", 64)),
-        "double_quant": bool(getattr(quant_state, "nested", False)),
-        "compute_dtype": str(compute).replace("torch.", "") if compute is not None else None,
-    }
-
-
-def _module_record(adapter) -> Dict[str, Any]:
-    record = {
-        "type": type(adapter.base).__name__,
-        "weight_shape": _weight_shape(adapter.base),
-        "method": adapter.method,
-        "rank": adapter.rank,
-        "alpha": adapter.alpha,
-    }
-    quantization = base_quantization(adapter.base)
-    if quantization is not None:
-        record["quantization"] = quantization
-    return record
-
-
-def recorded_quantization(data: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """{module name: quantization record} of an adapter config read by ``read_adapter_config``."""
-    modules = data.get("modules") if isinstance(data.get("modules"), dict) else {}
-    return {name: rec["quantization"] for name, rec in modules.items()
-            if isinstance(rec, dict) and isinstance(rec.get("quantization"), dict)}
-
-
 def adapter_file_contents(model: nn.Module):
     """(the ``adapter_config.json`` dict, the tensors) of the model's active adapter, dorafit layout."""
-    config = getattr(model, CONFIG_ATTR, None)
-    if config is None or not adapter_modules(model):
-        raise AdapterFileError("model has no dorafit adapters to save (attach or load an adapter first)")
+    meta = adapter_record_of(model)
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    meta = {
-        "format": FORMAT,
-        "dorafit_version": __version__,
-        "config": config.to_dict(),
-        "base_model": _base_identity(model),
-        "modules": {name: _module_record(a) for name, a in adapter_modules(model)},
-    }
     # method-specific tensors (e.g. VeRA's shared matrices when asked to store them)
     state.update({k: v.detach().cpu().contiguous() for k, v in _extra_tensors(model).items()})
-    quantized = sorted({r["quantization"]["quant_type"] for r in meta["modules"].values() if "quantization" in r})
-    meta["base_quantization"] = quantized[0] if len(quantized) == 1 else (quantized or None)
     return meta, state
 
 
@@ -143,26 +85,28 @@ def adapter_file_contents(model: nn.Module):
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], format: str = "dorafit") -> Path:
     """Write the model's adapters to folder ``path``; returns the path.
 
-    Only ``adapter_config.json`` and ``adapter_model.safetensors`` are written (each replaced
-    atomically); other files in an existing folder, e.g. a base model's, stay untouched.
+    Only ``adapter_config.json`` and ``adapter_model.safetensors`` are written, as one pair
+    (``dorafit.adapter_files``); other files in an existing folder stay untouched. A folder that
+    holds a model (config.json and weights) is refused: save the adapter beside it, or in a
+    subfolder.
 
-    ``format="peft"`` writes PEFT's layout instead (see ``dorafit.interop``). On a model sharded
-    over processes (FSDP2, tensor parallel) every rank calls it and rank 0 writes whole tensors.
+    ``format``: "dorafit" (this module's layout), "peft" (PEFT's, ``dorafit.interop``; LoRA and
+    DoRA only), or "auto": PEFT's where it can hold the adapter, else dorafit's.
+    On a model sharded over processes (FSDP2, tensor parallel) every rank calls it and rank 0
+    writes whole tensors.
     """
-    if format == "peft":
-        from .interop import save_peft_adapter
-
-        return save_peft_adapter(model, path)
+    if format not in ("dorafit", "peft", "auto"):
+        raise ValueError(f"format must be 'dorafit', 'peft' or 'auto', got {format!r}")
     if format != "dorafit":
-        raise ValueError(f"format must be 'dorafit' or 'peft', got {format!r}")
-    from safetensors.torch import save_file
+        from .interop import PeftFormatError, save_peft_adapter
 
+        try:
+            return save_peft_adapter(model, path)
+        except PeftFormatError:  # raised before anything is written
+            if format == "peft":
+                raise
     meta, state = adapter_file_contents(model)
-    config_text = json.dumps(meta, indent=2) + "\n"
-    return write_into_directory(Path(path), {
-        WEIGHTS_NAME: lambda f: save_file(state, str(f), metadata={"format": FORMAT, "dorafit_version": __version__}),
-        CONFIG_NAME: lambda f: f.write_text(config_text, encoding="utf-8"),
-    })
+    return write_adapter_pair(Path(path), meta, state, {"format": FORMAT, "dorafit_version": __version__})
 
 
 def recorded_base_model(path: Union[str, os.PathLike]) -> Optional[str]:
@@ -194,34 +138,13 @@ def _check_base(model: nn.Module, modules: Dict[str, Any], source: Path) -> None
             )
 
 
-def warn_unquantized_base(model: nn.Module, data: Dict[str, Any], source: Path) -> None:
-    """One warning when the adapter was trained on a 4-bit base and this base is not 4-bit: the
-    model then computes something other than what was trained."""
-    recorded = recorded_quantization(data)
-    plain = []
-    for name in recorded:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            continue
-        module = getattr(module, "base", module)  # the adapted layer's frozen base
-        if base_quantization(module) is None:
-            plain.append(name)
-    if plain:
-        kind = sorted({recorded[n]["quant_type"] for n in plain})
-        warnings.warn(
-            f"{source}: the adapter was trained on a 4-bit {'/'.join(kind)} base ({len(plain)} modules, e.g. "
-            f"{plain[0]!r}) but this base is full precision, so its outputs differ from the trained model's; "
-            "quantize the base first: dorafit.quant.quantize_model(model, names, quant_type)",
-            UserWarning, stacklevel=3)
-
-
 def load_adapter(
     base_model: nn.Module,
     path: Union[str, os.PathLike],
     name: str = "default",
     trainable: bool = True,
     revision: Optional[str] = None,
+    allow_base_mismatch: bool = False,
 ) -> nn.Module:
     """Attach the adapter stored in ``path`` (a folder, or a hub repository id) to ``base_model``
     and load its weights.
@@ -230,16 +153,23 @@ def load_adapter(
     shape, and leaves ``base_model`` as it was. On a model that has adapters already, the new
     one is added under ``name`` and stays inactive (``dorafit.set_adapter`` switches).
     ``trainable=False`` loads it for inference: its parameters never require gradients.
+
+    A pre-normalized DoRA folder (``dorafit export --to dora-normalized``: the magnitude key holds
+    g = m / ‖W0 + s B A‖) gets its magnitude rebuilt, m = g ⊙ ‖W0 + s B A‖ on this base, so the
+    model computes g ⊙ (W0 x + s B A x) + b exactly as an engine serving the folder does. g is
+    tied to the base it was computed against: a base whose weights hash differently is refused
+    unless ``allow_base_mismatch=True``.
     """
-    from .adapters import adding_adapter, registry, set_trainable
+    from .adapters import adding_adapter, check_adapter_name, registry, set_trainable
     from .remote import resolve_adapter_path
 
+    check_adapter_name(name)  # before anything is read
     path = resolve_adapter_path(path, revision=revision)
     if registry(base_model):
         with adding_adapter(base_model, name):
-            _load_adapter_files(base_model, path)
+            _load_adapter_files(base_model, path, allow_base_mismatch)
     else:
-        _load_adapter_files(base_model, path)
+        _load_adapter_files(base_model, path, allow_base_mismatch)
         if name != "default":
             from .adapters import rename_adapter
 
@@ -248,13 +178,14 @@ def load_adapter(
     return base_model
 
 
-def _load_adapter_files(base_model: nn.Module, path: Path) -> nn.Module:
+def _load_adapter_files(base_model: nn.Module, path: Path, allow_base_mismatch: bool = False) -> nn.Module:
     """``load_adapter`` on a model without adapters: the new one is attached as "default"."""
-    data = read_adapter_config(path)
-    if "peft_type" in data:
-        from .interop import load_peft_adapter
+    from .interop import load_peft_adapter, read_peft_files
 
-        return load_peft_adapter(base_model, path)
+    files = read_peft_files(path)  # the config and the weights of one save, read once
+    data = files.config
+    if "peft_type" in data:
+        return load_peft_adapter(base_model, path, allow_base_mismatch=allow_base_mismatch, files=files)
     if data.get("format") != FORMAT or "config" not in data:
         raise AdapterFileError(f"{path / CONFIG_NAME} is not a dorafit adapter config (no \"format\": \"dorafit\")")
     try:
@@ -265,7 +196,7 @@ def _load_adapter_files(base_model: nn.Module, path: Path) -> nn.Module:
     if not isinstance(modules, dict):
         raise AdapterFileError(f"{path / CONFIG_NAME}: \"modules\" must be an object")
     _check_base(base_model, modules, path)
-    tensors = read_safetensors(path / WEIGHTS_NAME)
+    tensors = files.tensors
 
     attach(base_model, config)
     try:

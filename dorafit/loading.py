@@ -68,9 +68,9 @@ def quantize_like_adapter(model, adapter, command: str) -> list:
 
     from dorafit import quant
     from dorafit.inject import _set_submodule
-    from dorafit.io import read_adapter_config, recorded_quantization
+    from dorafit.io import recorded_quantization
 
-    recorded = recorded_quantization(read_adapter_config(adapter))
+    recorded = recorded_quantization(adapter)  # either layout: a PEFT-layout file keeps it in its metadata
     if not recorded:
         return []
     kinds = sorted({r.get("quant_type", "nf4") for r in recorded.values()})

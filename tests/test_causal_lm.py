@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -110,9 +112,10 @@ def test_train_eval_merge_generate_and_peft_export_on_the_real_model(smollm2_fol
         base = AutoModelForCausalLM.from_pretrained(smollm2_folder).eval()
         assert not torch.allclose(base(**batch).logits, plain(**batch).logits, atol=1e-4)  # it trained
 
-    # PEFT export: PeftModel gives the same logits; merge_and_unload gives dorafit's merged weights.
-    peft_dir = tmp_path / "peft"
-    dorafit.save_adapter(adapted, peft_dir, format="peft")
+    # The run's adapter is in PEFT's layout: PeftModel reads it as written, to the same logits;
+    # merge_and_unload gives dorafit's merged weights.
+    peft_dir = out / "adapter"
+    assert json.loads((peft_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_folder), peft_dir).eval()
     with torch.no_grad():
         ours, theirs = adapted(**batch).logits, peft_model(**batch).logits

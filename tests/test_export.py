@@ -104,3 +104,140 @@ def test_reported_error_is_the_svd_tail():
         approx = (u[:, :2] * s[:2]) @ vh[:2]
         want = float(torch.linalg.matrix_norm(delta - approx) / torch.linalg.matrix_norm(delta))
         assert report.layer_errors[name] == pytest.approx(want, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- one scale for every reader
+
+
+def test_capped_layers_get_one_rank_and_one_scale_that_every_reader_applies(tmp_path):
+    """Rank 20 on a model whose k/v projections allow 16: every layer is written at rank 20 (k/v
+    padded with zeros), lora_alpha = r and no patterns, so PEFT (alpha / r per layer), llama.cpp
+    (alpha / r from the layer's tensors) and vLLM (alpha / r from the config) all scale by 1; PEFT
+    and dorafit then compute the report's drift."""
+    import json
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    model = dorafit.attach(_tiny_llama(), AdapterConfig(rank=4, alpha=8, targets=["q_proj", "k_proj", "v_proj", "down_proj"]))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, a in dorafit.adapter_modules(model):
+            a.lora_b.copy_(torch.randn(a.lora_b.shape, generator=gen) * 0.3)
+    report = dorafit.export_lora(model, tmp_path / "lora", rank=20, inputs=INPUTS)
+    assert sorted(set(report.layer_ranks.values())) == [16, 20]
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["rank_pattern"], cfg["alpha_pattern"], cfg["use_rslora"]) == (20, 20, {}, {}, False)
+    state = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    k_a = state["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"]
+    assert k_a.shape == (20, 32) and not k_a[16:].any()  # zero rows past the layer's own rank
+    tuned = [model(**b).logits.detach() for b in INPUTS]
+    peft_model = PeftModel.from_pretrained(_tiny_llama(), tmp_path / "lora").eval()
+    ours = dorafit.load_adapter(_tiny_llama(), tmp_path / "lora", trainable=False)
+    assert {a.rank for _, a in dorafit.adapter_modules(ours)} == {16, 20}  # rank > min(out, in) loaded at 16
+    with torch.no_grad():
+        theirs = [peft_model(**b).logits for b in INPUTS]
+        mine = [ours(**b).logits for b in INPUTS]
+    drift = sum(float((t - w).pow(2).sum()) for t, w in zip(theirs, tuned)) ** 0.5 / sum(float(w.pow(2).sum()) for w in tuned) ** 0.5
+    assert drift == pytest.approx(report.logits_drift, rel=1e-4)
+    for t, m in zip(theirs, mine):
+        torch.testing.assert_close(m, t, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- pre-normalized DoRA
+
+
+def _eq5_scale(adapter):
+    """g = m / ‖W0 + s B A‖ per row in float64 (TensorRT-LLM's normalize_weights.py formula)."""
+    w0 = adapter.base_weight_2d().double()
+    delta = adapter.scaling * (adapter.lora_b.double() @ adapter.lora_a.double())
+    return adapter.magnitude.double() / (w0 + delta).norm(dim=1)
+
+
+def test_dora_normalized_holds_g_and_loads_back_exactly(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from dorafit.export import export_dora_normalized
+    from dorafit.normalized import base_weights_hash
+
+    model = _dora_model()
+    path = export_dora_normalized(model, tmp_path / "normalized")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    record = cfg["dora_normalized"]
+    assert cfg["peft_type"] == "LORA" and cfg["use_dora"] is True
+    assert record["convention"] == "g = m / ||W0 + s B A|| per output feature"
+    assert record["base_weights_dtype"] == "float32" and record["magnitude_dtype"] == "float32"
+    names = [n for n, _ in dorafit.adapter_modules(model)]
+    assert record["base_weights_sha256"] == base_weights_hash(_tiny_llama(), names)
+    state = load_file(str(path / "adapter_model.safetensors"))
+    for name, a in dorafit.adapter_modules(model):
+        g = state[f"base_model.model.{name}.lora_magnitude_vector"]
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), _eq5_scale(a), rtol=1e-6, atol=0)
+        torch.testing.assert_close(state[f"base_model.model.{name}.lora_A.weight"], a.lora_a.detach())
+    # the served form g ⊙ (W0 x + s B A x) + b is the adapted layer's output
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    g = state["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"]
+    served = g * (x @ layer.base.weight.T + layer.scaling * (x @ layer.lora_a.T) @ layer.lora_b.T)
+    torch.testing.assert_close(served.detach(), layer(x).detach(), rtol=1e-6, atol=1e-6)
+    # dorafit rebuilds m = g ⊙ ‖W0 + s B A‖: the magnitudes and the outputs come back
+    loaded = dorafit.load_adapter(_tiny_llama(), path, trainable=False)
+    for (name, a), (_, b) in zip(dorafit.adapter_modules(model), dorafit.adapter_modules(loaded)):
+        torch.testing.assert_close(b.magnitude, a.magnitude.detach(), rtol=1e-6, atol=0)
+    with torch.no_grad():
+        for batch in INPUTS:
+            want, got = model(**batch).logits, loaded(**batch).logits
+            assert float((got - want).norm() / want.norm()) < 1e-6
+
+
+def test_dora_normalized_refuses_another_base_unless_told(tmp_path):
+    from dorafit.export import export_dora_normalized
+
+    path = export_dora_normalized(_dora_model(), tmp_path / "normalized")
+    other = _tiny_llama()
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight.mul_(1.01)  # e.g. the base re-quantized
+    with pytest.raises(dorafit.AdapterFileError, match=r"pre-normalized DoRA .* computed against base weights with "
+                                                       r"sha256 [0-9a-f]{12}.*allow_base_mismatch=True"):
+        dorafit.load_adapter(other, path)
+    assert not dorafit.adapter_modules(other)
+    with pytest.warns(UserWarning, match="magnitude is rebuilt for this base"):
+        dorafit.load_adapter(other, path, allow_base_mismatch=True)
+    # it computes what an engine computes there: the exported g on the new W0
+    layer = other.model.layers[1].mlp.down_proj
+    from safetensors.torch import load_file
+
+    g = load_file(str(path / "adapter_model.safetensors"))["base_model.model.model.layers.1.mlp.down_proj.lora_magnitude_vector"]
+    x = torch.randn(2, 48, generator=torch.Generator().manual_seed(1))
+    served = g * (x @ layer.base.weight.T + layer.scaling * (x @ layer.lora_a.T) @ layer.lora_b.T)
+    torch.testing.assert_close(layer(x).detach(), served.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_dora_normalized_check_reports_the_drift_of_another_base(tmp_path):
+    import copy
+
+    from dorafit.export import check_dora_normalized, export_dora_normalized
+
+    model = _dora_model()
+    path = export_dora_normalized(model, tmp_path / "normalized")
+    ordinary = dorafit.save_adapter(model, tmp_path / "ordinary", format="peft")
+    same = check_dora_normalized(model, dorafit.load_adapter(_tiny_llama(), path), dorafit.load_adapter(_tiny_llama(), ordinary), INPUTS)
+    assert same.drift < 1e-6 and same.drift_recomputed < 1e-6
+    shifted = _tiny_llama()
+    with torch.no_grad():
+        for p in shifted.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 1e-3)
+    served = dorafit.load_adapter(copy.deepcopy(shifted), path, allow_base_mismatch=True)
+    report = check_dora_normalized(model, served, dorafit.load_adapter(shifted, ordinary), INPUTS)
+    assert report.drift > 1e-4 and report.drift_of_change > report.drift and report.drift_recomputed > 0
+
+
+def test_dora_normalized_needs_dora():
+    from dorafit.export import export_dora_normalized
+
+    model = dorafit.attach(_tiny_llama(), AdapterConfig(method="lora", rank=2, targets=["q_proj"]))
+    with pytest.raises(dorafit.AdapterError, match="needs a DoRA adapter on every module"):
+        export_dora_normalized(model, "/nonexistent/never-written")

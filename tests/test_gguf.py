@@ -13,7 +13,6 @@ import importlib.util
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,78 +20,8 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
 
 from dorafit import gguf as dgguf  # noqa: E402
+from gguf_cases import write_tiny_gguf  # noqa: E402
 from dorafit.train.models import ModelError, load_model, load_tokenizer, resolve_model_path  # noqa: E402
-
-TINY = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
-            max_position_embeddings=64, tie_word_embeddings=False)
-
-
-def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's q/k row order: per head, the two rotary halves interleaved."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def tiny_tokens() -> tuple[list[str], list[str]]:
-    """A byte-level BPE vocabulary of TINY['vocab_size'] tokens and its merges."""
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    letters = list("abcdefghijklmnopqrstuvwxyz") + ["Ġ"]
-    merges = ["a b", "Ġ a", "c d", "Ġ ab"]
-    tokens = specials + letters + [m.replace(" ", "") for m in merges]
-    tokens += [f"<extra_{i}>" for i in range(TINY["vocab_size"] - len(tokens))]
-    return tokens, merges
-
-
-def write_tiny_gguf(path: Path):
-    """A random tiny LLaMA as a float32 GGUF file; returns the transformers model it encodes."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # norms away from 1 so a dropped norm shows
-            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(TINY["num_hidden_layers"])
-    writer.add_context_length(TINY["max_position_embeddings"])
-    writer.add_embedding_length(TINY["hidden_size"])
-    writer.add_feed_forward_length(TINY["intermediate_size"])
-    writer.add_head_count(TINY["num_attention_heads"])
-    writer.add_head_count_kv(TINY["num_key_value_heads"])
-    writer.add_rope_freq_base(TINY["rope_theta"])
-    writer.add_layer_norm_rms_eps(TINY["rms_norm_eps"])
-    writer.add_vocab_size(TINY["vocab_size"])
-    writer.add_rope_dimension_count(TINY["hidden_size"] // TINY["num_attention_heads"])
-    tokens, merges = tiny_tokens()
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if t.startswith("<") else 1 for t in tokens])
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_pad_token_id(0)
-
-    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    for i in range(TINY["num_hidden_layers"]):
-        for hf, gg in names.items():
-            w = sd[f"model.layers.{i}.{hf}.weight"]
-            if gg == "attn_q":
-                w = llama_cpp_permute(w, TINY["num_attention_heads"])
-            elif gg == "attn_k":
-                w = llama_cpp_permute(w, TINY["num_key_value_heads"])
-            writer.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(w))
-    writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    writer.add_tensor("output.weight", sd["lm_head.weight"])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return model
-
 
 @pytest.fixture()
 def tiny_gguf(tmp_path, monkeypatch):

@@ -385,3 +385,52 @@ def test_all_linear_and_unprefixed_keys(tmp_path):
     x = case.make_input()
     with torch.no_grad():
         assert rel_err(output_of(model.eval(), x), output_of(peft_model.eval(), x)) < TOL
+
+
+def test_peft_layout_written_by_dorafit_keeps_dorafits_own_options(tmp_path):
+    """PEFT's config has no field for dropout_mode, detach_norm or adapter_dtype: dorafit's record
+    in the weights' metadata carries them, and a dorafit load restores them (PEFT ignores it)."""
+    import json
+
+    from torch import nn
+
+    import dorafit
+    from dorafit.adapter_files import RECORD_KEY, weights_metadata
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.q_proj, self.v_proj = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    cfg = dorafit.AdapterConfig(rank=2, targets=["q_proj", "v_proj"], dropout=0.1, dropout_mode="lowrank",
+                                detach_norm=False)
+    model = dorafit.attach(Two(), cfg)
+    with pytest.warns(UserWarning, match="dropout_mode='lowrank'"):
+        path = dorafit.save_adapter(model, tmp_path / "a", format="auto")
+    assert json.loads((path / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    record = json.loads(weights_metadata(path)[RECORD_KEY])
+    assert record["config"]["dropout_mode"] == "lowrank" and record["config"]["detach_norm"] is False
+    layer = dorafit.load_adapter(Two(), path).q_proj
+    assert (layer.dropout_mode, layer.detach_norm) == ("lowrank", False)
+    # a VeRA adapter, which PEFT's LoRA format cannot hold, stays in dorafit's layout
+    vera = dorafit.attach(Two(), dorafit.AdapterConfig(method="vera", rank=4, targets=["q_proj", "v_proj"]))
+    path = dorafit.save_adapter(vera, tmp_path / "vera", format="auto")
+    assert json.loads((path / "adapter_config.json").read_text())["format"] == "dorafit"
+
+
+def test_a_pre_normalized_folder_is_never_read_as_training_weights(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import dorafit
+    from dorafit.export import export_dora_normalized
+    from dorafit.hub import load_adapter_weights
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    model = dorafit.attach(base, dorafit.AdapterConfig(rank=2, targets=["q_proj"]))
+    path = export_dora_normalized(model, tmp_path / "normalized")
+    with pytest.raises(dorafit.AdapterFileError, match="pre-normalized DoRA .*load it with dorafit.load_adapter"):
+        load_adapter_weights(model, path)

@@ -132,9 +132,13 @@ def test_wrong_tensor_shape(saved):
 
 
 def edit_config(path, change):
+    """Change the config and re-save the weights without the tie to their config, as an older
+    dorafit or a hand-made folder has them: the validation below then runs on the edited config
+    (a tied pair refuses any edit first: test_config_edited_beyond_the_base_location)."""
     meta = json.loads((path / CONFIG_NAME).read_text())
     change(meta)
     (path / CONFIG_NAME).write_text(json.dumps(meta))
+    rewrite_tensors(path, lambda t: None)
 
 
 def test_rank_mismatch_between_config_and_tensors(saved):
@@ -223,6 +227,7 @@ def test_json_not_an_object(saved):
 def test_not_a_dorafit_config(saved):
     path, _, _ = saved
     (path / CONFIG_NAME).write_text(json.dumps({"hello": 1}))
+    rewrite_tensors(path, lambda t: None)  # weights not tied to a config, as a hand-made folder's
     expect_load_error(path, r"is not a dorafit adapter config")
 
 
@@ -274,20 +279,22 @@ def test_nothing_is_unpickled(saved, monkeypatch):
 
 
 def test_interrupted_save_keeps_old_adapter(saved, monkeypatch, ref):
+    import dorafit.adapter_files as adapter_files
+
     path, y, model = saved
     old_bytes = {n: (path / n).read_bytes() for n in (CONFIG_NAME, WEIGHTS_NAME)}
-    real_save = safetensors.torch.save_file
 
-    def crash(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:  # half a file, then the process "dies"
-            f.write(b"\x00" * 64)
+    def crash(file, data):
+        with open(file, "wb") as f:  # half a file, then the process "dies"
+            f.write(data[: len(data) // 2])
         raise KeyboardInterrupt("interrupted")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(adapter_files, "_write_bytes", crash)
     ref.randomize_adapter(model.q_proj, seed=7)
     with pytest.raises(KeyboardInterrupt):
         dorafit.save_adapter(model, path)
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    monkeypatch.undo()
+    assert sorted(p.name for p in path.iterdir()) == sorted(old_bytes)  # no temporary left inside
     assert [p.name for p in path.parent.iterdir()] == ["adapter"]  # no temp dir left behind
     assert {n: (path / n).read_bytes() for n in old_bytes} == old_bytes
     loaded = dorafit.load_adapter(fresh(), path)
@@ -296,12 +303,14 @@ def test_interrupted_save_keeps_old_adapter(saved, monkeypatch, ref):
 
 
 def test_interrupted_first_save_leaves_nothing(tmp_path, monkeypatch):
+    import dorafit.adapter_files as adapter_files
+
     model = dorafit.attach(fresh(), CFG)
 
-    def crash(tensors, filename, metadata=None):
+    def crash(file, data):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(adapter_files, "_write_bytes", crash)
     with pytest.raises(OSError, match="disk full"):
         dorafit.save_adapter(model, tmp_path / "adapter")
     assert list(tmp_path.iterdir()) == []
@@ -325,6 +334,10 @@ def test_failed_final_rename_keeps_old_adapter(saved, monkeypatch):
         dorafit.save_adapter(model, path)
     monkeypatch.setattr(files.os, "replace", real_replace)
     assert (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+    assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    loaded = dorafit.load_adapter(fresh(), path)  # the config's rename failed: the old weights are back
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS), y)
 
 
 def test_round_trip_with_modules_to_save(tmp_path, ref):
@@ -363,19 +376,21 @@ def test_save_over_a_file_is_refused(tmp_path):
 
 
 def test_weights_are_written_under_a_temporary_name(tmp_path, monkeypatch):
+    import dorafit.adapter_files as adapter_files
+
     model = dorafit.attach(fresh(), CFG)
     seen = []
-    real_save = safetensors.torch.save_file
+    real_write = adapter_files._write_bytes
 
-    def spy(tensors, filename, metadata=None):
-        seen.append(filename)
+    def spy(file, data):
+        seen.append(str(file))
         assert not (tmp_path / "adapter").exists()  # nothing under the final name yet
-        return real_save(tensors, filename, metadata=metadata)
+        return real_write(file, data)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", spy)
+    monkeypatch.setattr(adapter_files, "_write_bytes", spy)
     dorafit.save_adapter(model, tmp_path / "adapter")
-    assert len(seen) == 1 and "adapter" != os.path.basename(os.path.dirname(seen[0]))
-    assert os.path.dirname(os.path.dirname(seen[0])) == str(tmp_path)  # a sibling, so the rename stays on one filesystem
+    assert len(seen) == 2 and all("adapter" != os.path.basename(os.path.dirname(f)) for f in seen)
+    assert all(os.path.dirname(os.path.dirname(f)) == str(tmp_path) for f in seen)  # a sibling: one filesystem
 
 
 def test_write_json_and_bytes_atomic(tmp_path, monkeypatch):
@@ -505,6 +520,7 @@ def test_peft_config_values_are_type_checked_on_import(tmp_path, change, message
     cfg = json.loads((path / CONFIG_NAME).read_text())
     cfg.update(change)
     (path / CONFIG_NAME).write_text(json.dumps(cfg))
+    rewrite_tensors(path, lambda t: None)  # as PEFT writes them: no tie to the config
     expect_load_error(path, message)
 
 

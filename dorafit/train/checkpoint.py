@@ -6,7 +6,8 @@ renamed into place, so a kill at any moment leaves either the complete folder or
     trainable.safetensors   every trainable parameter by name (adapters, trained heads)
     optimizer.safetensors   AdamW state by parameter name: "<name>::exp_avg", "::exp_avg_sq", "::step"
     rng.safetensors         torch CPU (and CUDA) generator states, as uint8 tensors
-    adapter/                the adapter (whole tensors, as one process writes it), for dorafit eval
+    adapter/                the adapter (whole tensors, as one process writes it; PEFT's layout
+                            where PEFT holds the method), for dorafit eval
     state.json              step, epoch, best validation loss, Python / NumPy RNG states,
                             the optimizer's hyper-parameters and the sha256 of each file above
 
@@ -113,8 +114,8 @@ def save_checkpoint(folder: Path, trainable: dict, optim_tensors: dict, optim_gr
                     write_extra=None) -> Path:
     """Write one checkpoint folder of whole tensors atomically (rank 0 only).
 
-    ``write_extra(tmp_folder)``, if given, adds files before the rename (e.g. the adapter in
-    dorafit's format, so that a checkpoint can be evaluated as it is).
+    ``write_extra(tmp_folder)``, if given, adds files before the rename (e.g. the adapter, so that
+    a checkpoint can be evaluated as it is).
     """
     with atomic_directory(folder) as tmp:
         write_state(tmp, {

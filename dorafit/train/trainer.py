@@ -35,7 +35,7 @@ Run folder (written by rank 0 only):
     config.yaml              the resolved TrainConfig
     checkpoints/step-N/      resumable checkpoints with an adapter/ folder (see dorafit.train.checkpoint)
     best/                    adapter with the lowest validation loss
-    adapter/                 final adapter (dorafit format) + task.json
+    adapter/                 final adapter + task.json (PEFT's layout where PEFT holds the method)
     log.jsonl                step, loss, learning rate, validation loss
     results.json             accuracies, trainable share, times; marks the run as finished
 """
@@ -648,9 +648,11 @@ def measure_accuracy(run: Run) -> EvalResult | None:
 
 
 def save_adapter_dir(model, path: Path, task_info: dict) -> None:
-    """The adapter in dorafit's format plus task.json (how to score it). A model sharded over
-    processes is saved by all of them together, its files written by rank 0 alone."""
-    dorafit.save_adapter(model, path)
+    """The adapter plus task.json (how to score it): in PEFT's layout where PEFT can hold the
+    method (LoRA, DoRA), so that PEFT, transformers and lm-evaluation-harness read it; dorafit's
+    own layout for the rest (VeRA, DVoRA, magnitude-only). A model sharded over processes is
+    saved by all of them together, its files written by rank 0 alone."""
+    dorafit.save_adapter(model, path, format="auto")
     if dist_utils.is_main_process():
         write_json_atomic(path / TASK_FILE, task_info)
 

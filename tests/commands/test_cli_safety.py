@@ -154,13 +154,29 @@ def test_export_overwrite_acts_only_on_a_folder_export_wrote(tiny_model, adapter
 # ---------------------------------------------------------------------------- 3. bounded inputs
 
 
+def _write_config(folder: Path, cfg: dict) -> None:
+    """Replace the folder's adapter_config.json with ``cfg``, its weights tied to it as a
+    consistent (downloaded, hostile) pair would be."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from dorafit.adapter_files import TIE_KEY, WEIGHTS_NAME, config_tie
+
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
+        metadata = dict(f.metadata() or {})
+    if TIE_KEY in metadata:
+        metadata[TIE_KEY] = config_tie(cfg)
+        save_file(load_file(str(folder / WEIGHTS_NAME)), str(folder / WEIGHTS_NAME), metadata=metadata)
+
+
 def _copy_adapter(adapter, dst, edit) -> Path:
     dst.mkdir()
     for f in adapter.iterdir():
         (dst / f.name).write_bytes(f.read_bytes())
     cfg = json.loads((dst / "adapter_config.json").read_text())
     edit(cfg)
-    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    _write_config(dst, cfg)
     return dst
 
 
@@ -202,7 +218,7 @@ def test_a_hostile_pattern_in_a_peft_adapter_cannot_hang(option, tiny_model, ada
         cfg.update(target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 1], layers_pattern=hostile)
     else:
         cfg[option] = hostile
-    (peft / "adapter_config.json").write_text(json.dumps(cfg))
+    _write_config(peft, cfg)
     one_line(run_cli(capsys, "merge", "--model", tiny_model, "--adapter", peft, "--out", tmp_path / "m"), "merge",
              f"{option}: pattern", "needs more than 0.2 s to match")
     assert not (tmp_path / "m").exists()

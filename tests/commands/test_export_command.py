@@ -70,3 +70,106 @@ def test_merge_defaults_to_the_base_the_adapter_records(tiny_folder, capsys):
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- --to gguf, --format gguf, --to dora-normalized
+
+
+@pytest.fixture
+def gguf_adapter(tmp_path, monkeypatch):
+    """A DoRA adapter (trained-looking) on a tiny LLaMA loaded from a GGUF file; (source, adapter)."""
+    pytest.importorskip("gguf")
+    from gguf_cases import write_tiny_gguf
+
+    from dorafit.train.models import load_model
+
+    monkeypatch.setenv("DORAFIT_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "models" / "tiny.gguf"
+    source.parent.mkdir()
+    write_tiny_gguf(source)
+    model, _ = load_model(str(source), "causal-lm", trust_remote_code=False)
+    dorafit.attach(model, dorafit.AdapterConfig(rank=4, alpha=8, targets=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, a in dorafit.adapter_modules(model):
+            a.lora_b.copy_(torch.randn(a.lora_b.shape, generator=gen) * 0.3)
+            a.magnitude.mul_(1 + 0.2 * torch.randn(a.magnitude.shape, generator=gen))
+    adapter = dorafit.save_adapter(model, tmp_path / "adapter", format="auto")
+    (adapter / "task.json").write_text(json.dumps({"task": "ARC-Easy", "model_kind": "causal-lm", "labels": None}))
+    return source, adapter
+
+
+def test_export_to_gguf_replaces_the_adapted_tensors_of_the_source(gguf_adapter, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from dorafit.train.models import load_model
+
+    source, adapter = gguf_adapter
+    out = tmp_path / "served" / "merged.gguf"
+    assert main(["export", str(adapter), "--to", "gguf", "--out", str(out), "--quant", "f32"]) == 0
+    printed = capsys.readouterr().out
+    assert f"the tensors of {source} with the 10 adapted ones replaced" in printed and str(out) in printed
+    model, _ = load_model(str(source), "causal-lm", trust_remote_code=False)
+    dorafit.load_adapter(model, adapter)
+    ids = torch.tensor([[3, 4, 5, 30, 31, 6]])
+    back = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name)
+    with torch.no_grad():
+        want, got = model(ids).logits, back(ids).logits
+    assert float((got - want).norm() / want.norm()) < 1e-6
+    # an existing output needs --overwrite; the source file is never an output
+    assert main(["export", str(adapter), "--to", "gguf", "--out", str(out)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    before = source.read_bytes()
+    assert main(["export", str(adapter), "--to", "gguf", "--out", str(source), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dorafit export: error:") and "overlaps the base's GGUF file" in err and err.count("\n") == 1
+    assert source.read_bytes() == before
+    assert main(["export", str(adapter), "--to", "gguf", "--out", str(tmp_path / "merged.bin")]) == 2
+    assert "must end in .gguf" in capsys.readouterr().err
+    # --overwrite replaces a GGUF file dorafit wrote, never one of the user's
+    assert main(["export", str(adapter), "--to", "gguf", "--out", str(out), "--quant", "q8_0", "--overwrite"]) == 0
+    capsys.readouterr()
+    theirs = tmp_path / "theirs.gguf"
+    theirs.write_bytes(source.read_bytes())
+    assert main(["export", str(adapter), "--to", "gguf", "--out", str(theirs), "--overwrite"]) == 2
+    assert "not a GGUF file dorafit export wrote" in capsys.readouterr().err
+    assert theirs.read_bytes() == source.read_bytes()
+
+
+def test_export_lora_as_a_llama_cpp_file(gguf_adapter, tmp_path, capsys):
+    import gguf
+
+    _, adapter = gguf_adapter
+    out = tmp_path / "lora.gguf"
+    assert main(["export", str(adapter), "--to", "lora", "--rank", "8", "--format", "gguf", "--out", str(out)]) == 0
+    assert "llama.cpp LoRA file" in capsys.readouterr().out
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["adapter.type"].contents() == "lora" and reader.fields["adapter.lora.alpha"].contents() == 8.0
+    assert main(["export", str(adapter), "--to", "lora", "--out", str(tmp_path / "x")]) == 2
+    assert "--to lora needs --rank R or --max-error E" in capsys.readouterr().err
+
+
+def test_export_dora_normalized_and_check_another_base(gguf_adapter, tmp_path, capsys):
+    from dorafit.train.models import load_model
+
+    source, adapter = gguf_adapter
+    other = tmp_path / "other"
+    base, _ = load_model(str(source), "causal-lm", trust_remote_code=False)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(p.half().float())  # the base an fp16 engine serves
+    base.save_pretrained(other)
+    out = tmp_path / "normalized"
+    assert main(["export", str(adapter), "--to", "dora-normalized", "--out", str(out), "--check", str(other)]) == 0
+    printed = capsys.readouterr().out
+    assert "pre-normalized DoRA" in printed and f"served on {other}" in printed
+    drift = float(printed.split("‖L_tuned‖")[1].split("%")[0])
+    assert 0 < drift < 1  # percent: fp16 rounding of the base moves the logits a little
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["dora_normalized"]["base_weights_dtype"] == "float32"
+    model, _ = load_model(str(source), "causal-lm", trust_remote_code=False)
+    tuned = dorafit.load_adapter(load_model(str(source), "causal-lm", trust_remote_code=False)[0], adapter)
+    dorafit.load_adapter(model, out)
+    ids = torch.tensor([[3, 4, 5, 30, 31, 6]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, tuned(ids).logits, rtol=1e-5, atol=1e-6)

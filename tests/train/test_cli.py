@@ -128,8 +128,12 @@ def test_encoder_multiple_choice_train_eval_merge_reload(tiny_bert, arc_files, t
     task_info = json.loads((out / "adapter" / "task.json").read_text())
     assert task_info["model_kind"] == "multiple-choice"
     # The new classification head trains in full and is saved with the adapter.
+    from dorafit.io import adapter_record
+
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert config["config"]["modules_to_save"] == ["classifier"]
+    assert config["peft_type"] == "LORA" and config["use_dora"] is True  # PEFT's layout: PEFT can hold DoRA
+    assert config["modules_to_save"] == ["classifier"]
+    assert adapter_record(out / "adapter")["config"]["modules_to_save"] == ["classifier"]
 
     capsys.readouterr()
     report = tmp_path / "eval.json"
@@ -156,7 +160,9 @@ def test_yaml_config_and_flags(tiny_llama, arc_files, tmp_path):
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["rank"] == 2 and saved["alpha"] == 8 and saved["targets"] == ["q_proj", "v_proj"]
-    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    from dorafit.io import adapter_record
+
+    adapter = adapter_record(out / "adapter")  # dorafit's record of the PEFT-layout folder
     assert adapter["config"]["rank"] == 2 and adapter["config"]["detach_norm"] is False
     assert saved["detach_norm"] is False
     assert all(m["rank"] == 2 for m in adapter["modules"].values())

@@ -26,8 +26,11 @@ def test_qdora_train_then_adapter_loads_on_the_full_precision_base(tiny_llama, a
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     assert losses and all(l == l for l in losses)  # finite training on the 4-bit base
-    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    from dorafit.io import adapter_record, recorded_quantization
+
+    cfg = adapter_record(out / "adapter")
     assert cfg["config"]["method"] == "dora"
+    assert {r["quant_type"] for r in recorded_quantization(out / "adapter").values()} == {"nf4"}
     # The adapter trained on the 4-bit base loads onto the plain base (QLoRA-style serving).
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     dorafit.load_adapter(base, out / "adapter")

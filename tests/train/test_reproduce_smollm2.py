@@ -80,7 +80,9 @@ def test_driver_end_to_end(tmp_path, tiny_llama):
     memory = json.loads((results / "runs" / "detach-memory.json").read_text())["memory"]
     assert 0 < memory["on"]["saved_for_backward"] < memory["off"]["saved_for_backward"]
     assert memory["on"]["step_peak"] > 0 and memory["off"]["step_peak"] > 0
-    off = json.loads((work / "detach-off" / "adapter" / "adapter_config.json").read_text())
+    from dorafit.io import adapter_record
+
+    off = adapter_record(work / "detach-off" / "adapter")
     assert off["config"]["detach_norm"] is False
 
     # 4. one seed of the rank sweep at r = 4 and one VeRA lr (scored on validation rows too), for the report
