@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 import dorafit
+from dorafit.eval import report as R
 from dorafit.eval.evaluate import EvalResult
 from dorafit.eval.examples import resolve_template
 from dorafit.eval.tasks import Task, get_task
@@ -112,6 +113,10 @@ class TrainResult:
     predicted_before: dict | None = None  # causal LMs: how often each answer word was generated
     predicted_after: dict | None = None
     chance: float | None = None  # the expected accuracy of a uniform guess over each test row's choices
+    # causal LMs: likelihood scoring of the same rows (acc, acc_norm, standard errors), and which moved
+    loglik_before: dict | None = None
+    loglik_after: dict | None = None
+    change: str = ""
 
 
 @dataclass
@@ -129,6 +134,7 @@ class RunData:
     test: list
     labels: list | None
     prompt_template: str  # the resolved template ("auto" made "paper" or "chat")
+    test_loglik: list = field(default_factory=list)  # causal LMs: the test rows as likelihood scoring reads them
 
 
 @dataclass
@@ -171,18 +177,21 @@ class RunState:
     step: int = 0
     best_val: float = math.inf
     before: EvalResult | None = None
+    before_loglik: EvalResult | None = None
     history: list = field(default_factory=list)
 
     def counters(self) -> dict:
         """The JSON part of a checkpoint's state.json."""
         return {"step": self.step, "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
-                "before": self.before.__dict__ if self.before else None, "history": self.history}
+                "before": self.before.__dict__ if self.before else None,
+                "before_loglik": self.before_loglik.__dict__ if self.before_loglik else None, "history": self.history}
 
     @classmethod
     def from_counters(cls, saved: dict) -> "RunState":
         best = saved["best_val_loss"]
         return cls(step=saved["step"], best_val=math.inf if best is None else best,
                    before=EvalResult(**saved["before"]) if saved.get("before") else None,
+                   before_loglik=EvalResult(**saved["before_loglik"]) if saved.get("before_loglik") else None,
                    history=saved.get("history", []))
 
 
@@ -296,10 +305,14 @@ def load_data(cfg: TrainConfig, info: dist_utils.DistInfo) -> RunData:
                                  task=task, labels=labels, prompt_template=template,
                                  response_format=cfg.response_format)[0]
     test = kind.accuracy_examples(test_rows, test_path, task, labels) if test_rows else []
+    test_loglik, why_not = kind.likelihood_rows(test_rows, test_path, task) if test_rows else ([], None)
+    if why_not:
+        _print(info, f"likelihood scoring left out: {why_not}")
     if val is None:
         train, val = D.split_validation(train, cfg.val_size, cfg.seed)
     _print(info, f"data: {len(train)} train, {len(val)} validation, {len(test_rows)} test rows; kind {kind.name}")
-    return RunData(task, kind, model_path, tokenizer, train_path, train, val, test_rows, test, labels, template)
+    return RunData(task, kind, model_path, tokenizer, train_path, train, val, test_rows, test, labels, template,
+                   test_loglik)
 
 
 def _data_path(cfg: TrainConfig, split: str, task_folder: str) -> Path:
@@ -400,7 +413,7 @@ def start(run: Run) -> RunState:
 
 def evaluate_untrained(run: Run, state: RunState) -> None:
     """The 'before' accuracy, and the untrained validation loss as step 0 of the log: the bar to beat."""
-    state.before = measure_accuracy(run)
+    state.before, state.before_loglik = measure_accuracy(run), measure_accuracy(run, "loglik")
     if state.before is not None:
         _print(run.info, f"accuracy before training: {state.before.accuracy:.4f} on {state.before.rows} "
                          f"{run.data.task.name} rows")
@@ -576,7 +589,7 @@ def save_adapter_as(run: Run, name: str) -> None:
 def finish(run: Run, state: RunState, train_seconds: float, started: float) -> TrainResult:
     """Save the final adapter, measure the test accuracy after training, write results.json."""
     save_adapter_as(run, "adapter")
-    after = measure_accuracy(run)
+    after, after_loglik = measure_accuracy(run), measure_accuracy(run, "loglik")
     before, causal, report = state.before, run.data.kind.generates, run.report
     result = TrainResult(
         output=str(run.out), task=run.data.task.name, model_kind=run.data.kind.name, test_rows=len(run.data.test_rows),
@@ -589,6 +602,9 @@ def finish(run: Run, state: RunState, train_seconds: float, started: float) -> T
         predicted_before=before.predicted if before and causal else None,
         predicted_after=after.predicted if after and causal else None,
         chance=run.data.kind.chance(run.data.test, run.data.labels),
+        loglik_before=R.summary(state.before_loglik), loglik_after=R.summary(after_loglik),
+        change=R.change_sentence((before, after) if before and causal else None,
+                                 (state.before_loglik, after_loglik) if state.before_loglik else None),
     )
     if run.info.is_main:
         write_json_atomic(run.out / "results.json", {k: v for k, v in result.__dict__.items() if k != "history"})
@@ -597,15 +613,17 @@ def finish(run: Run, state: RunState, train_seconds: float, started: float) -> T
     return result
 
 
-def measure_accuracy(run: Run) -> EvalResult | None:
-    """Accuracy on the test rows (None without any), as the model's kind scores it."""
+def measure_accuracy(run: Run, scoring: str | None = None) -> EvalResult | None:
+    """Accuracy on the test rows (None without any) as the model's kind scores it, or (causal
+    LMs, ``scoring="loglik"``) by likelihood."""
     data, cfg, info = run.data, run.cfg, run.info
-    if not data.test_rows:
+    test = data.test_loglik if scoring == "loglik" else data.test
+    if not data.test_rows or not test:
         return None
     settings = EvalSettings(batch_size=cfg.eval_batch_size, device=info.device, progress=cfg.progress and info.is_main,
                             max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens,
-                            prompt_template=data.prompt_template)
-    return data.kind.accuracy(run.model, data.tokenizer, data.task, data.test, settings)
+                            prompt_template=data.prompt_template, scoring=scoring)
+    return data.kind.accuracy(run.model, data.tokenizer, data.task, test, settings)
 
 
 def save_adapter_dir(model, path: Path, task_info: dict) -> None:
@@ -677,21 +695,34 @@ def _minutes(seconds: float) -> str:
 
 
 def format_results(r: TrainResult) -> str:
-    """The short table printed at the end of a run."""
+    """The short table printed at the end of a run (± one standard error), and for a causal LM
+    the sentence on which accuracy moved."""
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
 
+    def scored(x, unparseable=None):
+        text = R.with_error(x, r.test_rows)
+        return text if unparseable is None else f"{text} (unparseable {pct(unparseable)})"
+
+    generated = r.unparseable_after is not None
     rows = [
         ("task", f"{r.task} ({r.test_rows} test rows, {r.model_kind})"),
-        ("accuracy before", pct(r.accuracy_before)),
-        ("accuracy after", pct(r.accuracy_after)),
+        ("accuracy before", scored(r.accuracy_before, r.unparseable_before) if generated else pct(r.accuracy_before)),
+        ("accuracy after", scored(r.accuracy_after, r.unparseable_after) if generated else pct(r.accuracy_after)),
     ]
+    if generated:
+        rows = rows[:1] + [("", "generation: greedy answer, first answer word (the paper's protocol)")] + rows[1:]
+    for name, key in (("acc", "acc"), ("acc_norm", "acc_norm")):
+        if r.loglik_after:
+            before = (r.loglik_before or {}).get(key)
+            rows.append((f"likelihood {name}", f"{R.with_error(before, r.test_rows)} -> "
+                                               f"{R.with_error(r.loglik_after[key], r.test_rows)}"))
     if r.chance is not None and r.test_rows:
         # One standard error of an accuracy p measured on n rows: sqrt(p (1 - p) / n).
         error = 100 * math.sqrt(r.chance * (1 - r.chance) / r.test_rows)
         rows.append(("chance", f"{pct(r.chance)} (one standard error at chance on {r.test_rows} rows: "
                                f"{error:.1f} points)"))
-    if r.unparseable_after is not None:
+    if generated and not r.loglik_after:
         rows.append(("unparseable", f"{pct(r.unparseable_before)} -> {pct(r.unparseable_after)}"))
     rows += [
         ("trainable", f"{r.trainable:,} of {r.total:,} parameters ({r.trainable_percent:.2f}%)"),
@@ -701,4 +732,9 @@ def format_results(r: TrainResult) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 2 + max(len(v) for _, v in rows))
-    return "\n".join([line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])
+    text = [line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line]
+    if r.change:
+        import textwrap
+
+        text += textwrap.wrap(r.change, len(line))
+    return "\n".join(text)
