@@ -30,6 +30,8 @@ from dorafit.config import (
 from dorafit.eval.examples import PROMPT_TEMPLATES, RESPONSE_FORMATS
 
 MODEL_KINDS = ("auto", "causal-lm", "multiple-choice", "similarity", "sequence-classification")
+# The adapter methods, and full fine-tuning (every parameter, no adapter: dorafit.train.full).
+TRAIN_METHODS = (*METHODS, "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZE = ("", "nf4")
 DISTRIBUTED = ("ddp", "fsdp")
@@ -110,7 +112,8 @@ class TrainConfig:
 
     # -- adapter
     method: str = "dora"
-    """Adapter method: dora, lora, vera, dvora or magnitude."""
+    """Adapter method: dora, lora, vera, dvora or magnitude; or full (full fine-tuning: every
+    parameter trains, no adapter; the run keeps RUN/model, a plain checkpoint folder)."""
     rank: int = 16
     """Rank r of the low-rank update."""
     alpha: float = 32.0
@@ -186,7 +189,7 @@ class TrainConfig:
             ("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}", PRECISIONS),
             ("quantize", self.quantize in QUANTIZE, f"one of {QUANTIZE} (\"\" for none)", QUANTIZE),
             ("distributed", self.distributed in DISTRIBUTED, f"one of {DISTRIBUTED}", DISTRIBUTED),
-            ("method", self.method in METHODS, f"one of {METHODS}", METHODS),
+            ("method", self.method in TRAIN_METHODS, f"one of {TRAIN_METHODS}", TRAIN_METHODS),
             ("prompt_template", self.prompt_template in PROMPT_TEMPLATES, f"one of {PROMPT_TEMPLATES}",
              PROMPT_TEMPLATES),
             ("response_format", self.response_format in RESPONSE_FORMATS, f"one of {RESPONSE_FORMATS}",
@@ -228,6 +231,9 @@ class TrainConfig:
             get_task(self.task)
         except ValueError as err:
             raise TrainConfigError(str(err)) from None
+        if self.method == "full" and self.quantize:
+            raise TrainConfigError("--quantize trains an adapter on a 4-bit base; --method full trains every "
+                                   "parameter and cannot keep them in 4-bit")
         if self.resume and self.overwrite:
             raise TrainConfigError("--resume and --overwrite exclude each other")
         if self.resume and not self.output:

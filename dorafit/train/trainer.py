@@ -60,6 +60,7 @@ from dorafit.files import write_bytes_atomic, write_json_atomic
 from dorafit.train import checkpoint as ckpt
 from dorafit.train import data as D
 from dorafit.train import distributed as dist_utils
+from dorafit.train import full
 from dorafit.train.config import TrainConfig, TrainConfigError, format_config
 from dorafit.train.distributed import Parallel, gather_trainable, load_trainable, trainable_named
 from dorafit.train.kinds import EvalSettings, ModelKind, get_kind
@@ -117,6 +118,7 @@ class TrainResult:
     loglik_before: dict | None = None
     loglik_after: dict | None = None
     change: str = ""
+    method: str = ""
 
 
 @dataclass
@@ -146,7 +148,7 @@ class Run:
     out: Path
     data: RunData
     model: torch.nn.Module
-    adapter_cfg: dorafit.AdapterConfig
+    adapter_cfg: dorafit.AdapterConfig | None  # None for --method full
     report: dorafit.TrainableReport
     collate: object  # examples -> batch, for the model's kind
     steps_per_epoch: int
@@ -347,13 +349,16 @@ def load_and_attach(cfg: TrainConfig, parallel: Parallel, out: Path, data: RunDa
     model, fresh_modules = load_model(data.model_path, data.kind, cfg.trust_remote_code,
                                       num_labels=len(data.labels) if data.labels else None)
     targets = cfg.targets or default_targets(model)
-    adapter_cfg = dorafit.AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                                        targets=targets, detach_norm=cfg.detach_norm,
-                                        modules_to_save=data.kind.trained_heads(model, fresh_modules))
+    adapter_cfg = None if cfg.method == full.FULL else dorafit.AdapterConfig(
+        method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets,
+        detach_norm=cfg.detach_norm, modules_to_save=data.kind.trained_heads(model, fresh_modules))
     if cfg.quantize:
         _quantize_base(model, targets, cfg.quantize, info)
     torch.manual_seed(cfg.seed)  # the adapter's initialisation depends on the seed alone
-    dorafit.attach(model, adapter_cfg)
+    if adapter_cfg is None:
+        full.prepare(model)  # --method full: every parameter trains, nothing is attached
+    else:
+        dorafit.attach(model, adapter_cfg)
     model.to(info.device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -569,7 +574,8 @@ def save_checkpoint(run: Run, state: RunState) -> None:
     trainable = gather_trainable(run.model)
     if run.info.is_main:
         root = run.out / "checkpoints"
-        write_adapter = run.parallel.from_model(lambda tmp: save_adapter_dir(run.model, tmp / "adapter", run.task_info))
+        write_adapter = None if run.adapter_cfg is None else run.parallel.from_model(
+            lambda tmp: save_adapter_dir(run.model, tmp / "adapter", run.task_info))
         ckpt.save_checkpoint(root / f"step-{state.step:06d}", trainable, optim_tensors, optim_groups,
                              state.counters(), write_extra=write_adapter)
         ckpt.prune_checkpoints(root, run.cfg.keep_checkpoints)
@@ -577,8 +583,14 @@ def save_checkpoint(run: Run, state: RunState) -> None:
 
 
 def save_adapter_as(run: Run, name: str) -> None:
-    """Write the current adapter to out/<name> (gathered to full tensors under FSDP2)."""
-    path = run.out / name
+    """Write the current adapter to out/<name> (gathered to full tensors under FSDP2); a full
+    fine-tune writes the whole model (``dorafit.train.full``)."""
+    path = run.out / full.output_name(run.cfg.method, name)
+    if run.adapter_cfg is None:
+        run.parallel.save_adapter(run.model, lambda: full.save_model(run.model, run.data.tokenizer, path, run.task_info),
+                                  lambda state: full.save_from_state(_fresh_model(run), state, run.data.tokenizer, path,
+                                                                     run.task_info))
+        return
     run.parallel.save_adapter(run.model, lambda: save_adapter_dir(run.model, path, run.task_info),
                               lambda state: export_adapter(run, state, path))
 
@@ -601,7 +613,7 @@ def finish(run: Run, state: RunState, train_seconds: float, started: float) -> T
         total_seconds=time.perf_counter() - started, history=state.history,
         predicted_before=before.predicted if before and causal else None,
         predicted_after=after.predicted if after and causal else None,
-        chance=run.data.kind.chance(run.data.test, run.data.labels),
+        chance=run.data.kind.chance(run.data.test, run.data.labels), method=run.cfg.method,
         loglik_before=R.summary(state.before_loglik), loglik_after=R.summary(after_loglik),
         change=R.change_sentence((before, after) if before and causal else None,
                                  (state.before_loglik, after_loglik) if state.before_loglik else None),
@@ -632,11 +644,15 @@ def save_adapter_dir(model, path: Path, task_info: dict) -> None:
     write_json_atomic(path / TASK_FILE, task_info)
 
 
+def _fresh_model(run: Run):
+    labels = run.data.labels
+    return load_model(run.data.model_path, run.data.kind, run.cfg.trust_remote_code,
+                      num_labels=len(labels) if labels else None)[0]
+
+
 def export_adapter(run: Run, state: dict, path: Path) -> None:
     """Write an adapter folder from gathered trainable tensors, through an unsharded model copy."""
-    labels = run.data.labels
-    model, _ = load_model(run.data.model_path, run.data.kind, run.cfg.trust_remote_code,
-                          num_labels=len(labels) if labels else None)
+    model = _fresh_model(run)
     dorafit.attach(model, run.adapter_cfg)
     load_trainable(model, state, path)
     save_adapter_dir(model, path, run.task_info)
@@ -728,7 +744,7 @@ def format_results(r: TrainResult) -> str:
         ("trainable", f"{r.trainable:,} of {r.total:,} parameters ({r.trainable_percent:.2f}%)"),
         ("steps", f"{r.steps} (best validation loss {r.best_val_loss:.4f})" if r.best_val_loss is not None else str(r.steps)),
         ("time", f"training {_minutes(r.train_seconds)}, total {_minutes(r.total_seconds)}"),
-        ("adapter", str(Path(r.output) / "adapter")),
+        (full.output_name(r.method, "adapter"), str(Path(r.output) / full.output_name(r.method, "adapter"))),
     ]
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 2 + max(len(v) for _, v in rows))
