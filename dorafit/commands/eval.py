@@ -46,9 +46,10 @@ def add_arguments(parser) -> None:
                              "loglik (likelihood of each choice's text, acc and acc_norm: lm-evaluation-harness's) "
                              "(default: generate)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="causal LMs: generated tokens per row (default: 32)")
-    parser.add_argument("--prompt-template", default="", choices=("", "auto", "paper", "chat"),
-                        help="causal LMs: paper, chat, or auto (chat where the tokenizer has a chat template, else "
-                             "paper; as dorafit train) (default: the adapter's task.json, else auto)")
+    parser.add_argument("--prompt-template", default="", choices=("", "auto", "paper", "chat", "plain"),
+                        help="causal LMs, generation: paper, chat, plain (the instruction as it is), or auto (chat "
+                             "where the tokenizer has a chat template, else paper; as dorafit train) (default: the "
+                             "adapter's task.json, else auto)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code to run")
     parser.add_argument("--json", default="", help="also write the results to this JSON file (acc, acc_norm with "
                         "loglik, standard errors, rows, and every row's prediction)")

@@ -83,6 +83,17 @@ def summary(result: EvalResult | None) -> dict | None:
     return out
 
 
+def predictions_record(**pairs: tuple[EvalResult | None, EvalResult | None]) -> dict:
+    """{"<scoring>_before": [...], "<scoring>_after": [...]}: every row's prediction, for paired
+    comparisons across runs (a missing evaluation is left out)."""
+    out = {}
+    for scoring, (before, after) in pairs.items():
+        for when, result in (("before", before), ("after", after)):
+            if result is not None:
+                out[f"{scoring}_{when}"] = result.predictions
+    return out
+
+
 def with_error(share: float | None, rows: int) -> str:
     """"38.0 % ± 3.4" (one standard error)."""
     if share is None:

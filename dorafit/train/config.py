@@ -101,8 +101,9 @@ class TrainConfig:
     prompt_template: str = "auto"
     """Causal LMs: how a row becomes a prompt, in training and evaluation alike: paper (the
     LLM-Adapters template of the DoRA paper), chat (the model's own chat template, the
-    instruction as the user turn and the response as the assistant turn) or auto (chat when the
-    tokenizer has a chat template, else paper)."""
+    instruction as the user turn and the response as the assistant turn), plain (the instruction
+    as it is, the output right after it: rows written as context and continuation) or auto (chat
+    when the tokenizer has a chat template, else paper)."""
     response_format: str = "choice"
     """Causal LMs: the response trained on: paper (the row's output, "the correct answer is
     answer1") or choice (the chosen choice's text before its answer word, "the correct answer
@@ -175,6 +176,8 @@ class TrainConfig:
     """Causal LMs: tokens generated per test question (greedy)."""
     eval_before: bool = True
     """Evaluate the untrained model on the test rows too (the 'before' column)."""
+    test: bool = True
+    """Evaluate on test rows at all (--no-test: none, e.g. when a script scores the result itself)."""
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
     stop_after_steps: int = 0

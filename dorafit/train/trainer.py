@@ -33,6 +33,7 @@ Run folder (written by rank 0 only):
     best/                    adapter with the lowest validation loss
     adapter/                 final adapter (dorafit format) + task.json
     log.jsonl                step, loss, learning rate, validation loss
+    predictions.json         every test row's prediction before and after, per scoring
     results.json             accuracies, trainable share, times; marks the run as finished
 """
 
@@ -76,6 +77,7 @@ from dorafit.train.rundir import prepare_output
 
 BUNDLED_DATA = D.BUNDLED_DATA
 TASK_FILE = "task.json"
+PREDICTIONS_FILE = "predictions.json"  # every test row's prediction before and after, per scoring
 
 # Options a resumed run may give anew: they change how the run is watched, run or kept, not
 # what it computes. Every other option must equal the run folder's config.yaml.
@@ -295,7 +297,8 @@ def load_data(cfg: TrainConfig, info: dist_utils.DistInfo) -> RunData:
     train_rows = D.read_rows(train_path)[: cfg.max_train_rows or None]
     data_format = D.detect_format(train_rows, train_path)
     kind = get_kind(detect_kind(model_path, model_config, data_format) if cfg.model_kind == "auto" else cfg.model_kind)
-    test_path = _data_path(cfg, "test", task.folder) if (cfg.test_data or data_format == "commonsense") else None
+    test_path = _data_path(cfg, "test", task.folder) if cfg.test and (cfg.test_data or data_format == "commonsense") \
+        else None
     test_rows = D.read_rows(test_path)[: cfg.max_test_rows or None] if test_path else []
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     template = resolve_template(cfg.prompt_template, tokenizer)
@@ -620,6 +623,8 @@ def finish(run: Run, state: RunState, train_seconds: float, started: float) -> T
     )
     if run.info.is_main:
         write_json_atomic(run.out / "results.json", {k: v for k, v in result.__dict__.items() if k != "history"})
+        write_json_atomic(run.out / PREDICTIONS_FILE, R.predictions_record(
+            generate=(before, after), loglik=(state.before_loglik, after_loglik)))
         print(format_results(result), flush=True)
     dist_utils.teardown(run.info)
     return result

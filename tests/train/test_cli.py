@@ -64,6 +64,9 @@ def test_causal_lm_train_eval_merge_reload(fixture, request, arc_files, tmp_path
     # ... and its likelihood scoring, which the run measured before and after on the same rows.
     assert set(results["loglik_after"]) >= {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr"}
     assert results["loglik_before"]["rows"] == 24 and "paired" in results["change"]
+    rows = json.loads((out / "predictions.json").read_text())
+    assert sorted(rows) == ["generate_after", "generate_before", "loglik_after", "loglik_before"]
+    assert len(rows["loglik_after"]) == 24 and {"response", "pred"} <= set(rows["generate_after"][0])
     assert main(["eval", "--model", str(model), "--adapter", str(out / "adapter"), "--data-dir",
                  str(arc_files["dir"]), "--scoring", "loglik", "--no-progress", "--json", str(report)]) == 0
     assert "acc_norm" in capsys.readouterr().out
