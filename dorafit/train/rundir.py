@@ -19,7 +19,8 @@ from dorafit.train.config import TrainConfig, TrainConfigError
 
 RUN_KIND = "run"
 # What a run writes into its folder (see dorafit.train.trainer); --overwrite removes these only.
-RUN_ENTRIES = ("config.yaml", "checkpoints", "best", "adapter", "log.jsonl", "results.json", MARKER_NAME)
+RUN_ENTRIES = ("config.yaml", "checkpoints", "best", "adapter", "model", "log.jsonl", "predictions.json", "results.json",
+               MARKER_NAME)
 
 
 def _inputs(cfg: TrainConfig) -> list[tuple[str, Path]]:
