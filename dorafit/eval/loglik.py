@@ -43,7 +43,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from dorafit.eval.evaluate import EvalResult, _progress
 from dorafit.eval.tasks import Task, parse_instruction
@@ -231,11 +230,15 @@ def _cache_argument(model) -> str | None:
     return next((name for name in ("cache", "past_key_values") if _accepts(model, name)), None)
 
 
-def _continuation_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Σ log p(target) over positions: logits (N, K, V), targets (N, K) with -1 where unscored -> (N,)."""
-    logp = F.log_softmax(logits.float(), dim=-1)  # (N, K, V)
-    picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (N, K)
-    return picked.masked_fill(targets < 0, 0.0).sum(-1)
+def _continuation_logprob(logits: torch.Tensor, targets: torch.Tensor, rows: int = 8) -> torch.Tensor:
+    """Σ log p(target) over positions: logits (N, K, V), targets (N, K) with -1 where unscored -> (N,).
+    log p = logit − logsumexp(logits), a few rows at a time (no second (N, K, V) tensor)."""
+    out = []
+    for start in range(0, logits.shape[0], rows):
+        part, wanted = logits[start:start + rows].float(), targets[start:start + rows]  # (n, K, V), (n, K)
+        picked = part.gather(-1, wanted.clamp_min(0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(part, -1)
+        out.append(picked.masked_fill(wanted < 0, 0.0).sum(-1))
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -304,10 +307,30 @@ def _score_batch(model, batch: list[list[_Sequence]], pad_id: int, device) -> li
     return out
 
 
+# At most this many scored positions per forward (choices x the longest continuation): their
+# logits are a (positions, vocabulary) float tensor, 200 MB at SmolLM2's 49,152 tokens.
+SCORED_PER_FORWARD = 1024
+
+
+def _batches(order: list[int], seqs: list[list[_Sequence]], batch_size: int) -> list[list[int]]:
+    """Rows in order, cut into batches of at most ``batch_size`` rows and SCORED_PER_FORWARD
+    scored positions (a row alone may exceed it)."""
+    batches, current, choices, longest = [], [], 0, 0
+    for i in order:
+        n, k = len(seqs[i]), max(s.n_cont for s in seqs[i])
+        if current and (len(current) == batch_size or (choices + n) * max(longest, k) > SCORED_PER_FORWARD):
+            batches.append(current)
+            current, choices, longest = [], 0, 0
+        current.append(i)
+        choices, longest = choices + n, max(longest, k)
+    return batches + ([current] if current else [])
+
+
 def score_rows(model, tokenizer, rows: list[ChoiceRow], batch_size: int = 16, device="cpu",
                progress: bool = False, desc: str = "loglik") -> list[list[float]]:
     """ll_k of every choice of every row (the fast path of the module docstring); rows are
-    batched in order of length, ``batch_size`` rows (all their choices) per forward."""
+    batched in order of length, at most ``batch_size`` rows (all their choices) and
+    SCORED_PER_FORWARD scored positions per forward."""
     was_training = model.training
     model.eval()
     length = model_max_length(model)
@@ -321,8 +344,7 @@ def score_rows(model, tokenizer, rows: list[ChoiceRow], batch_size: int = 16, de
     try:
         for i in alone:  # nothing to share (or no cache to share it with): each choice alone
             lls[i] = [_score_alone(model, s, device) for s in seqs[i]]
-        for start in _progress(range(0, len(together), batch_size), progress, desc):
-            ids = together[start:start + batch_size]
+        for ids in _progress(_batches(together, seqs, batch_size), progress, desc):
             for i, scores in zip(ids, _score_batch(model, [seqs[i] for i in ids], pad_id, device)):
                 lls[i] = scores
     finally:

@@ -39,6 +39,7 @@ from dorafit.train import data as D
 
 SCORINGS = ("generate", "loglik")
 
+
 @dataclass
 class EvalSettings:
     """How test accuracy is measured: batching, device, and for causal LMs the scoring

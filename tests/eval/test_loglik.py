@@ -182,3 +182,21 @@ def test_the_prefix_is_computed_once_per_row():
     # fewer tokens than the 16 (context, continuation) sequences one by one.
     assert len(seen) == 2 and seen[0] == (4, max(prefixes)) and seen[1][0] == 16
     assert seen[0][0] * seen[0][1] + seen[1][0] * seen[1][1] < sum(len(x.tokens) - 1 for s in seqs for x in s)
+
+
+def test_chunked_logprob_equals_log_softmax_gather():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(19, 5, 50), torch.randint(0, 50, (19, 5))
+    targets[3, 2:] = -1  # unscored positions
+    want = torch.log_softmax(logits, -1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    want = want.masked_fill(targets < 0, 0.0).sum(-1)
+    assert L._continuation_logprob(logits, targets, rows=4) == pytest.approx(want.tolist(), abs=1e-5)
+
+
+def test_batches_keep_scored_positions_under_the_cap(monkeypatch):
+    monkeypatch.setattr(L, "SCORED_PER_FORWARD", 40)
+    seqs = [[L._Sequence([1] * 9, k)] * 4 for k in (2, 2, 3, 5, 20)]  # 4 choices each, continuation k tokens
+    batches = L._batches(list(range(5)), seqs, batch_size=16)
+    assert batches == [[0, 1, 2], [3], [4]]  # 12 x 3 = 36 <= 40; 16 x 5 > 40; row 4 alone exceeds it
+    assert L._batches(list(range(3)), seqs, batch_size=2) == [[0, 1], [2]]
+    assert sorted(i for b in L._batches([4, 2, 0, 3, 1], seqs, 16) for i in b) == list(range(5))
