@@ -76,6 +76,7 @@ class Setup:
                                                "full": (1e-5, 3e-5, 1e-4)})
     eval_batch_size: int = 32
     save_steps: int = 40
+    lr_per_rank: bool = False  # False: each method's lr is chosen at its largest rank and used at every rank
 
     @property
     def steps(self) -> int:
@@ -222,32 +223,46 @@ def evaluate_run(name: str, record: dict, tables: dict, setup: Setup, work: Path
         dorafit.detach(model)
 
 
+def groups_of(setup: Setup) -> list[tuple[str, int | None]]:
+    return [("dora", r) for r in setup.ranks] + [("lora", r) for r in setup.ranks] + [("full", None)]
+
+
+def search_rank(setup: Setup, rank: int | None) -> int | None:
+    """The rank whose runs choose the lr for ``rank``: itself, or the largest one."""
+    return rank if rank is None or setup.lr_per_rank else max(setup.ranks)
+
+
 def stages(setup: Setup, records: dict) -> list[tuple[str, str, dict]]:
     """The plan in order: (key, what, spec); lr choices depend on records, so later stages appear
     once their lr search is done."""
     plan = [("base", "score the untrained model", {})]
-    groups = [("dora", r) for r in setup.ranks] + [("lora", r) for r in setup.ranks] + [("full", None)]
-    for method, rank in groups:
+    searched = []
+    for method, rank in groups_of(setup):
+        if (method, search_rank(setup, rank)) in searched:
+            continue
+        searched.append((method, search_rank(setup, rank)))
         for lr in setup.lrs[method]:
-            name = run_name(method, rank, lr, 0)
-            plan.append((name, f"train {method} r{rank} lr {lr:g} seed 0", dict(method=method, rank=rank, lr=lr, seed=0)))
-    for method, rank in groups:
+            name = run_name(method, search_rank(setup, rank), lr, 0)
+            plan.append((name, f"train {method} r{search_rank(setup, rank)} lr {lr:g} seed 0 (lr search)",
+                         dict(method=method, rank=search_rank(setup, rank), lr=lr, seed=0)))
+    for method, rank in groups_of(setup):
         chosen = chosen_lr(records, setup, method, rank)
         if chosen is None:
             plan.append((f"{method}{'' if rank is None else f'-r{rank}'}-choice", "choose the lr, score its run", {}))
             continue
-        plan.append((f"eval:{run_name(method, rank, chosen, 0)}", "score the chosen lr's seed-0 run", {}))
-        for seed in setup.seeds[1:]:
+        for seed in setup.seeds:
             name = run_name(method, rank, chosen, seed)
-            plan.append((name, f"train {method} r{rank} lr {chosen:g} seed {seed}",
-                         dict(method=method, rank=rank, lr=chosen, seed=seed)))
-            plan.append((f"eval:{name}", f"score seed {seed}", {}))
+            if not (seed == setup.seeds[0] and rank == search_rank(setup, rank)):  # else the search ran it
+                plan.append((name, f"train {method} r{rank} lr {chosen:g} seed {seed}",
+                             dict(method=method, rank=rank, lr=chosen, seed=seed)))
+            plan.append((f"eval:{name}", f"score {method} r{rank} seed {seed}", {}))
     return plan
 
 
 def chosen_lr(records: dict, setup: Setup, method: str, rank: int | None) -> float | None:
-    """The lr of the lowest final held-out loss among the method's seed-0 runs (None until all ran)."""
-    runs = [records["runs"].get(run_name(method, rank, lr, 0)) for lr in setup.lrs[method]]
+    """The lr of the lowest final held-out loss among the method's seed-0 lr-search runs (None
+    until all ran)."""
+    runs = [records["runs"].get(run_name(method, search_rank(setup, rank), lr, 0)) for lr in setup.lrs[method]]
     if any(r is None for r in runs):
         return None
     return min(runs, key=lambda r: r["val_loss"])["lr"]
@@ -345,10 +360,16 @@ def write_report(records: dict, setup: Setup, results: Path) -> str:
              "Q4_1 GGUF release dequantized to float32. Setup: " + ", ".join(
                  f"{k} {v}" for k, v in records.get("setup", {}).items() if k != "lrs") + ".", ""]
     # 1. learning rates
-    lines += ["## Learning rate per method (final loss on the held-out training rows, seed 0)", "",
+    across = "" if setup.lr_per_rank else f"; the lr chosen at r {max(setup.ranks)} is used at every rank"
+    lines += [f"## Learning rate per method (final loss on the held-out training rows, seed 0{across})", "",
               "| method | " + " | ".join(f"lr {i + 1}" for i in range(3)) + " | chosen |", "|---|---|---|---|---|"]
-    groups = [("lora", r) for r in setup.ranks] + [("dora", r) for r in setup.ranks] + [("full", None)]
+    groups = groups_of(setup)
+    searched = []
     for method, rank in groups:
+        if (method, search_rank(setup, rank)) in searched:
+            continue
+        searched.append((method, search_rank(setup, rank)))
+        rank = search_rank(setup, rank)
         cells = []
         for lr in setup.lrs[method]:
             rec = records["runs"].get(run_name(method, rank, lr, 0))
@@ -427,12 +448,14 @@ def plan_text(setup: Setup, records: dict, rates: dict | None = None) -> str:
             estimate = f" (~{seconds / 60:.0f} min)"
         lines.append(f"  {state:6} {key}: {what}{estimate}")
     # Stages that appear only once an lr is chosen: a seed-1 run and two scorings per method.
-    pending = sum(1 for m, r in [("dora", x) for x in setup.ranks] + [("lora", x) for x in setup.ranks] + [("full", None)]
-                  if chosen_lr(records, setup, m, r) is None)
-    if rates and pending:
-        per = rates["eval"] * len(setup.seeds) + rates["train"] * (len(setup.seeds) - 1)
-        left += per * pending
-        lines.append(f"  + {pending} lr choices still open: ~{per * pending / 60:.0f} min more for their seeds and scoring")
+    open_groups = [(m, r) for m, r in groups_of(setup) if chosen_lr(records, setup, m, r) is None]
+    if rates and open_groups:
+        more = 0.0
+        for method, rank in open_groups:
+            runs = len(setup.seeds) - (1 if rank == search_rank(setup, rank) else 0)
+            more += rates["eval"] * len(setup.seeds) + rates["train_full" if method == "full" else "train"] * runs
+        left += more
+        lines.append(f"  + {len(open_groups)} lr choices still open: ~{more / 60:.0f} min more for their seeds and scoring")
     if rates:
         lines.append(f"estimated time left: {left / 3600:.1f} h")
     return "\n".join(lines)

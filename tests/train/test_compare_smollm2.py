@@ -75,3 +75,16 @@ def test_the_plan_orders_lr_search_before_the_chosen_seeds(compare):
     done = {"runs": {k: {"val_loss": 1.0, "lr": 1e-3 if "full" not in k else 1e-5} for k in keys[1:4]}}
     later = [k for k, _, _ in compare.stages(setup, done)]
     assert later[4:7] == ["eval:dora-r16-lr0.001-s0", "dora-r16-lr0.001-s1", "eval:dora-r16-lr0.001-s1"]
+
+
+def test_a_smaller_rank_runs_at_the_lr_its_method_chose_at_the_largest(compare):
+    setup = compare.Setup(ranks=(8, 16), seeds=(0, 1), lrs={"lora": (1e-3,), "dora": (1e-4, 1e-3), "full": (1e-5,)})
+    keys = [k for k, _, _ in compare.stages(setup, {"runs": {}})]
+    assert [k for k in keys if "-s0" in k] == ["dora-r16-lr0.0001-s0", "dora-r16-lr0.001-s0", "lora-r16-lr0.001-s0",
+                                              "full-lr1e-05-s0"]  # no lr search at r 8
+    runs = {k: {"val_loss": 0.5 if "0.0001" in k else 1.0, "lr": float(k.split("-lr")[1].split("-")[0])}
+            for k in keys if "-s0" in k}
+    later = [k for k, _, _ in compare.stages(setup, {"runs": runs})]
+    assert "dora-r8-lr0.0001-s0" in later and "eval:dora-r8-lr0.0001-s0" in later  # r 8 trains its seed 0 too
+    assert "dora-r16-lr0.0001-s0" in later and "eval:dora-r16-lr0.0001-s0" in later
+    assert later.count("dora-r16-lr0.0001-s0") == 1  # the search run is not trained twice
