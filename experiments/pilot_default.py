@@ -11,9 +11,11 @@ both scorings before and after, the times (training, whole run), the load averag
 diagnosis of the generated answers (``diagnose``): how often the response names one of the
 choices exactly, how often the label it writes is the one of the choice it named, and how
 often the named choice is the right one or the one likelihood prefers. Records go to
-experiments/results/pilot_default.json after every run; a rerun skips finished ones:
+experiments/results/pilot_default.json after every run; a rerun skips finished ones; ``table``
+prints the records as the table of docs/causal_lm.md:
 
     PYTHONPATH=. python experiments/pilot_default.py [--only NAME ...]
+    PYTHONPATH=. python experiments/pilot_default.py --table
 """
 
 from __future__ import annotations
@@ -55,27 +57,36 @@ def save(results: dict) -> None:
     write_json_atomic(RESULTS, results)
 
 
-def diagnose(rows: list[dict], generated: list[dict], loglik: list[int] | None) -> dict:
-    """What the trained model's responses name: counts over the test rows."""
+def named_choices(rows: list[dict], generated: list[dict]) -> list[int | None]:
+    """Per row, the choice a response "the correct answer is <text> (answerN)" names by its exact
+    text (case aside), or None."""
+    from dorafit.eval.tasks import parse_instruction
+
+    named = []
+    for row, g in zip(rows, generated):
+        _, choices, _ = parse_instruction(row["instruction"])
+        match = re.search(r"the correct answer is (.*?) \((answer\d)", g["response"] or "")
+        text = match.group(1).strip().lower() if match else None
+        named.append(next((k for k, c in enumerate(choices) if c.strip().lower() == text), None))
+    return named
+
+
+def diagnose(rows: list[dict], named: list, labels: list, loglik_choice: list | None) -> dict:
+    """Counts over the test rows: responses naming a choice, labels matching the named choice,
+    named choices that are right or that likelihood (untrained) prefers."""
     from dorafit.eval.tasks import parse_instruction
 
     counts = dict.fromkeys(("rows", "named_a_choice", "label_is_named_choice", "named_is_right",
                             "named_is_loglik_choice"), 0)
-    for i, (row, g) in enumerate(zip(rows, generated)):
-        _, choices, words = parse_instruction(row["instruction"])
+    for i, (row, k) in enumerate(zip(rows, named)):
+        words = parse_instruction(row["instruction"])[2]
         counts["rows"] += 1
-        match = re.search(r"the correct answer is (.*?) \((answer\d)", g["response"] or "")
-        named = None
-        if match:
-            text = match.group(1).strip().lower()
-            named = next((k for k, c in enumerate(choices) if c.strip().lower() == text), None)
-        if named is None:
+        if k is None:
             continue
         counts["named_a_choice"] += 1
-        counts["label_is_named_choice"] += g["pred"] == words[named]
-        counts["named_is_right"] += words[named] == row["answer"]
-        if loglik:
-            counts["named_is_loglik_choice"] += named == loglik[i]
+        counts["label_is_named_choice"] += labels[i] == words[k]
+        counts["named_is_right"] += words[k] == row["answer"]
+        counts["named_is_loglik_choice"] += bool(loglik_choice) and k == loglik_choice[i]
     return counts
 
 
@@ -92,21 +103,51 @@ def run(name: str, overrides: dict) -> dict:
         wall, load_after = time.perf_counter() - started, os.getloadavg()[0]
         predictions = json.loads((out / "predictions.json").read_text())
     rows = D.read_rows(D.BUNDLED_DATA / "ARC-Easy" / "test.json")[: result.test_rows]
-    # The untrained model's likelihood choice per row: measured by the run with eval_before, else K's.
-    untrained = [p["pred"] for p in predictions.get("loglik_before", [])] or load().get("K", {}).get("loglik_choice")
-    return {"loglik_choice": untrained, "options": options, "test_rows": result.test_rows, "steps": result.steps,
+    return {"loglik_choice": [p["pred"] for p in predictions.get("loglik_before", [])] or None,
+            "named_choice": named_choices(rows, predictions["generate_after"]),
+            "label": [p["pred"] for p in predictions["generate_after"]], "options": options, "test_rows": result.test_rows, "steps": result.steps,
             "generate_before": result.accuracy_before, "unparseable_before": result.unparseable_before,
             "generate_after": result.accuracy_after, "unparseable_after": result.unparseable_after,
             "loglik_before": result.loglik_before, "loglik_after": result.loglik_after, "change": result.change,
-            "diagnosis": diagnose(rows, predictions["generate_after"], untrained),
             "train_seconds": result.train_seconds, "total_seconds": result.total_seconds, "wall_seconds": wall,
             "load_1min_before": load_before, "load_1min_after": load_after}
+
+
+def table(results: dict) -> str:
+    """The records as a markdown table (the untrained likelihood choice from the record that has it)."""
+    from dorafit.eval.report import with_error
+    from dorafit.train import data as D
+
+    untrained = next((r["loglik_choice"] for r in results.values() if r.get("loglik_choice")), None)
+    before = next((r for r in results.values() if r.get("loglik_before")), None)
+    lines = ["| run | steps | generation after (unparseable) | likelihood acc after | acc_norm after | "
+             "names a choice | label = named | named = right | named = untrained likelihood's | training / total "
+             "(1-min load) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    if before:
+        n = before["test_rows"]
+        lines.append(f"| untrained | 0 | {with_error(before['generate_before'], n)} ({100 * before['unparseable_before']:.1f}%) "
+                     f"| {with_error(before['loglik_before']['acc'], n)} | {with_error(before['loglik_before']['acc_norm'], n)} "
+                     "| | | | | |")
+    for name, r in results.items():
+        n = r["test_rows"]
+        rows = D.read_rows(D.BUNDLED_DATA / "ARC-Easy" / "test.json")[:n]
+        d = diagnose(rows, r["named_choice"], r["label"], untrained)
+        lines.append(f"| {name} | {r['steps']} | {with_error(r['generate_after'], n)} ({100 * r['unparseable_after']:.1f}%) "
+                     f"| {with_error(r['loglik_after']['acc'], n)} | {with_error(r['loglik_after']['acc_norm'], n)} "
+                     f"| {d['named_a_choice']} | {d['label_is_named_choice']} | {d['named_is_right']} | "
+                     f"{d['named_is_loglik_choice'] if untrained else '–'} | {r['train_seconds']:.0f} s / "
+                     f"{r['total_seconds']:.0f} s ({r['load_1min_before']:.1f} → {r['load_1min_after']:.1f}) |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", action="append", choices=sorted(CONFIGS))
+    parser.add_argument("--table", action="store_true", help="print the records as a table")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(load()))
+        return 0
     for name in args.only or list(CONFIGS):
         if name in load():
             print(f"{name}: done already", flush=True)
