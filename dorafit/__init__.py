@@ -1,48 +1,41 @@
-"""dorafit: DoRA (Weight-Decomposed Low-Rank Adaptation, Liu et al., ICML 2024) for PyTorch."""
+"""dorafit: DoRA (Weight-Decomposed Low-Rank Adaptation, Liu et al., ICML 2024) for PyTorch.
+
+The public names below are imported on first use (PEP 562), so that ``import dorafit`` and the
+command line's start cost nothing until torch is needed, and a Ctrl-C while torch loads reaches
+the command line's one-line handler instead of a traceback from the package's first line.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .adapters import active_adapter, disable_adapter, list_adapters, set_adapter
-from .config import AdapterConfig, ConfigError
-from .inject import (
-    TrainableReport,
-    adapter_modules,
-    adapter_state_dict,
-    attach,
-    delete_adapter,
-    detach,
-    trainable_report,
-)
-from .io import AdapterFileError, load_adapter, save_adapter
-from .layers import AdapterError, AdapterLayer
-from .layers.base import invalidate_norm_caches
-from .hub import push_adapter_to_hub
-from .merge import merge, merged_weights, unmerge
-from .export import export_lora
+# public name -> the module that defines it
+_PUBLIC = {
+    "active_adapter": "adapters", "disable_adapter": "adapters", "list_adapters": "adapters",
+    "set_adapter": "adapters",
+    "AdapterConfig": "config", "ConfigError": "config",
+    "TrainableReport": "inject", "adapter_modules": "inject", "adapter_state_dict": "inject",
+    "attach": "inject", "delete_adapter": "inject", "detach": "inject", "trainable_report": "inject",
+    "AdapterFileError": "io", "load_adapter": "io", "save_adapter": "io",
+    "AdapterError": "layers", "AdapterLayer": "layers",
+    "invalidate_norm_caches": "layers.cache",
+    "push_adapter_to_hub": "hub",
+    "merge": "merge", "merged_weights": "merge", "unmerge": "merge",
+    "export_lora": "export",
+}
 
-__all__ = [
-    "AdapterConfig",
-    "AdapterError",
-    "AdapterFileError",
-    "AdapterLayer",
-    "ConfigError",
-    "TrainableReport",
-    "active_adapter",
-    "adapter_modules",
-    "adapter_state_dict",
-    "attach",
-    "delete_adapter",
-    "detach",
-    "disable_adapter",
-    "export_lora",
-    "invalidate_norm_caches",
-    "list_adapters",
-    "load_adapter",
-    "merge",
-    "merged_weights",
-    "push_adapter_to_hub",
-    "save_adapter",
-    "set_adapter",
-    "trainable_report",
-    "unmerge",
-]
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'dorafit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"dorafit.{_PUBLIC[name]}"), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -13,6 +13,10 @@ single-adapter forward: one active adapter costs what one adapter costs.
     delete_adapter(model, "math")
     with disable_adapter(model): ...    the base model's outputs (a flag per layer, no copies)
 
+Adapter names are checked the same way by every call that takes one (``check_adapter_name``:
+a non-empty identifier). ``disable_adapter`` holds for its whole block: an adapter activated,
+attached or loaded inside the block computes the base's outputs too until the block ends.
+
 A batch cannot mix adapters: every row of a forward goes through the active one. An inactive
 adapter is moved to its base's device when it is activated (``model.to`` moved only the
 active one).
@@ -22,14 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import re
 import sys
-import types
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional
 
 from torch import nn
 
 from .config import AdapterConfig
+from .files import brief
 from .layers import AdapterError, AdapterLayer
 
 # Attributes on the root module: {name: NamedAdapter} and the active adapter's name.
@@ -38,6 +44,11 @@ ACTIVE_ATTR = "dorafit_active_adapter"
 DEFAULT_NAME = "default"
 # Attribute on the root module recording the config of the active adapter.
 CONFIG_ATTR = "dorafit_config"
+# Attribute on the root module: how many ``disable_adapter`` blocks are open around it.
+DISABLED_ATTR = "_dorafit_disabled"
+# What an adapter may be called: a non-empty identifier (letters, digits, "_", "-"), so that a name
+# is the same word in every API, in PEFT's "lora_A.<name>.weight" keys and on the command line.
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 # Marker of the instance-level ``save_pretrained`` that ``attach`` installs (see ``dorafit.hub``).
 SAVE_HOOK_MARKER = "_dorafit_save_pretrained"
 # The adapter-only writer ``model.save_pretrained`` becomes. ``dorafit.hub`` provides it when
@@ -85,7 +96,8 @@ def install_save_pretrained(model: nn.Module) -> None:
     """Shadow ``model.save_pretrained`` with the adapter-only writer (transformers models only)."""
     if _save_pretrained_writer is None or not _is_transformers_model(model) or SAVE_HOOK_MARKER in model.__dict__:
         return
-    model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained_writer, model)
+    # A partial, not a bound method: it pickles by reference (torch.save(model), copy.deepcopy).
+    model.__dict__["save_pretrained"] = functools.partial(_save_pretrained_writer, model)
     model.__dict__[SAVE_HOOK_MARKER] = True
 
 
@@ -103,6 +115,24 @@ class NamedAdapter:
     layers: Dict[str, AdapterLayer] = field(default_factory=dict)
     saves: Dict[str, nn.Module] = field(default_factory=dict)
     trainable: bool = True
+
+
+def check_adapter_name(name) -> None:
+    """Raise AdapterError unless ``name`` is a valid adapter name (every API that takes one calls this)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise AdapterError(
+            f"adapter name {brief(name)} is not valid: use a non-empty identifier of letters, digits, '_' and '-' "
+            "(not starting with a digit or '-', at most 64 characters), e.g. 'math'")
+
+
+def _is_disabled(model: nn.Module) -> bool:
+    return model.__dict__.get(DISABLED_ATTR, 0) > 0
+
+
+def _set_disabled(modules, disabled: bool) -> None:
+    for m in modules:
+        if isinstance(m, (AdapterLayer, ModulesToSave)):
+            m.adapter_disabled = disabled
 
 
 def registry(model: nn.Module) -> Dict[str, NamedAdapter]:
@@ -138,6 +168,8 @@ def register_active(model: nn.Module, name: str, config: AdapterConfig) -> None:
     adapters[name] = entry
     model.__dict__[ADAPTERS_ATTR] = adapters
     model.__dict__[ACTIVE_ATTR] = name
+    if _is_disabled(model):  # attached or loaded inside ``disable_adapter``: off until the block ends
+        _set_disabled(list(entry.layers.values()) + list(entry.saves.values()), True)
 
 
 def swap_out(model: nn.Module) -> Optional[str]:
@@ -178,11 +210,13 @@ def swap_in(model: nn.Module, name: str) -> None:
         for p in saved.trainable.parameters():
             p.requires_grad_(entry.trainable)
         _set_submodule(model, module_name, saved)
+    _set_disabled(list(entry.layers.values()) + list(entry.saves.values()), _is_disabled(model))
     setattr(model, CONFIG_ATTR, entry.config)
     model.__dict__[ACTIVE_ATTR] = name
 
 
 def _check_name(model: nn.Module, name: str) -> NamedAdapter:
+    check_adapter_name(name)
     adapters = registry(model)
     if name not in adapters:
         raise AdapterError(f"the model has no adapter named {name!r} (it has: {list(adapters) or 'none'})")
@@ -219,6 +253,7 @@ def clear(model: nn.Module) -> None:
 def rename_adapter(model: nn.Module, old: str, new: str) -> None:
     """File adapter ``old`` under the name ``new`` (order and activity kept)."""
     _check_name(model, old)
+    check_adapter_name(new)
     if new != old and new in registry(model):
         raise AdapterError(f"the model has an adapter named {new!r} already")
     model.__dict__[ADAPTERS_ATTR] = {(new if k == old else k): v for k, v in registry(model).items()}
@@ -237,6 +272,7 @@ def adding_adapter(model: nn.Module, name: str) -> Iterator[None]:
     records), so ``attach`` / ``load_adapter`` work as on a fresh model; after it, what they
     attached is filed under ``name``, inactive, and the previously active adapter is back.
     On error nothing new is kept."""
+    check_adapter_name(name)
     if name in registry(model):
         raise AdapterError(
             f"the model has an adapter named {name!r} already; delete it first or choose another name"
@@ -267,14 +303,28 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """``with disable_adapter(model):`` the model computes its base model's outputs exactly.
 
     Each adapter layer forwards to its frozen base module and modules_to_save copies to their
-    originals; entering sets one flag per module (no weights are copied or moved), leaving
-    clears it, also on error. Used as the reference model of DPO-style training.
+    originals; entering sets one flag per module of every adapter (active or not: no weights are
+    copied or moved), leaving clears it, also on error. The block holds whatever happens inside
+    it: an adapter activated with ``set_adapter`` or added by ``attach`` / ``load_adapter`` is
+    disabled too until the block ends. Blocks nest. Used as the reference model of DPO-style training.
     """
-    switched = [m for m in model.modules() if isinstance(m, (AdapterLayer, ModulesToSave)) and not m.adapter_disabled]
-    for m in switched:
-        m.adapter_disabled = True
+    model.__dict__[DISABLED_ATTR] = model.__dict__.get(DISABLED_ATTR, 0) + 1
+    _set_disabled(_all_adapter_modules(model), True)
     try:
         yield model
     finally:
-        for m in switched:
-            m.adapter_disabled = False
+        depth = model.__dict__.get(DISABLED_ATTR, 1) - 1
+        if depth > 0:
+            model.__dict__[DISABLED_ATTR] = depth
+        else:
+            model.__dict__.pop(DISABLED_ATTR, None)
+            _set_disabled(_all_adapter_modules(model), False)
+
+
+def _all_adapter_modules(model: nn.Module) -> List[nn.Module]:
+    """Every adapter layer and modules_to_save copy of the model: in the tree and of inactive adapters."""
+    found = {id(m): m for m in model.modules() if isinstance(m, (AdapterLayer, ModulesToSave))}
+    for entry in registry(model).values():
+        for m in list(entry.layers.values()) + list(entry.saves.values()):
+            found.setdefault(id(m), m)
+    return list(found.values())

@@ -296,8 +296,11 @@ def select_modules(model: nn.Module, pattern: Optional[str], default: Optional[S
         if unknown:
             raise AnalysisError(f"adapted modules {unknown[:5]} are not Linear/Conv/Embedding modules of the base model")
         return list(default)
+    from .config import bounded_matching, match_pattern
+
     regex = _compile(pattern if pattern is not None else DEFAULT_FULL_MODULES)
-    chosen = [n for n in modules if regex.fullmatch(n)]
+    with bounded_matching():  # a pattern that backtracks without end is an error, not a hang
+        chosen = [n for n in modules if match_pattern(regex.pattern, n, "module pattern")]
     if not chosen:
         sample = list(modules)[:8]
         raise AnalysisError(f"no Linear/Conv/Embedding module of the base matches {regex.pattern!r} "
@@ -417,10 +420,9 @@ def panel_stats(rows: Sequence[DeltaRow]) -> List[PanelStats]:
 # ---------------------------------------------------------------------------------------------
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from .files import write_bytes_atomic
+
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _json_float(v: float) -> Optional[float]:
@@ -586,10 +588,11 @@ def plot_figure2(rows: Sequence[DeltaRow], path: PathLike, title: Optional[str] 
     if title:
         fig.suptitle(title, fontsize=12)
     fig.tight_layout(rect=(0, bottom, 1, 1))
+    from .files import write_file_atomic
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
+    finally:
+        plt.close(fig)
     return path

@@ -215,3 +215,167 @@ def measure_variants(
             if steps:
                 results[v.name]["peak"] = step_peak_bytes(v.train_step, device)
     return results
+
+
+# ------------------------------------------------------------------------------------------
+# Another version of dorafit in the same process (a baseline to measure a change against)
+
+
+def load_dorafit_copy(checkout: str, name: str = "dorafit_baseline"):
+    """Import the ``dorafit`` package of another checkout (e.g. ``git archive main``) as module
+    ``name``, beside this one, so that both versions run in one process and one round structure.
+
+    Only the library core is meant to be used from it (``attach``, ``AdapterConfig``, ``merge``):
+    it imports itself relatively; its ``train`` and ``eval`` recipes import ``dorafit`` by name.
+    """
+    import importlib.util
+    import pathlib
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    root = pathlib.Path(checkout) / "dorafit"
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------------
+# What a GPU would launch: aten operators, elementwise traffic and host syncs, counted exactly
+
+# Matmuls: their outputs are not counted as elementwise traffic.
+MATMUL_OPS = frozenset({"mm", "addmm", "addmm_", "bmm", "baddbmm", "addbmm", "mv", "dot", "matmul", "linear"})
+# Reads of a tensor's value by Python (``.item()``, ``bool(t)``, ``if t.any():``): a stream stall.
+HOST_SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero"})
+# Operators that return an alias of their input without a kernel, besides schema views.
+_ALIASING_OPS = frozenset({"_unsafe_view", "lift_fresh", "alias", "detach_"})
+
+
+@dataclass
+class OpCount:
+    """Aten operators of a piece of code: each one is at least one kernel launch on a GPU.
+
+    ``ops``: operator names in call order, views excluded; ``elementwise_bytes``: bytes written
+    by non-matmul operators whose output has one of the ``big_numel`` sizes (e.g. tokens × out
+    and tokens × in of one layer); ``syncs``: operators that read a value on the host.
+    """
+
+    ops: List[str] = field(default_factory=list)
+    elementwise_bytes: int = 0
+    syncs: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+
+def count_ops(fn: Callable[[], object], big_numel: Sequence[int] = ()) -> OpCount:
+    """Run ``fn()`` once and count its aten operators (forward and backward alike)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = OpCount()
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in HOST_SYNC_OPS:
+                count.syncs += 1
+            if func.is_view or name in _ALIASING_OPS:
+                return out
+            count.ops.append(name)
+            if name not in MATMUL_OPS:
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor) and t.numel() in big_numel:
+                        count.elementwise_bytes += t.numel() * t.element_size()
+            return out
+
+    with Counter():
+        fn()
+    return count
+
+
+# The calls ``count_layer_ops`` measures on one adapted layer.
+LAYER_CALLS = ("train", "accumulation", "eval", "decode")
+
+
+def count_layer_ops(method: str, tokens: int, in_features: int, out_features: int, call: str, *,
+                    rank: int = 16, bias: bool = False, dtype: torch.dtype = torch.float32,
+                    device: str = "cpu") -> OpCount:
+    """Count one call of one adapted nn.Linear in its steady state:
+
+    train         forward + backward right after an optimizer step (the norm is due)
+    accumulation  forward + backward of a later micro-batch (the norm is kept)
+    eval          a no-grad forward in eval mode (g is kept)
+    decode        the same with one token, x (1, 1, in)
+
+    The input needs a gradient in training, as for any layer but the first. Counted from the
+    call itself: the optimizer step before it is not. Elementwise bytes: outputs of tokens × out
+    or tokens × in elements.
+    """
+    import dorafit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=bias)).to(device, dtype)
+    dorafit.attach(model, dorafit.AdapterConfig(method=method, rank=rank, alpha=2 * rank, targets=["0"],
+                                                adapter_dtype="base" if dtype != torch.float32 else "float32"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01)
+    optimizer = torch.optim.SGD(params, lr=1e-3)
+    x = torch.randn(tokens, in_features, dtype=dtype, device=device, requires_grad=True)
+    grad_out = torch.randn(tokens, out_features, dtype=dtype, device=device)
+
+    def step(micro: bool) -> None:
+        x.grad = None
+        model(x).backward(grad_out)
+        if not micro:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):  # warm: the first calls read ‖W0‖² and build what is kept
+        step(False)
+    if call in ("train", "accumulation"):
+        if call == "accumulation":
+            step(True)
+        x.grad = None
+        return count_ops(lambda: model(x).backward(grad_out), (tokens * out_features, tokens * in_features))
+    model.eval()
+    x_eval = torch.randn(1, 1, in_features, dtype=dtype, device=device) if call == "decode" else x.detach()
+    with torch.no_grad():
+        model(x_eval)
+        rows = x_eval.numel() // in_features
+        return count_ops(lambda: model(x_eval), (rows * out_features, rows * in_features))
+
+
+def count_step_syncs(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int = 3) -> Dict[str, int]:
+    """Host syncs of a causal LM's steady-state steps: a training step (forward + backward after
+    two optimizer steps), an evaluation forward, and a greedy generation of ``new_tokens`` with
+    the key/value cache. Compare with the same model without adapters: transformers reads a
+    value or two itself."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def train() -> None:
+        model.train()
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+    def generate() -> None:
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    for _ in range(2):
+        train()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    counts = {"train": count_ops(train).syncs}
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+        counts["eval"] = count_ops(lambda: model(input_ids=ids, use_cache=False)).syncs
+        generate()
+        counts["generate"] = count_ops(generate).syncs
+    return counts

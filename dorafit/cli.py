@@ -3,6 +3,10 @@
 Each module ``dorafit.commands.<name>`` defines ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> int``; it is imported only when its command runs, so ``dorafit --help`` stays
 fast and the library never imports the command line.
+
+Bad input, a full disk and Ctrl-C end a command with one line on stderr and exit code 2; the
+line is cut to ``MAX_ERROR_CHARS`` whatever the input held. Bugs keep their traceback, and
+``--debug`` shows the traceback of an input error too.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ import sys
 from typing import List, Optional
 
 from . import __version__
+from .files import is_disk_full
+
+# The longest error line printed (a message quoting a huge input value is cut).
+MAX_ERROR_CHARS = 1000
 
 COMMANDS = {
     "train": "fine-tune a model with an adapter (default: DoRA on SmolLM2-135M-Instruct, ARC-Easy)",
@@ -35,6 +43,20 @@ def _is_input_error(err: BaseException) -> bool:
     return isinstance(err, OSError) or (isinstance(err, ValueError) and type(err).__module__.startswith("dorafit."))
 
 
+def error_line(name: str, err: BaseException) -> str:
+    """'dorafit NAME: error: MESSAGE' on one line, at most MAX_ERROR_CHARS long."""
+    if isinstance(err, KeyboardInterrupt):
+        text = "interrupted (Ctrl-C); nothing was written: dorafit's outputs appear whole or not at all"
+    else:
+        text = " ".join(str(err).split()) or type(err).__name__
+        if is_disk_full(err) and not type(err).__module__.startswith("dorafit."):  # a raw OSError: say what it means
+            text = (f"no space left on the device ({text}); dorafit's outputs are written whole or not at all, so "
+                    "what was there before is intact: free some space and run again")
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + " [...]"
+    return f"dorafit {name}: error: {text}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # show the traceback of an input error too
@@ -49,17 +71,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.parse_args(argv or ["--help"])
         return 2
     name = argv[0]
-    module = _load(name)
-    cmd_parser = argparse.ArgumentParser(prog=f"dorafit {name}", description=getattr(module, "HELP", COMMANDS[name]))
-    module.add_arguments(cmd_parser)
-    args = cmd_parser.parse_args(argv[1:])
-    args.debug = debug
     try:
+        module = _load(name)  # imports torch: a Ctrl-C here is one line too
+        cmd_parser = argparse.ArgumentParser(prog=f"dorafit {name}", description=getattr(module, "HELP", COMMANDS[name]))
+        module.add_arguments(cmd_parser)
+        args = cmd_parser.parse_args(argv[1:])
+        args.debug = debug
         return int(module.run(args) or 0)
-    except Exception as err:
-        if debug or not _is_input_error(err):
+    except KeyboardInterrupt as err:
+        if debug:
             raise
-        print(f"dorafit {name}: error: {' '.join(str(err).split())} (--debug shows the traceback)", file=sys.stderr)
+        print(error_line(name, err), file=sys.stderr)
+        return 2
+    except Exception as err:
+        if debug or not (_is_input_error(err) or is_disk_full(err)):
+            raise
+        print(f"{error_line(name, err)} (--debug shows the traceback)", file=sys.stderr)
         return 2
 
 

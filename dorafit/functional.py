@@ -34,6 +34,9 @@ NORM_EPS = 1e-12
 # Rows of a half-precision weight converted to float32 at a time for the cross term, so that no
 # float32 copy of the whole (out, in) weight ever exists.
 _CHUNK_ELEMENTS = 1 << 22
+# Below this many elements the per-feature reductions of the backward use plain mul + sum
+# (TensorIterator's serial grain size): batch norm's kernel would cost more than the work.
+_SMALL_REDUCTION = 1 << 15
 
 
 def weight_norm_sq_per_output(weight_2d: torch.Tensor) -> torch.Tensor:
@@ -69,6 +72,41 @@ def rows_times_weight_t(rows: torch.Tensor, weight_2d: torch.Tensor) -> torch.Te
     return torch.cat(parts, dim=1)
 
 
+def factored_norm_sq(
+    w0_norm_sq: torch.Tensor,
+    cross: torch.Tensor,
+    lora_a_2d: torch.Tensor,
+    lora_b_2d: torch.Tensor,
+    scaling: float,
+    gram: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """‖W0 + s B A‖² per output feature without forming the (out, in) matrix: (out,), float32.
+
+    w0_norm_sq: (out,) ‖W0_i‖²; cross: (r, out) = A W0ᵀ; lora_a_2d: (r, in); lora_b_2d: (out, r);
+    gram: A Aᵀ (r, r) where the caller has it already. Two small operations besides the gram, as
+    this runs once per optimizer step and layer:
+
+        both = 2s · (A W0ᵀ)ᵀ + s² · B (A Aᵀ)              (out, r)   one addmm
+        ‖·‖² = ‖W0_i‖² + Σ_j B_ij both_ij                (out,)     one baddbmm (row dot plus add)
+
+    Every sum over the input dimension happens in ``cross``, ``gram`` and ‖W0‖²: with W0 sharded
+    by columns (rowwise tensor parallel) the result is a partial sum to all-reduce before the
+    square root (``norm_from_squares``).
+    """
+    a = lora_a_2d.to(torch.float32)
+    b = lora_b_2d.to(torch.float32)
+    gram = a @ a.t() if gram is None else gram.to(torch.float32)  # (r, r)
+    both = torch.addmm(cross.to(torch.float32).t(), b, gram, beta=2.0 * scaling, alpha=scaling * scaling)
+    rows = torch.baddbmm(w0_norm_sq.to(torch.float32).view(-1, 1, 1), b.unsqueeze(1), both.unsqueeze(2))
+    return rows.view(-1)
+
+
+def norm_from_squares(norm_sq: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """‖·‖ from ‖·‖², clamped at ``eps`` first: cancellation can leave a (numerically) zero row
+    slightly negative. The one square root of the factored norm."""
+    return norm_sq.clamp_min(eps).sqrt()
+
+
 def factored_norm(
     w0_norm_sq: torch.Tensor,
     cross: torch.Tensor,
@@ -76,64 +114,31 @@ def factored_norm(
     lora_b_2d: torch.Tensor,
     scaling: float,
     eps: float = NORM_EPS,
+    gram: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """‖W0 + s B A‖ per output feature without forming the (out, in) matrix: (out,), float32.
 
-    w0_norm_sq: (out,) ‖W0_i‖²; cross: (r, out) = A W0ᵀ; lora_a_2d: (r, in); lora_b_2d: (out, r).
+    w0_norm_sq: (out,) ‖W0_i‖²; cross: (r, out) = A W0ᵀ; lora_a_2d: (r, in); lora_b_2d: (out, r);
+    gram: A Aᵀ where the caller has it. ``norm_from_squares`` of ``factored_norm_sq`` (a sharded
+    W0 reduces the squares between the two). Reference: ``reference_norm``.
     """
-    a = lora_a_2d.to(torch.float32)
-    b = lora_b_2d.to(torch.float32)
-    cross = cross.to(torch.float32)
-    gram = a @ a.t()  # (r, r)
-    # Both terms in one row-wise product: Σ_j B_ij (2s (A W0ᵀ)_ji + s² (B AAᵀ)_ij), i.e.
-    # 2s Σ_j B_ij (A W0ᵀ)_ji + s² (B AAᵀ Bᵀ)_ii; few small operations, as this runs per step.
-    both = torch.addmm(cross.t(), b, gram, beta=2.0 * scaling, alpha=scaling * scaling)  # (out, r)
-    norm_sq = torch.linalg.vecdot(b, both, dim=1)  # Σ_j B_ij both_ij, one operation
-    return norm_sq.add_(w0_norm_sq.to(torch.float32)).clamp_min_(eps).sqrt_()
+    return norm_from_squares(factored_norm_sq(w0_norm_sq, cross, lora_a_2d, lora_b_2d, scaling, gram), eps)
 
 
-class _LinearWithRows(torch.autograd.Function):
-    """[x; R] W0ᵀ in one matmul: the base output and the cross term R W0ᵀ together.
+def stacked_products(x_2d: torch.Tensor, a: torch.Tensor, weight: torch.Tensor):
+    """x W0ᵀ and x Aᵀ with the norm's A W0ᵀ and A Aᵀ, from two matmuls over the stacked rows [x; A].
 
-    At few tokens a matmul is bound by reading W0, so computing the cross term inside the base
-    forward saves a whole pass over the weight. Backward gives the input gradient only (W0 is
-    frozen; R is used as a constant, the norm being detached).
+    At few tokens a matmul is bound by reading its weight, so A's r rows ride along with the
+    tokens instead of paying a second pass over W0 for the cross term alone. No autograd (the
+    caller's node gives the gradients); x (N, in), A (r, in), W0 (out, in) of one dtype.
+    Returns z (N, out), h (N, r), cross (r, out), gram (r, r), views of the two stacked results.
+    Reference: four separate matmuls (``tests/test_fast_paths.py``).
     """
-
-    @staticmethod
-    def forward(ctx, x_2d, rows, weight, bias):
-        n = x_2d.shape[0]
-        if rows.shape[0] == 0:  # norm already cached: a plain linear, same saved tensors
-            y = torch.nn.functional.linear(x_2d, weight, bias)
-            cross = y.new_empty((0, y.shape[1]))
-        else:
-            out = torch.nn.functional.linear(torch.cat([x_2d, rows.to(x_2d.dtype)]), weight, bias)  # (n + r, out)
-            y = out[:n]
-            cross = out[n:] if bias is None else out[n:] - bias
-            cross = cross.clone() if cross._base is not None else cross
-        ctx.save_for_backward(weight)
-        ctx.mark_non_differentiable(cross)
-        return y, cross
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_cross):
-        (weight,) = ctx.saved_tensors
-        grad_x = grad_y @ weight.to(grad_y.dtype) if ctx.needs_input_grad[0] else None
-        grad_bias = grad_y.sum(0) if ctx.needs_input_grad[3] else None
-        return grad_x, None, None, grad_bias
-
-
-def linear_with_rows(
-    x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(x W0ᵀ + b, R W0ᵀ) for x (..., in), R (r, in), a frozen W0 (out, in); one matmul.
-
-    The second result is float32 and carries no gradient. Reference: two ``F.linear`` calls.
-    """
-    if weight.requires_grad:
-        raise ValueError("linear_with_rows needs a frozen weight")
-    y, cross = _LinearWithRows.apply(x.reshape(-1, x.shape[-1]), rows.detach(), weight, bias)
-    return y.reshape(*x.shape[:-1], y.shape[-1]), cross.to(torch.float32)
+    n = x_2d.shape[0]
+    stacked = torch.cat([x_2d, a])  # (N + r, in)
+    z_all = stacked @ weight.t()  # (N + r, out)
+    h_all = stacked @ a.t()  # (N + r, r)
+    return z_all[:n], h_all[:n], z_all[n:], h_all[n:]
 
 
 def reference_norm(w0_2d: torch.Tensor, lora_a_2d: torch.Tensor, lora_b_2d: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -155,7 +160,7 @@ class _ScaleShift(torch.autograd.Function):
     operation (attention keeps v, SiLU keeps gate, the product keeps up), so saving y instead
     costs no memory there, and no base matmul is ever recomputed. One fused pass forward
     (addcmul) and a few in backward: the whole DoRA overhead over LoRA's y = t. The shift
-    (1 − g) ⊙ b is made inside (as in ``_LowRankScaleShift``): ∂y/∂g = t − b, ∂y/∂b = 1 − g
+    (1 − g) ⊙ b is made inside: ∂y/∂g = t − b, ∂y/∂b = 1 − g
     besides the path through t.
     """
 
@@ -171,86 +176,126 @@ class _ScaleShift(torch.autograd.Function):
     def backward(ctx, grad_y):
         saved, scale, bias = ctx.saved_tensors
         need_t, need_scale, need_bias, _ = ctx.needs_input_grad
-        # Σ over every axis but the output one, in at least float32.
-        acc = torch.promote_types(saved.dtype, torch.float32)
-        grad_sum = None
-        if bias is not None and (need_scale or need_bias):
-            grad_sum = grad_y.to(acc).sum_to_size(scale.shape)
-        grad_scale = grad_bias = prod = None
-        if need_scale:  # Σ grad_y ⊙ (t − b), with t − b = (y − b) / g where y is saved
-            prod = grad_y.to(acc) * saved.to(acc)
-            dot = prod.sum_to_size(scale.shape)
-            if bias is not None:
-                dot = dot - bias.to(acc) * grad_sum
+        # g ⊙ grad_y, Σ grad_y ⊙ (saved − b) and Σ grad_y in one pass; with y saved,
+        # t − b = (y − b) / g (1 / g_i read as 0 where g_i = 0, as in ``_DoraLinear``).
+        grad_t, dot, grad_sum = _scaled_grad_and_sums(grad_y, saved, scale, bias, (need_t, need_scale, need_bias))
+        grad_scale = grad_bias = None
+        flat = scale.reshape(-1).to(dot.dtype if dot is not None else grad_sum.dtype) if (need_scale or need_bias) else None
+        if need_scale:
             if not ctx.keep_sum:
-                dot = dot / scale.to(acc)
-            grad_scale = dot.to(scale.dtype)
-        grad_t = None
-        if need_t:
-            s = scale.to(grad_y.dtype)
-            # prod may be reused only where the reduction above made a new tensor of it
-            reuse = prod is not None and prod.dtype == grad_y.dtype and prod.shape == grad_y.shape and prod.numel() > scale.numel()
-            grad_t = torch.mul(grad_y, s, out=prod) if reuse else grad_y * s  # one (tokens, out) buffer
+                dot = dot.div_(flat).nan_to_num_(0.0, 0.0, 0.0)
+            grad_scale = dot.view(scale.shape).to(scale.dtype)
         if need_bias:
-            grad_bias = ((1 - scale.to(acc)) * grad_sum).to(bias.dtype)
+            grad_bias = ((1 - flat) * grad_sum).view(bias.shape).to(bias.dtype)
         return grad_t, grad_scale, grad_bias, None
 
 
-class _LowRankScaleShift(torch.autograd.Function):
-    """y = g ⊙ (z − b + h Bᵀ) + b for a linear layer: LoRA's second matmul and DoRA's scaling in
-    one node, all 2-D and of one dtype. z = x W0ᵀ + b (tokens, out), h = x Aᵀ (tokens, r), B
-    already scaled by s (out, r), g (out,), b the base bias (out,) or None.
+def _features_second(grad_y, saved, scale_shape):
+    """grad_y and saved viewed with the output features on axis 1 (batch norm's channels), and
+    a function that gives a result of that layout grad_y's own shape back. The feature axis is
+    where ``scale_shape`` (the shape g broadcasts with) is not 1."""
+    ndim, shape = grad_y.dim(), grad_y.shape
+    sizes = [d for d, n in enumerate(scale_shape) if n != 1]
+    axis = ndim - len(scale_shape) + sizes[0] if sizes else None
+    if axis is None or axis == ndim - 1:  # features last, (tokens, out); or one feature
+        width = 1 if axis is None else shape[-1]
+        return grad_y.reshape(-1, width), saved.reshape(-1, width), lambda t: t.view(shape)
+    if axis == 1:  # (N, C, *spatial)
+        return grad_y, saved, lambda t: t
+    # an unbatched conv output (C, *spatial), or features elsewhere
+    moved = lambda t: t.movedim(axis, 0).unsqueeze(0)  # noqa: E731
+    return moved(grad_y), moved(saved), lambda t: t.squeeze(0).movedim(0, axis)
 
-    The sum z + h Bᵀ is made by addmm into a fresh tensor and scaled in place, so the forward
-    allocates exactly what LoRA's does; it saves y (not the sum: see ``_ScaleShift``), h and B,
-    LoRA's saved tensors plus the output. The backward allocates one (tokens, out) tensor: it
-    holds grad_y ⊙ y for the magnitude's reduction first, then the gradient g ⊙ grad_y. The
-    bias shift (1 − g) ⊙ b is made inside, so it adds no autograd nodes of its own:
-    ∂y/∂g = (y − b) / g, and ∂y/∂b = 1 − g besides the path through z.
+
+def _scaled_grad_and_sums(grad_y, saved, scale, bias, need):
+    """(g ⊙ grad_y, Σ grad_y ⊙ (saved − b), Σ grad_y), sums over every axis but the output
+    feature's, in float32 (float64 for float64); ``need`` says which of the three to compute.
+
+    One pass of batch norm's backward in evaluation mode computes exactly these per channel —
+    grad_input = grad ⊙ weight ⊙ invstd, grad_weight = Σ grad ⊙ (input − running_mean) ⊙ invstd,
+    grad_bias = Σ grad — with weight g, running mean b, running variance 0 and eps 1 (invstd 1),
+    reading grad_y and saved once and writing no product. Below 2^15 elements (where that
+    kernel's parallel region costs more than the work): mul and sum, its reference.
+    """
+    need_grad, need_dot, need_sum = need
+    stat = torch.float64 if saved.dtype == torch.float64 else torch.float32
+    grad_2d, saved_2d, restore = _features_second(grad_y, saved, scale.shape)
+    flat = scale.reshape(-1)
+    if grad_2d.numel() < _SMALL_REDUCTION:
+        dims = [d for d in range(grad_2d.dim()) if d != 1]
+        grad = grad_y * scale.to(grad_y.dtype) if need_grad else None
+        need_sum = need_sum or (need_dot and bias is not None)
+        grad_sum = grad_2d.sum(dims, dtype=stat) if need_sum else None
+        dot = (grad_2d * saved_2d).sum(dims, dtype=stat) if need_dot else None
+        if need_dot and bias is not None:
+            dot = torch.addcmul(dot, bias.reshape(-1).to(stat), grad_sum, value=-1)
+        return grad, dot, grad_sum
+    zeros = torch.zeros_like(flat, dtype=stat)
+    mean = zeros if bias is None else bias.reshape(-1).to(stat)
+    grad, dot, grad_sum = torch.ops.aten.native_batch_norm_backward(
+        grad_2d, saved_2d, flat.to(stat), mean, zeros, None, None, False, 1.0, [need_grad, need_dot, need_sum]
+    )
+    return (restore(grad) if need_grad else None), dot, grad_sum
+
+
+class _DoraLinear(torch.autograd.Function):
+    """DoRA on a linear layer in one autograd node, all 2-D and of one dtype:
+
+        y = g ⊙ (z + s · h Bᵀ) + b,   z = x W0ᵀ (no bias), h = x' Aᵀ, g = m / n
+
+    with the detached norm n (paper section 4.3) and x' = x unless the low-rank path has its own
+    dropout. z and h come in already computed without autograd (``stacked_products`` or two
+    matmuls); the node gives x, x', A, B and m their gradients, so that the layer costs LoRA's
+    matmuls plus, forward, g and one in-place scaling of the output (s rides in the addmm), and,
+    backward, Σ grad_y ⊙ (y − b) for the magnitude and g ⊙ grad_y for the matmuls:
+
+        ∂L/∂m = Σ_tokens grad_y ⊙ (y − b) / m        (g n = m: y − b = g ⊙ (z + s h Bᵀ))
+        ∂L/∂B = s (g ⊙ grad_y)ᵀ h,  ∂L/∂h = s (g ⊙ grad_y) B,  ∂L/∂x = (g ⊙ grad_y) W0 + ∂L/∂h A
+
+    It saves y (usually kept anyway by the next operation: see ``_ScaleShift``), h, x' and the
+    (out,)-sized g, never z + s h Bᵀ; g ⊙ grad_y and the magnitude's reduction are one pass that
+    writes no (tokens, out) product (``_scaled_grad_and_sums``). Where m_i = 0, y_i = b_i keeps no trace of the row's
+    z + s h Bᵀ and its gradient reads 0: the layers send a W0 with a zero row (which initialises a
+    zero magnitude) to a path that keeps the sum instead, so this concerns a magnitude set to zero
+    by hand, which stays zero (docs/methods.md). No value is read by the host.
     """
 
     @staticmethod
-    def forward(ctx, z, h, b, scale, bias):
-        y = torch.addmm(z, h, b.t())
-        if bias is None:
-            y.mul_(scale)
-        else:
-            torch.addcmul((1 - scale) * bias, y, scale, out=y)
-        ctx.save_for_backward(y, h, b, scale, bias)
+    def forward(ctx, x, x_low, a, b, magnitude, z, h, norm, weight, bias, scaling):
+        g = (magnitude / norm).to(z.dtype)  # (out,), computed in at least float32 (n is float32)
+        y = torch.addmm(z, h, b.t(), alpha=scaling)  # (N, out), a new tensor
+        y = y.mul_(g) if bias is None else torch.addcmul(bias, y, g, out=y)
+        ctx.scaling, ctx.own_low = scaling, x_low is not None
+        ctx.save_for_backward(x if x_low is None else x_low, h, a, b, weight, y, g, magnitude, bias)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        y, h, b, scale, bias = ctx.saved_tensors
-        need_z, need_h, need_b, need_scale, need_bias = ctx.needs_input_grad
-        grad_sum = grad_y.sum(0) if bias is not None and (need_scale or need_bias) else None
-        grad_scale = buf = None
-        if need_scale:  # Σ_tokens grad_y ⊙ (y − b) / g
-            buf = grad_y * y
-            dot = buf.sum(0)
-            if bias is not None:
-                dot = torch.addcmul(dot, bias, grad_sum, value=-1)
-            grad_scale = dot.div_(scale)
-        grad_t = torch.mul(grad_y, scale, out=buf) if buf is not None else grad_y * scale
-        grad_h = grad_t @ b if need_h else None
-        grad_b = grad_t.t() @ h if need_b else None
-        grad_bias = (1 - scale) * grad_sum if need_bias else None
-        return grad_t if need_z else None, grad_h, grad_b, grad_scale, grad_bias
+        x_low, h, a, b, weight, y, g, magnitude, bias = ctx.saved_tensors
+        need_x, need_low, need_a, need_b, need_m = ctx.needs_input_grad[:5]
+        need_bias = ctx.needs_input_grad[9]
+        # g ⊙ grad_y (the gradient of z + s h Bᵀ), Σ grad_y ⊙ (y − b) and Σ grad_y, in one pass.
+        grad_t, dot, grad_sum = _scaled_grad_and_sums(grad_y, y, g, bias, (True, need_m, need_bias))
+        grad_m = dot.div_(magnitude).nan_to_num_(0.0, 0.0, 0.0).to(magnitude.dtype) if need_m else None  # 1 / 0 → 0
+        grad_bias = grad_sum.to(bias.dtype) if need_bias else None
+        grad_h = torch.addmm(h, grad_t, b, beta=0, alpha=ctx.scaling) if (need_x or need_low or need_a) else None
+        grad_b = torch.addmm(b, grad_t.t(), h, beta=0, alpha=ctx.scaling) if need_b else None
+        grad_a = grad_h.t().mm(x_low) if need_a else None
+        grad_x = grad_t.mm(weight) if need_x else None
+        if need_x and not ctx.own_low:
+            grad_x.addmm_(grad_h, a)  # the low-rank path's input gradient, in place
+        grad_low = grad_h.mm(a) if need_low else None
+        return grad_x, grad_low, grad_a, grad_b, grad_m, None, None, None, None, grad_bias, None
 
 
-def dora_lowrank_linear(
-    z: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]
-) -> torch.Tensor:
-    """y = g ⊙ (z − b + h Bᵀ) + b for z = x W0ᵀ + b (..., out) and h = x Aᵀ (..., r), B scaled.
+def dora_linear(x_2d, x_low_2d, a, b, magnitude, z, h, norm, weight, bias, scaling: float) -> torch.Tensor:
+    """y = g ⊙ (z + s · h Bᵀ) + b with g = m / n, for z = x W0ᵀ and h = x' Aᵀ computed without
+    autograd; gradients to x (N, in), x' (or None: x' = x), A (r, in), B (out, r) and m (out,).
 
-    One autograd node for the low-rank product and the DoRA scaling (``_LowRankScaleShift``);
-    z, h, B and g must share one dtype and no g_i may be 0 (use ``dora_compose`` otherwise).
-    Reference: ``reference_dora_compose(z, h @ B.T, g, bias)``.
+    One autograd node (``_DoraLinear``); x, A, B, W0 and the bias of one dtype, n float32.
+    Reference: ``reference_dora_compose(x W0ᵀ + b, s (x' Aᵀ) Bᵀ, m / n, b)``.
     """
-    out_features = z.shape[-1]
-    bias = None if bias is None else bias.to(scale.dtype)
-    y = _LowRankScaleShift.apply(z.reshape(-1, out_features), h.reshape(-1, h.shape[-1]), b, scale, bias)
-    return y.view(z.shape)
+    return _DoraLinear.apply(x_2d, x_low_2d, a, b, magnitude, z, h, norm, weight, bias, scaling)
 
 
 def dora_scale_shift(

@@ -1,7 +1,9 @@
 """Attach and detach adapters on any nn.Module by model surgery.
 
 ``attach`` finds the target modules by name, checks everything first (config, matches, module
-types, ranks), then swaps each target for an adapter with ``setattr(parent, name, adapter)``.
+types, ranks against each layer's shape, finite base weights, the adapter's name), then swaps
+each target for an adapter with ``setattr(parent, name, adapter)``. Pattern matching is bounded in
+time (``config.bounded_matching``), so a hostile pattern from a downloaded config cannot hang it.
 Only adapter parameters (and ``modules_to_save`` copies) stay trainable. The single extension
 point is ``ADAPTER_TYPES``: {module type -> adapter class}.
 """
@@ -15,7 +17,8 @@ from typing import Callable, Dict, List, Optional, Tuple, Type
 import torch
 from torch import nn
 
-from .config import AdapterConfig, ConfigError, pattern_matches, resolve_module_options
+from .config import AdapterConfig, ConfigError, bounded_matching, pattern_matches, resolve_module_options
+from .files import brief
 from .layers import AdapterError, AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
 from .layers.quantized import keep_4bit_layers_trainable, release_4bit_layers
 from .layers.vera import build_vera_adapter, build_vera_shared
@@ -29,6 +32,7 @@ from .adapters import (  # noqa: F401  (CONFIG_ATTR, ModulesToSave: re-exported,
     ModulesToSave,
     _check_name,
     active_adapter,
+    check_adapter_name,
     adding_adapter,
     install_save_pretrained,
     register_active,
@@ -128,15 +132,16 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> List[str]:
             if pattern == "all-linear":
                 if _is_linear_like(module) and name.split(".")[-1] not in heads and name not in heads:
                     hit = True
-            elif pattern_matches(pattern, name):
+            elif pattern_matches(pattern, name, "targets"):
                 hit = True
-        if hit and not any(pattern_matches(p, name) for p in config.exclude):
+        if hit and not any(pattern_matches(p, name, "exclude") for p in config.exclude):
             selected.append(name)
     # A pattern matching a container and one of its children would adapt both; keep leaves.
     if not selected:
         leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
         shown = ", ".join(leaves[:40]) + (f", ... ({len(leaves)} in all)" if len(leaves) > 40 else "")
-        raise ConfigError(f"targets {config.targets} (exclude {config.exclude}) match no module; modules: {shown}")
+        raise ConfigError(f"targets {brief(config.targets)} (exclude {brief(config.exclude)}) match no module; "
+                          f"modules: {shown}")
     return selected
 
 
@@ -147,15 +152,15 @@ def check_patterns_match(model: nn.Module, config: AdapterConfig, selected: List
     for pattern in config.targets:
         if pattern == "all-linear":
             continue
-        if not any(pattern_matches(pattern, n) for n, _ in model.named_modules() if n):
+        if not any(pattern_matches(pattern, n, "targets") for n, _ in model.named_modules() if n):
             leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
             shown = ", ".join(leaves[:40]) + (f", ... ({len(leaves)} in all)" if len(leaves) > 40 else "")
-            raise ConfigError(f"targets entry {pattern!r} matches no module; modules: {shown}")
+            raise ConfigError(f"targets entry {brief(pattern)} matches no module; modules: {shown}")
     for field_name in ("rank_pattern", "alpha_pattern", "method_pattern"):
         for pattern in getattr(config, field_name):
-            if not any(pattern_matches(pattern, n) for n in selected):
+            if not any(pattern_matches(pattern, n, field_name) for n in selected):
                 shown = ", ".join(selected[:40]) + (f", ... ({len(selected)} in all)" if len(selected) > 40 else "")
-                raise ConfigError(f"{field_name} key {pattern!r} matches none of the adapted modules: {shown}")
+                raise ConfigError(f"{field_name} key {brief(pattern)} matches none of the adapted modules: {shown}")
 
 
 def _check_not_attached(model: nn.Module, name: str = DEFAULT_NAME) -> None:
@@ -225,6 +230,70 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def weight_dims(module: nn.Module) -> Optional[Tuple[int, int]]:
+    """(out, in) of the matrix an adapter of ``module`` factors (in flattened over a conv's kernel),
+    from the module's attributes and the weight's shape alone (no weight is read)."""
+    if isinstance(module, nn.Linear):  # 4-bit subclasses store the weight packed: trust the attributes
+        return module.out_features, module.in_features
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim, module.num_embeddings
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        return None
+    if type(module).__name__ == "Conv1D":  # transformers GPT-2: (in, out)
+        return weight.shape[1], weight.shape[0]
+    inner = 1
+    for size in weight.shape[1:]:
+        inner *= size
+    return weight.shape[0], inner
+
+
+def check_ranks(modules: Dict[str, nn.Module], config: AdapterConfig) -> None:
+    """Every rank (VeRA's included) is at most min(out, in) of its layer: checked before any adapter
+    tensor, or VeRA's shared matrices sized by the largest rank, is allocated."""
+    for name, module in modules.items():
+        opts = resolve_module_options(config, name)
+        dims = weight_dims(module)
+        if opts["method"] == "magnitude" or dims is None:
+            continue
+        if opts["method"] in METHOD_BUILDERS and adapter_class_for(module) not in (LinearAdapter, Conv1DAdapter) \
+                and not isinstance(module, nn.Linear):
+            continue  # VeRA-style methods refuse this layer type with their own message
+        if opts["rank"] > min(dims):
+            source = "rank_pattern" if config.rank_pattern and opts["rank"] != config.rank else "rank"
+            raise AdapterError(
+                f"module {name!r}: {source} {opts['rank']} is larger than the layer allows: weight (out, in) = "
+                f"({dims[0]}, {dims[1]}), rank must be ≤ {min(dims)}")
+
+
+def non_finite_weights(modules: Dict[str, nn.Module]) -> List[Tuple[str, int]]:
+    """(name, count) of the modules among ``modules`` whose own floating-point parameters hold NaN or
+    inf (4-bit packed weights and weights on the meta device are not values yet: skipped)."""
+    bad = []
+    for name, module in modules.items():
+        count = 0
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point() and p.device.type != "meta":
+                count += int((~torch.isfinite(p.detach())).sum())
+        if count:
+            bad.append((name, count))
+    return bad
+
+
+def check_finite_base(model: nn.Module, modules: Optional[Dict[str, nn.Module]] = None) -> None:
+    """Raise AdapterError naming the base modules (all of the model's by default) whose weights hold
+    NaN or inf: such a base makes every loss NaN, which would otherwise be blamed on the learning rate."""
+    if modules is None:
+        modules = dict(model.named_modules())
+    bad = non_finite_weights(modules)
+    if bad:
+        listed = ", ".join(f"{name or '<root>'} ({count:,})" for name, count in bad[:5])
+        more = f" and {len(bad) - 5} more modules" if len(bad) > 5 else ""
+        raise AdapterError(
+            f"the base model's weights hold NaN or inf values in {listed}{more}: the base itself is damaged "
+            "(a diverged fine-tune or a broken conversion); no adapter can train or run on it")
+
+
 def attach(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) -> nn.Module:
     """Attach adapters to ``model`` in place and return it; only adapter parameters train.
 
@@ -235,8 +304,12 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) ->
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a dorafit.AdapterConfig, got {type(config).__name__}")
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty string, got {name!r}")
+    check_adapter_name(name)
+    with bounded_matching():
+        return _attach(model, config, name)
+
+
+def _attach(model: nn.Module, config: AdapterConfig, name: str) -> nn.Module:
     if registry(model):
         if name in registry(model):
             _check_not_attached(model, name)
@@ -251,11 +324,14 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) ->
     modules = {n: model.get_submodule(n) for n in names}
     save_names = []
     for pattern in config.modules_to_save:
-        hits = [n for n, _ in model.named_modules() if n and pattern_matches(pattern, n) and n not in modules]
+        hits = [n for n, _ in model.named_modules()
+                if n and pattern_matches(pattern, n, "modules_to_save") and n not in modules]
         hits = [n for n in hits if not any(n.startswith(o + ".") for o in hits if o != n)]
         if not hits:
-            raise ConfigError(f"modules_to_save entry {pattern!r} matches no module")
+            raise ConfigError(f"modules_to_save entry {brief(pattern)} matches no module")
         save_names.extend(hits)
+    check_ranks(modules, config)
+    check_finite_base(model, modules)
     # Remember which parameters trained, so that a failed attach and ``detach`` give the model
     # back as it was (building an adapter freezes its base).
     flags = {id(p): p.requires_grad for p in model.parameters()}

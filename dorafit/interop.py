@@ -44,14 +44,17 @@ from torch import nn
 from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, WRITER, WRITER_KEY, AdapterFileError, read_adapter_config, read_safetensors
 from .config import (
     AdapterConfig,
+    MAX_PATTERN_LENGTH,
     ConfigError,
+    bounded_matching,
     check_bool,
     check_int,
     check_number,
     lookup_pattern,
+    match_pattern,
     pattern_matches,
 )
-from .files import write_into_directory
+from .files import brief, write_into_directory
 from .inject import CONFIG_ATTR, ModulesToSave, adapter_modules, attach, check_patterns_match, detach, find_targets
 from .layers import AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
 
@@ -168,7 +171,14 @@ def _check_peft_types(cfg: Dict[str, Any], where: Path) -> None:
         if not isinstance(patterns, dict):
             raise error(f"{key} must be an object of module pattern -> value, got {patterns!r}")
         for pattern, value in patterns.items():
-            check(f"{key}[{pattern!r}]", value)
+            check(f"{key}[{brief(pattern)}]", value)
+    for key in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save"):
+        value = cfg.get(key)
+        items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        for item in items:
+            if not isinstance(item, str) or len(item) > MAX_PATTERN_LENGTH:
+                raise error(f"{key} entries must be strings of at most {MAX_PATTERN_LENGTH:,} characters, got "
+                            f"{brief(item)}")
 
 
 def split_peft_state(
@@ -199,12 +209,22 @@ def split_peft_state(
 
 # ------------------------------------------------------------------------------------------------
 # PEFT's name-matching rules, restated (dorafit does not import peft at run time)
-def peft_pattern_value(patterns: Dict[str, Any], name: str, default: Any) -> Any:
+def _peft_match(pattern: str, name: str, option: str, how: str = "match"):
+    """PEFT's ``re.<how>`` of a pattern built from ``option`` of an adapter_config.json, bounded in
+    time (``dorafit.config.match_pattern``); an invalid pattern is a PeftFormatError naming the option."""
+    try:
+        return match_pattern(pattern, name, option, how)
+    except re.error as exc:
+        raise PeftFormatError(f"{option}: {brief(pattern)} is not a valid regular expression: {exc}") from None
+
+
+def peft_pattern_value(patterns: Dict[str, Any], name: str, default: Any, option: str = "rank_pattern") -> Any:
     """rank_pattern / alpha_pattern lookup as PEFT does it: the first key (in order) that matches
     the end of the module name as a regex, ``(.*\\.)?(key)$``."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return patterns[key]
+    with bounded_matching():
+        for key in patterns:
+            if _peft_match(rf"(.*\.)?({key})$", name, option):
+                return patterns[key]
     return default
 
 
@@ -218,7 +238,7 @@ def _peft_layer_index_ok(cfg: Dict[str, Any], name: str) -> bool:
     else:
         match = None
         for p in [pattern] if isinstance(pattern, str) else pattern:
-            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
+            match = _peft_match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name, "layers_pattern")
             if match is not None:
                 break
     if match is None:
@@ -228,7 +248,7 @@ def _peft_layer_index_ok(cfg: Dict[str, Any], name: str) -> bool:
 
 
 def _peft_in_modules_to_save(names: List[str], name: str) -> bool:
-    return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in names)
+    return any(_peft_match(rf"(^|.*\.){m}($|\..*)", name, "modules_to_save") for m in names)
 
 
 def peft_targets(model: nn.Module, cfg: Dict[str, Any]) -> Optional[List[str]]:
@@ -240,26 +260,28 @@ def peft_targets(model: nn.Module, cfg: Dict[str, Any]) -> Optional[List[str]]:
     exclude = cfg.get("exclude_modules")
     to_save = list(cfg.get("modules_to_save") or [])
     selected = []
-    for name, _ in model.named_modules():
-        if not name:
-            continue
-        if exclude:
-            if isinstance(exclude, str):
-                if re.fullmatch(exclude, name):
-                    continue
-            elif name in exclude or any(name.endswith("." + e) for e in exclude):
-                continue
-        if _peft_in_modules_to_save(to_save, name):
-            continue
-        if isinstance(targets, str):
-            hit = re.fullmatch(targets, name) is not None
-        elif name in targets:
-            hit = True
-        else:
-            hit = any(name.endswith("." + t) for t in targets) and _peft_layer_index_ok(cfg, name)
-        if hit:
-            selected.append(name)
+    with bounded_matching():
+        for name, _ in model.named_modules():
+            if name and _peft_selects(cfg, targets, exclude, to_save, name):
+                selected.append(name)
     return selected
+
+
+def _peft_selects(cfg: Dict[str, Any], targets, exclude, to_save: List[str], name: str) -> bool:
+    """Whether PEFT's ``target_modules`` / ``exclude_modules`` rules select module ``name``."""
+    if exclude:
+        if isinstance(exclude, str):
+            if _peft_match(exclude, name, "exclude_modules", "fullmatch"):
+                return False
+        elif name in exclude or any(name.endswith("." + e) for e in exclude):
+            return False
+    if _peft_in_modules_to_save(to_save, name):
+        return False
+    if isinstance(targets, str):
+        return _peft_match(targets, name, "target_modules", "fullmatch") is not None
+    if name in targets:
+        return True
+    return any(name.endswith("." + t) for t in targets) and _peft_layer_index_ok(cfg, name)
 
 
 def peft_modules_to_save(model: nn.Module, names: List[str]) -> List[str]:
@@ -468,7 +490,7 @@ def load_peft_adapter(base_model: nn.Module, path: Union[str, os.PathLike]) -> n
                 )
             if not found[factor].is_floating_point():
                 raise PeftFormatError(f"{weights_file}: module {name!r}: {factor} has dtype {found[factor].dtype}")
-        alpha = float(peft_pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"]))
+        alpha = float(peft_pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"], "alpha_pattern"))
         layers[name] = (rank, alpha)
         if issubclass(kind, ConvAdapter):
             _check_conv_semantics(name, module, "loading PEFT adapter:")

@@ -9,7 +9,8 @@
 2. built as what: the transformers class named by ``model_class`` if given, else the class of
    the model kind (``dorafit.train.kinds``): the one asked for, else the adapter's task.json,
    else the kind detected from the checkpoint's config (``detect_kind``);
-3. the 4-bit step: the layers the adapter was trained on in 4-bit (QDoRA) are quantized exactly
+3. its weights checked finite (a NaN or inf in the base is named, not met later as NaN outputs);
+   the 4-bit step: the layers the adapter was trained on in 4-bit (QDoRA) are quantized exactly
    as in training (same quant type, block size, double quantization, compute dtype,
    ``quantize_like_adapter``), so the adapter meets the base it was trained with and never a
    full-precision one;
@@ -34,7 +35,7 @@ class LoadedBase:
     """A loaded base model and what was decided on the way."""
 
     model: object
-    name: str  # the base as given or recorded (a folder, hub id or bundled name)
+    name: str  # the base as given or recorded (a folder, hf:// hub id or bundled name)
     path: str  # the local folder it was read from
     config: object  # its transformers config
     kind: object | None  # the ModelKind it was built for (None when built by class name)
@@ -185,6 +186,9 @@ def load_base_for_adapter(adapter=None, *, model: str | None = None, default_mod
         chosen = get_kind(kind if kind != "auto" else info.get("model_kind") or detect_kind(path, config, data_format))
         base, _ = load_model(path, chosen, trust_remote_code, dtype=dtype, **num_labels)
     base.eval()
+    from dorafit.inject import check_finite_base
+
+    check_finite_base(base)  # a NaN/inf in the base is named here, not met as NaN outputs
     loaded = LoadedBase(base, name, path, config, chosen, info)
     if device is not None:
         base.to(device)

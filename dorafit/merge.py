@@ -8,6 +8,10 @@ loads without dorafit. Merging a model without adapters changes nothing (idempot
 4-bit layers dequantizes them; ``merge`` says so in one warning for the whole model.
 ``merged_weights`` is the pure function; ``merge`` applies it. ``unmerge`` inverts a merge made
 with ``keep_adapter=True``:  W0 = W / g − s B A.
+
+Before any module is replaced, every merged weight is checked to be finite and to fit the dtype
+it is stored in (a float16 base cannot hold a value above 65504): otherwise ``merge`` raises
+naming the module and leaves the model as it was, instead of writing inf into a checkpoint.
 """
 
 from __future__ import annotations
@@ -25,10 +29,55 @@ from .inject import CONFIG_ATTR, REQUIRES_GRAD_ATTR, ModulesToSave, _set_submodu
 from .layers import AdapterError, AdapterLayer
 
 
-def merged_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """{"<module>.weight": merged weight in the base layout and dtype}, leaving the model as is."""
+def _stored_dtype(adapter: AdapterLayer) -> torch.dtype:
+    """The dtype a merged weight is stored in: the base weight's, or a 4-bit base's compute dtype."""
+    weight = adapter.base_weight_2d()
+    if weight.is_floating_point():
+        return weight.dtype
+    compute = getattr(adapter.base, "compute_dtype", None)
+    return compute if isinstance(compute, torch.dtype) else torch.float32
+
+
+def merge_problem(name: str, adapter: AdapterLayer, merged_2d: torch.Tensor) -> Optional[str]:
+    """Why the merged (out, in) float32 weight of module ``name`` cannot be stored, or None."""
+    finite = torch.isfinite(merged_2d)
+    if not bool(finite.all()):
+        count = int((~finite).sum())
+        rows = (~finite).any(dim=1).nonzero().flatten().tolist()
+        return (f"module {name!r}: the merged weight holds {count:,} NaN/inf values (output features {rows[:8]}); "
+                "the adapter or the base is damaged")
+    dtype = _stored_dtype(adapter)
+    limit = torch.finfo(dtype).max
+    peak = float(merged_2d.abs().max()) if merged_2d.numel() else 0.0
+    if peak > limit:
+        count = int((merged_2d.abs() > limit).sum())
+        return (f"module {name!r}: {count:,} merged values exceed what {str(dtype).replace('torch.', '')} can hold "
+                f"(largest {peak:.4g}, limit {limit:.4g}); load the base in float32 or bfloat16 to merge")
+    return None
+
+
+def check_mergeable(model: nn.Module) -> None:
+    """Raise AdapterError (the model untouched) when a merged weight would be non-finite or out of
+    its dtype's range. Each layer's merged weight is built, checked and freed in turn."""
     with torch.no_grad():
-        return {f"{name}.weight": a.weight_from_2d(a.merged_weight_2d()) for name, a in adapter_modules(model)}
+        for name, adapter in adapter_modules(model):
+            problem = merge_problem(name, adapter, adapter.merged_weight_2d())
+            if problem:
+                raise AdapterError(f"cannot merge: {problem}; nothing was merged")
+
+
+def merged_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """{"<module>.weight": merged weight in the base layout and dtype}, leaving the model as is.
+    Raises AdapterError where a merged weight is non-finite or out of its dtype's range."""
+    out = {}
+    with torch.no_grad():
+        for name, a in adapter_modules(model):
+            merged = a.merged_weight_2d()
+            problem = merge_problem(name, a, merged)
+            if problem:
+                raise AdapterError(f"cannot merge: {problem}")
+            out[f"{name}.weight"] = a.weight_from_2d(merged)
+    return out
 
 
 def _untie_shared_weights(model: nn.Module) -> None:
@@ -78,7 +127,10 @@ def merge(model: nn.Module, keep_adapter: bool = False) -> nn.Module:
     replace their originals. Calling it again is a no-op. ``keep_adapter=True`` also keeps,
     outside the module tree, what ``unmerge`` needs to give the adapted model back: the adapter
     layers and each row's scale g (m / ‖W0 + s B A‖, or 1 for LoRA), (out,) float32 per module.
+    Raises AdapterError, with the model untouched, where a merged weight would hold NaN/inf or
+    values its dtype cannot hold.
     """
+    check_mergeable(model)
     _untie_shared_weights(model)
     _warn_dequantized(model)
     record: Dict[str, Tuple[AdapterLayer, torch.Tensor]] = {}
@@ -188,9 +240,12 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def unmerged_weight_2d(adapter: AdapterLayer, merged_2d: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """W0 = W / g − s B A per output feature, (out, in_flat) float32 (W / g for magnitude-only)."""
-    w = merged_2d.float() / g.to(merged_2d.device).unsqueeze(1)
+    """W0 = W / g − s B A per output feature, (out, in_flat) float32 (W / g for magnitude-only).
+
+    Computed in float64: W0 is often small beside W / g and s B A, and the subtraction would
+    otherwise add float32's rounding of those larger terms to the one of the stored W."""
+    w = merged_2d.double() / g.to(merged_2d.device).double().unsqueeze(1)
     if adapter.method == "magnitude":
-        return w
+        return w.float()
     a, b = adapter.lowrank_factors()
-    return w - adapter.scaling * (b.reshape(b.shape[0], -1).float() @ a.reshape(a.shape[0], -1).float())
+    return (w - adapter.scaling * (b.reshape(b.shape[0], -1).double() @ a.reshape(a.shape[0], -1).double())).float()

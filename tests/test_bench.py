@@ -65,10 +65,10 @@ def test_measure_variants_lora_against_dora():
     assert set(lora) == {"step", "eval", "saved", "peak"}
     assert len(dora["step"].samples) == 2
     # DoRA saves each layer's output y. The loss's pow keeps the last one anyway; tanh keeps its
-    # own output, not its input, so the first layer's 64×48 floats are extra, plus (out,)-sized
-    # vectors (g, the bias shift).
+    # own output, not its input, so the first layer's 64×48 floats are extra, plus g, (out,) per
+    # layer. LoRA keeps its scaled copy s·B (out, r) per layer, which DoRA's node does not make.
     extra = dora["saved"] - lora["saved"]
-    assert 64 * 48 * 4 <= extra <= 64 * 48 * 4 + 4 * 4 * (48 + 16)
+    assert extra == 64 * 48 * 4 + 4 * (48 + 16) - 4 * 4 * (48 + 16)
     assert dora["peak"] > 0 and lora["peak"] > 0
 
 

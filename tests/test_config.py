@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from dorafit import AdapterConfig, ConfigError
 from dorafit.config import pattern_matches, resolve_module_options
@@ -154,3 +155,80 @@ def test_pattern_that_matches_no_module_lists_the_modules():
         assert type(model.q_proj) is nn.Linear and not dorafit.adapter_modules(model)  # untouched
     dorafit.attach(model, AdapterConfig(rank=2, targets=["q_proj", "v_proj"], rank_pattern={"v_proj": 4}))
     assert model.v_proj.rank == 4
+
+
+# ---------------------------------------------------------------------------- bounded patterns
+
+
+class Named(torch.nn.Module):
+    """A module tree whose names are long runs of one letter: the input that makes overlapping
+    alternatives such as (a|aa)+ backtrack exponentially."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_module("a" * 44 + "_", torch.nn.Linear(4, 4))
+        self.add_module("q_proj", torch.nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("key", ["targets", "exclude", "rank_pattern", "alpha_pattern", "method_pattern",
+                                 "modules_to_save"])
+def test_a_pattern_that_backtracks_without_end_is_an_error_naming_its_key(key, monkeypatch):
+    """Matching is bounded in time: (a|aa)+ against a 45-letter name would take hours unbounded."""
+    import time
+
+    import dorafit
+    from dorafit import config
+
+    monkeypatch.setattr(config, "MATCH_SECONDS", 0.2)  # the budget, shortened for the test
+
+    hostile = "(a|aa)+"
+    kwargs = {"targets": ["q_proj", "a+_"]}
+    if key in ("targets", "exclude", "modules_to_save"):
+        kwargs[key] = kwargs.get(key, []) + [hostile] if key == "targets" else [hostile]
+    else:
+        kwargs[key] = {hostile: {"rank_pattern": 2, "alpha_pattern": 4.0, "method_pattern": "lora"}[key]}
+    cfg = AdapterConfig(**kwargs)
+    model = Named()
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=rf"^{key}: pattern '\(a\|aa\)\+' needs more than 0.2 s to match"):
+        dorafit.attach(model, cfg)
+    assert time.perf_counter() - started < 10
+    assert not dorafit.adapter_modules(model)  # nothing attached
+
+
+def test_the_issue_pattern_is_answered_at_once():
+    """([a-z_.0-9]+)+! over module names: answered quickly (no match) instead of hanging."""
+    import time
+
+    started = time.perf_counter()
+    assert not pattern_matches("([a-z_.0-9]+)+!", "model.layers.10.self_attn.q_proj" * 3, "targets")
+    assert time.perf_counter() - started < 1
+
+
+def test_without_the_regex_engine_nested_repeats_are_refused_up_front(monkeypatch):
+    from dorafit import config
+
+    monkeypatch.setattr(config, "_regex", None)
+    config._compiled.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=r"targets: pattern '\(\[a-z_\.0-9\]\+\)\+!' nests a repeat inside a repeat"):
+            AdapterConfig(targets=["([a-z_.0-9]+)+!"])
+        with pytest.raises(ConfigError, match="uses a backreference"):
+            AdapterConfig(rank_pattern={r"(q)\1": 4})
+        AdapterConfig(targets=[r"(.*\.)?q_proj", r"layers\.\d+\.mlp", "q_proj|v_proj"])  # ordinary ones pass
+    finally:
+        config._compiled.cache_clear()
+
+
+def test_messages_never_print_unbounded_values():
+    huge = "x" * 5_000_000
+    for kwargs in (dict(method=huge), dict(targets=[huge + "("]), dict(rank=[1] * 1_000_000),
+                   dict(rank_pattern={huge: 0}), dict(dropout=huge)):
+        with pytest.raises(ConfigError) as err:
+            AdapterConfig(**kwargs)
+        assert len(str(err.value)) < 600, (list(kwargs), len(str(err.value)))
+    with pytest.raises(ConfigError, match="characters long"):
+        AdapterConfig(targets=["q" * 20_000])
+    with pytest.raises(ConfigError) as err:
+        AdapterConfig.from_dict({f"unknown_{i}": 1 for i in range(100_000)})
+    assert len(str(err.value)) < 1000 and "and 99995 more" in str(err.value)

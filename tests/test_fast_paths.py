@@ -2,19 +2,20 @@
 
 - ``functional.dora_compose`` (saves y, rebuilds z for the magnitude gradient) against
   ``functional.reference_dora_compose`` (plain autograd);
-- ``functional.dora_lowrank_linear`` (second low-rank matmul and scaling in one node) against
-  ``functional.reference_dora_compose``;
-- ``functional.linear_with_rows`` (base output and cross term in one matmul) against two
-  ``F.linear`` calls;
-- ``LinearAdapter`` with the fused first forward against the same layer with fusion disabled,
-  and against ``reference_forward``;
-- the cached norm is computed once per parameter version and reused by the fused path's
+- ``functional.dora_linear`` (a linear layer's DoRA in one autograd node) against
+  ``functional.reference_dora_compose`` on the same products, zero magnitudes included;
+- ``functional.stacked_products`` (output and norm products from the stacked rows [x; A])
+  against four matmuls;
+- ``LinearAdapter``'s stacked first forward against its plain followers and ``reference_forward``;
+- the cached norm is computed once per parameter version and reused by the stacked path's
   followers.
+
+The path table of ``dorafit.layers.compose`` as a whole is held against ``reference_forward`` in
+``tests/layers/test_paths.py``.
 """
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 
 import pytest
@@ -24,6 +25,7 @@ from torch import nn
 
 import dorafit
 from dorafit import functional as DF
+from dorafit.layers.compose import choose_path
 
 
 def _grads(out, inputs, grad_out):
@@ -91,61 +93,122 @@ def test_dora_compose_unbatched_keep_sum():
             torch.testing.assert_close(g, g_ref)
 
 
-@pytest.mark.parametrize("bias_kind", ["none", "frozen", "trained"])
-@pytest.mark.parametrize("shape", [(3, 5, 6), (6,), (1, 6)])
-def test_dora_lowrank_linear_matches_reference(bias_kind, shape):
-    torch.manual_seed(0)
-    out_f, r = 9, 3
-    z = torch.randn(*shape[:-1], out_f, dtype=torch.float64, requires_grad=True)
-    h = torch.randn(*shape[:-1], r, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(out_f, r, dtype=torch.float64, requires_grad=True)
-    scale = (torch.rand(out_f, dtype=torch.float64) + 0.5).requires_grad_(True)
+def _linear_case(bias_kind, own_low, zero_row=False, seed=0):
+    """x, x', A, B, m, W0, b in float64 and the products the node receives."""
+    torch.manual_seed(seed)
+    n, in_f, out_f, r = 6, 7, 9, 3
+    x = torch.randn(n, in_f, dtype=torch.float64, requires_grad=True)
+    low = torch.randn(n, in_f, dtype=torch.float64, requires_grad=True) if own_low else None
+    a = torch.randn(r, in_f, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out_f, r, dtype=torch.float64)
+    w = torch.randn(out_f, in_f, dtype=torch.float64)
+    m = torch.rand(out_f, dtype=torch.float64) + 0.5
+    if zero_row:  # a zero row of W0 + s B A: its magnitude initialises to 0 and its output is b_i
+        w[4], b[4], m[4] = 0.0, 0.0, 0.0
+    b.requires_grad_(True)
+    m.requires_grad_(True)
     bias = None if bias_kind == "none" else torch.randn(out_f, dtype=torch.float64, requires_grad=bias_kind == "trained")
-    y = DF.dora_lowrank_linear(z, h, b, scale, bias)
-    y_ref = DF.reference_dora_compose(z, h @ b.t(), scale, bias)
+    norm = torch.linalg.vector_norm(w + 0.7 * b.detach() @ a.detach(), dim=1).clamp_min(1e-6)
+    return x, low, a, b, m, w, bias, norm
+
+
+def _node(x, low, a, b, m, w, bias, norm, scaling=0.7):
+    with torch.no_grad():
+        z, h = x @ w.t(), (x if low is None else low) @ a.t()
+    return DF.dora_linear(x, low, a, b, m, z, h, norm, w, bias, scaling)
+
+
+def _node_reference(x, low, a, b, m, w, bias, norm, scaling=0.7):
+    base = F.linear(x, w, bias)
+    lowrank = scaling * F.linear(F.linear(x if low is None else low, a), b)
+    return DF.reference_dora_compose(base, lowrank, m / norm, bias)
+
+
+@pytest.mark.parametrize("own_low", [False, True], ids=["x", "own-dropout-input"])
+@pytest.mark.parametrize("bias_kind", ["none", "frozen", "trained"])
+def test_dora_linear_matches_reference(bias_kind, own_low):
+    case = _linear_case(bias_kind, own_low)
+    x, low, a, b, m, w, bias, norm = case
+    y = _node(*case)
+    y_ref = _node_reference(*case)
     torch.testing.assert_close(y, y_ref)
     grad_out = torch.randn_like(y)
-    leaves = [z, h, b, scale] + ([bias] if bias_kind == "trained" else [])
+    leaves = [t for t in (x, low, a, b, m, bias) if t is not None and t.requires_grad]
     for g, g_ref in zip(_grads(y, leaves, grad_out), _grads(y_ref, leaves, grad_out)):
         torch.testing.assert_close(g, g_ref)
-    if bias_kind == "trained":  # the bias's direct gradient (1 − g) ⊙ Σ grad_y, besides z's path
-        assert torch.autograd.gradcheck(DF.dora_lowrank_linear, tuple(leaves))
-    else:
-        assert torch.autograd.gradcheck(lambda *t: DF.dora_lowrank_linear(*t, bias), tuple(leaves))
+    assert torch.autograd.gradcheck(lambda *t: _node(*t, w, bias, norm), (x, low, a, b, m))
 
 
-def test_dora_lowrank_linear_keeps_only_lora_tensors_and_its_output():
-    """Saved: h and B (as LoRA's addmm), the output y, and (out,)-sized vectors; nothing else."""
-    z = torch.randn(8, 16, requires_grad=True)
-    h = torch.randn(8, 3, requires_grad=True)
+def test_dora_linear_zero_magnitude_on_a_zero_row_is_exact_and_syncs_nothing():
+    """m_i = 0 on a zero row (W0_i = 0, B_i = 0): y_i = b_i, and 0 / 0 in the magnitude's
+    gradient is read as its true value, 0; no value is read by the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        seen = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+                Syncs.seen += 1
+            return func(*args, **(kwargs or {}))
+
+    for bias_kind in ("none", "frozen"):
+        case = _linear_case(bias_kind, False, zero_row=True)
+        x, low, a, b, m, w, bias, norm = case
+        grad_out = torch.randn(6, 9, dtype=torch.float64)
+        with Syncs():
+            y = _node(*case)
+            grads = _grads(y, [x, a, b, m], grad_out)
+        assert Syncs.seen == 0
+        y_ref = _node_reference(*case)
+        torch.testing.assert_close(y, y_ref)
+        for g, g_ref in zip(grads, _grads(y_ref, [x, a, b, m], grad_out)):
+            torch.testing.assert_close(g, g_ref)
+        assert grads[3][4] == 0
+
+
+def test_dora_linear_hand_zeroed_magnitude_gets_a_finite_zero_gradient():
+    """A magnitude set to 0 by hand on a non-zero row: y_i = b_i keeps nothing of that row's
+    W0 x + s B A x, so its gradient reads 0 (documented: such a row stays switched off)."""
+    case = _linear_case("frozen", False)
+    x, low, a, b, m, w, bias, norm = case
+    with torch.no_grad():
+        m[2] = 0.0
+    y = _node(*case)
+    (grad_m,) = _grads(y, [m], torch.randn_like(y))
+    assert torch.isfinite(grad_m).all() and grad_m[2] == 0
+    others = [i for i in range(9) if i != 2]
+    y_ref = _node_reference(*case)
+    (grad_ref,) = _grads(y_ref, [m], torch.randn_like(y))  # another grad_out: only finiteness compared
+    assert torch.isfinite(grad_ref[others]).all()
+
+
+def test_dora_linear_keeps_only_lora_tensors_and_its_output():
+    """Saved: x (for A's gradient), h (for B's), the output y, the parameters and (out,)-sized
+    vectors; not z + s h Bᵀ."""
+    x = torch.randn(8, 12, requires_grad=True)
+    a = torch.randn(3, 12, requires_grad=True)
     b = torch.randn(16, 3, requires_grad=True)
-    scale = torch.rand(16, requires_grad=True)
+    w = torch.randn(16, 12)
+    m = torch.rand(16, requires_grad=True)
     saved = []
+    with torch.no_grad():
+        z, h = x @ w.t(), x @ a.t()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = DF.dora_lowrank_linear(z, h, b, scale, torch.zeros(16))
+        y = DF.dora_linear(x, None, a, b, m, z, h, torch.ones(16), w, torch.zeros(16), 2.0)
     ptrs = {t.untyped_storage().data_ptr() for t in saved if t.numel() > 16}
-    assert ptrs == {y.untyped_storage().data_ptr(), h.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()}
+    allowed = {t.untyped_storage().data_ptr() for t in (y, h, x, a, b, w)}
+    assert y.untyped_storage().data_ptr() in ptrs and ptrs <= allowed
+    assert z.untyped_storage().data_ptr() not in ptrs
 
 
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_with_rows_matches_two_linears(with_bias):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stacked_products_match_four_matmuls(dtype):
     torch.manual_seed(0)
-    w = torch.randn(12, 10, dtype=torch.float64)
-    b = torch.randn(12, dtype=torch.float64) if with_bias else None
-    x = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)
-    rows = torch.randn(4, 10, dtype=torch.float64)
-    y, cross = DF.linear_with_rows(x, rows, w, b)
-    torch.testing.assert_close(y, F.linear(x, w, b))
-    torch.testing.assert_close(cross, (rows @ w.t()).float())
-    assert not cross.requires_grad
-    g = torch.randn_like(y)
-    (gx,) = torch.autograd.grad((y * g).sum(), [x])
-    torch.testing.assert_close(gx, g @ w)
-
-
-def test_linear_with_rows_refuses_trainable_weight():
-    with pytest.raises(ValueError, match="frozen"):
-        DF.linear_with_rows(torch.randn(2, 3), torch.randn(1, 3), torch.randn(4, 3, requires_grad=True), None)
+    x, a, w = torch.randn(5, 10, dtype=dtype), torch.randn(3, 10, dtype=dtype), torch.randn(12, 10, dtype=dtype)
+    z, h, cross, gram = DF.stacked_products(x, a, w)
+    for got, want in ((z, x @ w.t()), (h, x @ a.t()), (cross, a @ w.t()), (gram, a @ a.t())):
+        torch.testing.assert_close(got, want)
 
 
 def _dora_linear(detach_norm=True, dropout=0.0, dropout_mode="input"):
@@ -160,54 +223,43 @@ def _dora_linear(detach_norm=True, dropout=0.0, dropout_mode="input"):
     return model.proj
 
 
-class _NoFusion:
-    """Disable the fused first forward on one adapter instance."""
-
-    def __init__(self, layer):
-        self.layer = layer
-
-    def __enter__(self):
-        self.layer.base_and_cross = lambda x, a: None
-        return self.layer
-
-    def __exit__(self, *exc):
-        del self.layer.base_and_cross
+def _spy_stacked(monkeypatch):
+    calls = []
+    real = DF.stacked_products
+    monkeypatch.setattr(DF, "stacked_products", lambda *args: calls.append(1) or real(*args))
+    return calls
 
 
-@pytest.mark.parametrize("detach_norm", [True, False])
-def test_fused_first_forward_equals_separate_and_reference(detach_norm):
-    layer = _dora_linear(detach_norm)
-    twin = copy.deepcopy(layer)
-    x = torch.randn(2, 4, 24, requires_grad=True)  # 8 tokens < 20 / 2 output features: fused
-    assert layer.base_and_cross(x, layer.lora_a) is not None
-    x_twin = x.detach().clone().requires_grad_(True)
+def test_stacked_first_forward_equals_its_followers_and_reference(monkeypatch):
+    layer = _dora_linear()
+    stacked = _spy_stacked(monkeypatch)
+    x = torch.randn(2, 4, 24, requires_grad=True)  # 8 tokens < 20 / 2 output features: stacked
+    params = [layer.lora_a, layer.lora_b, layer.magnitude]
+    g = torch.randn(2, 4, 20)
+    runs = []
+    for _ in range(2):  # the first call stacks A's rows on the tokens, the second reads the norm
+        xi = x.detach().clone().requires_grad_(True)
+        y = layer(xi)
+        runs.append((y, _grads(y, [xi] + params, g)))
+    assert stacked == [1]
     x_ref = x.detach().clone().requires_grad_(True)
-    assert layer.norm_is_stale() == detach_norm
-    y = layer(x)  # fused (detached norm) or the full-gradient path
-    with _NoFusion(twin):
-        y_twin = twin(x_twin)
     y_ref = layer.reference_forward(x_ref)
-    g = torch.randn_like(y)
-    params = lambda m: [m.lora_a, m.lora_b, m.magnitude]  # noqa: E731
-    grads = _grads(y, [x] + params(layer), g)
-    grads_twin = _grads(y_twin, [x_twin] + params(twin), g)
-    grads_ref = _grads(y_ref, [x_ref] + params(layer), g)
-    torch.testing.assert_close(y, y_twin, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    for a, b, c in zip(grads, grads_twin, grads_ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+    grads_ref = _grads(y_ref, [x_ref] + params, g)
+    for y, grads in runs:
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads, grads_ref):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_path_fills_the_cache_used_by_the_next_micro_batch():
+def test_stacked_path_fills_the_cache_used_by_the_next_micro_batch():
     layer = _dora_linear()
     calls = []
     compute = layer._compute_norm
-    layer._compute_norm = lambda cross=None: calls.append(cross is not None) or compute(cross)
+    layer._compute_norm = lambda cross=None, gram=None: calls.append(cross is not None) or compute(cross, gram)
     x = torch.randn(4, 24)
     layer(x)
     layer(x)
-    assert calls == [True]  # one computation, with the cross term from the fused matmul
+    assert calls == [True]  # one computation, with the cross term from the stacked matmul
     with torch.no_grad():
         layer.lora_a.add_(0.01)  # an optimizer step bumps the version counter
     layer(x)
@@ -216,16 +268,24 @@ def test_fused_path_fills_the_cache_used_by_the_next_micro_batch():
     torch.testing.assert_close(norm, DF.reference_norm(layer.base.weight, layer.lora_a, layer.lora_b, layer.scaling))
 
 
-def test_fusion_is_skipped_for_many_tokens_half_precision_and_hooks():
+def test_stacking_is_skipped_for_many_tokens_half_precision_and_hooks(monkeypatch):
     layer = _dora_linear()  # 20 output features
-    assert layer.base_and_cross(torch.randn(2, 24), layer.lora_a) is not None
-    assert layer.base_and_cross(torch.randn(2, 5, 24), layer.lora_a) is None  # 10 tokens: copying x costs more
-    assert layer.base_and_cross(torch.randn(2, 24, dtype=torch.bfloat16), layer.lora_a) is None
+    stacked = _spy_stacked(monkeypatch)
+
+    def stacks(x):
+        dorafit.invalidate_norm_caches(layer)
+        before = len(stacked)
+        layer(x)
+        return len(stacked) > before
+
+    assert choose_path(layer, torch.randn(2, 24)) == "dora-linear" and stacks(torch.randn(2, 24))
+    assert not stacks(torch.randn(2, 5, 24))  # 10 tokens: copying x costs more
+    assert choose_path(layer, torch.randn(2, 24, dtype=torch.bfloat16)) == "dora"  # input and adapter dtypes differ
     handle = layer.base.register_forward_hook(lambda *args: None)
-    assert layer.base_and_cross(torch.randn(2, 24), layer.lora_a) is None
+    assert choose_path(layer, torch.randn(2, 24)) == "dora" and not stacks(torch.randn(2, 24))
     handle.remove()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer.base_and_cross(torch.randn(2, 24), layer.lora_a) is None
+        assert choose_path(layer, torch.randn(2, 24)) == "dora" and not stacks(torch.randn(2, 24))
 
 
 @pytest.mark.parametrize("mode", ["input", "lowrank"])
@@ -238,3 +298,60 @@ def test_dropout_paths_match_reference(mode):
     torch.manual_seed(123)
     y_ref = layer.reference_forward(x)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep_sum", [False, True])
+@pytest.mark.parametrize("bias_kind", ["none", "trained"])
+def test_feature_sums_by_batch_norm_equal_mul_and_sum(bias_kind, keep_sum):
+    """Reductions of 2^15 elements and more run through batch norm's backward (no product is
+    written), smaller ones as mul + sum: both give the reference's gradients, linear (tokens, out)
+    and conv (N, C, H, W) layouts alike."""
+    torch.manual_seed(0)
+    for shape, scale_shape in (((64, 600), (600,)), ((4, 40, 16, 16), (40, 1, 1)), ((3, 5, 7), (7,))):
+        base = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        low = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        scale = (torch.rand(scale_shape, dtype=torch.float64) + 0.5).requires_grad_(True)
+        bias = None if bias_kind == "none" else torch.randn(scale_shape, dtype=torch.float64, requires_grad=True)
+        leaves = [base, low, scale] + ([bias] if bias is not None else [])
+        y = DF.dora_compose(base, low, scale, bias, keep_sum=keep_sum)
+        y_ref = DF.reference_dora_compose(base, low, scale, bias)
+        grad_out = torch.randn_like(y)
+        for g, g_ref in zip(_grads(y, leaves, grad_out), _grads(y_ref, leaves, grad_out)):
+            torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("bias_kind", ["none", "trained"])
+def test_dora_linear_on_a_large_reduction_matches_reference(bias_kind):
+    torch.manual_seed(0)
+    n, in_f, out_f, r = 64, 20, 600, 4  # 64 × 600 ≥ 2^15: batch norm's reduction
+    x = torch.randn(n, in_f, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(r, in_f, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out_f, r, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(out_f, in_f, dtype=torch.float64)
+    m = (torch.rand(out_f, dtype=torch.float64) + 0.5).requires_grad_(True)
+    bias = None if bias_kind == "none" else torch.randn(out_f, dtype=torch.float64, requires_grad=True)
+    norm = torch.linalg.vector_norm(w + 0.7 * b.detach() @ a.detach(), dim=1)
+    case = (x, None, a, b, m, w, bias, norm)
+    y, y_ref = _node(*case), _node_reference(*case)
+    torch.testing.assert_close(y, y_ref)
+    leaves = [t for t in (x, a, b, m, bias) if t is not None]
+    grad_out = torch.randn_like(y)
+    for g, g_ref in zip(_grads(y, leaves, grad_out), _grads(y_ref, leaves, grad_out)):
+        torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_feature_sums_by_batch_norm_in_half_precision(dtype):
+    """Half-precision outputs with float32 statistics (batch norm's mixed-precision kernel)."""
+    torch.manual_seed(0)
+    base, low = torch.randn(64, 600), torch.randn(64, 600)
+    scale, bias = torch.rand(600) + 0.5, torch.randn(600)
+    grad_out = torch.randn(64, 600)
+    leaves = [t.to(dtype).requires_grad_(True) for t in (base, low)] + [scale.clone().requires_grad_(True)]
+    y = DF.dora_compose(leaves[0], leaves[1], leaves[2], bias.to(dtype))
+    got = _grads(y.float(), leaves, grad_out)
+    ref_leaves = [t.double().requires_grad_(True) for t in (base, low, scale)]
+    y_ref = DF.reference_dora_compose(ref_leaves[0], ref_leaves[1], ref_leaves[2], bias.double())
+    want = _grads(y_ref, ref_leaves, grad_out.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=2e-2, atol=2e-1)

@@ -145,7 +145,13 @@ def test_interrupted_conversion_never_counts_as_done(tiny_gguf, monkeypatch):
     folder = dgguf.converted_folder(path)
     assert not folder.exists() and list(folder.parent.iterdir()) == []
     # A leftover from a killed process (no cleanup ran) is not taken for done either.
-    leftover = folder.with_name(folder.name + ".tmp-999999999")
+    import subprocess
+
+    from dorafit import files
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # a process id that no longer runs
+    leftover = folder.with_name(f".{folder.name}.{files._HOST}-{ended.pid}-abc123{files.TMP_SUFFIX}")
     leftover.mkdir()
     (leftover / "config.json").write_text("{}")
     monkeypatch.undo()

@@ -159,7 +159,11 @@ def test_load_adapter_from_a_hub_id_reads_the_offline_cache(tmp_path, monkeypatc
     _offline_cache(cache, "someone/tiny-dora", list((tmp_path / "saved").iterdir()))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    loaded = dorafit.load_adapter(_tiny_llama(), "someone/tiny-dora")
+    loaded = dorafit.load_adapter(_tiny_llama(), "hf://someone/tiny-dora")
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-6, atol=1e-6)
-    with pytest.raises(dorafit.AdapterFileError, match="'someone/absent' is not a local folder and could not be fetched"):
-        dorafit.load_adapter(_tiny_llama(), "someone/absent")
+    with pytest.raises(dorafit.AdapterFileError, match="adapter hf://someone/absent could not be fetched from the hub"):
+        dorafit.load_adapter(_tiny_llama(), "hf://someone/absent")
+    # Without hf:// the same name is a local path that does not exist: never a hub lookup.
+    with pytest.raises(dorafit.AdapterFileError, match="adapter path someone/tiny-dora does not exist "
+                                                       r"\(to read it from the Hugging Face hub, write hf://someone/tiny-dora\)"):
+        dorafit.load_adapter(_tiny_llama(), "someone/tiny-dora")

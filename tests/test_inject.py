@@ -242,3 +242,29 @@ def test_attach_again_after_merge_and_after_detach(tiny_mlp, ref):
     dorafit.detach(tiny_mlp)
     dorafit.attach(tiny_mlp, AdapterConfig(method="lora", rank=2, targets=["fc2"]))
     assert [n for n, _ in dorafit.adapter_modules(tiny_mlp)] == ["fc2"]
+
+
+# ---------------------------------------------------------------------------- sizes and values checked first
+
+
+def test_vera_rank_is_bounded_before_its_shared_matrices_are_allocated(tiny_mlp):
+    """A VeRA rank of 10**9 from a config would allocate A (10**9, in) before any layer check."""
+    snap = snapshot(tiny_mlp)
+    for kwargs, module in ((dict(method="vera", rank=10**9, targets=["fc1"]), "fc1"),
+                           (dict(method="dvora", rank=8, targets=["fc1", "fc2"], rank_pattern={"fc2": 10**12}), "fc2")):
+        with pytest.raises(AdapterError, match=rf"module '{module}': (rank|rank_pattern) \d+ is larger than the layer "
+                                               r"allows: weight \(out, in\) = \(\d+, \d+\), rank must be ≤ 12"):
+            dorafit.attach(tiny_mlp, AdapterConfig(**kwargs))
+        assert_untouched(tiny_mlp, snap)
+
+
+def test_non_finite_base_weights_are_named_at_attach(tiny_mlp):
+    with torch.no_grad():
+        tiny_mlp.fc1.weight[3, 2] = float("nan")
+        tiny_mlp.fc2.weight[0, 0] = float("inf")
+    snap_modules = [(n, type(m)) for n, m in tiny_mlp.named_modules()]
+    with pytest.raises(AdapterError, match=r"weights hold NaN or inf values in fc1 \(1\), fc2 \(1\): the base itself "
+                                           "is damaged"):
+        dorafit.attach(tiny_mlp, AdapterConfig(rank=2, targets=["fc1", "fc2", "head"]))
+    assert [(n, type(m)) for n, m in tiny_mlp.named_modules()] == snap_modules
+    dorafit.attach(tiny_mlp, AdapterConfig(rank=2, targets=["head"]))  # the damaged layers are not adapted: fine

@@ -45,8 +45,10 @@ def test_unmerge_gives_the_adapted_model_back(method):
     assert set(model.state_dict()) == keys and dorafit.list_adapters(model) == ["default"]
     with torch.no_grad():
         torch.testing.assert_close(model(IDS), adapted, rtol=1e-5, atol=1e-5)
-    for name, a in dorafit.adapter_modules(model):  # the frozen base weights are W0 again
-        torch.testing.assert_close(a.base.weight, w0[f"{name}.weight"], rtol=1e-5, atol=1e-6)
+    # The frozen base weights are W0 again, to within the float32 rounding of the stored merged W
+    # (about 1e-7 of a row of W0 + sBA) amplified by 1 / g: up to about 2e-6 on these rows.
+    for name, a in dorafit.adapter_modules(model):
+        torch.testing.assert_close(a.base.weight, w0[f"{name}.weight"], rtol=1e-5, atol=5e-6)
         assert all(getattr(a, p).requires_grad for p in a.adapter_parameter_names())
 
 

@@ -3,7 +3,7 @@
     dorafit analyze [--base BASE] TUNED [TUNED ...]
     dorafit analyze --base BASE --checkpoints RUN1/ckpt-1 RUN1/ckpt-2 ... --checkpoints RUN2/ckpt-1 ...
 
-BASE is a Hugging Face model folder or hub id (default: the base the adapters record); each TUNED is a full fine-tune (model.safetensors),
+BASE is a Hugging Face model folder or hf://owner/name (default: the base the adapters record); each TUNED is a full fine-tune (model.safetensors),
 a dorafit adapter or a PEFT adapter folder (merged in memory). Writes OUT/analysis.csv,
 OUT/analysis.json (rows + per-panel Pearson r and slope) and the figure (OUT/figure2.png).
 """
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fine-tuned checkpoints: model folder/.safetensors file, dorafit or PEFT adapter folder "
                              "(give them before any --checkpoints, which takes every path that follows it)")
     parser.add_argument("--base", default=None,
-                        help="the pretrained model (Hugging Face folder or hub id); default: the base the first "
+                        help="the pretrained model (Hugging Face folder or hf://owner/name); default: the base the first "
                              "adapter among the checkpoints records (the same for every adapter)")
     parser.add_argument("--checkpoints", nargs="+", action="append", default=[], metavar="CKPT",
                         help="one training run's intermediate checkpoints, in training order (repeat per run)")
@@ -63,6 +63,18 @@ def _recorded_base(paths) -> str | None:
         found = ", ".join(f"{p} -> {b}" for p, b in bases.items())
         raise ValueError(f"the adapters record different base models ({found}); pass --base")
     return next(iter(bases.values()), None)
+
+
+def check_outputs(args: argparse.Namespace, out: Path, base: str, specs) -> None:
+    """--out (a folder) and --plot (a file) are no links, devices or inputs, nor inside one."""
+    from dorafit.files import check_output_file, check_output_folder
+
+    inputs = [("--base", base)] + [("checkpoint", s.path) for s in specs]
+    check_output_folder(out, inputs, "--out")
+    if not args.no_plot:
+        check_output_file(Path(args.plot) if args.plot else out / "figure2.png", inputs, "--plot")
+    for name in ("analysis.csv", "analysis.json"):
+        check_output_file(out / name, inputs, "--out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,10 +122,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.base:
         print(f"base model: {base} (recorded by the adapter)")
     try:
+        out = Path(args.out)
+        check_outputs(args, out, base, specs)
         model = load_base_for_adapter(model=base, default_model=None, by_class=True, model_class=args.base_class,
                                       attach=False, model_flag="--base").model
         rows = analyze(model, specs, modules=args.modules, axis=1 if args.axis == "out" else 0)
-        out = Path(args.out)
         write_table(rows, out / "analysis.csv", out / "analysis.json")
         stats = panel_stats(rows)
         print(_report(stats))

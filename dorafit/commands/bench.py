@@ -18,7 +18,7 @@ HELP = "measure the DoRA overhead over LoRA on your model"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="local folder or hub id of a transformers model (default: the bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--model", default=None, help="local folder or hf://owner/name of a transformers model (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--targets", nargs="+", default=["all-linear"], help="module-name patterns to adapt")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="base model folder or hub id the adapter belongs to (default: the base recorded in SRC)",
+        help="base model folder or hf://owner/name the adapter belongs to (default: the base recorded in SRC)",
     )
     parser.add_argument(
         "--model-class",
@@ -65,8 +65,10 @@ def run(args: argparse.Namespace) -> int:
     import dorafit
     from dorafit.io import AdapterFileError, read_adapter_config
 
-    src, dst = Path(args.src), Path(args.dst)
+    from dorafit.remote import resolve_adapter_path
+
     try:
+        src, dst = resolve_adapter_path(args.src), Path(args.dst)  # hf://owner/name, or a local folder
         cfg = read_adapter_config(src)
     except AdapterFileError as exc:
         if getattr(args, "debug", False):
@@ -77,12 +79,14 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"{src / 'adapter_config.json'} is neither a dorafit nor a PEFT adapter config")
     if fmt == args.to:
         return _fail(f"{src} is already in the {fmt} format")
-    from dorafit.files import is_same_or_inside
+    from dorafit.files import OutputPathError, check_output_folder
 
-    if is_same_or_inside(dst, src) or is_same_or_inside(src, dst):
-        return _fail(f"DST {dst} overlaps SRC {src}: the conversion would replace the adapter it reads; choose another DST")
-    if dst.exists() and not dst.is_dir():
+    if dst.exists() and not dst.is_dir() and not dst.is_symlink():
         return _fail(f"DST {dst} is a file, not a folder")
+    try:
+        check_output_folder(dst, [("SRC", src)], "DST")
+    except (OutputPathError, FileExistsError) as exc:
+        return _fail(str(exc))
     if dst.exists() and not args.force and any(dst.iterdir()):
         return _fail(f"{dst} exists; pass --force to write the adapter files into it")
     import torch
@@ -93,8 +97,10 @@ def run(args: argparse.Namespace) -> int:
         model = base_model_name(src, args.model, default_model=None)
     except (OSError, ValueError) as exc:
         return _fail(str(exc))
-    if Path(model).exists() and is_same_or_inside(Path(model), dst):
-        return _fail(f"DST {dst} overlaps the base model folder {model}; choose another DST")
+    try:
+        check_output_folder(dst, [("the base model folder", model)], "DST")
+    except OutputPathError as exc:
+        return _fail(str(exc))
 
     class_name = args.model_class or recorded_model_class(src) or "the checkpoint's class"
     print(f"loading base model {model} as {class_name} (dtype {args.dtype})", file=sys.stderr)

@@ -29,11 +29,11 @@ def add_arguments(parser) -> None:
     from dorafit.train.config import DEFAULT_MODEL, MODEL_KINDS
 
     parser.add_argument("--model", default=None,
-                        help=f"base model folder or hub id (default: the base the adapter records, else {DEFAULT_MODEL})")
+                        help=f"base model folder or hf://owner/name (default: the base the adapter records, else {DEFAULT_MODEL})")
     parser.add_argument("--adapter", default="", help="adapter folder (dorafit or PEFT format); none: the base model alone")
     parser.add_argument("--task", default="", help="task name(s), comma-separated, or 'all'; default: the adapter's task")
     parser.add_argument("--data", default="", help="test data for a single task: a JSON/JSONL/CSV/parquet file, a "
-                        "datasets.save_to_disk folder, a folder of data files or a hub dataset id (SOURCE:SPLIT picks a "
+                        "datasets.save_to_disk folder, a folder of data files or a hub dataset hf://owner/name (SOURCE:SPLIT picks a "
                         "split); default: <data-dir>/<task>/test.json")
     parser.add_argument("--data-split", default="", help="split of --data when it holds several (default: its only split)")
     parser.add_argument("--data-dir", default="", help="folder laid out as <task>/test.json (default: the data shipped with dorafit)")
@@ -62,14 +62,16 @@ def evaluate(args) -> tuple:
 
     from dorafit.eval.examples import resolve_template
     from dorafit.eval.tasks import TASKS, get_task
+    from dorafit.files import check_output_file
     from dorafit.loading import load_base_for_adapter, read_task_info
+    from dorafit.remote import resolve_adapter_path
     from dorafit.train import data as D
     from dorafit.train.kinds import EvalSettings
     from dorafit.train.models import load_tokenizer
 
+    if args.adapter:  # a local folder, or hf://owner/name fetched; a missing path is never a hub id
+        args.adapter = str(resolve_adapter_path(args.adapter))
     info = read_task_info(args.adapter)
-    if args.adapter and not Path(args.adapter).exists():
-        raise D.DataError(f"adapter folder {args.adapter} does not exist")
     names = args.task or info.get("task") or ""
     if not names:
         raise ValueError("--task is required (the adapter has no task.json naming its task)")
@@ -102,6 +104,8 @@ def evaluate(args) -> tuple:
     model, kind = loaded.model.to(device).eval(), loaded.kind
     scoring = args.scoring or None
     kind.check_scoring(scoring)
+    if args.json:  # the base the adapter records is an input too: no result file inside it
+        check_output_file(args.json, [("--model", loaded.path)], "--json")
     tokenizer = load_tokenizer(loaded.path, args.trust_remote_code)
     # An adapter is scored with the template it was trained with (task.json; one written before
     # task.json recorded it was trained with "paper"); a bare model as `dorafit train` prompts it.
@@ -111,10 +115,15 @@ def evaluate(args) -> tuple:
                             max_new_tokens=args.max_new_tokens, prompt_template=resolve_template(template, tokenizer),
                             scoring=scoring)
     labels = info.get("labels")
-    examples = [kind.accuracy_examples(rows, path, task, labels, scoring) for task, path, rows in tables]
+    generates = kind.generates and scoring != "loglik"
+    D.check_tokenizer(tokenizer, settings.prompt_template if generates else "", loaded.name)
     results = []
-    for (task, _, _), test in zip(tables, examples):
-        results.append(kind.accuracy(model, tokenizer, task, test, settings))
+    for task, path, rows in tables:
+        examples = kind.accuracy_examples(rows, path, task, labels, scoring)
+        if generates:
+            D.check_prompt_lengths(rows, tokenizer, settings.prompt_template, args.max_new_tokens, loaded.config,
+                                   path, loaded.name)
+        results.append(kind.accuracy(model, tokenizer, task, examples, settings))
     return results
 
 
@@ -161,11 +170,15 @@ def run(args) -> int:
     from dorafit.train.data import DataError
     from dorafit.train.models import ModelError
 
-    if args.json and (Path(args.json).is_dir() or any(
-            p and Path(p).exists() and Path(p).resolve() == Path(args.json).resolve() for p in (args.data, args.adapter, args.model))):
-        print(f"dorafit eval: error: --json {args.json} is a folder or one of the inputs; give a new file name",
-              file=sys.stderr)
-        return 2
+    from dorafit.files import OutputPathError, check_output_file
+
+    if args.json:  # refused before anything is evaluated: a link, a device, a FIFO, a folder, an input
+        try:
+            check_output_file(args.json, [("--data", args.data), ("--data-dir", args.data_dir),
+                                          ("--adapter", args.adapter), ("--model", args.model)], "--json")
+        except OutputPathError as err:
+            print(f"dorafit eval: error: {err}", file=sys.stderr)
+            return 2
     for option in ("batch_size", "max_rows", "max_length", "max_new_tokens"):
         value, least = getattr(args, option), 1 if option in ("batch_size", "max_new_tokens") else 0
         if value < least:

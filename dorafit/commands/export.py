@@ -28,14 +28,14 @@ DEFAULT_PROMPTS = [
 def add_arguments(parser) -> None:
     from dorafit.train.config import MODEL_KINDS
 
-    parser.add_argument("adapter", metavar="ADAPTER", help="adapter folder (dorafit or PEFT format) or hub id")
+    parser.add_argument("adapter", metavar="ADAPTER", help="adapter folder (dorafit or PEFT format) or hf://owner/name")
     parser.add_argument("--to", default="lora", choices=["lora"], help="target format (default: lora)")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=int, help="rank of the exported LoRA")
     size.add_argument("--max-error", type=float,
                       help="choose the smallest rank whose overall relative weight error ‖ΔW − BA‖/‖ΔW‖ is at most this (e.g. 0.05)")
     parser.add_argument("--out", required=True, help="folder for the LoRA adapter")
-    parser.add_argument("--model", default=None, help="base model folder or hub id (default: the base the adapter records)")
+    parser.add_argument("--model", default=None, help="base model folder or hf://owner/name (default: the base the adapter records)")
     parser.add_argument("--model-kind", default="auto", choices=MODEL_KINDS,
                         help="model class to load (default: the adapter's task.json, else detected)")
     parser.add_argument("--prompt", action="append", default=None,
@@ -62,14 +62,38 @@ def load_for_export(args):
     return loaded.model, inputs
 
 
+EXPORT_KIND = "export"
+
+
+def check_output(out: Path, adapter: str, model: str | None, overwrite: bool) -> None:
+    """Refuse an --out that is a link, an input or inside one, or that holds files: with --overwrite,
+    only a folder an earlier ``dorafit export`` wrote (it carries dorafit's marker file)."""
+    from dorafit.files import MARKER_NAME, check_output_folder, read_marker
+
+    if out.exists() and not out.is_dir() and not out.is_symlink():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    check_output_folder(out, [("ADAPTER", adapter), ("--model", model)], "--out")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        if read_marker(out) != EXPORT_KIND:
+            raise FileExistsError(f"--overwrite: {out} is not a folder dorafit export wrote (no {MARKER_NAME} marker); "
+                                  "not writing into it")
+
+
 def export(args):
     from dorafit.export import export_lora
+    from dorafit.files import write_marker
+    from dorafit.loading import base_model_name
+    from dorafit.remote import resolve_adapter_path
 
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    adapter = resolve_adapter_path(args.adapter)
+    check_output(out, str(adapter), base_model_name(adapter, args.model), args.overwrite)
     model, inputs = load_for_export(args)
-    return export_lora(model, out, rank=args.rank, max_error=args.max_error, inputs=inputs)
+    report = export_lora(model, out, rank=args.rank, max_error=args.max_error, inputs=inputs)
+    write_marker(out, EXPORT_KIND)  # --overwrite may replace this folder later, and no other
+    return report
 
 
 def run(args) -> int:

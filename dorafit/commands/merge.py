@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
     from dorafit.train.config import DEFAULT_MODEL, MODEL_KINDS
 
     parser.add_argument("--model", default=None,
-                        help=f"base model folder or hub id (default: the base the adapter records, else {DEFAULT_MODEL})")
+                        help=f"base model folder or hf://owner/name (default: the base the adapter records, else {DEFAULT_MODEL})")
     parser.add_argument("--adapter", required=True, help="adapter folder (dorafit or PEFT format)")
     parser.add_argument("--out", required=True, help="folder for the merged checkpoint")
     parser.add_argument("--model-kind", default="auto", choices=MODEL_KINDS,
@@ -33,14 +33,12 @@ MERGED_KIND = "merged"
 
 
 def check_output(out: Path, adapter: Path, model: str, overwrite: bool) -> None:
-    """Refuse an --out that is an input (or overlaps one), or a folder dorafit did not make."""
-    from dorafit.files import MARKER_NAME, is_same_or_inside, read_marker
+    """Refuse an --out that is an input (or overlaps one), a link, or a folder dorafit did not make."""
+    from dorafit.files import MARKER_NAME, check_output_folder, read_marker
 
-    inputs = [("--adapter", adapter)] + ([("--model", Path(model))] if Path(model).exists() else [])
-    for flag, path in inputs:
-        if is_same_or_inside(out, path) or is_same_or_inside(path, out):
-            raise FileExistsError(f"--out {out} overlaps {flag} {path}: writing there would replace the input; "
-                                  "choose another --out")
+    if out.exists() and not out.is_dir() and not out.is_symlink():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    check_output_folder(out, [("--adapter", adapter), ("--model", model)], "--out")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder")
     if out.exists() and any(out.iterdir()):
@@ -55,14 +53,15 @@ def merge_to_folder(args) -> Path:
     import dorafit
     from dorafit.files import atomic_directory, write_marker
     from dorafit.loading import base_model_name, load_base_for_adapter
+    from dorafit.remote import resolve_adapter_path
     from dorafit.train.models import load_tokenizer
 
-    out, adapter = Path(args.out), Path(args.adapter)
+    out, adapter = Path(args.out), resolve_adapter_path(args.adapter)  # hf://owner/name, or a local folder
     if not adapter.is_dir():
         raise dorafit.AdapterFileError(f"adapter folder {args.adapter} does not exist")
-    model_name = base_model_name(args.adapter, args.model)
+    model_name = base_model_name(adapter, args.model)
     check_output(out, adapter, model_name, args.overwrite)
-    loaded = load_base_for_adapter(args.adapter, model=model_name, kind=args.model_kind,
+    loaded = load_base_for_adapter(adapter, model=model_name, kind=args.model_kind,
                                    trust_remote_code=args.trust_remote_code, command="merge")
     model, config = loaded.model, loaded.config
     dorafit.merge(model)

@@ -22,7 +22,7 @@ def run(args) -> int:
     import dorafit
     from dorafit.loading import check_local_model
     from dorafit.train.checkpoint import CheckpointError
-    from dorafit.train.config import TrainConfigError, config_from_args
+    from dorafit.train.config import TrainConfigError, config_from_args, load_yaml_file
     from dorafit.train.data import DataError
     from dorafit.train.models import ModelError
     from dorafit.train.trainer import TrainingError, train
@@ -30,16 +30,11 @@ def run(args) -> int:
     try:
         base = None
         if getattr(args, "resume", False):
-            import yaml
-
             output = getattr(args, "output", "")
             saved = Path(output) / "config.yaml" if output else None
             if saved is None or not saved.is_file():
                 raise TrainConfigError(f"--resume needs --output pointing at a run folder with config.yaml (got {output!r})")
-            try:
-                base = yaml.safe_load(saved.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, yaml.YAMLError) as err:
-                raise TrainConfigError(f"{saved}: not valid YAML: {' '.join(str(err).split())}") from None
+            base, _ = load_yaml_file(saved, "--resume:")  # bounded: size, depth, no aliases
             if not isinstance(base, dict):
                 raise TrainConfigError(f"{saved}: expected a mapping of option -> value, got {type(base).__name__}")
             # Run-control options of the first invocation do not carry over.

@@ -25,7 +25,7 @@ class ConvAdapter(AdapterLayer):
     """LoRA / DoRA on an N-d convolution."""
 
     # ReLU(inplace=True) right after a conv is common: keep z + BAx rather than the output.
-    save_output_for_backward = False
+    always_keep_sum = True
 
     def __init__(self, base: nn.Module, **kwargs) -> None:
         if base.groups != 1:
@@ -48,11 +48,9 @@ class ConvAdapter(AdapterLayer):
     def base_weight_2d(self) -> torch.Tensor:
         return self.base.weight.flatten(1)
 
-    def lora_a_shape(self) -> Tuple[int, ...]:
-        return (self.rank, self.base.in_channels, *self.base.kernel_size)
-
-    def lora_b_shape(self) -> Tuple[int, ...]:
-        return (self.base.out_channels, self.rank) + (1,) * self.spatial_dims
+    def lora_shapes(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        a_shape = (self.rank, self.base.in_channels, *self.base.kernel_size)
+        return a_shape, (self.base.out_channels, self.rank) + (1,) * self.spatial_dims
 
     def base_nobias(self, x: torch.Tensor) -> torch.Tensor:
         return self.base._conv_forward(x, self.base.weight, None)

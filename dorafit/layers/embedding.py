@@ -34,14 +34,8 @@ class EmbeddingAdapter(AdapterLayer):
     def base_weight_2d(self) -> torch.Tensor:
         return self.base.weight.t()  # (dim, vocab) view
 
-    def lora_a_shape(self) -> Tuple[int, ...]:
-        return (self.rank, self.base.num_embeddings)
-
-    def lora_b_shape(self) -> Tuple[int, ...]:
-        return (self.base.embedding_dim, self.rank)
-
-    def base_bias(self):
-        return None
+    def lora_shapes(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        return (self.rank, self.base.num_embeddings), (self.base.embedding_dim, self.rank)
 
     def _embed(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         e = self.base

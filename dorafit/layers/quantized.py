@@ -150,7 +150,7 @@ class Linear4bitAdapter(LinearAdapter):
     def compute_dtype(self) -> torch.dtype:
         return getattr(self.base, "compute_dtype", None) or self.base_dtype()
 
-    def norm_dependencies(self) -> List[torch.Tensor]:
+    def norm_inputs(self) -> List[torch.Tensor]:
         # The packed weight's version counter stands for W0: never dequantize to build the key.
         return [t for t in (self.lora_a, self.lora_b, self.base.weight) if t is not None]
 

@@ -30,7 +30,7 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 import torch
 from torch import nn
 
-from .base import AdapterError
+from .base import AdapterError, initial_magnitude
 from .linear import Conv1DAdapter, LinearAdapter
 
 # Keys of the shared matrices in an adapter file (when stored).
@@ -112,8 +112,7 @@ class VeraMixin:
             raise AdapterError(f"VeRA layers take method 'vera' or 'dvora', got {method!r}")
         kwargs["scaling"] = 1.0  # no alpha / r: d and b carry the scale (VeRA paper)
         super().__init__(base, method=method, adapter_dtype=adapter_dtype, **kwargs)
-        rank, in_features = self.lora_a_shape()
-        out_features = self.lora_b_shape()[0]
+        (rank, in_features), (out_features, _) = self.lora_shapes()
         if rank > shared.a.shape[0] or in_features > shared.a.shape[1] or out_features > shared.b.shape[0]:
             raise AdapterError(
                 f"VeRA shared matrices A {tuple(shared.a.shape)}, B {tuple(shared.b.shape)} are too small for a "
@@ -125,13 +124,12 @@ class VeraMixin:
         self.vera_d = nn.Parameter(torch.full((rank,), float(d_init), dtype=dtype, device=device))
         self.vera_b = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         if method == "dvora":
-            self.magnitude = nn.Parameter(self.w0_norm_sq.sqrt().to(dtype))
+            self.magnitude = initial_magnitude(self, dtype)
 
     # ---- method hooks of AdapterLayer
     def shared_slices(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """This layer's frozen A (r, in) and B (out, r): views of the shared matrices."""
-        rank, in_features = self.lora_a_shape()
-        out_features = self.lora_b_shape()[0]
+        (rank, in_features), (out_features, _) = self.lora_shapes()
         return self.vera_shared.a[:rank, :in_features], self.vera_shared.b[:out_features, :rank]
 
     def lowrank_factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -139,8 +137,8 @@ class VeraMixin:
         a, b = self.shared_slices()
         return self.vera_d.unsqueeze(1) * a.to(self.vera_d.dtype), self.vera_b.unsqueeze(1) * b.to(self.vera_b.dtype)
 
-    def norm_dependencies(self) -> List[torch.Tensor]:
-        frozen = [t for t in super().norm_dependencies() if t is not None]  # the base weight (lora_a/b are None)
+    def norm_inputs(self) -> List[torch.Tensor]:
+        frozen = super().norm_inputs()  # the base weight (lora_a/b are None)
         return [self.vera_d, self.vera_b, self.vera_shared.a, self.vera_shared.b] + frozen
 
     def adapter_parameter_names(self) -> List[str]:

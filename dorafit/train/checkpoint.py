@@ -22,6 +22,7 @@ import json
 import os
 import random
 import re
+import secrets
 import shutil
 import warnings
 from pathlib import Path
@@ -132,8 +133,8 @@ def load_checkpoint(folder: Path) -> dict:
     state_file = folder / "state.json"
     try:
         state = json.loads(state_file.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{state_file}: unreadable ({err})") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{state_file}: unreadable ({type(err).__name__}: {str(err)[:200]})") from None
     loaded = {"state": state}
     for name, digest in state.get("sha256", {}).items():
         path = folder / name
@@ -186,8 +187,17 @@ def last_good(root: Path) -> Path | None:
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
-    """Remove all but the ``keep`` newest checkpoints (renamed away first, then deleted)."""
+    """Remove all but the ``keep`` newest checkpoints (renamed away first, then deleted).
+
+    ``.deleting`` folders left by a prune that was interrupted are removed first; a folder that
+    cannot be moved or removed is left for the next prune, never an error.
+    """
+    for stale in root.glob(".step-*.deleting"):
+        shutil.rmtree(stale, ignore_errors=True)
     for folder in list_checkpoints(root)[keep:]:
-        doomed = folder.with_name(f".{folder.name}.deleting")
-        os.replace(folder, doomed)
+        doomed = folder.with_name(f".{folder.name}.{os.getpid()}-{secrets.token_hex(4)}.deleting")
+        try:
+            os.replace(folder, doomed)
+        except OSError:
+            continue
         shutil.rmtree(doomed, ignore_errors=True)

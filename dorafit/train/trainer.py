@@ -25,7 +25,11 @@ any number of processes. A resumed run refuses options that would change its res
 
 Numerical faults never reach a checkpoint: a non-finite loss, gradient norm or validation
 loss stops the run before the update (or before anything is saved), naming the step and the
-newest checkpoint that verifies finite.
+newest checkpoint that verifies finite. A base model whose weights hold NaN/inf is refused
+before training; a trainable magnitude still bit-identical after the first steps is reported.
+Ctrl-C and a full disk stop the run with one line naming the step and the checkpoint that
+``--resume`` continues from. The run folder is locked while the run uses it, and ``--resume``
+refuses a model or data that changed since the run started (``dorafit.train.fingerprint``).
 
 Run folder (written by rank 0 only):
     config.yaml              the resolved TrainConfig
@@ -57,12 +61,14 @@ from dorafit.eval import report as R
 from dorafit.eval.evaluate import EvalResult
 from dorafit.eval.examples import resolve_template
 from dorafit.eval.tasks import Task, get_task
-from dorafit.files import write_bytes_atomic, write_json_atomic
+from dorafit.files import brief, is_disk_full, write_bytes_atomic, write_json_atomic
+from dorafit.inject import check_finite_base
 from dorafit.train import checkpoint as ckpt
 from dorafit.train import data as D
 from dorafit.train import distributed as dist_utils
-from dorafit.train import full
-from dorafit.train.config import TrainConfig, TrainConfigError, format_config
+from dorafit.train import fingerprint, full
+from dorafit.train.health import MagnitudeWatch
+from dorafit.train.config import TrainConfig, TrainConfigError, format_config, load_yaml_file
 from dorafit.train.distributed import Parallel, gather_trainable, load_trainable, trainable_named
 from dorafit.train.kinds import EvalSettings, ModelKind, get_kind
 from dorafit.train.models import (
@@ -73,7 +79,7 @@ from dorafit.train.models import (
     read_model_config,
     resolve_model_path,
 )
-from dorafit.train.rundir import prepare_output
+from dorafit.train.rundir import RunStopped, abandon_new_run, prepare_output, release_run, stop_message
 
 BUNDLED_DATA = D.BUNDLED_DATA
 TASK_FILE = "task.json"
@@ -207,14 +213,28 @@ def train(cfg: TrainConfig) -> TrainResult | None:
     or None when it stopped early on purpose (``stop_after_steps``)."""
     started = time.perf_counter()
     parallel, out = prepare_run(cfg)
-    data = load_data(cfg, parallel.info)
-    run = load_and_attach(cfg, parallel, out, data)
-    state = start(run)
-    train_started = time.perf_counter()
-    if not train_loop(run, state):
-        dist_utils.teardown(run.info)
-        return None
-    return finish(run, state, time.perf_counter() - train_started, started)
+    state = None
+    try:
+        data = load_data(cfg, parallel.info)
+        check_inputs(cfg, out, data, parallel.info)
+        run = load_and_attach(cfg, parallel, out, data)
+        state = start(run)
+        train_started = time.perf_counter()
+        if not train_loop(run, state):
+            dist_utils.teardown(run.info)
+            return None
+        return finish(run, state, time.perf_counter() - train_started, started)
+    except BaseException as err:
+        if state is None and not cfg.resume and parallel.info.is_main:
+            abandon_new_run(out)  # refused or stopped before its first step: the new run leaves nothing behind
+        if isinstance(err, KeyboardInterrupt):
+            raise RunStopped(stop_message(out, "interrupted", state and state.step)) from err
+        if isinstance(err, Exception) and is_disk_full(err):
+            detail = " ".join(str(err).split())[:400]
+            raise RunStopped(stop_message(out, f"the disk is full ({detail})", state and state.step)) from err
+        raise
+    finally:
+        release_run(out)
 
 
 # ---------------------------------------------------------------------------- 1. the run folder
@@ -234,6 +254,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[Parallel, Path]:
             if cfg.resume:
                 check_resume_options(out, cfg)
         except TrainConfigError as err:
+            release_run(out)
             error = str(err)
     error = dist_utils.broadcast_object(error, info)
     if error:
@@ -250,21 +271,23 @@ def prepare_run(cfg: TrainConfig) -> tuple[Parallel, Path]:
 
 def check_resume_options(out: Path, cfg: TrainConfig) -> None:
     """Refuse a --resume whose options differ from the run's own where that changes the result."""
-    import yaml
-
     path = out / "config.yaml"
-    try:
-        saved = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise TrainConfigError(f"--resume: {path} is unreadable ({err})") from None
+    saved, _ = load_yaml_file(path, "--resume:")
     if not isinstance(saved, dict):
         raise TrainConfigError(f"--resume: {path} does not hold a run config")
     current = cfg.to_dict()
-    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in current.items()
+    changed = [f"{key} {brief(saved.get(key))} -> {brief(value)}" for key, value in current.items()
                if key not in RESUME_MAY_CHANGE and saved.get(key, value) != value]
     if changed:
         raise TrainConfigError(f"--resume: these options differ from the run in {out} and would change its "
                                f"result: {'; '.join(changed)}. Resume without them, or start a new run")
+
+
+def check_inputs(cfg: TrainConfig, out: Path, data: "RunData", info: dist_utils.DistInfo) -> None:
+    """Record the fingerprint of the run's model and data, or refuse a resume where they changed."""
+    test = _data_path(cfg, "test", data.task.folder) if data.test_rows else ""
+    fingerprint.record_or_check(out, cfg.resume, {"model": data.model_path, "training data": str(data.train_path),
+                                                  "validation data": cfg.val_data, "test data": str(test)}, info)
 
 
 def default_output(cfg: TrainConfig) -> Path:
@@ -302,17 +325,25 @@ def load_data(cfg: TrainConfig, info: dist_utils.DistInfo) -> RunData:
     test_rows = D.read_rows(test_path)[: cfg.max_test_rows or None] if test_path else []
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     template = resolve_template(cfg.prompt_template, tokenizer)
+    D.check_tokenizer(tokenizer, template if kind.generates else "", cfg.model)
+    D.check_context(cfg.max_length, model_config, cfg.model)
+    lengths: list = []  # examples cut or dropped by --max-length, reported below
     train, labels = kind.loss_examples(train_rows, train_path, tokenizer, cfg.max_length, task=task,
-                                       prompt_template=template, response_format=cfg.response_format)
+                                       prompt_template=template, response_format=cfg.response_format,
+                                       report=lengths)
     val = None
     if cfg.val_data:
         val = kind.loss_examples(D.read_rows(cfg.val_data), cfg.val_data, tokenizer, cfg.max_length,
                                  task=task, labels=labels, prompt_template=template,
-                                 response_format=cfg.response_format)[0]
+                                 response_format=cfg.response_format, report=lengths)[0]
     test = kind.accuracy_examples(test_rows, test_path, task, labels) if test_rows else []
     test_loglik, why_not = kind.likelihood_rows(test_rows, test_path, task) if test_rows else ([], None)
     if why_not:
         _print(info, f"likelihood scoring left out: {why_not}")
+    if kind.generates and test_rows:
+        D.check_prompt_lengths(test_rows, tokenizer, template, cfg.max_new_tokens, model_config, test_path, cfg.model)
+    for report in lengths:
+        _print(info, f"data: {report}")
     if val is None:
         train, val = D.split_validation(train, cfg.val_size, cfg.seed)
     _print(info, f"data: {len(train)} train, {len(val)} validation, {len(test_rows)} test rows; kind {kind.name}")
@@ -351,6 +382,7 @@ def load_and_attach(cfg: TrainConfig, parallel: Parallel, out: Path, data: RunDa
     _print(info, f"{steps_per_epoch * cfg.epochs} steps of {global_batch} rows")
     model, fresh_modules = load_model(data.model_path, data.kind, cfg.trust_remote_code,
                                       num_labels=len(data.labels) if data.labels else None)
+    check_finite_base(model)  # NaN/inf in the base is named here, not blamed on the lr at step 1
     targets = cfg.targets or default_targets(model)
     adapter_cfg = None if cfg.method == full.FULL else dorafit.AdapterConfig(
         method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets,
@@ -447,10 +479,12 @@ def train_loop(run: Run, state: RunState) -> bool:
     cfg = run.cfg
     bar = _progress_bar(run, state.step)
     run.wrapped.train()
+    magnitudes = MagnitudeWatch(run.model, state.step, run.total_steps)
     try:
         while state.step < run.total_steps:
             loss, lr = train_step(run, state.step)
             state.step += 1
+            magnitudes.after_step(state.step, run.optimizer, cfg.lr, run.info)
             record = {"step": state.step, "epoch": (state.step - 1) // run.steps_per_epoch, "loss": loss, "lr": lr}
             at_save = (cfg.save_steps and state.step % cfg.save_steps == 0) or state.step == run.total_steps
             if run.data.val and _at_eval(run, state.step, at_save):

@@ -212,7 +212,7 @@ def test_eval_errors(tiny_model, adapter, tmp_path, capsys):
     one_line_error(*run_cli(capsys, *base, "--adapter", adapter, "--batch-size", "0"), "eval", "--batch-size must be >= 1")
     one_line_error(*run_cli(capsys, *base, "--data", data), "eval", "test.json: the data set is empty")
     before = hashes(data)
-    one_line_error(*run_cli(capsys, *base, "--data", data, "--json", data), "eval", "is a folder or one of the inputs")
+    one_line_error(*run_cli(capsys, *base, "--data", data, "--json", data), "eval", "overlaps --data")
     assert hashes(data) == before
     one_line_error(*run_cli(capsys, *base, "--task", "mmlu"), "eval", "mmlu")
 

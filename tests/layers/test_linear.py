@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dorafit
 from dorafit import functional as DF
 from dorafit.layers import Conv1DAdapter, LinearAdapter
+from dorafit.layers.compose import choose_path
 from transformers.pytorch_utils import Conv1D
 
 
@@ -128,8 +129,7 @@ def test_eval_with_many_tokens_scales_weight_rows(ref, bias, shape):
     with torch.no_grad():
         layer.magnitude[3] = 0.0  # g_i = 0 is fine here: nothing is divided by g
         x = torch.randn(*shape)
-        a, b = layer.lowrank_factors()
-        assert layer.forward_scaled_weight(x, a, b * layer.scaling) is not None
+        assert choose_path(layer, x) == "dora-no-grad-rows"
         y = layer(x)
         y_ref = ref.eq5_forward(layer, x.double(), dtype=torch.float64)
     assert y.shape == (*shape[:-1], 10)
@@ -139,17 +139,16 @@ def test_eval_with_many_tokens_scales_weight_rows(ref, bias, shape):
 
 def test_eval_scaled_weight_rows_only_where_cheaper_and_plain(ref):
     layer = ref.randomize_adapter(make_linear()).eval()
-    a, b = layer.lowrank_factors()
     many, few = torch.randn(40, 12), torch.randn(12, 12)
     with torch.no_grad():
-        assert layer.forward_scaled_weight(few, a, b) is None  # tokens ≤ in: the output pass is cheaper
-        assert layer.forward_scaled_weight(many.bfloat16(), a, b) is None
+        assert choose_path(layer, few) == "dora-no-grad-addmm"  # tokens ≤ in: the output pass is cheaper
+        assert choose_path(layer, many.bfloat16()) == "dora-no-grad"  # input and adapter dtypes differ
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert layer.forward_scaled_weight(many, a, b) is None
+            assert choose_path(layer, many) == "dora-no-grad"
         handle = layer.base.register_forward_hook(lambda *args: None)  # a hook expects the call
-        assert layer.forward_scaled_weight(many, a, b) is None
+        assert choose_path(layer, many) == "dora-no-grad"
         handle.remove()
-        assert layer.forward_scaled_weight(many, a, b) is not None
+        assert choose_path(layer, many) == "dora-no-grad-rows"
 
 
 def test_eval_with_many_tokens_allocates_less_than_the_output(ref):
@@ -556,14 +555,15 @@ def test_norm_cache_after_write_through_data():
 
 
 def _count_scales(monkeypatch, layer):
+    """Counts the computations of g = m / n (the no-grad path computes g only in the cache)."""
     calls = []
-    real = layer.keep_scale
+    real = DF.magnitude_scale
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(layer, "keep_scale", counted)
+    monkeypatch.setattr(DF, "magnitude_scale", counted)
     return calls
 
 
@@ -634,7 +634,7 @@ def test_no_grad_scale_from_inference_mode_then_training():
         y_inf = layer(x)
     with torch.no_grad():
         y = layer(x)
-        assert not layer.norm_cache.scale[1].is_inference()
+        assert not layer.norm_cache.scale_entry[1].is_inference()
     torch.testing.assert_close(y, y_inf)
     layer.train()
     layer(x).sum().backward()
@@ -684,13 +684,13 @@ def test_compiled_first_forward_gets_the_cross_term_from_the_base_matmul(ref, ba
     stacked matmul [x; A] W0ᵀ, the calls after it a plain one; values and gradients are exact."""
     torch._dynamo.reset()
     rows_seen = []
-    real = DF.linear_with_rows
+    real = DF.stacked_products
 
-    def spy(x, rows, weight, bias):
-        rows_seen.append(rows.shape[0])
-        return real(x, rows, weight, bias)
+    def spy(x, a, weight):
+        rows_seen.append(a.shape[0])
+        return real(x, a, weight)
 
-    monkeypatch.setattr(DF, "linear_with_rows", spy)
+    monkeypatch.setattr(DF, "stacked_products", spy)
     layer = ref.randomize_adapter(make_linear(in_f=16, out_f=16))
     params = [layer.lora_a, layer.lora_b, layer.magnitude]
     compiled = torch.compile(layer, fullgraph=True, backend=backend)
@@ -705,7 +705,7 @@ def test_compiled_first_forward_gets_the_cross_term_from_the_base_matmul(ref, ba
         ref.zero_grads(params + [x])
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-    assert rows_seen[:2] == [layer.rank, 0]  # traced once with A's rows, once without
+    assert rows_seen == [layer.rank]  # the call that computed the norm stacked A's rows, the next did not
     torch._dynamo.reset()
 
 

@@ -151,3 +151,30 @@ def test_validation_split_is_seeded_and_disjoint():
     assert len(D.split_validation(items, 0.2, seed=0)[1]) == 10
     with pytest.raises(D.DataError, match="leaves no training rows"):
         D.split_validation(items, 50, seed=0)
+
+
+def test_a_huge_row_is_cut_before_it_is_tokenized(tiny_llama):
+    """Only a bounded prefix of a row reaches the tokenizer, and its first max_length tokens are
+    the uncut row's."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    seen = []
+
+    class Recording:
+        eos_token = tok.eos_token
+
+        def get_vocab(self):
+            return tok.get_vocab()
+
+        def __call__(self, text, **kwargs):
+            seen.append(len(text))
+            return tok(text, **kwargs)
+
+    prompt = D.format_prompt("Which is a metal?")
+    huge = "the correct answer is copper " + "wire, " * 2_000_000  # 12 MB of response
+    short, example = D.tokenize_instruction_pairs([(prompt, "copper"), (prompt, huge)], Recording(), 64, "f.json",
+                                                  report=[])
+    bound = D.chars_to_tokenize(tok, 64)
+    assert max(seen) <= bound < len(huge) // 100
+    assert example["input_ids"] == tok(prompt + huge[:20_000])["input_ids"][:64]

@@ -101,25 +101,30 @@ def offline_cache(tmp_path, monkeypatch):
 
 def test_hub_id_reads_the_offline_cache(arc_rows, offline_cache):
     offline_cache("someone", "arc_small", arc_rows)
-    assert D.read_rows("someone/arc_small:test") == arc_rows["test"]
-    assert D.read_rows("someone/arc_small", split="train") == arc_rows["train"]
-    with pytest.raises(D.DataError, match=r"^someone/arc_small: holds the splits test, train"):
-        D.read_rows("someone/arc_small")
+    assert D.read_rows("hf://someone/arc_small:test") == arc_rows["test"]
+    assert D.read_rows("hf://someone/arc_small", split="train") == arc_rows["train"]
+    with pytest.raises(D.DataError, match=r"^hf://someone/arc_small: holds the splits test, train"):
+        D.read_rows("hf://someone/arc_small")
+    # Without hf:// the name is a path that does not exist: an error, never a hub lookup.
+    with pytest.raises(D.DataError, match=r"someone/arc_small:test: no such file \(a dataset on the Hugging Face "
+                                          r"hub is written hf://someone/arc_small:test\)"):
+        D.read_rows("someone/arc_small:test")
 
 
 def test_unknown_hub_id_offline_is_one_line(offline_cache, tmp_path):
-    with pytest.raises(D.DataError, match=r"^nobody/no_such_set: no such file or folder, and not a dataset") as err:
-        D.read_rows("nobody/no_such_set")
+    with pytest.raises(D.DataError, match=r"^hf://nobody/no_such_set: not a dataset on the hub or in its local cache") as err:
+        D.read_rows("hf://nobody/no_such_set")
     assert "\n" not in str(err.value)
     with pytest.raises(D.DataError, match="no such file"):
         D.read_rows(tmp_path / "missing.json")
 
 
 def test_source_names():
-    assert split_source("owner/name:test") == ("owner/name", "test")
-    assert split_source("owner/name") == ("owner/name", "")
-    assert looks_like_hub_id("owner/name") and looks_like_hub_id("name")
-    assert not looks_like_hub_id("missing.json") and not looks_like_hub_id("/abs/path")
+    assert split_source("hf://owner/name:test") == ("hf://owner/name", "test")
+    assert split_source("hf://owner/name") == ("hf://owner/name", "")
+    assert looks_like_hub_id("hf://owner/name") and looks_like_hub_id("hf://name")
+    assert not looks_like_hub_id("owner/name") and not looks_like_hub_id("missing.json")
+    assert not looks_like_hub_id("/abs/path")
 
 
 def test_train_reads_train_and_test_splits_of_one_saved_dataset_dict(tiny_llama, arc_rows, tmp_path):

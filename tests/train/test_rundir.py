@@ -8,7 +8,7 @@ import json
 import pytest
 
 from dorafit.cli import main
-from dorafit.files import MARKER_NAME, read_marker
+from dorafit.files import MARKER_NAME, read_marker, write_marker
 from dorafit.train.config import TrainConfig, TrainConfigError
 from dorafit.train.rundir import prepare_output
 
@@ -79,6 +79,9 @@ def test_resume_needs_a_run(tmp_path):
     with pytest.raises(TrainConfigError, match="holds no run"):
         prepare_output(tmp_path, TrainConfig(output=str(tmp_path), resume=True))
     (tmp_path / "config.yaml").write_text(json.dumps({}))
+    with pytest.raises(TrainConfigError, match="is not a dorafit run folder"):  # a config.yaml of the user's
+        prepare_output(tmp_path, TrainConfig(output=str(tmp_path), resume=True))
+    write_marker(tmp_path, "run")
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(TrainConfigError, match="already finished"):
         prepare_output(tmp_path, TrainConfig(output=str(tmp_path), resume=True))

@@ -1,0 +1,334 @@
+"""How an adapted layer computes its output: one function per method and mode, and the table of
+every numeric path with the condition under which it runs. Read this table first.
+
+Notation: x the input, x' = dropout(x) (x itself in evaluation or without dropout), W0 and b the
+frozen base weight and bias, s the scaling, A (r, in) and B (out, r) the low-rank factors
+(VeRA / DVoRA: A = Λ_d A_shared, B = Λ_b B_shared, s = 1), m the magnitude, n = ‖W0 + s B A‖
+per output feature (detached and kept per optimizer step unless ``detach_norm=False``: see
+``cache``), g = m / n.
+
+    | path                | computes                                        | runs when                                           |
+    |---------------------|-------------------------------------------------|-----------------------------------------------------|
+    | base                | y = base(x)                                     | the adapter is disabled (``disable_adapter``)       |
+    | lora-addmm          | y = base(x) + s B A x', the sum inside the      | LoRA, VeRA on a plain linear layout (*)             |
+    |                     | second matmul (addmm)                           |                                                     |
+    | lora                | y = base(x) + s B A x'                          | LoRA, VeRA otherwise                                |
+    | magnitude           | y = (m / ‖W0‖) ⊙ (base(x) − b) + b              | magnitude-only                                      |
+    | dora-no-grad-rows   | y = x (g ⊙ W0)ᵀ + b + (x Aᵀ)(g ⊙ s B)ᵀ          | DoRA, DVoRA, eager, no autograd, no dropout; plain  |
+    |                     |                                                 | float32 linear layout (*), more tokens than inputs  |
+    | dora-no-grad-addmm  | t = addmm(base(x), x Aᵀ, s Bᵀ); y = g ⊙ t +     | DoRA, DVoRA, eager, no autograd, no dropout; plain  |
+    |                     | (1 − g) ⊙ b in place, g and (1 − g) ⊙ b kept    | linear layout (*)                                   |
+    | dora-no-grad        | the same with t = base(x) + s B A x             | DoRA, DVoRA, eager, no autograd, no dropout         |
+    | dora-dropout        | y = base(x) + (g − 1) ⊙ W0 x' + g ⊙ s B A x'    | DoRA, DVoRA training with dropout > 0 on the whole  |
+    |                     |                                                 | update (``dropout_mode="input"``, the default)      |
+    | dora-keep-sum       | y = g ⊙ (t − b) + b, t = base(x) + s B A x',    | DoRA, DVoRA on convolutions (an in-place ReLU after |
+    |                     | t kept for ∂L/∂m                                | a conv would overwrite a saved y), or where W0 has  |
+    |                     |                                                 | a zero row (m_i = 0: y_i = b_i keeps no trace of t) |
+    | dora-linear         | y = g ⊙ (x W0ᵀ + s (x' Aᵀ) Bᵀ) + b in one       | DoRA, DVoRA with a detached norm on a plain linear  |
+    |                     | autograd node (``functional.dora_linear``)      | layout (*), with autograd or compiled               |
+    | dora                | y = g ⊙ (t − b) + b, t = base(x) + s B A x',    | DoRA, DVoRA otherwise (embeddings, quantized or     |
+    |                     | y kept for ∂L/∂m                                | hooked bases, autocast, mixed dtypes, full norm     |
+    |                     |                                                 | gradient)                                           |
+
+(*) plain linear layout: the base is exactly ``nn.Linear`` or transformers' GPT-2 ``Conv1D``,
+with a frozen dense weight and no hooks (so W0 may be read directly: quantized, sharded and
+hooked bases are always called as modules), and x, A, B and W0 share one dtype outside autocast.
+Every path has a reference: ``AdapterLayer.reference_forward`` builds W' of paper Eq. 5 and
+``tests/layers/test_paths.py`` holds each row equal to it, outputs and gradients.
+
+No path reads a tensor's value on the host: a zero magnitude is handled in the formulas
+(``functional._DoraLinear``), never by asking whether there is one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import functional as DF
+from .cache import base_bias, is_compiling
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """True inside an autocast region for this device type."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
+
+
+def no_autocast(device_type: str):
+    """Autocast off (the norm is float32), entered only where it is on: entering torch.autocast
+    costs as much as a small kernel."""
+    if not autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def dropping(layer) -> bool:
+    """True when dropout changes the input (training with p > 0)."""
+    return layer.training and isinstance(layer._modules["dropout"], nn.Dropout)
+
+
+def shaped(layer, v: Optional[torch.Tensor], ndim: int) -> Optional[torch.Tensor]:
+    """An (out,) vector shaped to broadcast along the output-feature axis of an ndim-dim output."""
+    axis = layer.output_axis(ndim)
+    if v is None or axis in (-1, ndim - 1):
+        return v
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.view(shape)
+
+
+def _base(layer) -> nn.Module:
+    return layer._modules["base"]  # a dict entry: nn.Module.__getattr__ costs about a microsecond
+
+
+def _adapter_dtype(layer) -> torch.dtype:
+    params = layer._parameters  # dict entries: this runs on every call
+    for name in ("magnitude", "lora_b", "vera_b"):
+        p = params.get(name)
+        if p is not None:
+            return p.dtype
+    raise AssertionError("an adapter without parameters")
+
+
+def _any_autocast(x: torch.Tensor) -> bool:
+    """Whether an autocast region is open (any device type: cheaper than asking x's, and a
+    region for another device only sends the call to the generic path)."""
+    any_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
+    return any_enabled() if any_enabled is not None else autocast_enabled(x.device.type)
+
+
+def _direct(layer, x: torch.Tensor) -> bool:
+    """True for a plain linear layout (see the table): W0 may be read directly."""
+    if not layer.linear_layout:
+        return False
+    w = layer.direct_weight()
+    return w is not None and w.dtype == x.dtype == _adapter_dtype(layer) and not _any_autocast(x)
+
+
+def keeps_sum(layer) -> bool:
+    """Keep z + s B A x rather than y for ∂L/∂m: convolutions (an in-place ReLU after a conv
+    would overwrite a saved y), and a W0 with a zero row (there y_i = b_i whatever B A x is)."""
+    cache = layer.norm_cache
+    if cache.w0_zero_rows is None and not is_compiling():
+        cache.w0_norm_sq(layer)  # reads it, once per base weight
+    return layer.always_keep_sum or bool(cache.w0_zero_rows)
+
+
+def _tokens(x: torch.Tensor) -> int:
+    return x.numel() // max(1, x.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA, VeRA, magnitude-only
+
+
+def base_only(layer, x: torch.Tensor) -> torch.Tensor:
+    """y = base(x): the frozen base module alone."""
+    return _base(layer)(x)
+
+
+def lora(layer, x: torch.Tensor) -> torch.Tensor:
+    """y = base(x) + s · B A x'   (LoRA; VeRA with A = Λ_d A_shared, B = Λ_b B_shared, s = 1)."""
+    a, b = layer.lowrank_factors()
+    xd = layer.dropout(x) if dropping(layer) else x
+    base_out = _base(layer)(x)
+    return base_out + layer.lowrank(xd, a, b * layer.scaling).to(base_out.dtype)
+
+
+def lora_addmm(layer, x: torch.Tensor) -> torch.Tensor:
+    """y = base(x) + (x' Aᵀ)(s B)ᵀ with the sum made by the second matmul (addmm)."""
+    a, b = layer.lowrank_factors()
+    xd = layer.dropout(x) if dropping(layer) else x
+    base_out = _base(layer)(x)
+    h = F.linear(xd, a)  # (..., r)
+    y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), (b * layer.scaling).t())
+    return y.view(base_out.shape)
+
+
+def magnitude_only(layer, x: torch.Tensor) -> torch.Tensor:
+    """y = (m / ‖W0‖) ⊙ (base(x) − b) + b   (magnitude-only DoRA: W' = m ⊙ W0 / ‖W0‖)."""
+    base_out = _base(layer)(x)
+    ndim = base_out.dim()
+    g = shaped(layer, DF.magnitude_scale(layer.magnitude, layer.weight_norm()), ndim)
+    return DF.dora_scale_shift(base_out, g, shaped(layer, base_bias(layer), ndim), keeps_sum(layer))
+
+
+# ------------------------------------------------------------------------------------------------
+# DoRA and DVoRA without autograd (eager evaluation and generation)
+
+
+def _scale_in_place(layer, t: torch.Tensor) -> torch.Tensor:
+    g, shift = layer.norm_cache.scale(layer, t.dtype)  # kept between calls
+    ndim = t.dim()
+    return DF.dora_scale_shift_(t, shaped(layer, g, ndim), shaped(layer, shift, ndim))
+
+
+def dora_no_grad(layer, x: torch.Tensor) -> torch.Tensor:
+    """y = g ⊙ t + (1 − g) ⊙ b with t = base(x) + s B A x, scaled in place.
+
+    g and (1 − g) ⊙ b are kept between calls while valid (``cache``), and t is a new tensor
+    (never the base module's own output, which a hook may hold), so a call costs LoRA's call
+    plus one elementwise pass.
+    """
+    a, b = layer.lowrank_factors()
+    base_out = _base(layer)(x)
+    return _scale_in_place(layer, base_out + layer.lowrank(x, a, b * layer.scaling).to(base_out.dtype))
+
+
+def dora_no_grad_addmm(layer, x: torch.Tensor) -> torch.Tensor:
+    """The same with t = addmm(base(x), x Aᵀ, Bᵀ, alpha=s): LoRA's kernels, then the scaling."""
+    a, b = layer.lowrank_factors()
+    base_out = _base(layer)(x)
+    h = F.linear(x, a)  # (..., r)
+    t = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=layer.scaling)
+    g, shift = layer.norm_cache.scale(layer, t.dtype)  # kept between calls; features are t's last axis
+    return DF.dora_scale_shift_(t, g, shift).view(base_out.shape)
+
+
+def dora_no_grad_rows(layer, x: torch.Tensor) -> torch.Tensor:
+    """y = x (g ⊙ W0)ᵀ + b + (x Aᵀ)(g ⊙ s B)ᵀ: g scales the rows of W0 and B instead of the output.
+
+    With more tokens than input features the (out, in) temporary g ⊙ W0 is smaller than the
+    (tokens, out) output, and the low-rank product is added in place: evaluation costs what
+    LoRA's does. Float32 only (g is float32).
+    """
+    a, b = layer.lowrank_factors()
+    w, bias = layer.direct_weight(), base_bias(layer)
+    g = layer.norm_cache.scale(layer, torch.float32)[0].unsqueeze(1)  # (out, 1)
+    x_2d = x.reshape(-1, x.shape[-1])
+    w_scaled = w * g
+    y = torch.mm(x_2d, w_scaled.t()) if bias is None else torch.addmm(bias, x_2d, w_scaled.t())
+    del w_scaled
+    y.addmm_(F.linear(x_2d, a), (b * g).t(), alpha=layer.scaling)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# DoRA and DVoRA with autograd, or compiled
+
+
+def dora(layer, x: torch.Tensor, keep_sum: bool = False) -> torch.Tensor:
+    """y = g ⊙ (t − b) + b,  t = base(x) + s · B A x'   (paper Eq. 5 without building W').
+
+    The bias is never scaled by g. The autograd node (``functional.dora_scale_shift``) keeps y
+    for ∂L/∂m, or t with ``keep_sum``. With ``detach_norm=False`` n carries its own gradient.
+    """
+    a, b = layer.lowrank_factors()
+    xd = layer.dropout(x) if dropping(layer) else x
+    base_out = _base(layer)(x)
+    ndim = base_out.dim()
+    g = shaped(layer, layer.magnitude_scale(), ndim)
+    t = base_out + layer.lowrank(xd, a, b * layer.scaling).to(base_out.dtype)
+    return DF.dora_scale_shift(t, g, shaped(layer, base_bias(layer), ndim), keep_sum)
+
+
+def dora_dropout(layer, x: torch.Tensor) -> torch.Tensor:
+    """y = base(x) + (g − 1) ⊙ W0 x' + g ⊙ s B A x'   (dropout on the input of the whole update,
+    as the official code and PEFT: W0 x' costs a second base matmul)."""
+    a, b = layer.lowrank_factors()
+    xd = layer.dropout(x)
+    base_out = _base(layer)(x)
+    g = shaped(layer, layer.magnitude_scale(), base_out.dim())
+    return DF.dora_compose_dropout(base_out, layer.base_nobias(xd), layer.lowrank(xd, a, b * layer.scaling), g)
+
+
+def _linear_products(layer, x_2d, low_2d, a, w):
+    """x W0ᵀ, x' Aᵀ and the detached norm, without autograd: the norm kept, or computed now
+    (its A W0ᵀ and A Aᵀ from the output's own matmuls where there are few tokens)."""
+    kept = layer.norm_cache.kept_norm(layer)
+    with torch.no_grad():
+        if kept is None and low_2d is None and 2 * x_2d.shape[0] < w.shape[0]:
+            z, h, cross, gram = DF.stacked_products(x_2d, a, w)
+            norm = layer._compute_norm(cross, gram)
+        else:
+            z, h = x_2d @ w.t(), (x_2d if low_2d is None else low_2d) @ a.t()
+            norm = layer._compute_norm() if kept is None else kept
+    return z, h, kept if kept is not None else layer.norm_cache.keep_norm(layer, norm)
+
+
+def dora_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """y = g ⊙ (x W0ᵀ + s (x' Aᵀ) Bᵀ) + b in one autograd node (``functional.dora_linear``).
+
+    LoRA's three matmuls forward (their products made without autograd, the norm's rows stacked
+    on the tokens where the norm is due), then g and one in-place scaling; backward one more
+    elementwise pass than LoRA's and the magnitude's reduction. The operations saved for
+    backward are the same whether or not the norm was due, so activation checkpointing
+    recomputes what the first forward saved.
+    """
+    a, b = layer.lowrank_factors()
+    w = layer.direct_weight()
+    x_2d = x.reshape(-1, x.shape[-1])
+    low_2d = layer.dropout(x).reshape(x_2d.shape) if dropping(layer) else None  # "lowrank" mode
+    z, h, norm = _linear_products(layer, x_2d, low_2d, a, w)
+    y = DF.dora_linear(x_2d, low_2d, a, b, layer.magnitude, z, h, norm, w, base_bias(layer), layer.scaling)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# The table and the choice
+
+
+@dataclass(frozen=True)
+class Path:
+    """One numeric path: what it computes is its function's docstring; ``when`` its condition."""
+
+    name: str
+    when: str
+    run: Callable[..., torch.Tensor]
+
+
+PATHS: Dict[str, Path] = {
+    p.name: p
+    for p in (
+        Path("base", "the adapter is disabled", base_only),
+        Path("lora-addmm", "LoRA / VeRA, plain linear layout", lora_addmm),
+        Path("lora", "LoRA / VeRA otherwise", lora),
+        Path("magnitude", "magnitude-only", magnitude_only),
+        Path("dora-no-grad-rows", "DoRA eager without autograd, plain float32 linear, tokens > in", dora_no_grad_rows),
+        Path("dora-no-grad-addmm", "DoRA eager without autograd, plain linear layout", dora_no_grad_addmm),
+        Path("dora-no-grad", "DoRA eager without autograd otherwise", dora_no_grad),
+        Path("dora-dropout", "DoRA training, dropout on the whole update", dora_dropout),
+        Path("dora-keep-sum", "DoRA on convolutions, or W0 with a zero row", functools.partial(dora, keep_sum=True)),
+        Path("dora-linear", "DoRA, detached norm, plain linear layout", dora_linear),
+        Path("dora", "DoRA otherwise", dora),
+    )
+}
+
+
+def choose_path(layer, x: torch.Tensor) -> str:
+    """The name of the row of ``PATHS`` this call runs (conditions in the table above)."""
+    if layer.adapter_disabled:
+        return "base"
+    direct = _direct(layer, x)
+    if layer.magnitude is None:
+        return "lora-addmm" if direct else "lora"
+    if layer.method == "magnitude":
+        return "magnitude"
+    drop, grad = dropping(layer), torch.is_grad_enabled()
+    if not grad and not drop and not is_compiling():
+        if direct and x.dtype == torch.float32 and _tokens(x) > x.shape[-1]:
+            return "dora-no-grad-rows"
+        return "dora-no-grad-addmm" if direct else "dora-no-grad"
+    if drop and layer.dropout_mode == "input":
+        return "dora-dropout"
+    if keeps_sum(layer):
+        return "dora-keep-sum"
+    if direct and (layer.detach_norm or not grad):
+        return "dora-linear"
+    return "dora"
+
+
+def forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """The adapted layer's output: the path ``choose_path`` picks."""
+    return PATHS[choose_path(layer, x)].run(layer, x)
