@@ -18,8 +18,11 @@ Design (``Setup``):
 - **Methods**: LoRA and DoRA at r 8 and 16 (alpha = 2r, the paper's q, k, v, up, down, no
   dropout), and full fine-tuning (``dorafit train --method full``), all through the one recipe
   (AdamW, linear warm-up and decay, batch 8, one epoch).
-- **Learning rate**: each method (and rank) its own, the one of three with the lowest final
-  loss on the held-out rows, seed 0; seed 1 then runs at that lr.
+- **Learning rate**: each method its own, the one of three with the lowest final loss on the
+  held-out rows, seed 0, searched at the largest rank and used at every rank
+  (``Setup.lr_per_rank`` searches per rank); seed 1 then runs at that lr.
+- **Order**: the untrained base; LoRA and DoRA at r 16 (lr searches, both seeds, scored); r 8;
+  full fine-tuning last, so that an interrupted plan has settled the most decisive part first.
 - **Test**: likelihood scoring (acc and acc_norm, zero-shot) on ``test_rows`` rows of each
   full test file (a fixed shuffle; OpenBookQA's test file has 500): ARC-Easy, ARC-Challenge,
   OpenBookQA, BoolQ (trained tasks) and SIQA, PIQA, WinoGrande (transfer: never trained on).
@@ -234,28 +237,31 @@ def search_rank(setup: Setup, rank: int | None) -> int | None:
 
 def stages(setup: Setup, records: dict) -> list[tuple[str, str, dict]]:
     """The plan in order: (key, what, spec); lr choices depend on records, so later stages appear
-    once their lr search is done."""
+    once their lr search is done. The most decisive comparison first: LoRA and DoRA at the
+    largest rank (their lr searches, then both seeds), then the smaller ranks, full fine-tuning last."""
     plan = [("base", "score the untrained model", {})]
-    searched = []
-    for method, rank in groups_of(setup):
-        if (method, search_rank(setup, rank)) in searched:
-            continue
-        searched.append((method, search_rank(setup, rank)))
-        for lr in setup.lrs[method]:
-            name = run_name(method, search_rank(setup, rank), lr, 0)
-            plan.append((name, f"train {method} r{search_rank(setup, rank)} lr {lr:g} seed 0 (lr search)",
-                         dict(method=method, rank=search_rank(setup, rank), lr=lr, seed=0)))
-    for method, rank in groups_of(setup):
-        chosen = chosen_lr(records, setup, method, rank)
-        if chosen is None:
-            plan.append((f"{method}{'' if rank is None else f'-r{rank}'}-choice", "choose the lr, score its run", {}))
-            continue
-        for seed in setup.seeds:
-            name = run_name(method, rank, chosen, seed)
-            if not (seed == setup.seeds[0] and rank == search_rank(setup, rank)):  # else the search ran it
-                plan.append((name, f"train {method} r{rank} lr {chosen:g} seed {seed}",
-                             dict(method=method, rank=rank, lr=chosen, seed=seed)))
-            plan.append((f"eval:{name}", f"score {method} r{rank} seed {seed}", {}))
+    adapters = [(method, rank) for rank in sorted(setup.ranks, reverse=True) for method in ("dora", "lora")]
+    for groups in (adapters, [("full", None)]):
+        searched = []
+        for method, rank in groups:
+            if (method, search_rank(setup, rank)) in searched:
+                continue
+            searched.append((method, search_rank(setup, rank)))
+            for lr in setup.lrs[method]:
+                name = run_name(method, search_rank(setup, rank), lr, 0)
+                plan.append((name, f"train {method} r{search_rank(setup, rank)} lr {lr:g} seed 0 (lr search)",
+                             dict(method=method, rank=search_rank(setup, rank), lr=lr, seed=0)))
+        for method, rank in groups:
+            chosen = chosen_lr(records, setup, method, rank)
+            if chosen is None:
+                plan.append((f"{method}{'' if rank is None else f'-r{rank}'}-choice", "choose the lr, score its run", {}))
+                continue
+            for seed in setup.seeds:
+                name = run_name(method, rank, chosen, seed)
+                if not (seed == setup.seeds[0] and rank == search_rank(setup, rank)):  # else the search ran it
+                    plan.append((name, f"train {method} r{rank} lr {chosen:g} seed {seed}",
+                                 dict(method=method, rank=rank, lr=chosen, seed=seed)))
+                plan.append((f"eval:{name}", f"score {method} r{rank} seed {seed}", {}))
     return plan
 
 
@@ -336,6 +342,12 @@ def seed_mean(records: dict, method: str, rank: int | None, setup: Setup, task: 
     return [sum(col) / len(col) for col in zip(*per_seed)]
 
 
+def seeds_scored(records: dict, method: str, rank: int | None, setup: Setup) -> int:
+    """How many of the seeds have been scored at the method's chosen lr."""
+    lr = chosen_lr(records, setup, method, rank)
+    return sum(1 for s in setup.seeds if records["runs"].get(run_name(method, rank, lr, s), {}).get("scores"))
+
+
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     """mean(a − b) over rows and its standard error (sample sd / sqrt(n))."""
     d = [x - y for x, y in zip(a, b)]
@@ -383,7 +395,9 @@ def write_report(records: dict, setup: Setup, results: Path) -> str:
                   "| model | " + " | ".join(SHORT[t] for t in tasks) + " | trained 4 | transfer 3 | all |",
                   "|---|" + "---|" * (len(tasks) + 3)]
         rows = [("untrained", {t: outcomes(records["base"]["scores"], t, norm) for t in tasks} if "base" in records else {})]
-        rows += [(label(m, r), {t: seed_mean(records, m, r, setup, t, norm) for t in tasks}) for m, r in groups]
+        rows += [(label(m, r) + ("" if seeds_scored(records, m, r, setup) in (0, len(setup.seeds)) else
+                                 f" ({seeds_scored(records, m, r, setup)} of {len(setup.seeds)} seeds)"),
+                  {t: seed_mean(records, m, r, setup, t, norm) for t in tasks}) for m, r in groups]
         for name, per_task in rows:
             if not per_task or not all(per_task.values()):
                 lines.append(f"| {name} | " + " | ".join("–" for _ in tasks) + " | – | – | – |")
@@ -407,10 +421,20 @@ def write_report(records: dict, setup: Setup, results: Path) -> str:
                 continue
             cells = [paired(a[t], b[t]) for t in tasks]
             everything = paired(sum((a[t] for t in tasks), []), sum((b[t] for t in tasks), []))
+            # A verdict only once every seed of both sides is scored: a partial plan decides nothing.
+            scored = [seeds_scored(records, *side, setup) for side in (first, second) if side]
+            judged = verdict(*everything) if min(scored) == len(setup.seeds) else \
+                f"no verdict yet ({min(scored)} of {len(setup.seeds)} seeds scored)"
             lines.append(f"| {title} | {'acc_norm' if norm else 'acc'} | " + " | ".join(
                 f"{100 * m:+.1f} ± {100 * s:.1f}" for m, s in cells) + f" | {100 * everything[0]:+.2f} ± "
-                f"{100 * everything[1]:.2f} | {verdict(*everything)} |")
-    # 4. time
+                f"{100 * everything[1]:.2f} | {judged} |")
+    # 4. progress and time
+    plan = [key for key, _, _ in stages(setup, records)]
+    finished = sum(1 for key in plan if done(key, records))
+    if finished < len(plan):
+        lines += ["", f"**The plan is not finished**: {finished} of the {len(plan)} stages known so far are done "
+                  f"(more appear as lr choices are made); `plan` lists what is left. Rows marked – and "
+                  "comparisons without a verdict are not results yet."]
     seconds = records.get("stage_seconds", {})
     lines += ["", f"Stage times: {len(seconds)} stages, {sum(seconds.values()) / 3600:.2f} h in all; training runs "
               + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items() if not k.startswith(("eval:", "base")))

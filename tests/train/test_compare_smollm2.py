@@ -70,11 +70,22 @@ def test_lr_choice_paired_differences_and_report(compare, tmp_path):
 def test_the_plan_orders_lr_search_before_the_chosen_seeds(compare):
     setup = compare.Setup(ranks=(16,), seeds=(0, 1), lrs={"lora": (1e-3,), "dora": (1e-3,), "full": (1e-5,)})
     keys = [k for k, _, _ in compare.stages(setup, {"runs": {}})]
-    assert keys[0] == "base" and keys[1:4] == ["dora-r16-lr0.001-s0", "lora-r16-lr0.001-s0", "full-lr1e-05-s0"]
-    assert keys[4:] == ["dora-r16-choice", "lora-r16-choice", "full-choice"]  # open until the searches ran
-    done = {"runs": {k: {"val_loss": 1.0, "lr": 1e-3 if "full" not in k else 1e-5} for k in keys[1:4]}}
+    # The adapters' searches and seeds first, full fine-tuning after them; choices open until the searches ran.
+    assert keys == ["base", "dora-r16-lr0.001-s0", "lora-r16-lr0.001-s0", "dora-r16-choice", "lora-r16-choice",
+                    "full-lr1e-05-s0", "full-choice"]
+    done = {"runs": {k: {"val_loss": 1.0, "lr": 1e-3 if "full" not in k else 1e-5} for k in keys if "-s0" in k}}
     later = [k for k, _, _ in compare.stages(setup, done)]
-    assert later[4:7] == ["eval:dora-r16-lr0.001-s0", "dora-r16-lr0.001-s1", "eval:dora-r16-lr0.001-s1"]
+    assert later[3:6] == ["eval:dora-r16-lr0.001-s0", "dora-r16-lr0.001-s1", "eval:dora-r16-lr0.001-s1"]
+    assert later[9:] == ["full-lr1e-05-s0", "eval:full-lr1e-05-s0", "full-lr1e-05-s1", "eval:full-lr1e-05-s1"]
+
+
+def test_the_largest_rank_is_compared_before_the_smaller(compare):
+    setup = compare.Setup(ranks=(8, 16), seeds=(0,), lrs={"lora": (1e-3,), "dora": (1e-3,), "full": (1e-5,)})
+    runs = {k: {"val_loss": 1.0, "lr": 1e-3 if "full" not in k else 1e-5}
+            for k in ("dora-r16-lr0.001-s0", "lora-r16-lr0.001-s0", "full-lr1e-05-s0")}
+    evals = [k for k, _, _ in compare.stages(setup, {"runs": runs}) if k.startswith("eval:")]
+    assert evals == ["eval:dora-r16-lr0.001-s0", "eval:lora-r16-lr0.001-s0", "eval:dora-r8-lr0.001-s0",
+                     "eval:lora-r8-lr0.001-s0", "eval:full-lr1e-05-s0"]
 
 
 def test_a_smaller_rank_runs_at_the_lr_its_method_chose_at_the_largest(compare):
@@ -82,9 +93,21 @@ def test_a_smaller_rank_runs_at_the_lr_its_method_chose_at_the_largest(compare):
     keys = [k for k, _, _ in compare.stages(setup, {"runs": {}})]
     assert [k for k in keys if "-s0" in k] == ["dora-r16-lr0.0001-s0", "dora-r16-lr0.001-s0", "lora-r16-lr0.001-s0",
                                               "full-lr1e-05-s0"]  # no lr search at r 8
-    runs = {k: {"val_loss": 0.5 if "0.0001" in k else 1.0, "lr": float(k.split("-lr")[1].split("-")[0])}
+    runs = {k: {"val_loss": 0.5 if "0.0001" in k else 1.0, "lr": float(k.split("-lr")[1].rsplit("-s", 1)[0])}
             for k in keys if "-s0" in k}
     later = [k for k, _, _ in compare.stages(setup, {"runs": runs})]
     assert "dora-r8-lr0.0001-s0" in later and "eval:dora-r8-lr0.0001-s0" in later  # r 8 trains its seed 0 too
     assert "dora-r16-lr0.0001-s0" in later and "eval:dora-r16-lr0.0001-s0" in later
     assert later.count("dora-r16-lr0.0001-s0") == 1  # the search run is not trained twice
+
+
+def test_a_partial_plan_gives_no_verdict(compare, tmp_path):
+    setup = compare.Setup(ranks=(8,), seeds=(0, 1), lrs={"lora": (1e-3,), "dora": (1e-3,), "full": (1e-5,)})
+    losses = {("lora", 8, 1e-3): 0.8, ("dora", 8, 1e-3): 0.8, ("full", None, 1e-5): 0.6}
+    outcome = {("lora", 8): lambda s: "01" * 10, ("dora", 8): lambda s: "11" * 10, ("full", None): lambda s: "10" * 10}
+    records = _records(compare, setup, losses, outcome)
+    del records["runs"]["dora-r8-lr0.001-s1"]  # DoRA's second seed not run yet
+    text = compare.write_report(records, setup, tmp_path)
+    line = next(l for l in text.splitlines() if l.startswith("| DoRA − LoRA, r 8 | acc |"))
+    assert "+50.0" in line and "no verdict yet (1 of 2 seeds scored)" in line and "decided" not in line
+    assert "| DoRA r 8 (1 of 2 seeds) |" in text and "**The plan is not finished**" in text
