@@ -1,7 +1,16 @@
 """``dorafit eval``: accuracy of a model, with or without an adapter, on commonsense tasks.
 
-Causal LMs: the paper's protocol (prompt, greedy generation, first regex match of the task's
-answer words), reporting accuracy and the share of unparseable outputs. Encoders: multiple-
+Causal LMs, two scorings (``--scoring``):
+
+- ``generate`` (the default): the DoRA paper's protocol (prompt, greedy generation, first regex
+  match of the task's answer words), reporting accuracy and the share of unparseable outputs:
+  it measures the answer format as much as the answer;
+- ``loglik``: lm-evaluation-harness's zero-shot multiple choice (``dorafit.eval.loglik``): the
+  choice whose text is the likeliest continuation, as ``acc`` and length-normalised
+  ``acc_norm``, each with its standard error: what the field's numbers (lm-eval, lighteval,
+  model cards) measure.
+
+Encoders: multiple-
 choice accuracy, scored the way the adapter was trained (its task.json), or as --model-kind
 says. The base comes from ``dorafit.loading.load_base_for_adapter``: an adapter trained on a
 4-bit base (QDoRA) is evaluated on the base quantized the same way, never silently on the
@@ -32,17 +41,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model-kind", default="auto", choices=MODEL_KINDS, help="how to score (default: the adapter's, else detected)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default: 32)")
     parser.add_argument("--max-length", type=int, default=0, help="encoder token limit (default: the adapter's, else 128)")
+    parser.add_argument("--scoring", default="", choices=("", "generate", "loglik"),
+                        help="causal LMs: generate (greedy generation, first answer word: the paper's protocol) or "
+                             "loglik (likelihood of each choice's text, acc and acc_norm: lm-evaluation-harness's) "
+                             "(default: generate)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="causal LMs: generated tokens per row (default: 32)")
-    parser.add_argument("--prompt-template", default="", choices=("", "auto", "paper", "chat"),
-                        help="causal LMs: paper, chat, or auto (chat where the tokenizer has a chat template, else "
-                             "paper; as dorafit train) (default: the adapter's task.json, else auto)")
+    parser.add_argument("--prompt-template", default="", choices=("", "auto", "paper", "chat", "plain"),
+                        help="causal LMs, generation: paper, chat, plain (the instruction as it is), or auto (chat "
+                             "where the tokenizer has a chat template, else paper; as dorafit train) (default: the "
+                             "adapter's task.json, else auto)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code to run")
-    parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    parser.add_argument("--json", default="", help="also write the results to this JSON file (acc, acc_norm with "
+                        "loglik, standard errors, rows, and every row's prediction)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def evaluate(args) -> tuple:
-    """Evaluate every requested task; returns (the model kind, a list of EvalResult)."""
+    """Evaluate every requested task; returns a list of EvalResult."""
     import torch
 
     from dorafit.eval.examples import resolve_template
@@ -87,6 +102,8 @@ def evaluate(args) -> tuple:
                                    data_format=D.detect_format(tables[0][2], tables[0][1]),
                                    trust_remote_code=args.trust_remote_code, device=device, command="eval")
     model, kind = loaded.model.to(device).eval(), loaded.kind
+    scoring = args.scoring or None
+    kind.check_scoring(scoring)
     if args.json:  # the base the adapter records is an input too: no result file inside it
         check_output_file(args.json, [("--model", loaded.path)], "--json")
     tokenizer = load_tokenizer(loaded.path, args.trust_remote_code)
@@ -95,30 +112,55 @@ def evaluate(args) -> tuple:
     template = args.prompt_template or info.get("prompt_template") or ("paper" if info else "auto")
     settings = EvalSettings(batch_size=args.batch_size, device=device, progress=args.progress,
                             max_length=args.max_length or info.get("max_length") or 128,
-                            max_new_tokens=args.max_new_tokens, prompt_template=resolve_template(template, tokenizer))
+                            max_new_tokens=args.max_new_tokens, prompt_template=resolve_template(template, tokenizer),
+                            scoring=scoring)
     labels = info.get("labels")
-    D.check_tokenizer(tokenizer, settings.prompt_template if kind.generates else "", loaded.name)
+    generates = kind.generates and scoring != "loglik"
+    D.check_tokenizer(tokenizer, settings.prompt_template if generates else "", loaded.name)
     results = []
     for task, path, rows in tables:
-        examples = kind.accuracy_examples(rows, path, task, labels)
-        if kind.generates:
+        examples = kind.accuracy_examples(rows, path, task, labels, scoring)
+        if generates:
             D.check_prompt_lengths(rows, tokenizer, settings.prompt_template, args.max_new_tokens, loaded.config,
                                    path, loaded.name)
         results.append(kind.accuracy(model, tokenizer, task, examples, settings))
-    return kind, results
+    return results
 
 
-def format_table(results, causal: bool) -> str:
-    head = f"{'task':<16}{'rows':>7}{'accuracy':>11}" + (f"{'unparseable':>14}" if causal else "")
+def format_table(results) -> str:
+    """One line per task (and their average): accuracy, with the unparseable share for
+    generation, and acc ± standard error with acc_norm ± standard error for likelihood."""
+    from dorafit.eval.evaluate import standard_error
+
+    loglik = any(r.scoring == "loglik" for r in results)
+    generate = any(r.scoring == "generate" for r in results)
+    head = f"{'task':<16}{'rows':>7}" + (f"{'acc':>16}{'acc_norm':>16}" if loglik else f"{'accuracy':>11}")
+    head += f"{'unparseable':>14}" if generate else ""
     lines = [head, "-" * len(head)]
+
+    def pct(share, rows):
+        return f"{100 * share:.1f} ± {100 * standard_error(share, rows):.1f}"
+
     for r in results:
-        line = f"{r.task:<16}{r.rows:>7}{100 * r.accuracy:>10.1f}%"
-        if causal:
+        line = f"{r.task:<16}{r.rows:>7}"
+        line += f"{pct(r.accuracy, r.rows):>16}{pct(r.accuracy_norm, r.rows):>16}" if loglik else \
+            f"{100 * r.accuracy:>10.1f}%"
+        if generate:
             line += f"{100 * r.unparseable_share:>13.1f}%"
         lines.append(line)
     if len(results) > 1:
+        rows = sum(r.rows for r in results)
+        line = f"{'average':<16}{rows:>7}"
         mean = sum(r.accuracy for r in results) / len(results)
-        lines.append(f"{'average':<16}{sum(r.rows for r in results):>7}{100 * mean:>10.1f}%")
+        if loglik:
+            norm = sum(r.accuracy_norm for r in results) / len(results)
+            line += f"{100 * mean:>15.1f} {100 * norm:>15.1f} "
+        else:
+            line += f"{100 * mean:>10.1f}%"
+        lines.append(line)
+    if loglik:
+        lines.append("acc: the likeliest choice; acc_norm: likelihood per character of the choice (lm-eval's); "
+                     "± one standard error")
     return "\n".join(lines)
 
 
@@ -143,13 +185,13 @@ def run(args) -> int:
             print(f"dorafit eval: error: --{option.replace('_', '-')} must be >= {least}, got {value}", file=sys.stderr)
             return 2
     try:
-        kind, results = evaluate(args)
+        results = evaluate(args)
     except (DataError, ModelError, dorafit.AdapterFileError, dorafit.ConfigError, ValueError, FileNotFoundError) as err:
         if getattr(args, "debug", False):
             raise
         print(f"dorafit eval: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    print(format_table(results, causal=kind.generates))
+    print(format_table(results))
     if args.json:
         write_json_atomic(args.json, [r.to_dict() for r in results])
     return 0

@@ -7,15 +7,17 @@ continuation is the prediction; a continuation with no match is wrong and is cou
 unparseable. A row stops generating as soon as its continuation holds a match: later tokens
 cannot change the first match, so the prediction is the same as with all ``max_new_tokens``
 and the evaluation costs only the tokens up to the answer. Encoders pick the highest-scoring
-choice (the scores of their kind, ``dorafit.train.kinds``). Rows are batched in order of length so that little
-compute goes into padding; the result does not depend on the order.
+choice (the scores of their kind, ``dorafit.train.kinds``). Rows are batched in order of length
+so that little compute goes into padding; the result does not depend on the order. Likelihood
+scoring, as lm-evaluation-harness does it, is ``dorafit.eval.loglik``'s.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,25 +27,52 @@ from dorafit.eval.tasks import Task, extract_answer
 
 @dataclass
 class EvalResult:
-    """Counts of one evaluation: rows, right answers and (causal LMs) unparseable outputs and
-    how often each answer word was predicted (a model that answers one word always shows here)."""
+    """Counts of one evaluation and every row's prediction.
+
+    ``scoring`` says how the rows were scored: "generate" (the paper's protocol: ``unparseable``
+    counts outputs with no answer word, ``predicted`` how often each answer word was generated),
+    "loglik" (lm-evaluation-harness's: ``correct_norm`` counts the rows right by length-normalised
+    likelihood) or "choice" (an encoder's best-scored choice or class).
+    """
 
     task: str
     rows: int
     correct: int
     unparseable: int = 0
     predicted: dict = field(default_factory=dict)
+    scoring: str = "choice"
+    correct_norm: int | None = None
+    predictions: list = field(default_factory=list)  # one dict per row
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.rows if self.rows else 0.0
 
     @property
+    def accuracy_norm(self) -> float | None:
+        return None if self.correct_norm is None else self.correct_norm / self.rows if self.rows else 0.0
+
+    @property
     def unparseable_share(self) -> float:
         return self.unparseable / self.rows if self.rows else 0.0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "accuracy": self.accuracy, "unparseable_share": self.unparseable_share}
+        out = {"task": self.task, "scoring": self.scoring, "rows": self.rows, "acc": self.accuracy,
+               "acc_stderr": standard_error(self.accuracy, self.rows)}
+        if self.correct_norm is not None:
+            out.update(acc_norm=self.accuracy_norm, acc_norm_stderr=standard_error(self.accuracy_norm, self.rows))
+        if self.scoring == "generate":
+            out.update(unparseable=self.unparseable, unparseable_share=self.unparseable_share,
+                       predicted=self.predicted)
+        # "accuracy" and "correct": the names of earlier versions, kept for readers of those files
+        return {**out, "accuracy": self.accuracy, "correct": self.correct, "correct_norm": self.correct_norm,
+                "predictions": self.predictions}
+
+
+def standard_error(share: float, rows: int) -> float:
+    """The standard error of a mean of ``rows`` 0/1 outcomes with mean ``share``, with the sample
+    variance (n − 1), as lm-evaluation-harness reports it: sqrt(p (1 − p) / (n − 1))."""
+    return math.sqrt(share * (1 - share) / (rows - 1)) if rows > 1 else 0.0
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -136,14 +165,17 @@ def score_responses(task: Task, responses: list[str], answers: list[str]) -> Eva
     """The paper's scoring: first regex match of the task's answer words vs the gold answer."""
     correct = unparseable = 0
     counts: Counter = Counter()
-    for response, answer in zip(responses, answers):
+    predictions = []
+    for number, (response, answer) in enumerate(zip(responses, answers), start=1):
         predicted = extract_answer(task, response)
         if predicted is None:
             unparseable += 1
         else:
             counts[predicted] += 1
             correct += int(predicted == answer)
-    return EvalResult(task.name, len(answers), correct, unparseable, dict(sorted(counts.items())))
+        predictions.append({"row": number, "gold": answer, "pred": predicted, "response": response})
+    return EvalResult(task.name, len(answers), correct, unparseable, dict(sorted(counts.items())),
+                      scoring="generate", predictions=predictions)
 
 
 def evaluate_generation(model, tokenizer, task: Task, rows: list[dict], max_new_tokens: int = 32,

@@ -6,9 +6,11 @@
 - for a causal LM, a prompt followed by the response, tokenized with the prompt positions
   labelled ``IGNORE_INDEX`` (loss on the response only). ``build_prompt`` is the one place a
   prompt is made, for training and generation alike, in one of ``PROMPT_TEMPLATES``: "paper"
-  (the LLM-Adapters template of the DoRA paper, ``format_prompt``) or "chat" (the model's own
-  chat template: the instruction as the user turn, the response as the assistant turn); "auto"
-  is chat for a tokenizer with a chat template, else paper (``resolve_template``).
+  (the LLM-Adapters template of the DoRA paper, ``format_prompt``), "chat" (the model's own
+  chat template: the instruction as the user turn, the response as the assistant turn) or
+  "plain" (the instruction as it is, the response right after it: rows already written as
+  context and continuation, such as lm-evaluation-harness's); "auto" is chat for a tokenizer
+  with a chat template, else paper (``resolve_template``).
   ``build_response`` makes the response a row is trained on, in one of ``RESPONSE_FORMATS``:
   "paper" (the row's own output, "the correct answer is answer1") or "choice" (the chosen
   choice's text before its answer word, "the correct answer is casting (answer1)").
@@ -34,7 +36,7 @@ PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 IGNORE_INDEX = -100
-PROMPT_TEMPLATES = ("auto", "paper", "chat")
+PROMPT_TEMPLATES = ("auto", "paper", "chat", "plain")
 RESPONSE_FORMATS = ("paper", "choice")
 
 
@@ -92,9 +94,11 @@ def resolve_template(template: str, tokenizer) -> str:
 
 
 def build_prompt(template: str, instruction: str, input: str = "", tokenizer=None) -> str:
-    """The prompt of one row in ``template`` ("paper" or "chat"), ending where the response starts."""
+    """The prompt of one row in ``template`` ("paper", "chat" or "plain"), ending where the response starts."""
     if template == "paper":
         return format_prompt(instruction, input)
+    if template == "plain":
+        return f"{instruction}\n\n{input}" if input and input.strip() else instruction
     if template == "chat":
         return format_chat_prompt(tokenizer, instruction, input)
     raise ValueError(f"unknown prompt template {template!r}; use one of {PROMPT_TEMPLATES}")

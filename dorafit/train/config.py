@@ -33,6 +33,8 @@ from dorafit.eval.examples import PROMPT_TEMPLATES, RESPONSE_FORMATS
 from dorafit.files import brief
 
 MODEL_KINDS = ("auto", "causal-lm", "multiple-choice", "similarity", "sequence-classification")
+# The adapter methods, and full fine-tuning (every parameter, no adapter: dorafit.train.full).
+TRAIN_METHODS = (*METHODS, "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZE = ("", "nf4")
 DISTRIBUTED = ("ddp", "fsdp", "tp")
@@ -139,8 +141,9 @@ class TrainConfig:
     prompt_template: str = "auto"
     """Causal LMs: how a row becomes a prompt, in training and evaluation alike: paper (the
     LLM-Adapters template of the DoRA paper), chat (the model's own chat template, the
-    instruction as the user turn and the response as the assistant turn) or auto (chat when the
-    tokenizer has a chat template, else paper)."""
+    instruction as the user turn and the response as the assistant turn), plain (the instruction
+    as it is, the output right after it: rows written as context and continuation) or auto (chat
+    when the tokenizer has a chat template, else paper)."""
     response_format: str = "choice"
     """Causal LMs: the response trained on: paper (the row's output, "the correct answer is
     answer1") or choice (the chosen choice's text before its answer word, "the correct answer
@@ -150,7 +153,8 @@ class TrainConfig:
 
     # -- adapter
     method: str = "dora"
-    """Adapter method: dora, lora, vera, dvora or magnitude."""
+    """Adapter method: dora, lora, vera, dvora or magnitude; or full (full fine-tuning: every
+    parameter trains, no adapter; the run keeps RUN/model, a plain checkpoint folder)."""
     rank: int = 16
     """Rank r of the low-rank update."""
     alpha: float = 32.0
@@ -218,6 +222,8 @@ class TrainConfig:
     """Causal LMs: tokens generated per test question (greedy)."""
     eval_before: bool = True
     """Evaluate the untrained model on the test rows too (the 'before' column)."""
+    test: bool = True
+    """Evaluate on test rows at all (--no-test: none, e.g. when a script scores the result itself)."""
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
     stop_after_steps: int = 0
@@ -232,7 +238,7 @@ class TrainConfig:
             ("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}", PRECISIONS),
             ("quantize", self.quantize in QUANTIZE, f"one of {QUANTIZE} (\"\" for none)", QUANTIZE),
             ("distributed", self.distributed in DISTRIBUTED, f"one of {DISTRIBUTED}", DISTRIBUTED),
-            ("method", self.method in METHODS, f"one of {METHODS}", METHODS),
+            ("method", self.method in TRAIN_METHODS, f"one of {TRAIN_METHODS}", TRAIN_METHODS),
             ("prompt_template", self.prompt_template in PROMPT_TEMPLATES, f"one of {PROMPT_TEMPLATES}",
              PROMPT_TEMPLATES),
             ("response_format", self.response_format in RESPONSE_FORMATS, f"one of {RESPONSE_FORMATS}",
@@ -277,6 +283,9 @@ class TrainConfig:
             raise TrainConfigError(str(err)) from None
         if self.tp_size > 1 and self.distributed == "ddp":
             raise TrainConfigError(f"tp_size {self.tp_size} needs --distributed tp or fsdp (DDP keeps whole layers)")
+        if self.method == "full" and self.quantize:
+            raise TrainConfigError("--quantize trains an adapter on a 4-bit base; --method full trains every "
+                                   "parameter and cannot keep them in 4-bit")
         if self.resume and self.overwrite:
             raise TrainConfigError("--resume and --overwrite exclude each other")
         if self.resume and not self.output:

@@ -17,7 +17,9 @@ test examples (``accuracy``, with the scoring an ``EvalSettings`` asks for); the
 uniform guess (``chance``); and the tensors of one prompt (``prompt_inputs``).
 
 A causal LM is scored by generation (the DoRA paper's protocol: greedy continuation, first
-answer word); the encoder kinds pick their best-scored choice or class.
+answer word) or by likelihood (lm-evaluation-harness's: the choice whose text is the most
+likely continuation; ``dorafit.eval.loglik``). The encoder kinds pick their best-scored
+choice or class; the two scorings are for causal LMs only.
 """
 
 from __future__ import annotations
@@ -29,15 +31,19 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from dorafit.eval import scoring
 from dorafit.eval.evaluate import EvalResult, evaluate_choices, evaluate_generation
 from dorafit.eval.examples import collate_causal, collate_choices, collate_texts
+from dorafit.eval.scoring import count_response_tokens, response_loss_sum, similarity_logits
 from dorafit.eval.tasks import Task, parse_instruction
 from dorafit.train import data as D
 
+SCORINGS = ("generate", "loglik")
+
+
 @dataclass
 class EvalSettings:
-    """How test accuracy is measured: batching, device, and for causal LMs the generation
+    """How test accuracy is measured: batching, device, and for causal LMs the scoring
+    ("generate": the paper's protocol; "loglik": lm-evaluation-harness's), the generation
     length and the prompt template."""
 
     batch_size: int = 32
@@ -46,6 +52,7 @@ class EvalSettings:
     max_length: int = 128  # encoders: token limit per text
     max_new_tokens: int = 32  # causal LMs, generation
     prompt_template: str = "paper"  # causal LMs, generation
+    scoring: str | None = None  # causal LMs: "generate" (the default) or "loglik"
 
 
 class ModelKind:
@@ -77,9 +84,21 @@ class ModelKind:
         dropped by ``max_length`` are counted into ``report``: ``dorafit.train.data.LengthReport``)."""
         raise NotImplementedError
 
-    def accuracy_examples(self, rows: list[dict], path, task: Task, labels: list | None = None) -> list:
-        """Rows as the test examples this kind is scored on."""
+    def accuracy_examples(self, rows: list[dict], path, task: Task, labels: list | None = None,
+                          scoring: str | None = None) -> list:
+        """Rows as the test examples this kind is scored on (with ``scoring``, for a causal LM)."""
         raise NotImplementedError
+
+    def likelihood_rows(self, rows: list[dict], path, task: Task) -> tuple[list, str | None]:
+        """(test rows for likelihood scoring, why there are none): a second view of a causal LM's
+        test rows beside generation; other kinds have one scoring only."""
+        return [], None
+
+    def check_scoring(self, scoring: str | None) -> None:
+        """Refuse a scoring this kind does not have (one line naming both)."""
+        if scoring is not None:
+            raise ValueError(f"scoring {scoring!r} is for causal LMs; a {self.name} model is scored by its own "
+                             "choice scores (leave --scoring out)")
 
     def collate(self, tokenizer, max_length: int, pad_id: int = 0) -> Callable[[list], dict]:
         """The function that batches a list of this kind's examples."""
@@ -101,6 +120,7 @@ class ModelKind:
 
     def accuracy(self, model, tokenizer, task: Task, examples: list, settings: EvalSettings) -> EvalResult:
         """Accuracy on test examples: the best-scored choice or class of every row."""
+        self.check_scoring(settings.scoring)
         collate = self.collate(tokenizer, settings.max_length)
         return evaluate_choices(model, examples, collate, self.logits, task.name, settings.batch_size,
                                 settings.device, settings.progress)
@@ -137,22 +157,44 @@ class CausalLM(ModelKind):
                                        response_format, task)
         return D.tokenize_instruction_pairs(pairs, tokenizer, max_length, path, report), None
 
-    def accuracy_examples(self, rows, path, task, labels=None):
-        # The rows themselves: generation prompts them, likelihood scoring parses their choices;
-        # each answer must be among its row's choices.
+    def check_scoring(self, scoring):
+        if scoring is not None and scoring not in SCORINGS:
+            raise ValueError(f"unknown scoring {scoring!r}; use one of {', '.join(SCORINGS)}")
+
+    def accuracy_examples(self, rows, path, task, labels=None, scoring=None):
+        # Generation prompts the rows themselves (each answer must be among its row's choices);
+        # likelihood scoring reads each as lm-eval's context and continuations (a row that is no
+        # multiple choice is an error naming it).
+        self.check_scoring(scoring)
+        if scoring == "loglik":
+            from dorafit.eval.loglik import choice_rows
+
+            return choice_rows(rows, path, task)
         D.check_test_answers(rows, path, task)
         return rows
+
+    def likelihood_rows(self, rows, path, task):
+        try:
+            return self.accuracy_examples(rows, path, task, scoring="loglik"), None
+        except ValueError as err:  # e.g. free-form rows: generation scores them, likelihood cannot
+            return [], str(err)
 
     def collate(self, tokenizer, max_length, pad_id=0):
         return partial(collate_causal, pad_id=pad_id)
 
     def loss_sum(self, model, batch):
-        return scoring.response_loss_sum(model, batch)
+        return response_loss_sum(model, batch)
 
     def count_units(self, batch):
-        return scoring.count_response_tokens(batch)
+        return count_response_tokens(batch)
 
     def accuracy(self, model, tokenizer, task, examples, settings):
+        self.check_scoring(settings.scoring)
+        if settings.scoring == "loglik":
+            from dorafit.eval.loglik import evaluate_loglik
+
+            return evaluate_loglik(model, tokenizer, task, examples, settings.batch_size, settings.device,
+                                   progress=settings.progress)
         return evaluate_generation(model, tokenizer, task, examples, settings.max_new_tokens, settings.batch_size,
                                    settings.device, progress=settings.progress,
                                    prompt_template=settings.prompt_template)
@@ -161,6 +203,8 @@ class CausalLM(ModelKind):
         # None where a row does not say (an instruction without an "Answer format:" line).
         if not examples:
             return None
+        if not isinstance(examples[0], dict):  # likelihood rows
+            return sum(1 / len(row.continuations) for row in examples) / len(examples)
         try:
             counts = [len(parse_instruction(row["instruction"])[1]) for row in examples]
         except ValueError:
@@ -180,7 +224,8 @@ class _ChoiceKind(ModelKind):
         D.check_encoder_lengths(examples, tokenizer, max_length, path)
         return examples, None
 
-    def accuracy_examples(self, rows, path, task, labels=None):
+    def accuracy_examples(self, rows, path, task, labels=None, scoring=None):
+        self.check_scoring(scoring)
         return D.to_choice_examples(rows, D.detect_format(rows, path), path, task)
 
     def collate(self, tokenizer, max_length, pad_id=0):
@@ -212,7 +257,7 @@ class Similarity(_ChoiceKind):
     layout = "separate"
 
     def logits(self, model, batch):
-        return scoring.similarity_logits(model, batch).masked_fill(~batch["choice_mask"], float("-inf"))
+        return similarity_logits(model, batch).masked_fill(~batch["choice_mask"], float("-inf"))
 
 
 class SequenceClassification(ModelKind):
@@ -228,7 +273,8 @@ class SequenceClassification(ModelKind):
         D.check_encoder_lengths(examples, tokenizer, max_length, path)
         return examples, labels
 
-    def accuracy_examples(self, rows, path, task, labels=None):
+    def accuracy_examples(self, rows, path, task, labels=None, scoring=None):
+        self.check_scoring(scoring)
         return D.to_text_examples(rows, path, labels)[0]
 
     def collate(self, tokenizer, max_length, pad_id=0):

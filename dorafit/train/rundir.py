@@ -31,8 +31,8 @@ from dorafit.train.config import TrainConfig, TrainConfigError
 
 RUN_KIND = "run"
 # What a run writes into its folder (see dorafit.train.trainer); --overwrite removes these only.
-RUN_ENTRIES = ("config.yaml", "checkpoints", "best", "adapter", "log.jsonl", "results.json", "fingerprint.json",
-               MARKER_NAME)
+RUN_ENTRIES = ("config.yaml", "checkpoints", "best", "adapter", "model", "log.jsonl", "predictions.json", "results.json",
+               "fingerprint.json", MARKER_NAME)
 
 # {run folder: open descriptor of the folder, holding its lock} of the runs this process holds.
 _held: dict[Path, int] = {}

@@ -37,6 +37,7 @@ Run folder (written by rank 0 only):
     best/                    adapter with the lowest validation loss
     adapter/                 final adapter + task.json (PEFT's layout where PEFT holds the method)
     log.jsonl                step, loss, learning rate, validation loss
+    predictions.json         every test row's prediction before and after, per scoring
     results.json             accuracies, trainable share, times; marks the run as finished
 """
 
@@ -56,6 +57,7 @@ import numpy as np
 import torch
 
 import dorafit
+from dorafit.eval import report as R
 from dorafit.eval.evaluate import EvalResult
 from dorafit.eval.examples import resolve_template
 from dorafit.eval.tasks import Task, get_task
@@ -64,10 +66,10 @@ from dorafit.inject import check_finite_base
 from dorafit.train import checkpoint as ckpt
 from dorafit.train import data as D
 from dorafit.train import distributed as dist_utils
-from dorafit.train import fingerprint
+from dorafit.train import fingerprint, full
 from dorafit.train.health import MagnitudeWatch
 from dorafit.train.config import TrainConfig, TrainConfigError, format_config, load_yaml_file
-from dorafit.train.distributed import Parallel, trainable_named
+from dorafit.train.distributed import Parallel, gather_trainable, trainable_named
 from dorafit.train.kinds import EvalSettings, ModelKind, get_kind
 from dorafit.train.models import (
     default_targets,
@@ -81,6 +83,7 @@ from dorafit.train.rundir import RunStopped, abandon_new_run, prepare_output, re
 
 BUNDLED_DATA = D.BUNDLED_DATA
 TASK_FILE = "task.json"
+PREDICTIONS_FILE = "predictions.json"  # every test row's prediction before and after, per scoring
 
 # Options a resumed run may give anew: they change how the run is watched, run or kept, not
 # what it computes. Every other option must equal the run folder's config.yaml.
@@ -119,6 +122,11 @@ class TrainResult:
     predicted_before: dict | None = None  # causal LMs: how often each answer word was generated
     predicted_after: dict | None = None
     chance: float | None = None  # the expected accuracy of a uniform guess over each test row's choices
+    # causal LMs: likelihood scoring of the same rows (acc, acc_norm, standard errors), and which moved
+    loglik_before: dict | None = None
+    loglik_after: dict | None = None
+    change: str = ""
+    method: str = ""
 
 
 @dataclass
@@ -136,6 +144,7 @@ class RunData:
     test: list
     labels: list | None
     prompt_template: str  # the resolved template ("auto" made "paper" or "chat")
+    test_loglik: list = field(default_factory=list)  # causal LMs: the test rows as likelihood scoring reads them
 
 
 @dataclass
@@ -147,7 +156,7 @@ class Run:
     out: Path
     data: RunData
     model: torch.nn.Module
-    adapter_cfg: dorafit.AdapterConfig
+    adapter_cfg: dorafit.AdapterConfig | None  # None for --method full
     report: dorafit.TrainableReport
     collate: object  # examples -> batch, for the model's kind
     steps_per_epoch: int
@@ -178,18 +187,21 @@ class RunState:
     step: int = 0
     best_val: float = math.inf
     before: EvalResult | None = None
+    before_loglik: EvalResult | None = None
     history: list = field(default_factory=list)
 
     def counters(self) -> dict:
         """The JSON part of a checkpoint's state.json."""
         return {"step": self.step, "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
-                "before": self.before.__dict__ if self.before else None, "history": self.history}
+                "before": self.before.__dict__ if self.before else None,
+                "before_loglik": self.before_loglik.__dict__ if self.before_loglik else None, "history": self.history}
 
     @classmethod
     def from_counters(cls, saved: dict) -> "RunState":
         best = saved["best_val_loss"]
         return cls(step=saved["step"], best_val=math.inf if best is None else best,
                    before=EvalResult(**saved["before"]) if saved.get("before") else None,
+                   before_loglik=EvalResult(**saved["before_loglik"]) if saved.get("before_loglik") else None,
                    history=saved.get("history", []))
 
 
@@ -312,7 +324,8 @@ def load_data(cfg: TrainConfig, info: dist_utils.DistInfo) -> RunData:
     train_rows = D.read_rows(train_path)[: cfg.max_train_rows or None]
     data_format = D.detect_format(train_rows, train_path)
     kind = get_kind(detect_kind(model_path, model_config, data_format) if cfg.model_kind == "auto" else cfg.model_kind)
-    test_path = _data_path(cfg, "test", task.folder) if (cfg.test_data or data_format == "commonsense") else None
+    test_path = _data_path(cfg, "test", task.folder) if cfg.test and (cfg.test_data or data_format == "commonsense") \
+        else None
     test_rows = D.read_rows(test_path)[: cfg.max_test_rows or None] if test_path else []
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     template = resolve_template(cfg.prompt_template, tokenizer)
@@ -328,6 +341,9 @@ def load_data(cfg: TrainConfig, info: dist_utils.DistInfo) -> RunData:
                                  task=task, labels=labels, prompt_template=template,
                                  response_format=cfg.response_format, report=lengths)[0]
     test = kind.accuracy_examples(test_rows, test_path, task, labels) if test_rows else []
+    test_loglik, why_not = kind.likelihood_rows(test_rows, test_path, task) if test_rows else ([], None)
+    if why_not:
+        _print(info, f"likelihood scoring left out: {why_not}")
     if kind.generates and test_rows:
         D.check_prompt_lengths(test_rows, tokenizer, template, cfg.max_new_tokens, model_config, test_path, cfg.model)
     for report in lengths:
@@ -335,7 +351,8 @@ def load_data(cfg: TrainConfig, info: dist_utils.DistInfo) -> RunData:
     if val is None:
         train, val = D.split_validation(train, cfg.val_size, cfg.seed)
     _print(info, f"data: {len(train)} train, {len(val)} validation, {len(test_rows)} test rows; kind {kind.name}")
-    return RunData(task, kind, model_path, tokenizer, train_path, train, val, test_rows, test, labels, template)
+    return RunData(task, kind, model_path, tokenizer, train_path, train, val, test_rows, test, labels, template,
+                   test_loglik)
 
 
 def _data_path(cfg: TrainConfig, split: str, task_folder: str) -> Path:
@@ -371,14 +388,17 @@ def load_and_attach(cfg: TrainConfig, parallel: Parallel, out: Path, data: RunDa
                                       num_labels=len(data.labels) if data.labels else None)
     check_finite_base(model)  # NaN/inf in the base is named here, not blamed on the lr at step 1
     targets = cfg.targets or default_targets(model)
-    adapter_cfg = dorafit.AdapterConfig(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                                        targets=targets, detach_norm=cfg.detach_norm,
-                                        modules_to_save=data.kind.trained_heads(model, fresh_modules))
+    adapter_cfg = None if cfg.method == full.FULL else dorafit.AdapterConfig(
+        method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets,
+        detach_norm=cfg.detach_norm, modules_to_save=data.kind.trained_heads(model, fresh_modules))
     if cfg.quantize:
         _quantize_base(model, targets, cfg.quantize, parallel)
     parallel.prepare_base(model)  # tensor parallel: the base layers are split before attaching
     torch.manual_seed(cfg.seed)  # the adapter's initialisation depends on the seed alone
-    dorafit.attach(model, adapter_cfg)
+    if adapter_cfg is None:
+        full.prepare(model)  # --method full: every parameter trains, nothing is attached
+    else:
+        dorafit.attach(model, adapter_cfg)
     model.to(info.device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -439,7 +459,7 @@ def start(run: Run) -> RunState:
 
 def evaluate_untrained(run: Run, state: RunState) -> None:
     """The 'before' accuracy, and the untrained validation loss as step 0 of the log: the bar to beat."""
-    state.before = measure_accuracy(run)
+    state.before, state.before_loglik = measure_accuracy(run), measure_accuracy(run, "loglik")
     if state.before is not None:
         _print(run.info, f"accuracy before training: {state.before.accuracy:.4f} on {state.before.rows} "
                          f"{run.data.task.name} rows")
@@ -597,16 +617,26 @@ def save_checkpoint(run: Run, state: RunState) -> None:
     root = run.out / "checkpoints"
     run.parallel.save_checkpoint(root / f"step-{state.step:06d}", run.model, run.optimizer, run.names,
                                  state.counters(),
-                                 write_extra=lambda tmp: save_adapter_dir(run.model, tmp / "adapter", run.task_info))
+                                 write_extra=None if run.adapter_cfg is None else
+                                 lambda tmp: save_adapter_dir(run.model, tmp / "adapter", run.task_info))
     if run.info.is_main:
         ckpt.prune_checkpoints(root, run.cfg.keep_checkpoints)
     dist_utils.barrier(run.info)
 
 
 def save_adapter_as(run: Run, name: str) -> None:
-    """Write the current adapter to out/<name> (gathered to full tensors under FSDP2)."""
-    path = run.out / name
-    run.parallel.save_adapter(lambda: save_adapter_dir(run.model, path, run.task_info))
+    """Write the current adapter to out/<name> (gathered to full tensors under FSDP2); a full
+    fine-tune writes the whole model (``dorafit.train.full``)."""
+    path = run.out / full.output_name(run.cfg.method, name)
+    if run.adapter_cfg is not None:
+        run.parallel.save_adapter(lambda: save_adapter_dir(run.model, path, run.task_info))
+    elif run.parallel.sharded:  # every rank gathers the whole model, rank 0 saves it through a fresh copy
+        state = gather_trainable(run.model)
+        if run.info.is_main:
+            full.save_from_state(_fresh_model(run), state, run.data.tokenizer, path, run.task_info)
+        dist_utils.barrier(run.info)
+    else:
+        run.parallel.save_adapter(lambda: full.save_model(run.model, run.data.tokenizer, path, run.task_info))
 
 
 # ---------------------------------------------------------------------------- 6. final adapter, test
@@ -615,7 +645,7 @@ def save_adapter_as(run: Run, name: str) -> None:
 def finish(run: Run, state: RunState, train_seconds: float, started: float) -> TrainResult:
     """Save the final adapter, measure the test accuracy after training, write results.json."""
     save_adapter_as(run, "adapter")
-    after = measure_accuracy(run)
+    after, after_loglik = measure_accuracy(run), measure_accuracy(run, "loglik")
     before, causal, report = state.before, run.data.kind.generates, run.report
     result = TrainResult(
         output=str(run.out), task=run.data.task.name, model_kind=run.data.kind.name, test_rows=len(run.data.test_rows),
@@ -627,24 +657,31 @@ def finish(run: Run, state: RunState, train_seconds: float, started: float) -> T
         total_seconds=time.perf_counter() - started, history=state.history,
         predicted_before=before.predicted if before and causal else None,
         predicted_after=after.predicted if after and causal else None,
-        chance=run.data.kind.chance(run.data.test, run.data.labels),
+        chance=run.data.kind.chance(run.data.test, run.data.labels), method=run.cfg.method,
+        loglik_before=R.summary(state.before_loglik), loglik_after=R.summary(after_loglik),
+        change=R.change_sentence((before, after) if before and causal else None,
+                                 (state.before_loglik, after_loglik) if state.before_loglik else None),
     )
     if run.info.is_main:
         write_json_atomic(run.out / "results.json", {k: v for k, v in result.__dict__.items() if k != "history"})
+        write_json_atomic(run.out / PREDICTIONS_FILE, R.predictions_record(
+            generate=(before, after), loglik=(state.before_loglik, after_loglik)))
         print(format_results(result), flush=True)
     dist_utils.teardown(run.info)
     return result
 
 
-def measure_accuracy(run: Run) -> EvalResult | None:
-    """Accuracy on the test rows (None without any), as the model's kind scores it."""
+def measure_accuracy(run: Run, scoring: str | None = None) -> EvalResult | None:
+    """Accuracy on the test rows (None without any) as the model's kind scores it, or (causal
+    LMs, ``scoring="loglik"``) by likelihood."""
     data, cfg, info = run.data, run.cfg, run.info
-    if not data.test_rows:
+    test = data.test_loglik if scoring == "loglik" else data.test
+    if not data.test_rows or not test:
         return None
     settings = EvalSettings(batch_size=cfg.eval_batch_size, device=info.device, progress=cfg.progress and info.is_main,
                             max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens,
-                            prompt_template=data.prompt_template)
-    return data.kind.accuracy(run.model, data.tokenizer, data.task, data.test, settings)
+                            prompt_template=data.prompt_template, scoring=scoring)
+    return data.kind.accuracy(run.model, data.tokenizer, data.task, test, settings)
 
 
 def save_adapter_dir(model, path: Path, task_info: dict) -> None:
@@ -655,6 +692,12 @@ def save_adapter_dir(model, path: Path, task_info: dict) -> None:
     dorafit.save_adapter(model, path, format="auto")
     if dist_utils.is_main_process():
         write_json_atomic(path / TASK_FILE, task_info)
+
+
+def _fresh_model(run: Run):
+    labels = run.data.labels
+    return load_model(run.data.model_path, run.data.kind, run.cfg.trust_remote_code,
+                      num_labels=len(labels) if labels else None)[0]
 
 
 # ---------------------------------------------------------------------------- small helpers
@@ -710,28 +753,46 @@ def _minutes(seconds: float) -> str:
 
 
 def format_results(r: TrainResult) -> str:
-    """The short table printed at the end of a run."""
+    """The short table printed at the end of a run (± one standard error), and for a causal LM
+    the sentence on which accuracy moved."""
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
 
+    def scored(x, unparseable=None):
+        text = R.with_error(x, r.test_rows)
+        return text if unparseable is None else f"{text} (unparseable {pct(unparseable)})"
+
+    generated = r.unparseable_after is not None
     rows = [
         ("task", f"{r.task} ({r.test_rows} test rows, {r.model_kind})"),
-        ("accuracy before", pct(r.accuracy_before)),
-        ("accuracy after", pct(r.accuracy_after)),
+        ("accuracy before", scored(r.accuracy_before, r.unparseable_before) if generated else pct(r.accuracy_before)),
+        ("accuracy after", scored(r.accuracy_after, r.unparseable_after) if generated else pct(r.accuracy_after)),
     ]
+    if generated:
+        rows = rows[:1] + [("", "generation: greedy answer, first answer word (the paper's protocol)")] + rows[1:]
+    for name, key in (("acc", "acc"), ("acc_norm", "acc_norm")):
+        if r.loglik_after:
+            before = (r.loglik_before or {}).get(key)
+            rows.append((f"likelihood {name}", f"{R.with_error(before, r.test_rows)} -> "
+                                               f"{R.with_error(r.loglik_after[key], r.test_rows)}"))
     if r.chance is not None and r.test_rows:
         # One standard error of an accuracy p measured on n rows: sqrt(p (1 - p) / n).
         error = 100 * math.sqrt(r.chance * (1 - r.chance) / r.test_rows)
         rows.append(("chance", f"{pct(r.chance)} (one standard error at chance on {r.test_rows} rows: "
                                f"{error:.1f} points)"))
-    if r.unparseable_after is not None:
+    if generated and not r.loglik_after:
         rows.append(("unparseable", f"{pct(r.unparseable_before)} -> {pct(r.unparseable_after)}"))
     rows += [
         ("trainable", f"{r.trainable:,} of {r.total:,} parameters ({r.trainable_percent:.2f}%)"),
         ("steps", f"{r.steps} (best validation loss {r.best_val_loss:.4f})" if r.best_val_loss is not None else str(r.steps)),
         ("time", f"training {_minutes(r.train_seconds)}, total {_minutes(r.total_seconds)}"),
-        ("adapter", str(Path(r.output) / "adapter")),
+        (full.output_name(r.method, "adapter"), str(Path(r.output) / full.output_name(r.method, "adapter"))),
     ]
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 2 + max(len(v) for _, v in rows))
-    return "\n".join([line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])
+    text = [line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line]
+    if r.change:
+        import textwrap
+
+        text += textwrap.wrap(r.change, len(line))
+    return "\n".join(text)

@@ -40,7 +40,7 @@ def test_chat_template_needs_a_tokenizer_with_one():
 
 
 def test_unknown_template_is_refused():
-    assert PROMPT_TEMPLATES == ("auto", "paper", "chat")
+    assert PROMPT_TEMPLATES == ("auto", "paper", "chat", "plain")
     with pytest.raises(ValueError, match="unknown prompt template 'alpaca'"):
         build_prompt("alpaca", "Which is a gas?")
 

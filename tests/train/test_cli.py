@@ -60,6 +60,20 @@ def test_causal_lm_train_eval_merge_reload(fixture, request, arc_files, tmp_path
     evaluated = json.loads(report.read_text())[0]
     # The eval command reproduces the accuracy the training run reported after training.
     assert evaluated["accuracy"] == pytest.approx(results["accuracy_after"])
+    assert evaluated["scoring"] == "generate" and len(evaluated["predictions"]) == 24
+    # ... and its likelihood scoring, which the run measured before and after on the same rows.
+    assert set(results["loglik_after"]) >= {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr"}
+    assert results["loglik_before"]["rows"] == 24 and "paired" in results["change"]
+    rows = json.loads((out / "predictions.json").read_text())
+    assert sorted(rows) == ["generate_after", "generate_before", "loglik_after", "loglik_before"]
+    assert len(rows["loglik_after"]) == 24 and {"response", "pred"} <= set(rows["generate_after"][0])
+    assert main(["eval", "--model", str(model), "--adapter", str(out / "adapter"), "--data-dir",
+                 str(arc_files["dir"]), "--scoring", "loglik", "--no-progress", "--json", str(report)]) == 0
+    assert "acc_norm" in capsys.readouterr().out
+    scored = json.loads(report.read_text())[0]
+    assert scored["acc"] == pytest.approx(results["loglik_after"]["acc"])
+    assert scored["acc_norm"] == pytest.approx(results["loglik_after"]["acc_norm"])
+    assert [set(p) for p in scored["predictions"][:1]] == [{"row", "gold", "pred", "pred_norm", "loglik"}]
 
     merged = tmp_path / "merged"
     assert main(["merge", "--model", str(model), "--adapter", str(out / "adapter"), "--out", str(merged)]) == 0
@@ -140,6 +154,12 @@ def test_encoder_multiple_choice_train_eval_merge_reload(tiny_bert, arc_files, t
     assert main(["eval", "--model", str(tiny_bert), "--adapter", str(out / "adapter"), "--data-dir",
                  str(arc_files["dir"]), "--no-progress", "--json", str(report)]) == 0
     assert json.loads(report.read_text())[0]["accuracy"] == pytest.approx(results["accuracy_after"])
+    # Likelihood scoring is for causal LMs: one line naming the scoring and the kind.
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tiny_bert), "--adapter", str(out / "adapter"), "--data-dir",
+                 str(arc_files["dir"]), "--no-progress", "--scoring", "loglik"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "scoring 'loglik' is for causal LMs; a multiple-choice model" in err
 
     merged = tmp_path / "merged"
     assert main(["merge", "--model", str(tiny_bert), "--adapter", str(out / "adapter"), "--out", str(merged)]) == 0

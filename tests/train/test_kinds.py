@@ -89,3 +89,16 @@ def test_a_cross_encoder_prompt_has_a_choice_axis():
     plain = SIMILARITY.prompt_inputs(tok, "a short prompt")
     crossed = MULTIPLE_CHOICE.prompt_inputs(tok, "a short prompt")
     assert plain["input_ids"].dim() == 2 and crossed["input_ids"].shape == (1, 1, plain["input_ids"].shape[1])
+
+
+def test_encoders_refuse_the_causal_scorings_and_causal_lms_unknown_ones():
+    from dorafit.train.kinds import EvalSettings
+
+    with pytest.raises(ValueError, match="scoring 'loglik' is for causal LMs; a similarity model"):
+        SIMILARITY.accuracy(None, None, get_task("ARC-Easy"), [], EvalSettings(scoring="loglik"))
+    with pytest.raises(ValueError, match="unknown scoring 'beam'; use one of generate, loglik"):
+        CAUSAL_LM.accuracy_examples(arc_rows("test", 2), "t.json", get_task("ARC-Easy"), scoring="beam")
+    rows, why_not = CAUSAL_LM.likelihood_rows([{"instruction": "Say hi.", "answer": "hi"}], "t.json",
+                                              get_task("ARC-Easy"))
+    assert rows == [] and "t.json: row 1: cannot be scored by likelihood" in why_not
+    assert MULTIPLE_CHOICE.likelihood_rows(arc_rows("test", 2), "t.json", get_task("ARC-Easy")) == ([], None)

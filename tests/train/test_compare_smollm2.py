@@ -1,0 +1,113 @@
+"""experiments/compare_smollm2.py: its rows, lr choice, paired comparison and report, on
+synthetic records (the runs themselves are the experiment's, not the suite's)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("compare_smollm2", ROOT / "experiments" / "compare_smollm2.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compare_smollm2"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_rows_are_the_scored_context_and_right_continuation(compare):
+    rows = json.loads((ROOT / "dorafit" / "data" / "ARC-Easy" / "test.json").read_text())[:2]
+    plain = compare.plain_rows(rows, "ARC-Easy", "t.json")
+    assert plain[0]["instruction"].startswith("Question: ") and plain[0]["instruction"].endswith("\nAnswer:")
+    assert plain[0]["output"] == " casting" and plain[0]["input"] == ""  # row 1's answer is answer1
+    boolq = [{"instruction": "Please answer the following question with true or false, question: is it?\n\n"
+                             "Answer format: true/false", "answer": "false"}]
+    assert compare.plain_rows(boolq, "boolq", "b.json")[0]["output"] == " no"
+
+
+def _records(compare, setup, val_losses: dict, outcome: dict) -> dict:
+    """Records with every run done: val losses per (method, rank, lr) and per-row outcomes."""
+    tasks = compare.TRAIN_TASKS + compare.TRANSFER_TASKS
+    runs = {}
+    for (method, rank, lr), loss in val_losses.items():
+        for seed in setup.seeds:
+            bits = outcome[(method, rank)](seed)
+            runs[compare.run_name(method, rank, lr, seed)] = {
+                "method": method, "rank": rank, "lr": lr, "seed": seed, "steps": 10, "train_seconds": 60.0,
+                "val_loss": loss, "val_loss_first": 2.0, "trainable": 1,
+                "scores": {t: {"acc": bits.count("1") / len(bits), "acc_norm": 0.5, "rows": len(bits), "outcomes": bits,
+                               "outcomes_norm": bits, "seconds": 1.0} for t in tasks}}
+    base = {t: {"acc": 0.5, "acc_norm": 0.5, "rows": 20, "outcomes": "01" * 10, "outcomes_norm": "01" * 10,
+                "seconds": 1.0} for t in tasks}
+    return {"runs": runs, "base": {"scores": base}, "stage_seconds": {"base": 10.0}}
+
+
+def test_lr_choice_paired_differences_and_report(compare, tmp_path):
+    setup = compare.Setup(ranks=(8,), seeds=(0, 1), lrs={"lora": (1e-4, 1e-3), "dora": (1e-4, 1e-3), "full": (1e-5,)})
+    losses = {("lora", 8, 1e-4): 0.9, ("lora", 8, 1e-3): 0.8, ("dora", 8, 1e-4): 0.7, ("dora", 8, 1e-3): 0.75,
+              ("full", None, 1e-5): 0.6}
+    outcome = {("lora", 8): lambda s: "01" * 10, ("dora", 8): lambda s: "11" * 10, ("full", None): lambda s: "10" * 10}
+    records = _records(compare, setup, losses, outcome)
+    assert compare.chosen_lr(records, setup, "lora", 8) == 1e-3 and compare.chosen_lr(records, setup, "dora", 8) == 1e-4
+    assert compare.chosen_lr({"runs": {}}, setup, "dora", 8) is None
+    mean, se = compare.paired([1, 1, 1, 1], [0, 1, 0, 1])
+    assert mean == 0.5 and se == pytest.approx((1 / 3) ** 0.5 / 2)
+    text = compare.write_report(records, setup, tmp_path)
+    assert (tmp_path / "report.md").read_text() == text
+    # DoRA gets every row LoRA misses: +50 points on every task, far beyond two standard errors.
+    line = next(l for l in text.splitlines() if l.startswith("| DoRA − LoRA, r 8 | acc |"))
+    assert "+50.0 ± 11.5" in line and "decided" in line and "not decided" not in line
+    assert "| LoRA r 8 | 0.0001: 0.9000 | 0.001: 0.8000 | 0.001 |" in text
+
+
+def test_the_plan_orders_lr_search_before_the_chosen_seeds(compare):
+    setup = compare.Setup(ranks=(16,), seeds=(0, 1), lrs={"lora": (1e-3,), "dora": (1e-3,), "full": (1e-5,)})
+    keys = [k for k, _, _ in compare.stages(setup, {"runs": {}})]
+    # The adapters' searches and seeds first, full fine-tuning after them; choices open until the searches ran.
+    assert keys == ["base", "dora-r16-lr0.001-s0", "lora-r16-lr0.001-s0", "dora-r16-choice", "lora-r16-choice",
+                    "full-lr1e-05-s0", "full-choice"]
+    done = {"runs": {k: {"val_loss": 1.0, "lr": 1e-3 if "full" not in k else 1e-5} for k in keys if "-s0" in k}}
+    later = [k for k, _, _ in compare.stages(setup, done)]
+    assert later[3:6] == ["eval:dora-r16-lr0.001-s0", "dora-r16-lr0.001-s1", "eval:dora-r16-lr0.001-s1"]
+    assert later[9:] == ["full-lr1e-05-s0", "eval:full-lr1e-05-s0", "full-lr1e-05-s1", "eval:full-lr1e-05-s1"]
+
+
+def test_the_largest_rank_is_compared_before_the_smaller(compare):
+    setup = compare.Setup(ranks=(8, 16), seeds=(0,), lrs={"lora": (1e-3,), "dora": (1e-3,), "full": (1e-5,)})
+    runs = {k: {"val_loss": 1.0, "lr": 1e-3 if "full" not in k else 1e-5}
+            for k in ("dora-r16-lr0.001-s0", "lora-r16-lr0.001-s0", "full-lr1e-05-s0")}
+    evals = [k for k, _, _ in compare.stages(setup, {"runs": runs}) if k.startswith("eval:")]
+    assert evals == ["eval:dora-r16-lr0.001-s0", "eval:lora-r16-lr0.001-s0", "eval:dora-r8-lr0.001-s0",
+                     "eval:lora-r8-lr0.001-s0", "eval:full-lr1e-05-s0"]
+
+
+def test_a_smaller_rank_runs_at_the_lr_its_method_chose_at_the_largest(compare):
+    setup = compare.Setup(ranks=(8, 16), seeds=(0, 1), lrs={"lora": (1e-3,), "dora": (1e-4, 1e-3), "full": (1e-5,)})
+    keys = [k for k, _, _ in compare.stages(setup, {"runs": {}})]
+    assert [k for k in keys if "-s0" in k] == ["dora-r16-lr0.0001-s0", "dora-r16-lr0.001-s0", "lora-r16-lr0.001-s0",
+                                              "full-lr1e-05-s0"]  # no lr search at r 8
+    runs = {k: {"val_loss": 0.5 if "0.0001" in k else 1.0, "lr": float(k.split("-lr")[1].rsplit("-s", 1)[0])}
+            for k in keys if "-s0" in k}
+    later = [k for k, _, _ in compare.stages(setup, {"runs": runs})]
+    assert "dora-r8-lr0.0001-s0" in later and "eval:dora-r8-lr0.0001-s0" in later  # r 8 trains its seed 0 too
+    assert "dora-r16-lr0.0001-s0" in later and "eval:dora-r16-lr0.0001-s0" in later
+    assert later.count("dora-r16-lr0.0001-s0") == 1  # the search run is not trained twice
+
+
+def test_a_partial_plan_gives_no_verdict(compare, tmp_path):
+    setup = compare.Setup(ranks=(8,), seeds=(0, 1), lrs={"lora": (1e-3,), "dora": (1e-3,), "full": (1e-5,)})
+    losses = {("lora", 8, 1e-3): 0.8, ("dora", 8, 1e-3): 0.8, ("full", None, 1e-5): 0.6}
+    outcome = {("lora", 8): lambda s: "01" * 10, ("dora", 8): lambda s: "11" * 10, ("full", None): lambda s: "10" * 10}
+    records = _records(compare, setup, losses, outcome)
+    del records["runs"]["dora-r8-lr0.001-s1"]  # DoRA's second seed not run yet
+    text = compare.write_report(records, setup, tmp_path)
+    line = next(l for l in text.splitlines() if l.startswith("| DoRA − LoRA, r 8 | acc |"))
+    assert "+50.0" in line and "no verdict yet (1 of 2 seeds scored)" in line and "decided" not in line
+    assert "| DoRA r 8 (1 of 2 seeds) |" in text and "**The plan is not finished**" in text
