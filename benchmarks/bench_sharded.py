@@ -194,7 +194,8 @@ def run_layout(flow: str, processes: int, folder: Path, args) -> list[dict]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(max(1, 2 // processes))}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"{flow} x{processes} failed:\n{done.stderr[-4000:]}")
+        causes = [line.strip() for line in done.stderr.splitlines() if "what():" in line or "Error: " in line]
+        raise RuntimeError(f"{flow} x{processes} failed: {causes[0] if causes else done.stderr[-4000:]}")
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
     shutil.rmtree(out, ignore_errors=True)
     return ranks
@@ -224,7 +225,12 @@ def main() -> None:
     rows, one_step = [], None
     size = sum(f.stat().st_size for f in args.model.glob("*.safetensors")) / 2**20
     for flow, processes in LAYOUTS:
-        ranks = run_layout(flow, processes, args.model, args)
+        try:
+            ranks = run_layout(flow, processes, args.model, args)
+        except RuntimeError as err:  # a failing layout is a row of the table, with its first error line
+            rows.append(f"| {flow} | {processes} | {str(err)[:400]} | | | | |")
+            print(rows[-1], file=sys.stderr, flush=True)
+            continue
         step = max(r["step_s"] for r in ranks)
         one_step = one_step or step
         rows.append(f"| {flow} | {processes} | {max(r['held_mib'] for r in ranks):.0f} | "
