@@ -300,3 +300,43 @@ def test_tensor_parallel_lora_magnitude_and_the_norm_gradient(two_processes, lla
     theirs = load_file(str(two_processes / f"tp_variants-{variant}-grads.safetensors"))
     assert theirs.keys() == grads.keys()
     assert max(float((theirs[k] - grads[k]).abs().max()) for k in grads) <= 1e-5
+
+
+def test_a_tensor_parallel_layer_keeps_its_norms_across_storage_moves():
+    """Under FSDP2 x TP a layer's parameters are gathered into new storage for each forward, at
+    addresses that differ between ranks; a recomputed norm of a rowwise layer is a collective, so
+    the kept values must not depend on addresses (else one rank all-reduces while its peer does
+    not, and gloo fails on mismatched sizes). Such a layer keys its cache by parameter object and
+    version: a move keeps ‖W0‖², an in-place write (a new version) drops it."""
+    from torch import nn
+
+    from dorafit.layers.cache import NormCache
+    from dorafit.layers.parallel import TensorParallelLinearAdapter
+
+    assert TensorParallelLinearAdapter.keys_by_identity
+
+    class Layer(nn.Module):
+        keys_by_identity = True
+
+        def __init__(self):
+            super().__init__()
+            self.base = nn.Linear(4, 3)
+            self.computed = 0
+
+        def initial_weight_norm_sq(self):
+            self.computed += 1
+            return self.base.weight.detach().pow(2).sum(1)
+
+    layer, cache = Layer(), NormCache()
+    cache.w0_norm_sq(layer)
+    layer.base.weight.data = layer.base.weight.data.clone()  # new storage, same values and object
+    cache.w0_norm_sq(layer)
+    assert layer.computed == 1
+    with torch.no_grad():
+        layer.base.weight.mul_(2)  # a write: the version moves
+    assert torch.allclose(cache.w0_norm_sq(layer), layer.base.weight.detach().pow(2).sum(1))
+    assert layer.computed == 2
+    Layer.keys_by_identity = False  # the storage rule, for contrast: the move alone recomputes
+    layer.base.weight.data = layer.base.weight.data.clone()
+    cache.w0_norm_sq(layer)
+    assert layer.computed == 3

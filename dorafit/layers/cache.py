@@ -16,7 +16,8 @@ The layer asks (``w0_norm_sq``, ``kept_norm`` / ``keep_norm``, ``norm``, ``scale
 decides. The rule: a kept value is valid while nothing it was computed from changed — no optimizer
 step ran since (any optimizer, fused ones included: ``OPTIMIZER_STEPS`` counts them), and A, B,
 W0 (the layer's ``norm_inputs()``; for g also m and the bias) are the same tensors at the same
-version (in-place writes bump it). A value made under ``torch.inference_mode`` is not handed to
+version (in-place writes bump it; a tensor-parallel layer compares the parameter objects rather
+than their storage, so that every rank of its group decides alike). A value made under ``torch.inference_mode`` is not handed to
 calls outside it (it could not be saved for backward).
 
 Where the norm of a call comes from (``dorafit.layers.compose`` asks):
@@ -95,9 +96,23 @@ def base_bias(layer: nn.Module) -> Optional[torch.Tensor]:
     return params["bias"] if "bias" in params else getattr(base, "bias", None)
 
 
-def _key(tensors, *extra) -> tuple:
-    """What a kept value was computed from: each tensor's storage and version, plus ``extra``."""
+def _key(tensors, *extra, by_identity: bool = False) -> tuple:
+    """What a kept value was computed from: each tensor's storage and version, plus ``extra``.
+    ``by_identity``: each tensor object and its version instead of its storage (a layer whose
+    storage moves between calls differently on each rank, see ``_keyed_by_identity``)."""
+    if by_identity:
+        return tuple([(id(t), t._version) for t in tensors]) + extra
     return tuple([(t.data_ptr(), t._version) for t in tensors]) + extra
+
+
+def _keyed_by_identity(layer: nn.Module) -> bool:
+    """A tensor-parallel layer whose recomputed norm runs a collective must decide hits and misses
+    alike on every rank of its group. Under FSDP2 its parameters' storage is gathered anew for
+    each forward, at addresses that differ from rank to rank, so a storage key would hit on one
+    rank and miss (and all-reduce) on another; the parameter objects and their versions change
+    at the same points on every rank. Such a layer keys by identity (``keys_by_identity``) and
+    lists its parameters, not their local parts, in ``norm_inputs``."""
+    return getattr(layer, "keys_by_identity", False)
 
 
 def _usable(kept: Optional[tuple], key: tuple) -> bool:
@@ -135,9 +150,12 @@ class NormCache:
         if is_compiling() and self.w0 is not None:
             return self.w0[1]  # a constant of the graph: data pointers cannot be compared there
         w = layer.base.weight
-        if hasattr(w, "device_mesh"):  # a tensor-parallel DTensor: its local part has the storage
-            w = w.to_local()
-        key = _key([w], w.device, w.dtype)
+        if _keyed_by_identity(layer):
+            key = _key([w], w.device, w.dtype, by_identity=True)
+        else:
+            if hasattr(w, "device_mesh"):  # a DTensor: its local part has the storage
+                w = w.to_local()
+            key = _key([w], w.device, w.dtype)
         if not _usable(self.w0, key):
             new_weight = self.w0 is not None or self.w0_zero_rows is None  # not a move after ``forget``
             with torch.no_grad():
@@ -189,7 +207,7 @@ class NormCache:
         """(g, (1 − g) ⊙ b) in ``dtype`` for an eager call without autograd, kept while valid."""
         bias = base_bias(layer)
         deps = layer.norm_inputs() + [layer.magnitude] + ([bias] if bias is not None else [])
-        key = _key(deps, layer.scaling, OPTIMIZER_STEPS.count, dtype)
+        key = _key(deps, layer.scaling, OPTIMIZER_STEPS.count, dtype, by_identity=_keyed_by_identity(layer))
         if _usable(self.scale_entry, key):
             return self.scale_entry[1], self.scale_entry[2]
         g = DF.magnitude_scale(layer.magnitude, self.norm(layer))
@@ -208,7 +226,7 @@ class NormCache:
     def _norm_key(self, layer: nn.Module) -> tuple:
         # A magnitude-only norm depends on the frozen W0 alone, not on optimizer steps.
         step = OPTIMIZER_STEPS.count if layer.method != "magnitude" else 0
-        return _key(layer.norm_inputs(), layer.scaling, step)
+        return _key(layer.norm_inputs(), layer.scaling, step, by_identity=_keyed_by_identity(layer))
 
 
 def forget_on_load(layer: nn.Module, incompatible_keys: Any) -> None:

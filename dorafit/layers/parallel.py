@@ -117,9 +117,12 @@ class TensorParallelLinearAdapter(LinearAdapter):
     def magnitude_scale(self) -> torch.Tensor:
         return DF.magnitude_scale(self.local_magnitude(), self.weight_norm())
 
+    # The cache keys this layer by its parameter objects (see ``cache._keyed_by_identity``).
+    keys_by_identity = True
+
     def norm_inputs(self) -> List[torch.Tensor]:
-        a, b = self.lowrank_factors()
-        return [t for t in (a, b, self.local_weight()) if t is not None]
+        params = self._parameters
+        return [t for t in (params.get("lora_a"), params.get("lora_b"), self.base._parameters["weight"]) if t is not None]
 
     # ---- the forward: the generic paths on local tensors
     def forward(self, x: torch.Tensor) -> torch.Tensor:
