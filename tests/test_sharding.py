@@ -247,6 +247,18 @@ def test_tensor_parallel_trains_merges_and_saves_like_one_process(two_processes,
     assert max(float((merged[k] - ours[k]).abs().max()) for k in ours) <= 1e-5
 
 
+def trains_like_one_process(ranks: list, share: float, llama_dir, tmp_path, saved) -> None:
+    """Each rank held ``share`` of each split weight, its losses equal one process's within 1e-5,
+    and the adapter files the ranks saved (``saved``) equal one process's."""
+    model = one_process(llama_dir)
+    expected = reference_losses(model)
+    for r in ranks:
+        assert r["local_share"] == pytest.approx(share)
+        assert max(abs(a - b) for a, b in zip(r["losses"], expected)) <= 1e-5
+    dorafit.save_adapter(model, tmp_path / "dorafit")
+    same_files(tmp_path / "dorafit", saved)
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", ["fsdp_meta", "fsdp_accelerate"])
 def test_fsdp2_from_meta_trains_like_one_process(two_processes, llama_dir, tmp_path, case):
@@ -254,28 +266,15 @@ def test_fsdp2_from_meta_trains_like_one_process(two_processes, llama_dir, tmp_p
     its rows of the files and materializes; (fsdp_accelerate) accelerate's
     cpu_ram_efficient_loading, rank 0 loading and broadcasting. Losses and adapter equal one
     process on the same rows within 1e-5."""
-    ranks = results(two_processes, case)
-    model = one_process(llama_dir)
-    expected = reference_losses(model)
-    for r in ranks:
-        assert r["local_share"] == pytest.approx(0.5)
-        assert max(abs(a - b) for a, b in zip(r["losses"], expected)) <= 1e-5
-    dorafit.save_adapter(model, tmp_path / "dorafit")
-    same_files(tmp_path / "dorafit", two_processes / f"{case}-dorafit")
+    trains_like_one_process(results(two_processes, case), 0.5, llama_dir, tmp_path, two_processes / f"{case}-dorafit")
 
 
 @pytest.mark.distributed
 def test_fsdp_by_tensor_parallel_on_a_2d_mesh_of_4_processes(four_processes, llama_dir, tmp_path):
     """2 data-parallel replicas x 2 tensor-parallel ranks, from meta: each process holds a quarter
     of each split weight; losses and adapter equal one process on the replicas' rows."""
-    ranks = results(four_processes, "fsdp_tp", 4)
-    model = one_process(llama_dir)
-    expected = reference_losses(model)
-    for r in ranks:
-        assert r["local_share"] == pytest.approx(0.25)
-        assert max(abs(a - b) for a, b in zip(r["losses"], expected)) <= 1e-5
-    dorafit.save_adapter(model, tmp_path / "dorafit")
-    same_files(tmp_path / "dorafit", four_processes / "fsdp_tp-dorafit")
+    trains_like_one_process(results(four_processes, "fsdp_tp", 4), 0.25, llama_dir, tmp_path,
+                            four_processes / "fsdp_tp-dorafit")
 
 
 @pytest.mark.distributed

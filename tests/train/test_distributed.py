@@ -51,15 +51,22 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def test_ddp_matches_one_process(tiny_llama, arc_files, tmp_path):
+def _like_one_process(tiny_llama, arc_files, tmp_path, batch_size, distributed, *extra) -> tuple[Path, Path]:
+    """A one-process run (batch 8) and a 2-process ``--distributed`` run (``batch_size`` rows per
+    process) with the same ``extra`` options: their run folders, once the 2-process run printed
+    one result table (rank 0's) and trained the one-process adapter within 1e-5."""
     single = tmp_path / "single"
-    assert main(_args(tiny_llama, arc_files, single, 8)) == 0
-    multi = tmp_path / "ddp"
-    done = _torchrun(_args(tiny_llama, arc_files, multi, 4, "--distributed", "ddp"), ROOT)
+    assert main(_args(tiny_llama, arc_files, single, 8, *extra)) == 0
+    multi = tmp_path / distributed
+    done = _torchrun(_args(tiny_llama, arc_files, multi, batch_size, "--distributed", distributed, *extra), ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-8000:]  # the ranks' own errors come first
-    # Only rank 0 prints the result table.
     assert done.stdout.count("accuracy after") == 1
     assert _max_diff(_adapter(single), _adapter(multi)) <= 1e-5
+    return single, multi
+
+
+def test_ddp_matches_one_process(tiny_llama, arc_files, tmp_path):
+    single, multi = _like_one_process(tiny_llama, arc_files, tmp_path, 4, "ddp")
     # The checkpoints hold the full adapter and optimizer state, written by rank 0.
     last = sorted((multi / "checkpoints").iterdir())[-1]
     state = load_file(str(last / "trainable.safetensors"))
@@ -67,13 +74,7 @@ def test_ddp_matches_one_process(tiny_llama, arc_files, tmp_path):
 
 
 def test_fsdp_matches_one_process_and_resumes_bit_for_bit_after_kill(tiny_llama, arc_files, tmp_path):
-    single = tmp_path / "single"
-    assert main(_args(tiny_llama, arc_files, single, 8, "--save-steps", "2")) == 0
-    whole = tmp_path / "fsdp"
-    done = _torchrun(_args(tiny_llama, arc_files, whole, 4, "--distributed", "fsdp", "--save-steps", "2"), ROOT)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-8000:]
-    assert done.stdout.count("accuracy after") == 1
-    assert _max_diff(_adapter(single), _adapter(whole)) <= 1e-5
+    single, whole = _like_one_process(tiny_llama, arc_files, tmp_path, 4, "fsdp", "--save-steps", "2")
     # Each process wrote its own shard (torch.distributed.checkpoint), and the folder records
     # every file's sha256; no whole-tensor files.
     last = ckpt.list_checkpoints(whole / "checkpoints")[0]
@@ -111,13 +112,7 @@ def test_fsdp_matches_one_process_and_resumes_bit_for_bit_after_kill(tiny_llama,
 def test_tensor_parallel_matches_one_process_and_writes_sharded_checkpoints(tiny_llama, arc_files, tmp_path):
     """--distributed tp: every process holds half of each split layer (the model's plan) and sees
     every row; the adapter equals a one-process run's, the checkpoints hold a shard per process."""
-    single = tmp_path / "single"
-    assert main(_args(tiny_llama, arc_files, single, 8, "--save-steps", "2")) == 0
-    tp = tmp_path / "tp"
-    done = _torchrun(_args(tiny_llama, arc_files, tp, 8, "--distributed", "tp", "--save-steps", "2"), ROOT)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-8000:]
-    assert done.stdout.count("accuracy after") == 1
-    assert _max_diff(_adapter(single), _adapter(tp)) <= 1e-5
+    _, tp = _like_one_process(tiny_llama, arc_files, tmp_path, 8, "tp", "--save-steps", "2")
     last = ckpt.list_checkpoints(tp / "checkpoints")[0]
     assert len(list((last / ckpt.SHARDS).iterdir())) == 2 and not (last / "trainable.safetensors").exists()
 
