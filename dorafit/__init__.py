@@ -8,6 +8,8 @@ the command line's one-line handler instead of a traceback from the package's fi
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -39,3 +41,17 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(_PUBLIC))
+
+
+class _Package(types.ModuleType):
+    """The package object. Importing a submodule sets it as an attribute of the package; where a
+    public function bears the submodule's name (``dorafit.merge``, the function, is defined in
+    ``dorafit/merge.py``), the function stays the attribute, whichever is loaded first."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

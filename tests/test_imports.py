@@ -185,3 +185,13 @@ def test_no_command_imports_another_command():
     commands = {m for m in graph if m.startswith("dorafit.commands.")}
     offenders = sorted(f"{m} -> {t}" for m in commands for t in graph[m] & commands)
     assert commands and not offenders, offenders
+
+
+@pytest.mark.parametrize("first", ["dorafit.merged_weights", "__import__('dorafit.merge')", "dorafit.export_lora"])
+def test_a_public_function_is_not_shadowed_by_its_module(first):
+    """``dorafit.merge`` is the function, whichever public name or submodule was loaded first:
+    importing the submodule ``dorafit/merge.py`` (as ``merged_weights`` does) must not replace it."""
+    code = f"import dorafit, types; {first}; assert callable(dorafit.merge) and not isinstance(dorafit.merge, types.ModuleType)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=PACKAGE_ROOT.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
