@@ -12,21 +12,34 @@ with ``keep_adapter=True``:  W0 = W / g − s B A.
 Before any module is replaced, every merged weight is checked to be finite and to fit the dtype
 it is stored in (a float16 base cannot hold a value above 65504): otherwise ``merge`` raises
 naming the module and leaves the model as it was, instead of writing inf into a checkpoint.
+
+A model split over processes merges where it lies, every rank calling ``merge``. Tensor
+parallel: each rank merges its part of each weight (a rowwise part's row norms summed over the
+ranks). FSDP2: each block is held whole while its layers merge (``FSDPModule.unshard``), and each
+rank writes its rows into the parameters FSDP2 keeps, so the next forward computes the merged
+model and no process ever holds more than one block whole. Afterwards ``model.save_pretrained``
+(every rank) gathers the state and rank 0 writes the files a one-process merge would. A problem
+on any rank is raised on every rank. Not on split models: ``keep_adapter`` (unmerge's record)
+and 4-bit bases under FSDP2 (the dequantized layer would replace one FSDP2 holds): save the
+adapter and merge it on one process.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
 
+from . import sharding
 from .adapters import DEFAULT_NAME, active_adapter, register_active, registry
 from .adapters import clear as clear_adapters
 from .adapters import install_save_pretrained, remove_save_pretrained
 from .inject import CONFIG_ATTR, REQUIRES_GRAD_ATTR, ModulesToSave, _set_submodule, adapter_modules
 from .layers import AdapterError, AdapterLayer
+from .layers.quantized import Linear4bitAdapter
 
 
 def _stored_dtype(adapter: AdapterLayer) -> torch.dtype:
@@ -56,14 +69,37 @@ def merge_problem(name: str, adapter: AdapterLayer, merged_2d: torch.Tensor) -> 
     return None
 
 
+def _each_merged(model: nn.Module) -> Iterator[Tuple[str, AdapterLayer, torch.Tensor, Optional[torch.Tensor]]]:
+    """(name, adapter, merged (out, in_flat) float32, FSDP2's sharded weight or None) for every
+    adapter, one layer's merged weight at a time. Layers under FSDP2 are computed while their
+    block is held whole (``sharding.held_whole``); the fourth item is the parameter FSDP2 keeps."""
+    layers = adapter_modules(model)
+    with torch.no_grad():
+        for owners, group in itertools.groupby(layers, key=lambda item: sharding.fsdp_owners(model, item[0])):
+            group = list(group)
+            for module in owners:  # resharded, so that the parameters below are the ones FSDP2 keeps
+                module.reshard()
+            kept = [adapter.base._parameters["weight"] if owners else None for _, adapter in group]
+            with sharding.held_whole(owners):
+                for (name, adapter), weight in zip(group, kept):
+                    yield name, adapter, adapter.merged_weight_2d(), weight
+
+
 def check_mergeable(model: nn.Module) -> None:
     """Raise AdapterError (the model untouched) when a merged weight would be non-finite or out of
-    its dtype's range. Each layer's merged weight is built, checked and freed in turn."""
-    with torch.no_grad():
-        for name, adapter in adapter_modules(model):
-            problem = merge_problem(name, adapter, adapter.merged_weight_2d())
-            if problem:
-                raise AdapterError(f"cannot merge: {problem}; nothing was merged")
+    its dtype's range. Each layer's merged weight is built, checked and freed in turn. On a model
+    split over processes every rank raises, or none does."""
+    problem = next((f"module {name!r}: its base is quantized and sharded by FSDP2, and a merge replaces it by a "
+                    "dequantized layer FSDP2 does not hold; save the adapter (dorafit.save_adapter) and merge it on "
+                    "one process (dorafit merge)"
+                    for name, adapter in adapter_modules(model)
+                    if isinstance(adapter, Linear4bitAdapter) and sharding.fsdp_owners(model, name)), None)
+    if problem is None:
+        for name, adapter, merged, _ in _each_merged(model):
+            problem = problem or merge_problem(name, adapter, merged)
+    problem = sharding.agree(problem)
+    if problem:
+        raise AdapterError(f"cannot merge: {problem}; nothing was merged")
 
 
 def merged_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -72,6 +108,9 @@ def merged_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
     out = {}
     with torch.no_grad():
         for name, a in adapter_modules(model):
+            if sharding.fsdp_owners(model, name):
+                raise AdapterError(f"merged_weights gives whole tensors, and module {name!r} is sharded by FSDP2: merge "
+                                   "it in place with dorafit.merge(model), then save it with model.save_pretrained")
             merged = a.merged_weight_2d()
             problem = merge_problem(name, a, merged)
             if problem:
@@ -130,17 +169,27 @@ def merge(model: nn.Module, keep_adapter: bool = False) -> nn.Module:
     Raises AdapterError, with the model untouched, where a merged weight would hold NaN/inf or
     values its dtype cannot hold.
     """
+    split = sharding.is_split(model)
+    if keep_adapter and split:
+        raise AdapterError("merge(keep_adapter=True) keeps what unmerge needs on one process; this model is split "
+                           "over processes (FSDP2 or tensor parallel): merge it without keep_adapter")
     check_mergeable(model)
     _untie_shared_weights(model)
     _warn_dequantized(model)
     record: Dict[str, Tuple[AdapterLayer, torch.Tensor]] = {}
     saves: Dict[str, ModulesToSave] = {}
     config = getattr(model, CONFIG_ATTR, None)
-    with torch.no_grad():
-        for name, adapter in adapter_modules(model):
-            if keep_adapter:
-                record[name] = (adapter, _row_scale(adapter))
-            _set_submodule(model, name, adapter.to_plain_module())
+    plain: Dict[str, nn.Module] = {}
+    for name, adapter, merged, kept in _each_merged(model):
+        if keep_adapter:
+            record[name] = (adapter, _row_scale(adapter))
+        if kept is None:
+            plain[name] = adapter.write_merged(merged)
+        else:  # into the parameter FSDP2 gathers, in place
+            kept.to_local().copy_(sharding.fsdp_chunk(name, adapter.weight_from_2d(merged), kept))
+            plain[name] = adapter.base
+    for name, module in plain.items():
+        _set_submodule(model, name, module)
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]:
         for p in module.trainable.parameters():
             p.requires_grad_(False)
@@ -159,6 +208,8 @@ def merge(model: nn.Module, keep_adapter: bool = False) -> nn.Module:
             delattr(model, attr)
     clear_adapters(model)
     remove_save_pretrained(model)
+    if split:
+        sharding.install_whole_writer(model)
     return model
 
 

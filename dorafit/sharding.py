@@ -471,3 +471,101 @@ def written_by_one_rank(write: Callable) -> Callable:
         return result
 
     return wrapper
+
+
+# ------------------------------------------------------------------------------------------------
+# Merging under FSDP2. ``fully_shard`` keeps each parameter as a DTensor of dim-0 chunks, and its
+# forward gathers the chunks of the parameter objects it registered: a merged weight must go into
+# those objects, in place, or the next forward (and every writer) would still see W0. A block's
+# merge therefore runs while FSDP holds the block whole (``FSDPModule.unshard``): the layer
+# computes its merged weight with its usual code (the whole weight, or its tensor-parallel part
+# on a 2-D mesh), and each process copies its own chunk into the parameter FSDP keeps.
+
+
+def _fsdp_type() -> Optional[type]:
+    return getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+
+
+def fsdp_owners(model: nn.Module, name: str) -> Tuple[nn.Module, ...]:
+    """The FSDP2 modules holding the parameters of submodule ``name``: its nearest sharded ancestor
+    (itself included) and any sharded module inside it; () when FSDP2 does not manage it."""
+    fsdp = _fsdp_type()
+    if fsdp is None:
+        return ()
+    path, nearest = name.split(".") if name else [], None
+    for depth in range(len(path) + 1):
+        module = model.get_submodule(".".join(path[:depth]))
+        if isinstance(module, fsdp):
+            nearest = module
+    inside = [m for m in model.get_submodule(name).modules() if isinstance(m, fsdp) and m is not nearest]
+    return tuple(([nearest] if nearest is not None else []) + inside)
+
+
+@contextlib.contextmanager
+def held_whole(owners: Tuple[nn.Module, ...]) -> Iterator[None]:
+    """Inside, the FSDP2 modules ``owners`` hold their parameters unsharded (a collective: every
+    rank enters with the same owners, in the same order)."""
+    for module in owners:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in reversed(owners):
+            module.reshard()
+
+
+def fsdp_chunk(name: str, whole: torch.Tensor, sharded: torch.Tensor) -> torch.Tensor:
+    """This process's dim-0 chunk of ``whole`` (a parameter as FSDP2 gathers it: the whole tensor,
+    or this process's tensor-parallel part) in the layout of FSDP2's ``sharded`` DTensor."""
+    placement, mesh = sharded.placements[0], sharded.device_mesh
+    if getattr(placement, "dim", None) != 0:
+        raise ShardingError(f"module {name!r}: FSDP2 splits its weight as {placement}; dorafit merges weights "
+                            "FSDP2 splits along dim 0 (the default) only")
+    chunks = torch.chunk(whole, mesh.size(0), dim=0)
+    index = mesh.get_local_rank(0)
+    local = sharded.to_local()
+    chunk = chunks[index] if index < len(chunks) else whole[:0]
+    if chunk.shape != local.shape:
+        raise ShardingError(f"module {name!r}: FSDP2 holds a {tuple(local.shape)} part of its weight here, not the "
+                            f"dim-0 chunk {tuple(chunk.shape)} of {tuple(whole.shape)}; cannot place the merged weight")
+    return chunk
+
+
+def agree(problem: Optional[str]) -> Optional[str]:
+    """The first process's problem among all processes' (``problem`` on one process): every rank
+    raises, or none does (one rank raising alone would leave the others waiting in a collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return problem
+    found: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(found, problem)
+    return next((p for p in found if p), None)
+
+
+def is_split(model: nn.Module) -> bool:
+    """True when some parameter of ``model`` is a DTensor (FSDP2 or tensor parallel)."""
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def save_whole_pretrained(model: nn.Module, path, **kwargs):
+    """A split model's ``save_pretrained``: every rank calls it, the state is gathered to whole
+    tensors on rank 0 (``get_model_state_dict``, one tensor at a time to the CPU), and rank 0
+    writes what the model's class writes for a one-process model."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Every rank calls the class's writer (transformers' own tensor parallel has collectives in
+    # it); rank 0 alone holds the state and writes.
+    model_class(model).save_pretrained(model, path, state_dict=state, is_main_process=dist.get_rank() == 0, **kwargs)
+    dist.barrier()  # the files exist on return, on every rank
+    return Path(path)
+
+
+def install_whole_writer(model: nn.Module) -> None:
+    """After ``dorafit.merge`` of a split transformers model: its ``save_pretrained`` writes the
+    whole merged model from rank 0 (the class's own would write each rank's shards)."""
+    if callable(getattr(model_class(model), "save_pretrained", None)):
+        # A partial, not a bound method: it pickles by reference.
+        model.__dict__["save_pretrained"] = functools.partial(save_whole_pretrained, model)

@@ -111,7 +111,13 @@ def case_qdora_fsdp(model_dir: Path, out: Path) -> dict:
     # Every rank calls the writers; rank 0 writes whole tensors.
     dorafit.save_adapter(model, out / "qdora_fsdp-dorafit")
     model.save_pretrained(out / "qdora_fsdp-pretrained")
-    return {"losses": losses, "local_share": local_share,
+    refusals = {}
+    for keep in (False, True):
+        try:
+            dorafit.merge(model, keep_adapter=keep)
+        except dorafit.AdapterError as err:
+            refusals[str(keep)] = str(err)
+    return {"losses": losses, "local_share": local_share, "merge_refused": refusals,
             "files": sorted(p.name for p in (out / "qdora_fsdp-dorafit").iterdir())}
 
 
@@ -142,6 +148,7 @@ def _tp_run(model, out: Path, case: str) -> dict:
     dorafit.save_adapter(model, out / f"{case}-dorafit")
     model.save_pretrained(out / f"{case}-pretrained")
     dorafit.merge(model)
+    model.save_pretrained(out / f"{case}-merged")
     merged = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters() if n.endswith("proj.weight")}
     if dist.get_rank() == 0:
         save_file(grads, str(out / f"{case}-grads.safetensors"))
@@ -225,12 +232,21 @@ def case_tp_meta(model_dir: Path, out: Path) -> dict:
     return _tp_run(model, out, "tp_meta")
 
 
-def _fsdp_run(model, out: Path, case: str) -> dict:
+def _fsdp_run(model, out: Path, case: str, rows: torch.Tensor | None = None) -> dict:
+    """3 AdamW steps on ``rows`` (default this rank's), the adapter saved; then merged in place:
+    the loss on the same rows before and after the merge, and the merged model saved."""
+    rows = my_rows(batch()) if rows is None else rows
     weight = model.model.layers[0].self_attn.q_proj.base.weight
     local_share = weight.to_local().numel() / weight.numel()
-    losses = train(model, my_rows(batch()))
+    losses = train(model, rows)
     dorafit.save_adapter(model, out / f"{case}-dorafit")
-    return {"losses": losses, "local_share": local_share}
+    with torch.no_grad():
+        adapted = model(input_ids=rows, labels=rows).loss
+        dorafit.merge(model)
+        merged = model(input_ids=rows, labels=rows).loss
+    model.save_pretrained(out / f"{case}-merged")
+    return {"losses": losses, "local_share": local_share, "loss_adapted": float(adapted), "loss_merged": float(merged),
+            "plain": type(model.model.layers[0].self_attn.q_proj).__name__}
 
 
 def case_fsdp_meta(model_dir: Path, out: Path) -> dict:
@@ -279,9 +295,7 @@ def case_fsdp_tp(model_dir: Path, out: Path) -> dict:
     weight = model.model.layers[0].self_attn.q_proj.base.weight
     local_share = weight.to_local().numel() / weight.numel()
     replica = mesh["dp"].get_local_rank()
-    losses = train(model, batch()[2 * replica:2 * replica + 2])
-    dorafit.save_adapter(model, out / "fsdp_tp-dorafit")
-    return {"losses": losses, "local_share": local_share}
+    return _fsdp_run(model, out, "fsdp_tp", batch()[2 * replica:2 * replica + 2])
 
 
 def case_refusals(model_dir: Path, out: Path) -> dict:

@@ -184,6 +184,12 @@ def test_qdora_under_fsdp2_trains_like_one_process_and_saves_its_files(two_proce
     model.save_pretrained(tmp_path / "pretrained")
     for name in ("dorafit", "pretrained"):
         same_files(tmp_path / name, two_processes / f"qdora_fsdp-{name}")
+    # A merge would replace the 4-bit layers FSDP2 holds: refused on every rank, in one line that
+    # says where to merge instead; keep_adapter (unmerge's record) is one-process only.
+    for r in ranks:
+        assert "'model.layers.0.self_attn.q_proj': its base is quantized and sharded by FSDP2" in r["merge_refused"]["False"]
+        assert "merge it on one process (dorafit merge); nothing was merged" in r["merge_refused"]["False"]
+        assert "split over processes" in r["merge_refused"]["True"]
 
 
 def one_process(llama_dir):
@@ -240,23 +246,39 @@ def test_tensor_parallel_trains_merges_and_saves_like_one_process(two_processes,
     model.save_pretrained(tmp_path / "pretrained")
     for name in ("dorafit", "pretrained"):
         same_files(tmp_path / name, two_processes / f"{case}-{name}")
-    dorafit.merge(model)
+    same_merged_model(model, tmp_path / "merged", two_processes / f"{case}-merged")
     merged = load_file(str(two_processes / f"{case}-merged.safetensors"))
     ours = {n: p.detach() for n, p in model.named_parameters() if n.endswith("proj.weight")}
     assert merged.keys() == ours.keys() and len(ours) == 14
     assert max(float((merged[k] - ours[k]).abs().max()) for k in ours) <= 1e-5
 
 
+def same_merged_model(model, ours: Path, theirs: Path) -> None:
+    """``model`` merged and saved to ``ours`` gives the folder ``theirs`` the ranks wrote: the same
+    files and config, every tensor whole and within 1e-5."""
+    dorafit.merge(model)
+    model.save_pretrained(ours)
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    assert json.loads((ours / "config.json").read_text()) == json.loads((theirs / "config.json").read_text())
+    a, b = load_file(str(ours / "model.safetensors")), load_file(str(theirs / "model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
 def trains_like_one_process(ranks: list, share: float, llama_dir, tmp_path, saved) -> None:
     """Each rank held ``share`` of each split weight, its losses equal one process's within 1e-5,
-    and the adapter files the ranks saved (``saved``) equal one process's."""
+    and the adapter files the ranks saved (``saved``, <case>-dorafit) equal one process's; merged
+    in place, each rank's model gives the adapted model's loss, and the merged model the ranks
+    saved (<case>-merged) is one process's."""
     model = one_process(llama_dir)
     expected = reference_losses(model)
     for r in ranks:
         assert r["local_share"] == pytest.approx(share)
         assert max(abs(a - b) for a, b in zip(r["losses"], expected)) <= 1e-5
+        assert r["plain"] == "Linear" and abs(r["loss_merged"] - r["loss_adapted"]) <= 1e-5
     dorafit.save_adapter(model, tmp_path / "dorafit")
     same_files(tmp_path / "dorafit", saved)
+    same_merged_model(model, tmp_path / "merged", saved.with_name(saved.name.replace("-dorafit", "-merged")))
 
 
 @pytest.mark.distributed
@@ -264,8 +286,8 @@ def trains_like_one_process(ranks: list, share: float, llama_dir, tmp_path, save
 def test_fsdp2_from_meta_trains_like_one_process(two_processes, llama_dir, tmp_path, case):
     """FSDP2 with the base on meta: (fsdp_meta) every rank builds on meta, attaches, shards, loads
     its rows of the files and materializes; (fsdp_accelerate) accelerate's
-    cpu_ram_efficient_loading, rank 0 loading and broadcasting. Losses and adapter equal one
-    process on the same rows within 1e-5."""
+    cpu_ram_efficient_loading, rank 0 loading and broadcasting. Losses, adapter and the model
+    merged in place (and saved from every rank) equal one process on the same rows within 1e-5."""
     trains_like_one_process(results(two_processes, case), 0.5, llama_dir, tmp_path, two_processes / f"{case}-dorafit")
 
 

@@ -29,17 +29,18 @@ def _args(model, files, out, batch_size, *extra):
             "--no-eval-before", "--max-test-rows", "4", "--max-new-tokens", "2", *extra]
 
 
-def _torchrun_command(args) -> list[str]:
+def _torchrun_command(args, processes: int = 2) -> list[str]:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    return [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "dorafit", *args]
+    return [torchrun, "--standalone", "--nproc_per_node", str(processes), "-m", "dorafit", *args]
 
 
 def _env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _torchrun(args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(_torchrun_command(args), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+def _torchrun(args, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run(_torchrun_command(args, processes), cwd=cwd, env=_env(), capture_output=True, text=True,
+                          timeout=600)
 
 
 def _adapter(out: Path) -> dict:
@@ -51,14 +52,18 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def _like_one_process(tiny_llama, arc_files, tmp_path, batch_size, distributed, *extra) -> tuple[Path, Path]:
-    """A one-process run (batch 8) and a 2-process ``--distributed`` run (``batch_size`` rows per
-    process) with the same ``extra`` options: their run folders, once the 2-process run printed
-    one result table (rank 0's) and trained the one-process adapter within 1e-5."""
+def _like_one_process(tiny_llama, arc_files, tmp_path, batch_size, distributed, *extra,
+                      processes: int = 2, tp_size: int = 0) -> tuple[Path, Path]:
+    """A one-process run (batch 8) and a ``processes``-process ``--distributed`` run
+    (``batch_size`` rows per data-parallel replica; ``--tp-size`` when given) with the same
+    ``extra`` options: their run folders, once the multi-process run printed one result table
+    (rank 0's) and trained the one-process adapter within 1e-5."""
     single = tmp_path / "single"
     assert main(_args(tiny_llama, arc_files, single, 8, *extra)) == 0
     multi = tmp_path / distributed
-    done = _torchrun(_args(tiny_llama, arc_files, multi, batch_size, "--distributed", distributed, *extra), ROOT)
+    split = ["--tp-size", str(tp_size)] if tp_size else []
+    done = _torchrun(_args(tiny_llama, arc_files, multi, batch_size, "--distributed", distributed, *split, *extra),
+                     ROOT, processes)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-8000:]  # the ranks' own errors come first
     assert done.stdout.count("accuracy after") == 1
     assert _max_diff(_adapter(single), _adapter(multi)) <= 1e-5
@@ -115,6 +120,17 @@ def test_tensor_parallel_matches_one_process_and_writes_sharded_checkpoints(tiny
     _, tp = _like_one_process(tiny_llama, arc_files, tmp_path, 8, "tp", "--save-steps", "2")
     last = ckpt.list_checkpoints(tp / "checkpoints")[0]
     assert len(list((last / ckpt.SHARDS).iterdir())) == 2 and not (last / "trainable.safetensors").exists()
+
+
+def test_fsdp_by_tensor_parallel_on_4_processes_matches_one_process(tiny_llama, arc_files, tmp_path):
+    """--distributed fsdp --tp-size 2 on 4 processes: 2 data-parallel replicas (4 rows each) of 2
+    tensor-parallel ranks on a 2-D mesh. The adapter equals a one-process run's; each of the 4
+    processes wrote its own shard of the checkpoints; the final adapter is one whole file."""
+    single, mesh = _like_one_process(tiny_llama, arc_files, tmp_path, 4, "fsdp", "--save-steps", "2", processes=4,
+                                     tp_size=2)
+    last = ckpt.list_checkpoints(mesh / "checkpoints")[0]
+    assert len(list((last / ckpt.SHARDS).iterdir())) == 4 and not (last / "trainable.safetensors").exists()
+    assert sorted(p.name for p in (mesh / "adapter").iterdir()) == sorted(p.name for p in (single / "adapter").iterdir())
 
 
 def _descendants(pid: int) -> list[int]:
