@@ -334,6 +334,8 @@ def outcomes(scores: dict, task: str, norm: bool = False) -> list[int]:
 def seed_mean(records: dict, method: str, rank: int | None, setup: Setup, task: str, norm: bool = False) -> list[float]:
     """Per row, the outcome averaged over the seeds (at the method's chosen lr)."""
     lr = chosen_lr(records, setup, method, rank)
+    if lr is None:  # its lr search is not finished
+        return []
     runs = [records["runs"].get(run_name(method, rank, lr, s), {}).get("scores") for s in setup.seeds]
     runs = [r for r in runs if r]
     if not runs:
@@ -345,6 +347,8 @@ def seed_mean(records: dict, method: str, rank: int | None, setup: Setup, task: 
 def seeds_scored(records: dict, method: str, rank: int | None, setup: Setup) -> int:
     """How many of the seeds have been scored at the method's chosen lr."""
     lr = chosen_lr(records, setup, method, rank)
+    if lr is None:  # its lr search is not finished: nothing is scored at the chosen lr yet
+        return 0
     return sum(1 for s in setup.seeds if records["runs"].get(run_name(method, rank, lr, s), {}).get("scores"))
 
 

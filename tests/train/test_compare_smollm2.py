@@ -111,3 +111,12 @@ def test_a_partial_plan_gives_no_verdict(compare, tmp_path):
     line = next(l for l in text.splitlines() if l.startswith("| DoRA − LoRA, r 8 | acc |"))
     assert "+50.0" in line and "no verdict yet (1 of 2 seeds scored)" in line and "decided" not in line
     assert "| DoRA r 8 (1 of 2 seeds) |" in text and "**The plan is not finished**" in text
+
+
+def test_a_report_with_only_the_base_scored(compare, tmp_path):
+    """Right after the first stage (no lr search finished): the base's row, the methods as not run."""
+    setup = compare.Setup(ranks=(8,), seeds=(0, 1), lrs={"lora": (1e-4, 1e-3), "dora": (1e-4, 1e-3), "full": (1e-5,)})
+    records = _records(compare, setup, {}, {})
+    text = compare.write_report(records, setup, tmp_path)
+    assert "| untrained |" in text and "**The plan is not finished**" in text
+    assert "| LoRA r 8 | 0.0001: – | 0.001: – |" in text
