@@ -97,7 +97,8 @@ def check_mergeable(model: nn.Module) -> None:
     if problem is None:
         for name, adapter, merged, _ in _each_merged(model):
             problem = problem or merge_problem(name, adapter, merged)
-    problem = sharding.agree(problem)
+    if sharding.is_split(model):  # every rank merges (a DDP replica merged by rank 0 alone asks no one)
+        problem = sharding.agree(problem)
     if problem:
         raise AdapterError(f"cannot merge: {problem}; nothing was merged")
 

@@ -316,6 +316,13 @@ def case_refusals(model_dir: Path, out: Path) -> dict:
         dorafit.attach(model, dorafit.AdapterConfig(rank=4, targets=["embed_tokens"]))
     except ValueError as err:
         messages["embedding"] = str(err)
+    # A whole (unsplit) model merged by rank 0 alone, as a data-parallel script does before it
+    # saves: no collective, so the other rank's barrier below is the only one it meets.
+    if dist.get_rank() == 0:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        dorafit.attach(model, adapter_config())
+        messages["merged_by_rank_0"] = type(dorafit.merge(model).model.layers[0].self_attn.q_proj).__name__
+    dist.barrier()
     return messages
 
 

@@ -301,9 +301,12 @@ def test_fsdp_by_tensor_parallel_on_a_2d_mesh_of_4_processes(four_processes, lla
 
 @pytest.mark.distributed
 def test_layouts_dorafit_cannot_follow_get_one_line(two_processes):
-    for r in results(two_processes, "refusals"):
+    ranks = results(two_processes, "refusals")
+    for r in ranks:
         assert "attach the adapters before fully_shard" in r["fully_sharded"]
         assert r["embedding"].startswith("module 'model.embed_tokens': a tensor-parallel Embedding (S(0)) cannot be adapted")
+    # A whole model merged on rank 0 alone while a process group exists: merge asks no other rank.
+    assert ranks[0]["merged_by_rank_0"] == "Linear" and "merged_by_rank_0" not in ranks[1]
 
 
 @pytest.mark.distributed
