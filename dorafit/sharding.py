@@ -25,6 +25,11 @@ its shard alone (``dorafit.materialize`` and the tensor-parallel layers use it).
 ``save_pretrained``) work on a sharded model: every rank calls it, the adapter's shards are
 gathered to whole tensors (``whole_adapters``), and rank 0 alone writes the files a one-process
 model would.
+
+``dorafit.merge`` of a split model uses the last two sections: under FSDP2 each block's layers
+merge while the block is held whole (``held_whole``) and each rank copies its rows into the
+parameter FSDP2 keeps (``fsdp_chunk``); any rank's problem is every rank's (``agree``); the
+merged model's ``save_pretrained`` gathers and writes from rank 0 (``install_whole_writer``).
 """
 
 from __future__ import annotations
