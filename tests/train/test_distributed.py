@@ -116,10 +116,20 @@ def test_fsdp_matches_one_process_and_resumes_bit_for_bit_after_kill(tiny_llama,
 
 def test_tensor_parallel_matches_one_process_and_writes_sharded_checkpoints(tiny_llama, arc_files, tmp_path):
     """--distributed tp: every process holds half of each split layer (the model's plan) and sees
-    every row; the adapter equals a one-process run's, the checkpoints hold a shard per process."""
+    every row; the adapter equals a one-process run's, the checkpoints hold a shard per process,
+    and a run stopped after its first checkpoint resumes to the same adapter bit for bit."""
     _, tp = _like_one_process(tiny_llama, arc_files, tmp_path, 8, "tp", "--save-steps", "2")
     last = ckpt.list_checkpoints(tp / "checkpoints")[0]
     assert len(list((last / ckpt.SHARDS).iterdir())) == 2 and not (last / "trainable.safetensors").exists()
+    # Stopped after its first checkpoint and resumed from the shards: bit for bit the whole run.
+    stopped = tmp_path / "tp-stopped"
+    done = _torchrun(_args(tiny_llama, arc_files, stopped, 8, "--distributed", "tp", "--save-steps", "2",
+                           "--stop-after-steps", "2"), ROOT)
+    assert done.returncode == 0 and not (stopped / "adapter").exists(), done.stderr[-4000:]
+    done = _torchrun(["train", "--resume", "--output", str(stopped), "--no-progress"], ROOT)
+    assert done.returncode == 0 and "resumed from" in done.stdout, done.stdout[-3000:] + done.stderr[-6000:]
+    a, b = _adapter(tp), _adapter(stopped)
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
 
 
 def test_fsdp_by_tensor_parallel_on_4_processes_matches_one_process(tiny_llama, arc_files, tmp_path):
