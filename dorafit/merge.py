@@ -85,6 +85,18 @@ def _each_merged(model: nn.Module) -> Iterator[Tuple[str, AdapterLayer, torch.Te
                     yield name, adapter, adapter.merged_weight_2d(), weight
 
 
+def _placement_problem(name: str, adapter: AdapterLayer, merged: torch.Tensor,
+                       kept: Optional[torch.Tensor]) -> Optional[str]:
+    """Why this rank's part of the merged weight cannot go into FSDP2's parameter ``kept``, or None."""
+    if kept is None:
+        return None
+    try:
+        sharding.fsdp_chunk(name, adapter.weight_from_2d(merged), kept)
+    except sharding.ShardingError as err:
+        return str(err)
+    return None
+
+
 def check_mergeable(model: nn.Module) -> None:
     """Raise AdapterError (the model untouched) when a merged weight would be non-finite or out of
     its dtype's range. Each layer's merged weight is built, checked and freed in turn. On a model
@@ -95,8 +107,9 @@ def check_mergeable(model: nn.Module) -> None:
                     for name, adapter in adapter_modules(model)
                     if isinstance(adapter, Linear4bitAdapter) and sharding.fsdp_owners(model, name)), None)
     if problem is None:
-        for name, adapter, merged, _ in _each_merged(model):
-            problem = problem or merge_problem(name, adapter, merged)
+        for name, adapter, merged, kept in _each_merged(model):
+            problem = (problem or merge_problem(name, adapter, merged)
+                       or _placement_problem(name, adapter, merged, kept))
     if sharding.is_split(model):  # every rank merges (a DDP replica merged by rank 0 alone asks no one)
         problem = sharding.agree(problem)
     if problem:
