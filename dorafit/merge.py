@@ -97,15 +97,23 @@ def _placement_problem(name: str, adapter: AdapterLayer, merged: torch.Tensor,
     return None
 
 
+def _quantized_under_fsdp(model: nn.Module) -> Optional[str]:
+    """Why a 4-bit layer sharded by FSDP2 cannot merge (its merge is a new, dequantized layer
+    FSDP2 does not hold), or None. Asked before any block is gathered: a gathered 4-bit weight
+    has lost its quantization state."""
+    for name, adapter in adapter_modules(model):
+        if isinstance(adapter, Linear4bitAdapter) and sharding.fsdp_owners(model, name):
+            return (f"module {name!r}: its base is quantized and sharded by FSDP2, and a merge replaces it by a "
+                    "dequantized layer FSDP2 does not hold; save the adapter (dorafit.save_adapter) and merge it on "
+                    "one process (dorafit merge)")
+    return None
+
+
 def check_mergeable(model: nn.Module) -> None:
     """Raise AdapterError (the model untouched) when a merged weight would be non-finite or out of
     its dtype's range. Each layer's merged weight is built, checked and freed in turn. On a model
     split over processes every rank raises, or none does."""
-    problem = next((f"module {name!r}: its base is quantized and sharded by FSDP2, and a merge replaces it by a "
-                    "dequantized layer FSDP2 does not hold; save the adapter (dorafit.save_adapter) and merge it on "
-                    "one process (dorafit merge)"
-                    for name, adapter in adapter_modules(model)
-                    if isinstance(adapter, Linear4bitAdapter) and sharding.fsdp_owners(model, name)), None)
+    problem = _quantized_under_fsdp(model)
     if problem is None:
         for name, adapter, merged, kept in _each_merged(model):
             problem = (problem or merge_problem(name, adapter, merged)

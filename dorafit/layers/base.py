@@ -275,12 +275,6 @@ class AdapterLayer(nn.Module):
         a, b = self.lowrank_factors()
         return DF.merged_weight_2d(w0, a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), self.scaling, self.magnitude)
 
-    def to_plain_module(self) -> nn.Module:
-        """The base module with the merged weight (a new Parameter; the bias is unchanged)."""
-        with torch.no_grad():
-            merged = self.merged_weight_2d()
-        return self.write_merged(merged)
-
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Forward by materialising W' (paper Eq. 5) and running the base op with it.
 

@@ -60,7 +60,7 @@ def test_merge_parity_and_row_norms(ref):
     x = ids()
     with torch.no_grad():
         y = layer(x)
-        plain = layer.to_plain_module()
+        plain = layer.write_merged(layer.merged_weight_2d())
     assert type(plain) is nn.Embedding
     torch.testing.assert_close(plain(x), y, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.linalg.vector_norm(plain.weight, dim=0), layer.magnitude.detach(), rtol=1e-5, atol=1e-6)
