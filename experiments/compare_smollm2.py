@@ -21,8 +21,9 @@ Design (``Setup``):
 - **Learning rate**: each method its own, the one of three with the lowest final loss on the
   held-out rows, seed 0, searched at the largest rank and used at every rank
   (``Setup.lr_per_rank`` searches per rank); seed 1 then runs at that lr.
-- **Order**: the untrained base; LoRA and DoRA at r 16 (lr searches, both seeds, scored); r 8;
-  full fine-tuning last, so that an interrupted plan has settled the most decisive part first.
+- **Order**: the untrained base; LoRA and DoRA at r 16 (lr searches, then seed by seed, both
+  methods scored per seed); r 8; full fine-tuning last, so that an interrupted plan has settled the
+  most decisive part first and holds pairs.
 - **Test**: likelihood scoring (acc and acc_norm, zero-shot) on ``test_rows`` rows of each
   full test file (a fixed shuffle; OpenBookQA's test file has 500): ARC-Easy, ARC-Challenge,
   OpenBookQA, BoolQ (trained tasks) and SIQA, PIQA, WinoGrande (transfer: never trained on).
@@ -238,7 +239,7 @@ def search_rank(setup: Setup, rank: int | None) -> int | None:
 def stages(setup: Setup, records: dict) -> list[tuple[str, str, dict]]:
     """The plan in order: (key, what, spec); lr choices depend on records, so later stages appear
     once their lr search is done. The most decisive comparison first: LoRA and DoRA at the
-    largest rank (their lr searches, then both seeds), then the smaller ranks, full fine-tuning last."""
+    largest rank (their lr searches, then seed by seed), then the smaller ranks, full fine-tuning last."""
     plan = [("base", "score the untrained model", {})]
     adapters = [(method, rank) for rank in sorted(setup.ranks, reverse=True) for method in ("dora", "lora")]
     for groups in (adapters, [("full", None)]):
@@ -252,11 +253,13 @@ def stages(setup: Setup, records: dict) -> list[tuple[str, str, dict]]:
                 plan.append((name, f"train {method} r{search_rank(setup, rank)} lr {lr:g} seed 0 (lr search)",
                              dict(method=method, rank=search_rank(setup, rank), lr=lr, seed=0)))
         for method, rank in groups:
-            chosen = chosen_lr(records, setup, method, rank)
-            if chosen is None:
+            if chosen_lr(records, setup, method, rank) is None:
                 plan.append((f"{method}{'' if rank is None else f'-r{rank}'}-choice", "choose the lr, score its run", {}))
-                continue
-            for seed in setup.seeds:
+        # Seed by seed across the methods of a rank, so that a stopped plan holds paired runs.
+        for seed, (method, rank) in [(seed, group) for rank in sorted({r for _, r in groups}, key=lambda r: -(r or 0))
+                                     for seed in setup.seeds for group in groups if group[1] == rank]:
+            chosen = chosen_lr(records, setup, method, rank)
+            if chosen is not None:
                 name = run_name(method, rank, chosen, seed)
                 if not (seed == setup.seeds[0] and rank == search_rank(setup, rank)):  # else the search ran it
                     plan.append((name, f"train {method} r{rank} lr {chosen:g} seed {seed}",

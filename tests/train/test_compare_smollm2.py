@@ -75,7 +75,9 @@ def test_the_plan_orders_lr_search_before_the_chosen_seeds(compare):
                     "full-lr1e-05-s0", "full-choice"]
     done = {"runs": {k: {"val_loss": 1.0, "lr": 1e-3 if "full" not in k else 1e-5} for k in keys if "-s0" in k}}
     later = [k for k, _, _ in compare.stages(setup, done)]
-    assert later[3:6] == ["eval:dora-r16-lr0.001-s0", "dora-r16-lr0.001-s1", "eval:dora-r16-lr0.001-s1"]
+    # Seed by seed: both methods' seed 0 scored before either trains seed 1, so a stopped plan holds pairs.
+    assert later[3:9] == ["eval:dora-r16-lr0.001-s0", "eval:lora-r16-lr0.001-s0", "dora-r16-lr0.001-s1",
+                          "eval:dora-r16-lr0.001-s1", "lora-r16-lr0.001-s1", "eval:lora-r16-lr0.001-s1"]
     assert later[9:] == ["full-lr1e-05-s0", "eval:full-lr1e-05-s0", "full-lr1e-05-s1", "eval:full-lr1e-05-s1"]
 
 
