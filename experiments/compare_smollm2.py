@@ -20,7 +20,8 @@ Design (``Setup``):
   (AdamW, linear warm-up and decay, batch 8, one epoch).
 - **Learning rate**: each method its own, the one of three with the lowest final loss on the
   held-out rows, seed 0, searched at the largest rank and used at every rank
-  (``Setup.lr_per_rank`` searches per rank); seed 1 then runs at that lr.
+  (``Setup.lr_per_rank`` searches per rank); where the lowest is at an end of the grid, one more
+  grid step past that end is searched first (``search_lrs``); seed 1 then runs at the chosen lr.
 - **Order**: the untrained base; LoRA and DoRA at r 16 (lr searches, then seed by seed, both
   methods scored per seed); r 8; full fine-tuning last, so that an interrupted plan has settled the
   most decisive part first and holds pairs.
@@ -81,6 +82,7 @@ class Setup:
     eval_batch_size: int = 32
     save_steps: int = 40
     lr_per_rank: bool = False  # False: each method's lr is chosen at its largest rank and used at every rank
+    edge_steps: int = 1  # lrs added past the grid's end, one at a time, while the best is the last searched
 
     @property
     def steps(self) -> int:
@@ -248,7 +250,7 @@ def stages(setup: Setup, records: dict) -> list[tuple[str, str, dict]]:
             if (method, search_rank(setup, rank)) in searched:
                 continue
             searched.append((method, search_rank(setup, rank)))
-            for lr in setup.lrs[method]:
+            for lr in search_lrs(setup, records, method, rank):
                 name = run_name(method, search_rank(setup, rank), lr, 0)
                 plan.append((name, f"train {method} r{search_rank(setup, rank)} lr {lr:g} seed 0 (lr search)",
                              dict(method=method, rank=search_rank(setup, rank), lr=lr, seed=0)))
@@ -268,10 +270,31 @@ def stages(setup: Setup, records: dict) -> list[tuple[str, str, dict]]:
     return plan
 
 
+def search_lrs(setup: Setup, records: dict, method: str, rank: int | None) -> list[float]:
+    """The lrs searched for the method: its grid and, while the lowest held-out loss is at an
+    end of what was searched, one more grid step past that end (rounded to one digit: 1e-3 →
+    3e-3; at most ``edge_steps``), so that a chosen lr is a minimum between two searched values
+    rather than the edge of a guess."""
+    lrs = list(setup.lrs[method])
+    for _ in range(setup.edge_steps if len(lrs) > 1 else 0):
+        runs = [records["runs"].get(run_name(method, search_rank(setup, rank), lr, 0)) for lr in lrs]
+        if any(r is None for r in runs):
+            break
+        best = min(range(len(lrs)), key=lambda i: runs[i]["val_loss"])
+        if best == len(lrs) - 1:
+            lrs.append(float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.1g}"))
+        elif best == 0:
+            lrs.insert(0, float(f"{lrs[0] * lrs[0] / lrs[1]:.1g}"))
+        else:
+            break
+    return lrs
+
+
 def chosen_lr(records: dict, setup: Setup, method: str, rank: int | None) -> float | None:
     """The lr of the lowest final held-out loss among the method's seed-0 lr-search runs (None
-    until all ran)."""
-    runs = [records["runs"].get(run_name(method, search_rank(setup, rank), lr, 0)) for lr in setup.lrs[method]]
+    until all of ``search_lrs`` ran)."""
+    runs = [records["runs"].get(run_name(method, search_rank(setup, rank), lr, 0))
+            for lr in search_lrs(setup, records, method, rank)]
     if any(r is None for r in runs):
         return None
     return min(runs, key=lambda r: r["val_loss"])["lr"]
@@ -322,7 +345,7 @@ def run_all(setup: Setup, results: Path, work: Path, report: bool = True) -> dic
 def _drop_unchosen(records: dict, setup: Setup, work: Path) -> None:
     """Full fine-tunes at the lrs not chosen keep nothing worth 540 MB each."""
     chosen = chosen_lr(records, setup, "full", None)
-    for lr in setup.lrs["full"]:
+    for lr in search_lrs(setup, records, "full", None):
         if chosen is not None and lr != chosen:
             shutil.rmtree(work / run_name("full", None, lr, 0) / "model", ignore_errors=True)
 
@@ -381,20 +404,25 @@ def write_report(records: dict, setup: Setup, results: Path) -> str:
     # 1. learning rates
     across = "" if setup.lr_per_rank else f"; the lr chosen at r {max(setup.ranks)} is used at every rank"
     lines += [f"## Learning rate per method (final loss on the held-out training rows, seed 0{across})", "",
-              "| method | " + " | ".join(f"lr {i + 1}" for i in range(3)) + " | chosen |", "|---|---|---|---|---|"]
+              "An lr chosen at an end of the grid adds one more grid step past that end "
+              f"(`Setup.edge_steps` = {setup.edge_steps}).", "",
+              "| method | lr searched: held-out loss | chosen |", "|---|---|---|"]
     groups = groups_of(setup)
     searched = []
     for method, rank in groups:
-        if (method, search_rank(setup, rank)) in searched:
-            continue
-        searched.append((method, search_rank(setup, rank)))
         rank = search_rank(setup, rank)
+        if (method, rank) in searched:
+            continue
+        searched.append((method, rank))
+        lrs = search_lrs(setup, records, method, rank)
         cells = []
-        for lr in setup.lrs[method]:
+        for lr in lrs:
             rec = records["runs"].get(run_name(method, rank, lr, 0))
             cells.append(f"{lr:g}: {rec['val_loss']:.4f}" if rec else f"{lr:g}: –")
         chosen = chosen_lr(records, setup, method, rank)
-        lines.append(f"| {label(method, rank)} | " + " | ".join(cells) + f" | {'–' if chosen is None else f'{chosen:g}'} |")
+        edge = " (an end of the searched grid)" if chosen is not None and chosen in (lrs[0], lrs[-1]) else ""
+        lines.append(f"| {label(method, rank)} | " + ", ".join(cells) +
+                     f" | {'–' if chosen is None else f'{chosen:g}'}{edge} |")
     # 2. accuracies
     for norm in (False, True):
         metric = "acc_norm" if norm else "acc"

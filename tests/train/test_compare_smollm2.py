@@ -51,8 +51,8 @@ def _records(compare, setup, val_losses: dict, outcome: dict) -> dict:
 
 def test_lr_choice_paired_differences_and_report(compare, tmp_path):
     setup = compare.Setup(ranks=(8,), seeds=(0, 1), lrs={"lora": (1e-4, 1e-3), "dora": (1e-4, 1e-3), "full": (1e-5,)})
-    losses = {("lora", 8, 1e-4): 0.9, ("lora", 8, 1e-3): 0.8, ("dora", 8, 1e-4): 0.7, ("dora", 8, 1e-3): 0.75,
-              ("full", None, 1e-5): 0.6}
+    losses = {("lora", 8, 1e-4): 0.9, ("lora", 8, 1e-3): 0.8, ("lora", 8, 1e-2): 0.85, ("dora", 8, 1e-5): 0.72,
+              ("dora", 8, 1e-4): 0.7, ("dora", 8, 1e-3): 0.75, ("full", None, 1e-5): 0.6}
     outcome = {("lora", 8): lambda s: "01" * 10, ("dora", 8): lambda s: "11" * 10, ("full", None): lambda s: "10" * 10}
     records = _records(compare, setup, losses, outcome)
     assert compare.chosen_lr(records, setup, "lora", 8) == 1e-3 and compare.chosen_lr(records, setup, "dora", 8) == 1e-4
@@ -64,7 +64,9 @@ def test_lr_choice_paired_differences_and_report(compare, tmp_path):
     # DoRA gets every row LoRA misses: +50 points on every task, far beyond two standard errors.
     line = next(l for l in text.splitlines() if l.startswith("| DoRA − LoRA, r 8 | acc |"))
     assert "+50.0 ± 11.5" in line and "decided" in line and "not decided" not in line
-    assert "| LoRA r 8 | 0.0001: 0.9000 | 0.001: 0.8000 | 0.001 |" in text
+    # LoRA's best is the grid's top: one more step (1e-2) is searched before its lr is chosen.
+    assert "| LoRA r 8 | 0.0001: 0.9000, 0.001: 0.8000, 0.01: 0.8500 | 0.001 |" in text
+    assert "| DoRA r 8 | 1e-05: 0.7200, 0.0001: 0.7000, 0.001: 0.7500 | 0.0001 |" in text
 
 
 def test_the_plan_orders_lr_search_before_the_chosen_seeds(compare):
@@ -81,6 +83,26 @@ def test_the_plan_orders_lr_search_before_the_chosen_seeds(compare):
     assert later[9:] == ["full-lr1e-05-s0", "eval:full-lr1e-05-s0", "full-lr1e-05-s1", "eval:full-lr1e-05-s1"]
 
 
+def test_an_lr_at_the_end_of_the_grid_searches_one_step_past_it(compare):
+    setup = compare.Setup(ranks=(16,), seeds=(0,), lrs={"lora": (1e-4, 3e-4, 1e-3), "dora": (1e-4, 3e-4, 1e-3),
+                                                       "full": (1e-5,)})
+    run = lambda lr, loss: {"val_loss": loss, "lr": lr}  # noqa: E731
+    records = {"runs": {"dora-r16-lr0.0001-s0": run(1e-4, 3.0), "dora-r16-lr0.0003-s0": run(3e-4, 2.7),
+                        "dora-r16-lr0.001-s0": run(1e-3, 2.5)}}
+    assert compare.search_lrs(setup, records, "dora", 16) == [1e-4, 3e-4, 1e-3, 3e-3]
+    assert compare.chosen_lr(records, setup, "dora", 16) is None  # not before 3e-3 ran
+    keys = [k for k, _, _ in compare.stages(setup, records)]
+    assert "dora-r16-lr0.003-s0" in keys and "eval:dora-r16-lr0.001-s0" not in keys
+    records["runs"]["dora-r16-lr0.003-s0"] = run(3e-3, 2.6)  # worse: 1e-3 is a minimum between two searched
+    assert compare.chosen_lr(records, setup, "dora", 16) == 1e-3
+    records["runs"]["dora-r16-lr0.003-s0"] = run(3e-3, 2.4)  # better again: one step only (edge_steps 1)
+    assert compare.search_lrs(setup, records, "dora", 16)[-1] == 3e-3
+    assert compare.chosen_lr(records, setup, "dora", 16) == 3e-3
+    records["runs"]["dora-r16-lr0.0001-s0"] = run(1e-4, 2.0)  # the bottom end extends downwards
+    assert compare.search_lrs(setup, records, "dora", 16)[0] == 3e-5
+    assert compare.search_lrs(compare.Setup(edge_steps=0), records, "dora", 16) == [1e-4, 3e-4, 1e-3]
+
+
 def test_the_largest_rank_is_compared_before_the_smaller(compare):
     setup = compare.Setup(ranks=(8, 16), seeds=(0,), lrs={"lora": (1e-3,), "dora": (1e-3,), "full": (1e-5,)})
     runs = {k: {"val_loss": 1.0, "lr": 1e-3 if "full" not in k else 1e-5}
@@ -91,7 +113,8 @@ def test_the_largest_rank_is_compared_before_the_smaller(compare):
 
 
 def test_a_smaller_rank_runs_at_the_lr_its_method_chose_at_the_largest(compare):
-    setup = compare.Setup(ranks=(8, 16), seeds=(0, 1), lrs={"lora": (1e-3,), "dora": (1e-4, 1e-3), "full": (1e-5,)})
+    setup = compare.Setup(ranks=(8, 16), seeds=(0, 1), lrs={"lora": (1e-3,), "dora": (1e-4, 1e-3), "full": (1e-5,)},
+                          edge_steps=0)
     keys = [k for k, _, _ in compare.stages(setup, {"runs": {}})]
     assert [k for k in keys if "-s0" in k] == ["dora-r16-lr0.0001-s0", "dora-r16-lr0.001-s0", "lora-r16-lr0.001-s0",
                                               "full-lr1e-05-s0"]  # no lr search at r 8
@@ -121,4 +144,4 @@ def test_a_report_with_only_the_base_scored(compare, tmp_path):
     records = _records(compare, setup, {}, {})
     text = compare.write_report(records, setup, tmp_path)
     assert "| untrained |" in text and "**The plan is not finished**" in text
-    assert "| LoRA r 8 | 0.0001: – | 0.001: – |" in text
+    assert "| LoRA r 8 | 0.0001: –, 0.001: – | – |" in text
