@@ -48,6 +48,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -521,13 +522,20 @@ def plan_text(setup: Setup, records: dict, rates: dict | None = None) -> str:
 
 
 def rates_from(records: dict, smoke: dict | None, setup: Setup) -> dict | None:
-    """Seconds per stage, scaled from a smoke run's measured rates to the setup's sizes."""
-    if not smoke:
-        return None
-    s = smoke["per_unit"]
-    rows = sum(min(setup.test_rows, 500 if t == "openbookqa" else 10**9) for t in TRAIN_TASKS + TRANSFER_TASKS)
-    return {"eval": s["eval_per_row"] * rows, "train": s["train_per_step"] * setup.steps + s["run_overhead"],
-            "train_full": s["train_full_per_step"] * setup.steps + s["run_overhead_full"]}
+    """Seconds per stage: the median of the stages of each kind the records hold (adapter runs,
+    full fine-tunes, scorings of a trained run), else a smoke run's rates scaled to the setup."""
+    runs, seconds = records.get("runs", {}), records.get("stage_seconds", {})
+    kinds = {"eval": [v for k, v in seconds.items() if k.startswith("eval:")],
+             "train": [v for k, v in seconds.items() if runs.get(k, {}).get("method") in ("lora", "dora")],
+             "train_full": [v for k, v in seconds.items() if runs.get(k, {}).get("method") == "full"]}
+    rates = {}
+    if smoke:
+        s = smoke["per_unit"]
+        rows = sum(min(setup.test_rows, 500 if t == "openbookqa" else 10**9) for t in TRAIN_TASKS + TRANSFER_TASKS)
+        rates = {"eval": s["eval_per_row"] * rows, "train": s["train_per_step"] * setup.steps + s["run_overhead"],
+                 "train_full": s["train_full_per_step"] * setup.steps + s["run_overhead_full"]}
+    rates.update({kind: statistics.median(values) for kind, values in kinds.items() if values})
+    return rates if len(rates) == 3 else None
 
 
 def smoke(results: Path, work: Path) -> dict:

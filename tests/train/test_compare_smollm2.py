@@ -145,3 +145,19 @@ def test_a_report_with_only_the_base_scored(compare, tmp_path):
     text = compare.write_report(records, setup, tmp_path)
     assert "| untrained |" in text and "**The plan is not finished**" in text
     assert "| LoRA r 8 | 0.0001: –, 0.001: – | – |" in text
+
+
+def test_the_time_left_comes_from_the_stages_already_run(compare):
+    setup = compare.Setup()
+    runs = {"dora-r16-lr0.001-s0": {"method": "dora"}, "lora-r16-lr0.001-s0": {"method": "lora"},
+            "lora-r16-lr0.003-s0": {"method": "lora"}, "full-lr1e-05-s0": {"method": "full"}}
+    records = {"runs": runs, "stage_seconds": {"base": 2600.0, "dora-r16-lr0.001-s0": 300.0, "lora-r16-lr0.001-s0": 280.0,
+                                               "lora-r16-lr0.003-s0": 400.0, "full-lr1e-05-s0": 700.0,
+                                               "eval:dora-r16-lr0.001-s0": 480.0}}
+    # the base's scoring (the untrained model, run beside other work) is not a trained run's scoring
+    assert compare.rates_from(records, None, setup) == {"eval": 480.0, "train": 300.0, "train_full": 700.0}
+    del records["stage_seconds"]["full-lr1e-05-s0"]
+    assert compare.rates_from(records, None, setup) is None  # a kind never run and no smoke rates: no estimate
+    smoke = {"per_unit": {"eval_per_row": 0.1, "train_per_step": 2.0, "run_overhead": 10.0,
+                          "train_full_per_step": 4.0, "run_overhead_full": 20.0}}
+    assert compare.rates_from(records, smoke, setup)["train_full"] == 4.0 * setup.steps + 20.0
