@@ -464,7 +464,29 @@ def write_report(records: dict, setup: Setup, results: Path) -> str:
             lines.append(f"| {title} | {'acc_norm' if norm else 'acc'} | " + " | ".join(
                 f"{100 * m:+.1f} ± {100 * s:.1f}" for m, s in cells) + f" | {100 * everything[0]:+.2f} ± "
                 f"{100 * everything[1]:.2f} | {judged} |")
-    # 4. progress and time
+    # 4. training noise: the same method and lr, one seed against the other
+    noise = []
+    for method, rank in groups:
+        lr = chosen_lr(records, setup, method, rank)
+        runs = [] if lr is None else [records["runs"].get(run_name(method, rank, lr, s), {}).get("scores")
+                                      for s in setup.seeds[:2]]
+        if len(runs) < 2 or not all(runs):
+            continue
+        for norm in (False, True):
+            a, b = ({t: outcomes(r, t, norm) for t in tasks} for r in runs)
+            everything = paired(sum(a.values(), []), sum(b.values(), []))
+            noise.append(f"| {label(method, rank)}, seed {setup.seeds[0]} − seed {setup.seeds[1]} | "
+                         f"{'acc_norm' if norm else 'acc'} | " + " | ".join(
+                             "{:+.1f} ± {:.1f}".format(*(100 * v for v in paired(a[t], b[t]))) for t in tasks)
+                         + f" | {100 * everything[0]:+.2f} ± {100 * everything[1]:.2f} |")
+    if noise:
+        lines += ["", "## Seed to seed: what training noise alone moves (points, paired per row)", "",
+                  "The standard errors above count the test rows, not the training runs; two seeds of one method "
+                  "at one lr differ by this much. A DoRA − LoRA difference of this size is within what another "
+                  "seed of either method would move.", "",
+                  "| runs | metric | " + " | ".join(SHORT[t] for t in tasks) + " | all rows |",
+                  "|---|---|" + "---|" * (len(tasks) + 1)] + noise
+    # 5. progress and time
     plan = [key for key, _, _ in stages(setup, records)]
     finished = sum(1 for key in plan if done(key, records))
     if finished < len(plan):

@@ -161,3 +161,18 @@ def test_the_time_left_comes_from_the_stages_already_run(compare):
     smoke = {"per_unit": {"eval_per_row": 0.1, "train_per_step": 2.0, "run_overhead": 10.0,
                           "train_full_per_step": 4.0, "run_overhead_full": 20.0}}
     assert compare.rates_from(records, smoke, setup)["train_full"] == 4.0 * setup.steps + 20.0
+
+
+def test_the_report_shows_what_a_second_seed_alone_moves(compare, tmp_path):
+    setup = compare.Setup(ranks=(8,), seeds=(0, 1), lrs={"lora": (1e-3,), "dora": (1e-3,), "full": (1e-5,)})
+    losses = {("lora", 8, 1e-3): 0.8, ("dora", 8, 1e-3): 0.8, ("full", None, 1e-5): 0.6}
+    outcome = {("lora", 8): lambda s: "11" * 10 if s == 0 else "01" * 10, ("dora", 8): lambda s: "01" * 10,
+               ("full", None): lambda s: "10" * 10}
+    text = compare.write_report(_records(compare, setup, losses, outcome), setup, tmp_path)
+    lora = next(l for l in text.splitlines() if l.startswith("| LoRA r 8, seed 0 − seed 1 | acc |"))
+    assert lora.count("+50.0 ± 11.5") == 7 and lora.endswith("| +50.00 ± 4.24 |")  # 140 rows, half differ: sd 0.502 / √140
+    dora = next(l for l in text.splitlines() if l.startswith("| DoRA r 8, seed 0 − seed 1 | acc |"))
+    assert dora.count("+0.0 ± 0.0") == 7
+    del_one = _records(compare, setup, losses, outcome)
+    del del_one["runs"]["lora-r8-lr0.001-s1"]
+    assert "| LoRA r 8, seed 0 − seed 1 |" not in compare.write_report(del_one, setup, tmp_path)
