@@ -29,9 +29,10 @@ Design (``Setup``):
   full test file (a fixed shuffle; OpenBookQA's test file has 500): ARC-Easy, ARC-Challenge,
   OpenBookQA, BoolQ (trained tasks) and SIQA, PIQA, WinoGrande (transfer: never trained on).
 - **Comparison**: per row, paired. DoRA − LoRA at the same rank: the per-row outcome averaged
-  over the seeds, then the mean difference over the rows and its standard error (sample sd /
-  sqrt(rows)); the same for each method against the untrained base. A difference is decided
-  when it exceeds two standard errors.
+  over the seeds, then the mean difference over the rows and its standard error: the rows'
+  (sample sd / sqrt(rows)) and, in quadrature, the training runs' (each method's variance of its
+  seeds' accuracies / seeds); the same for each method against the untrained base. A difference
+  is decided when it exceeds two standard errors. The seeds' own paired differences are shown.
 
 Every finished stage is a record in experiments/results/compare_smollm2/records.json (per-row
 outcomes as strings of 0/1), written atomically after each stage; training runs keep
@@ -379,6 +380,23 @@ def seeds_scored(records: dict, method: str, rank: int | None, setup: Setup) -> 
     return sum(1 for s in setup.seeds if records["runs"].get(run_name(method, rank, lr, s), {}).get("scores"))
 
 
+def seed_variance(records: dict, method: str, rank: int | None, setup: Setup, tasks, norm: bool = False) -> float:
+    """The variance that training noise gives the seed mean's accuracy on ``tasks`` (pooled
+    rows): the sample variance of the seeds' accuracies divided by their number; 0 with fewer
+    than two seeds scored."""
+    lr = chosen_lr(records, setup, method, rank)
+    runs = [] if lr is None else [records["runs"].get(run_name(method, rank, lr, s), {}).get("scores")
+                                  for s in setup.seeds]
+    accuracies = [statistics.fmean(sum((outcomes(r, t, norm) for t in tasks), [])) for r in runs if r]
+    return statistics.variance(accuracies) / len(accuracies) if len(accuracies) > 1 else 0.0
+
+
+def with_seeds(difference: tuple[float, float], variances: list[float]) -> tuple[float, float]:
+    """(mean, se) with the seed means' training-noise variances added to the rows' se."""
+    mean, se = difference
+    return mean, math.sqrt(se * se + sum(variances))
+
+
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     """mean(a − b) over rows and its standard error (sample sd / sqrt(n))."""
     d = [x - y for x, y in zip(a, b)]
@@ -444,6 +462,10 @@ def write_report(records: dict, setup: Setup, results: Path) -> str:
             lines.append(f"| {name} | " + " | ".join(cell) + " | " + " | ".join(f"{100 * p:.1f}" for p in pooled) + " |")
     # 3. paired differences
     lines += ["", "## Paired per-row differences (points, ± one standard error; seeds averaged per row)", "",
+              "The standard error counts both sources of chance: the test rows (the paired per-row differences' "
+              "sd / √rows) and the training runs (for a method with two or more seeds scored, the variance of its "
+              "seeds' accuracies / seeds, added in quadrature). The verdict column gives the rows' share alone "
+              "beside it.", "",
               "| comparison | metric | " + " | ".join(SHORT[t] for t in tasks) + " | all rows | verdict (all rows) |",
               "|---|---|" + "---|" * (len(tasks) + 2)]
     pairs = [(f"DoRA − LoRA, r {r}", ("dora", r), ("lora", r)) for r in setup.ranks]
@@ -455,12 +477,15 @@ def write_report(records: dict, setup: Setup, results: Path) -> str:
                  else {t: seed_mean(records, *second, setup, t, norm) for t in tasks} if second else {})
             if not all(a.values()) or not b or not all(b.values()):
                 continue
-            cells = [paired(a[t], b[t]) for t in tasks]
-            everything = paired(sum((a[t] for t in tasks), []), sum((b[t] for t in tasks), []))
+            sides = [side for side in (first, second) if side]
+            noise = lambda group: [seed_variance(records, *side, setup, group, norm) for side in sides]  # noqa: E731
+            cells = [with_seeds(paired(a[t], b[t]), noise((t,))) for t in tasks]
+            rows_only = paired(sum((a[t] for t in tasks), []), sum((b[t] for t in tasks), []))
+            everything = with_seeds(rows_only, noise(tasks))
             # A verdict only once every seed of both sides is scored: a partial plan decides nothing.
-            scored = [seeds_scored(records, *side, setup) for side in (first, second) if side]
-            judged = verdict(*everything) if min(scored) == len(setup.seeds) else \
-                f"no verdict yet ({min(scored)} of {len(setup.seeds)} seeds scored)"
+            scored = [seeds_scored(records, *side, setup) for side in sides]
+            judged = f"{verdict(*everything)}; rows alone ± {100 * rows_only[1]:.2f}" \
+                if min(scored) == len(setup.seeds) else f"no verdict yet ({min(scored)} of {len(setup.seeds)} seeds scored)"
             lines.append(f"| {title} | {'acc_norm' if norm else 'acc'} | " + " | ".join(
                 f"{100 * m:+.1f} ± {100 * s:.1f}" for m, s in cells) + f" | {100 * everything[0]:+.2f} ± "
                 f"{100 * everything[1]:.2f} | {judged} |")
@@ -481,9 +506,8 @@ def write_report(records: dict, setup: Setup, results: Path) -> str:
                          + f" | {100 * everything[0]:+.2f} ± {100 * everything[1]:.2f} |")
     if noise:
         lines += ["", "## Seed to seed: what training noise alone moves (points, paired per row)", "",
-                  "The standard errors above count the test rows, not the training runs; two seeds of one method "
-                  "at one lr differ by this much. A DoRA − LoRA difference of this size is within what another "
-                  "seed of either method would move.", "",
+                  "Two seeds of one method at one lr differ by this much (± the test rows' standard error); "
+                  "this spread is the training-noise part of the standard errors above.", "",
                   "| runs | metric | " + " | ".join(SHORT[t] for t in tasks) + " | all rows |",
                   "|---|---|" + "---|" * (len(tasks) + 1)] + noise
     # 5. progress and time

@@ -173,6 +173,9 @@ def test_the_report_shows_what_a_second_seed_alone_moves(compare, tmp_path):
     assert lora.count("+50.0 ± 11.5") == 7 and lora.endswith("| +50.00 ± 4.24 |")  # 140 rows, half differ: sd 0.502 / √140
     dora = next(l for l in text.splitlines() if l.startswith("| DoRA r 8, seed 0 − seed 1 | acc |"))
     assert dora.count("+0.0 ± 0.0") == 7
+    # LoRA's seeds score 100 % and 50 %: their spread (variance 0.125 / 2 seeds) joins the rows' se.
+    versus = next(l for l in text.splitlines() if l.startswith("| DoRA − LoRA, r 8 | acc |"))
+    assert versus.endswith("| -25.00 ± 25.09 | not decided; rows alone ± 2.12 |")
     del_one = _records(compare, setup, losses, outcome)
     del del_one["runs"]["lora-r8-lr0.001-s1"]
     assert "| LoRA r 8, seed 0 − seed 1 |" not in compare.write_report(del_one, setup, tmp_path)
