@@ -359,13 +359,18 @@ def outcomes(scores: dict, task: str, norm: bool = False) -> list[int]:
     return [int(c) for c in scores[task]["outcomes_norm" if norm else "outcomes"]]
 
 
+def seed_scores(records: dict, method: str, rank: int | None, setup: Setup) -> list[dict | None]:
+    """Per seed, the scores of the method's run at its chosen lr (None where not scored yet); no
+    entries while its lr search is not finished."""
+    lr = chosen_lr(records, setup, method, rank)
+    if lr is None:
+        return []
+    return [records["runs"].get(run_name(method, rank, lr, s), {}).get("scores") for s in setup.seeds]
+
+
 def seed_mean(records: dict, method: str, rank: int | None, setup: Setup, task: str, norm: bool = False) -> list[float]:
     """Per row, the outcome averaged over the seeds (at the method's chosen lr)."""
-    lr = chosen_lr(records, setup, method, rank)
-    if lr is None:  # its lr search is not finished
-        return []
-    runs = [records["runs"].get(run_name(method, rank, lr, s), {}).get("scores") for s in setup.seeds]
-    runs = [r for r in runs if r]
+    runs = [r for r in seed_scores(records, method, rank, setup) if r]
     if not runs:
         return []
     per_seed = [outcomes(r, task, norm) for r in runs]
@@ -374,20 +379,15 @@ def seed_mean(records: dict, method: str, rank: int | None, setup: Setup, task: 
 
 def seeds_scored(records: dict, method: str, rank: int | None, setup: Setup) -> int:
     """How many of the seeds have been scored at the method's chosen lr."""
-    lr = chosen_lr(records, setup, method, rank)
-    if lr is None:  # its lr search is not finished: nothing is scored at the chosen lr yet
-        return 0
-    return sum(1 for s in setup.seeds if records["runs"].get(run_name(method, rank, lr, s), {}).get("scores"))
+    return sum(1 for r in seed_scores(records, method, rank, setup) if r)
 
 
 def seed_variance(records: dict, method: str, rank: int | None, setup: Setup, tasks, norm: bool = False) -> float:
     """The variance that training noise gives the seed mean's accuracy on ``tasks`` (pooled
     rows): the sample variance of the seeds' accuracies divided by their number; 0 with fewer
     than two seeds scored."""
-    lr = chosen_lr(records, setup, method, rank)
-    runs = [] if lr is None else [records["runs"].get(run_name(method, rank, lr, s), {}).get("scores")
-                                  for s in setup.seeds]
-    accuracies = [statistics.fmean(sum((outcomes(r, t, norm) for t in tasks), [])) for r in runs if r]
+    accuracies = [statistics.fmean(sum((outcomes(r, t, norm) for t in tasks), []))
+                  for r in seed_scores(records, method, rank, setup) if r]
     return statistics.variance(accuracies) / len(accuracies) if len(accuracies) > 1 else 0.0
 
 
@@ -478,10 +478,10 @@ def write_report(records: dict, setup: Setup, results: Path) -> str:
             if not all(a.values()) or not b or not all(b.values()):
                 continue
             sides = [side for side in (first, second) if side]
-            noise = lambda group: [seed_variance(records, *side, setup, group, norm) for side in sides]  # noqa: E731
-            cells = [with_seeds(paired(a[t], b[t]), noise((t,))) for t in tasks]
+            spread = lambda group: [seed_variance(records, *side, setup, group, norm) for side in sides]  # noqa: E731
+            cells = [with_seeds(paired(a[t], b[t]), spread((t,))) for t in tasks]
             rows_only = paired(sum((a[t] for t in tasks), []), sum((b[t] for t in tasks), []))
-            everything = with_seeds(rows_only, noise(tasks))
+            everything = with_seeds(rows_only, spread(tasks))
             # A verdict only once every seed of both sides is scored: a partial plan decides nothing.
             scored = [seeds_scored(records, *side, setup) for side in sides]
             judged = f"{verdict(*everything)}; rows alone ± {100 * rows_only[1]:.2f}" \
@@ -492,9 +492,7 @@ def write_report(records: dict, setup: Setup, results: Path) -> str:
     # 4. training noise: the same method and lr, one seed against the other
     noise = []
     for method, rank in groups:
-        lr = chosen_lr(records, setup, method, rank)
-        runs = [] if lr is None else [records["runs"].get(run_name(method, rank, lr, s), {}).get("scores")
-                                      for s in setup.seeds[:2]]
+        runs = seed_scores(records, method, rank, setup)[:2]
         if len(runs) < 2 or not all(runs):
             continue
         for norm in (False, True):
