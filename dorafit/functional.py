@@ -261,9 +261,13 @@ class _DoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, x_low, a, b, magnitude, z, h, norm, weight, bias, scaling):
+    def forward(ctx, x, x_low, a, b, magnitude, z, h, norm, weight, bias, scaling, in_place):
         g = (magnitude / norm).to(z.dtype)  # (out,), computed in at least float32 (n is float32)
-        y = torch.addmm(z, h, b.t(), alpha=scaling)  # (N, out), a new tensor
+        if in_place:  # z becomes y: no new (N, out) tensor
+            ctx.mark_dirty(z)
+            y = z.addmm_(h, b.t(), alpha=scaling)
+        else:  # compiled: dynamo traces no in-place input, and inductor plans the buffers itself
+            y = torch.addmm(z, h, b.t(), alpha=scaling)
         y = y.mul_(g) if bias is None else torch.addcmul(bias, y, g, out=y)
         ctx.scaling, ctx.own_low = scaling, x_low is not None
         ctx.save_for_backward(x if x_low is None else x_low, h, a, b, weight, y, g, magnitude, bias)
@@ -285,17 +289,23 @@ class _DoraLinear(torch.autograd.Function):
         if need_x and not ctx.own_low:
             grad_x.addmm_(grad_h, a)  # the low-rank path's input gradient, in place
         grad_low = grad_h.mm(a) if need_low else None
-        return grad_x, grad_low, grad_a, grad_b, grad_m, None, None, None, None, grad_bias, None
+        return grad_x, grad_low, grad_a, grad_b, grad_m, None, None, None, None, grad_bias, None, None
 
 
-def dora_linear(x_2d, x_low_2d, a, b, magnitude, z, h, norm, weight, bias, scaling: float) -> torch.Tensor:
+def dora_linear(
+    x_2d, x_low_2d, a, b, magnitude, z, h, norm, weight, bias, scaling: float, in_place: bool = True
+) -> torch.Tensor:
     """y = g ⊙ (z + s · h Bᵀ) + b with g = m / n, for z = x W0ᵀ and h = x' Aᵀ computed without
     autograd; gradients to x (N, in), x' (or None: x' = x), A (r, in), B (out, r) and m (out,).
 
     One autograd node (``_DoraLinear``); x, A, B, W0 and the bias of one dtype, n float32.
+    With ``in_place`` (not under torch.compile) z, the caller's temporary, is overwritten: y is
+    made in its storage (detached first, so that a view made without autograd, e.g.
+    ``stacked_products``' rows, may be written).
     Reference: ``reference_dora_compose(x W0ᵀ + b, s (x' Aᵀ) Bᵀ, m / n, b)``.
     """
-    return _DoraLinear.apply(x_2d, x_low_2d, a, b, magnitude, z, h, norm, weight, bias, scaling)
+    z = z.detach() if in_place else z
+    return _DoraLinear.apply(x_2d, x_low_2d, a, b, magnitude, z, h, norm, weight, bias, scaling, in_place)
 
 
 def dora_scale_shift(
