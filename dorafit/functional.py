@@ -299,12 +299,11 @@ def dora_linear(
     autograd; gradients to x (N, in), x' (or None: x' = x), A (r, in), B (out, r) and m (out,).
 
     One autograd node (``_DoraLinear``); x, A, B, W0 and the bias of one dtype, n float32.
-    With ``in_place`` (not under torch.compile) z, the caller's temporary, is overwritten: y is
-    made in its storage (detached first, so that a view made without autograd, e.g.
-    ``stacked_products``' rows, may be written).
+    With ``in_place`` z, the caller's own temporary, is overwritten: y is made in its storage.
+    Not for a view (``stacked_products``' rows: y would keep the rest of that storage alive,
+    and autograd forbids writing a view made without it) nor under torch.compile.
     Reference: ``reference_dora_compose(x W0ᵀ + b, s (x' Aᵀ) Bᵀ, m / n, b)``.
     """
-    z = z.detach() if in_place else z
     return _DoraLinear.apply(x_2d, x_low_2d, a, b, magnitude, z, h, norm, weight, bias, scaling, in_place)
 
 

@@ -272,8 +272,8 @@ def dora_linear(layer, x: torch.Tensor) -> torch.Tensor:
     x_2d = x.reshape(-1, x.shape[-1])
     low_2d = layer.dropout(x).reshape(x_2d.shape) if dropping(layer) else None  # "lowrank" mode
     z, h, norm = _linear_products(layer, x_2d, low_2d, a, w)
-    bias, in_place = base_bias(layer), not is_compiling()  # z is this call's own temporary
-    y = DF.dora_linear(x_2d, low_2d, a, b, layer.magnitude, z, h, norm, w, bias, layer.scaling, in_place)
+    own_z = not is_compiling() and not z._is_view()  # y is made in z's storage (not the stacked rows')
+    y = DF.dora_linear(x_2d, low_2d, a, b, layer.magnitude, z, h, norm, w, base_bias(layer), layer.scaling, own_z)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -678,6 +678,46 @@ def test_compile_no_graph_breaks(ref):
     torch._dynamo.reset()
 
 
+def test_output_is_made_in_the_products_storage_but_never_keeps_the_stacked_rows(ref):
+    """Eager, with autograd: a call whose x W0ᵀ is its own tensor makes y in that storage (no new
+    (tokens, out) tensor); the call that stacks A's rows on the tokens makes a new y, so what is
+    saved for backward never holds the r extra rows. Both exact against Eq. 5."""
+    layer = ref.randomize_adapter(make_linear(in_f=16, out_f=40))  # 2 · 3 tokens < 40: stacked when due
+    params = [layer.lora_a, layer.lora_b, layer.magnitude]
+    x = torch.randn(3, 16, requires_grad=True)
+    made, saved = [], []
+    real_mm = torch.Tensor.__matmul__
+
+    def spy_mm(t, other):  # the products of ``_linear_products`` (its x W0ᵀ comes first)
+        out = real_mm(t, other)
+        made.append(out)
+        return out
+
+    for call in range(2):  # the first call computes the norm (stacked), the second reads it
+        made.clear()
+        saved.clear()
+        torch.Tensor.__matmul__ = spy_mm
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                y = layer(x)
+        finally:
+            torch.Tensor.__matmul__ = real_mm
+        product = made[0]
+        assert product.shape[1] == 40 and product.shape[0] == (3 + layer.rank if call == 0 else 3)
+        shares = y.untyped_storage().data_ptr() == product.untyped_storage().data_ptr()
+        assert shares == (call == 1)
+        out_sized = [t for t in saved if t.shape[-1] == 40 and t.dim() == 2]
+        assert out_sized and all(t.untyped_storage().nbytes() == 3 * 40 * 4 for t in out_sized)
+        y.pow(2).sum().backward()
+        got = ref.grads_of(params + [x])
+        ref.zero_grads(params + [x])
+        layer.reference_forward(x).pow(2).sum().backward()
+        want = ref.grads_of(params + [x])
+        ref.zero_grads(params + [x])
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compiled_first_forward_gets_the_cross_term_from_the_base_matmul(ref, backend, monkeypatch):
     """Under compile, as in eager mode, the call that computes the norm gets A W0ᵀ from the
