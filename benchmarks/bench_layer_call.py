@@ -34,6 +34,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import dorafit
+from dorafit.bench import cpu_model
 
 SHAPES = OrderedDict(q=(576, 576), kv=(576, 192), up=(576, 1536), down=(1536, 576))
 # A layer too small for its FLOPs to matter: what is left is the fixed cost per call.
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
     variants = ["base", "lora", "dora"] + (["baseline lora", "baseline dora"] if BASELINE else [])
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; µs per call, medians of "
+    print(f"torch {torch.__version__}, {cpu_model()}, {torch.get_num_threads()} threads; µs per call, medians of "
           f"{args.rounds} alternating rounds")
     head = "| call | shape (in → out) | base | LoRA | DoRA | DoRA − LoRA per round (quartiles) | DoRA ÷ LoRA |"
     rule = "|---|---|---|---|---|---|---|"

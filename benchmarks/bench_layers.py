@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 import dorafit
-from dorafit.bench import format_table, load_dorafit_copy, make_variant, measure_variants, mib
+from dorafit.bench import cpu_model, format_table, load_dorafit_copy, make_variant, measure_variants, mib
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -345,7 +345,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+    print(f"torch {torch.__version__}, {cpu_model()} ({platform.machine()}), {os.cpu_count()} cpus, "
           f"{torch.get_num_threads()} threads, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     try:

@@ -14,6 +14,7 @@ affects them alike; results are medians with min and max.
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,19 @@ class Timing:
 
     def __str__(self) -> str:
         return f"{1e3 * self.median:9.2f} ms ({1e3 * self.low:.2f}–{1e3 * self.high:.2f})"
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (Linux ``/proc/cpuinfo``), else what
+    ``platform`` knows: printed beside every timing, since the figures depend on it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _sync(device: Optional[torch.device]) -> None:

@@ -24,6 +24,26 @@ def test_time_alternating_interleaves_rounds():
     assert out["a"].low <= out["a"].median <= out["a"].high
 
 
+def test_cpu_model_is_the_kernels_model_name(monkeypatch, tmp_path):
+    """The name printed beside timings: /proc/cpuinfo's "model name" where there is one, else
+    platform's answer (never an empty string)."""
+    import builtins
+    import platform
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Example CPU @ 2.00GHz\n")
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert bench.cpu_model() == "Example CPU @ 2.00GHz"
+    cpuinfo.unlink()  # no such file: platform's name
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    assert bench.cpu_model() == platform.machine() != ""
+
+
 def test_saved_for_backward_counts_each_storage_once_and_skips_parameters():
     x = torch.randn(100, requires_grad=True)
     p = nn.Parameter(torch.randn(100))
