@@ -222,6 +222,7 @@ def ref():
         FixedMaskDropout=FixedMaskDropout,
         check_against_eq5=check_against_eq5,
         check_reference_forward=check_reference_forward,
+        check_grads_against_reference=check_grads_against_reference,
         AllocationRecorder=AllocationRecorder,
         check_no_weight_sized_temporary=check_no_weight_sized_temporary,
     )
@@ -313,6 +314,20 @@ def check_reference_forward(layer, x, rtol=1e-5, atol=1e-6):
     for g, w in zip(got, want):
         torch.testing.assert_close(g.float(), w.float(), rtol=rtol * 10, atol=atol * 10)
     zero_grads(params)
+
+
+def check_grads_against_reference(layer, x, y, tensors, rtol=1e-5, atol=1e-5):
+    """The gradients of Σ y² (y = the layer's output on x, however it was called: compiled,
+    under hooks...) equal those of ``layer.reference_forward(x)``, for ``tensors``; leaves their
+    gradients cleared."""
+    y.pow(2).sum().backward()
+    got = grads_of(tensors)
+    zero_grads(tensors)
+    layer.reference_forward(x).pow(2).sum().backward()
+    want = grads_of(tensors)
+    zero_grads(tensors)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
 
 
 @pytest.fixture(scope="session")

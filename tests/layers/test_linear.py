@@ -708,14 +708,7 @@ def test_output_is_made_in_the_products_storage_but_never_keeps_the_stacked_rows
         assert shares == (call == 1)
         out_sized = [t for t in saved if t.shape[-1] == 40 and t.dim() == 2]
         assert out_sized and all(t.untyped_storage().nbytes() == 3 * 40 * 4 for t in out_sized)
-        y.pow(2).sum().backward()
-        got = ref.grads_of(params + [x])
-        ref.zero_grads(params + [x])
-        layer.reference_forward(x).pow(2).sum().backward()
-        want = ref.grads_of(params + [x])
-        ref.zero_grads(params + [x])
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        ref.check_grads_against_reference(layer, x, y, params + [x])
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
@@ -736,15 +729,7 @@ def test_compiled_first_forward_gets_the_cross_term_from_the_base_matmul(ref, ba
     compiled = torch.compile(layer, fullgraph=True, backend=backend)
     x = torch.randn(3, 16, requires_grad=True)
     for _ in range(2):  # the first call computes the norm, the second reads it
-        y = compiled(x)
-        y.pow(2).sum().backward()
-        got = ref.grads_of(params + [x])
-        ref.zero_grads(params + [x])
-        layer.reference_forward(x).pow(2).sum().backward()
-        want = ref.grads_of(params + [x])
-        ref.zero_grads(params + [x])
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        ref.check_grads_against_reference(layer, x, compiled(x), params + [x])
     assert rows_seen == [layer.rank]  # the call that computed the norm stacked A's rows, the next did not
     torch._dynamo.reset()
 
