@@ -33,8 +33,10 @@ __all__ = sorted(_PUBLIC)
 
 def __getattr__(name: str):
     if name not in _PUBLIC:
-        raise AttributeError(f"module 'dorafit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"dorafit.{_PUBLIC[name]}"), name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # Relative to this package, whatever its name: a copy loaded beside dorafit under another name
+    # (``dorafit.bench.load_dorafit_copy``) must use its own modules, not the installed ones.
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
     globals()[name] = value  # the next lookup is a plain attribute
     return value
 

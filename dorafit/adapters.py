@@ -99,7 +99,7 @@ def install_save_pretrained(model: nn.Module) -> None:
     if not _is_transformers_model(model) or SAVE_HOOK_MARKER in model.__dict__:
         return
     if _save_pretrained_writer is None:
-        importlib.import_module("dorafit.hub")  # registers the writer (``import dorafit`` is lazy)
+        importlib.import_module(".hub", __package__)  # registers the writer (``import dorafit`` is lazy)
     # A partial, not a bound method: it pickles by reference (torch.save(model), copy.deepcopy).
     model.__dict__["save_pretrained"] = functools.partial(_save_pretrained_writer, model)
     model.__dict__[SAVE_HOOK_MARKER] = True

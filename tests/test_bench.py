@@ -86,9 +86,10 @@ def test_measure_variants_lora_against_dora():
     assert len(dora["step"].samples) == 2
     # DoRA saves each layer's output y. The loss's pow keeps the last one anyway; tanh keeps its
     # own output, not its input, so the first layer's 64×48 floats are extra, plus g, (out,) per
-    # layer. LoRA keeps its scaled copy s·B (out, r) per layer, which DoRA's node does not make.
+    # layer. With more tokens than inputs (64 > 32, 48) g scales B's rows, and the node keeps
+    # g ⊙ B (out, r) where LoRA keeps its scaled copy s·B.
     extra = dora["saved"] - lora["saved"]
-    assert extra == 64 * 48 * 4 + 4 * (48 + 16) - 4 * 4 * (48 + 16)
+    assert extra == 64 * 48 * 4 + 4 * (48 + 16)
     assert dora["peak"] > 0 and lora["peak"] > 0
 
 
@@ -101,6 +102,27 @@ def tiny_encoder(tmp_path_factory):
     BertModel(BertConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=64)).save_pretrained(folder)
     return folder
+
+
+def test_a_loaded_copy_runs_its_own_layers(tmp_path, monkeypatch):
+    """``load_dorafit_copy`` gives another checkout's library, not this one under another name:
+    the copy's layers come from the copy's files (the baseline of the benchmarks)."""
+    import shutil
+    import sys
+
+    source = os.path.dirname(dorafit.__file__)
+    shutil.copytree(source, tmp_path / "dorafit", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.delitem(sys.modules, "dorafit_copy_under_test", raising=False)
+    copied = bench.load_dorafit_copy(str(tmp_path), name="dorafit_copy_under_test")
+    try:
+        model = copied.attach(nn.Sequential(nn.Linear(8, 8)), copied.AdapterConfig(method="dora", rank=2, targets=["0"]))
+        module = sys.modules[type(model[0]).__module__]
+        assert type(model[0]).__module__.startswith("dorafit_copy_under_test.")
+        assert os.path.realpath(module.__file__).startswith(os.path.realpath(str(tmp_path)))
+        assert not isinstance(model[0], dorafit.AdapterLayer)
+    finally:
+        for key in [k for k in sys.modules if k.split(".")[0] == "dorafit_copy_under_test"]:
+            del sys.modules[key]
 
 
 def test_bench_command_prints_the_overhead(tiny_encoder, capsys):
