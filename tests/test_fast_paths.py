@@ -2,7 +2,8 @@
 
 - ``functional.dora_compose`` (saves y, rebuilds z for the magnitude gradient) against
   ``functional.reference_dora_compose`` (plain autograd);
-- ``functional.dora_linear`` (a linear layer's DoRA in one autograd node) against
+- ``functional.dora_linear`` (a linear layer's DoRA in one autograd node) and
+  ``functional.dora_linear_rows`` (the same with g on the rows of W0 and B) against
   ``functional.reference_dora_compose`` on the same products, zero magnitudes included;
 - ``functional.stacked_products`` (output and norm products from the stacked rows [x; A])
   against four matmuls;
@@ -112,10 +113,15 @@ def _linear_case(bias_kind, own_low, zero_row=False, seed=0):
     return x, low, a, b, m, w, bias, norm
 
 
-def _node(x, low, a, b, m, w, bias, norm, scaling=0.7):
+def _node(x, low, a, b, m, w, bias, norm, scaling=0.7, rows=False):
     with torch.no_grad():
         z, h = x @ w.t(), (x if low is None else low) @ a.t()
+    if rows:
+        return DF.dora_linear_rows(x, low, a, b, m, h, norm, w, bias, scaling)
     return DF.dora_linear(x, low, a, b, m, z, h, norm, w, bias, scaling)
+
+
+NODES = pytest.mark.parametrize("rows", [False, True], ids=["scaled-output", "scaled-rows"])
 
 
 def _node_reference(x, low, a, b, m, w, bias, norm, scaling=0.7):
@@ -124,22 +130,24 @@ def _node_reference(x, low, a, b, m, w, bias, norm, scaling=0.7):
     return DF.reference_dora_compose(base, lowrank, m / norm, bias)
 
 
+@NODES
 @pytest.mark.parametrize("own_low", [False, True], ids=["x", "own-dropout-input"])
 @pytest.mark.parametrize("bias_kind", ["none", "frozen", "trained"])
-def test_dora_linear_matches_reference(bias_kind, own_low):
+def test_dora_linear_matches_reference(bias_kind, own_low, rows):
     case = _linear_case(bias_kind, own_low)
     x, low, a, b, m, w, bias, norm = case
-    y = _node(*case)
+    y = _node(*case, rows=rows)
     y_ref = _node_reference(*case)
     torch.testing.assert_close(y, y_ref)
     grad_out = torch.randn_like(y)
     leaves = [t for t in (x, low, a, b, m, bias) if t is not None and t.requires_grad]
     for g, g_ref in zip(_grads(y, leaves, grad_out), _grads(y_ref, leaves, grad_out)):
         torch.testing.assert_close(g, g_ref)
-    assert torch.autograd.gradcheck(lambda *t: _node(*t, w, bias, norm), (x, low, a, b, m))
+    assert torch.autograd.gradcheck(lambda *t: _node(*t, w, bias, norm, rows=rows), (x, low, a, b, m))
 
 
-def test_dora_linear_zero_magnitude_on_a_zero_row_is_exact_and_syncs_nothing():
+@NODES
+def test_dora_linear_zero_magnitude_on_a_zero_row_is_exact_and_syncs_nothing(rows):
     """m_i = 0 on a zero row (W0_i = 0, B_i = 0): y_i = b_i, and 0 / 0 in the magnitude's
     gradient is read as its true value, 0; no value is read by the host."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -157,7 +165,7 @@ def test_dora_linear_zero_magnitude_on_a_zero_row_is_exact_and_syncs_nothing():
         x, low, a, b, m, w, bias, norm = case
         grad_out = torch.randn(6, 9, dtype=torch.float64)
         with Syncs():
-            y = _node(*case)
+            y = _node(*case, rows=rows)
             grads = _grads(y, [x, a, b, m], grad_out)
         assert Syncs.seen == 0
         y_ref = _node_reference(*case)
@@ -167,14 +175,15 @@ def test_dora_linear_zero_magnitude_on_a_zero_row_is_exact_and_syncs_nothing():
         assert grads[3][4] == 0
 
 
-def test_dora_linear_hand_zeroed_magnitude_gets_a_finite_zero_gradient():
+@NODES
+def test_dora_linear_hand_zeroed_magnitude_gets_a_finite_zero_gradient(rows):
     """A magnitude set to 0 by hand on a non-zero row: y_i = b_i keeps nothing of that row's
     W0 x + s B A x, so its gradient reads 0 (documented: such a row stays switched off)."""
     case = _linear_case("frozen", False)
     x, low, a, b, m, w, bias, norm = case
     with torch.no_grad():
         m[2] = 0.0
-    y = _node(*case)
+    y = _node(*case, rows=rows)
     (grad_m,) = _grads(y, [m], torch.randn_like(y))
     assert torch.isfinite(grad_m).all() and grad_m[2] == 0
     others = [i for i in range(9) if i != 2]
@@ -201,6 +210,23 @@ def test_dora_linear_keeps_only_lora_tensors_and_its_output():
     allowed = {t.untyped_storage().data_ptr() for t in (y, h, x, a, b, w)}
     assert y.untyped_storage().data_ptr() in ptrs and ptrs <= allowed
     assert z.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+
+
+def test_dora_linear_rows_keeps_neither_the_scaled_weight_nor_the_sum():
+    """With g on the rows: saved are x, h, y, the parameters and tensors of (out, r) size or
+    less (g ⊙ B, g); g ⊙ W0 (out, in) is made again in backward, never kept."""
+    x = torch.randn(40, 12, requires_grad=True)
+    a = torch.randn(3, 12, requires_grad=True)
+    b = torch.randn(16, 3, requires_grad=True)
+    w = torch.randn(16, 12)
+    m = torch.rand(16, requires_grad=True)
+    saved = []
+    with torch.no_grad():
+        h = x @ a.t()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = DF.dora_linear_rows(x, None, a, b, m, h, torch.ones(16), w, torch.zeros(16), 2.0)
+    ptrs = {t.untyped_storage().data_ptr() for t in saved if t.numel() > b.numel()}
+    assert ptrs == {t.untyped_storage().data_ptr() for t in (y, h, x, w)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -321,8 +347,9 @@ def test_feature_sums_by_batch_norm_equal_mul_and_sum(bias_kind, keep_sum):
             torch.testing.assert_close(g, g_ref)
 
 
+@NODES
 @pytest.mark.parametrize("bias_kind", ["none", "trained"])
-def test_dora_linear_on_a_large_reduction_matches_reference(bias_kind):
+def test_dora_linear_on_a_large_reduction_matches_reference(bias_kind, rows):
     torch.manual_seed(0)
     n, in_f, out_f, r = 64, 20, 600, 4  # 64 × 600 ≥ 2^15: batch norm's reduction
     x = torch.randn(n, in_f, dtype=torch.float64, requires_grad=True)
@@ -333,7 +360,7 @@ def test_dora_linear_on_a_large_reduction_matches_reference(bias_kind):
     bias = None if bias_kind == "none" else torch.randn(out_f, dtype=torch.float64, requires_grad=True)
     norm = torch.linalg.vector_norm(w + 0.7 * b.detach() @ a.detach(), dim=1)
     case = (x, None, a, b, m, w, bias, norm)
-    y, y_ref = _node(*case), _node_reference(*case)
+    y, y_ref = _node(*case, rows=rows), _node_reference(*case)
     torch.testing.assert_close(y, y_ref)
     leaves = [t for t in (x, a, b, m, bias) if t is not None]
     grad_out = torch.randn_like(y)

@@ -24,6 +24,8 @@ per output feature (detached and kept per optimizer step unless ``detach_norm=Fa
     | dora-keep-sum       | y = g ⊙ (t − b) + b, t = base(x) + s B A x',    | DoRA, DVoRA on convolutions (an in-place ReLU after |
     |                     | t kept for ∂L/∂m                                | a conv would overwrite a saved y), or where W0 has  |
     |                     |                                                 | a zero row (m_i = 0: y_i = b_i keeps no trace of t) |
+    | dora-linear-rows    | y = x (g ⊙ W0)ᵀ + b + s (x' Aᵀ)(g ⊙ B)ᵀ in one  | DoRA, DVoRA with a detached norm on a plain linear  |
+    |                     | autograd node (``functional.dora_linear_rows``) | layout (*), eager, more tokens than inputs          |
     | dora-linear         | y = g ⊙ (x W0ᵀ + s (x' Aᵀ) Bᵀ) + b in one       | DoRA, DVoRA with a detached norm on a plain linear  |
     |                     | autograd node (``functional.dora_linear``)      | layout (*), with autograd or compiled               |
     | dora                | y = g ⊙ (t − b) + b, t = base(x) + s B A x',    | DoRA, DVoRA otherwise (embeddings, quantized or     |
@@ -277,6 +279,25 @@ def dora_linear(layer, x: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+def dora_linear_rows(layer, x: torch.Tensor) -> torch.Tensor:
+    """y = x (g ⊙ W0)ᵀ + b + s (x' Aᵀ)(g ⊙ B)ᵀ in one autograd node (``functional.dora_linear_rows``).
+
+    With more tokens than input features g scales the rows of W0 and B, forward and backward,
+    instead of the output and its gradient: no elementwise pass over (tokens, out) is left but
+    the magnitude's reduction, as evaluation does (``dora_no_grad_rows``). The norm is the kept
+    one or computed now (A W0ᵀ in its own matmul: the output's matmul uses g ⊙ W0).
+    """
+    a, b = layer.lowrank_factors()
+    x_2d = x.reshape(-1, x.shape[-1])
+    low_2d = layer.dropout(x).reshape(x_2d.shape) if dropping(layer) else None  # "lowrank" mode
+    norm = layer.norm_cache.norm(layer)
+    with torch.no_grad():
+        h = (x_2d if low_2d is None else low_2d) @ a.t()
+    w, bias = layer.direct_weight(), base_bias(layer)
+    y = DF.dora_linear_rows(x_2d, low_2d, a, b, layer.magnitude, h, norm, w, bias, layer.scaling)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 # ------------------------------------------------------------------------------------------------
 # The table and the choice
 
@@ -302,6 +323,7 @@ PATHS: Dict[str, Path] = {
         Path("dora-no-grad", "DoRA eager without autograd otherwise", dora_no_grad),
         Path("dora-dropout", "DoRA training, dropout on the whole update", dora_dropout),
         Path("dora-keep-sum", "DoRA on convolutions, or W0 with a zero row", functools.partial(dora, keep_sum=True)),
+        Path("dora-linear-rows", "DoRA, detached norm, plain linear layout, eager, tokens > in", dora_linear_rows),
         Path("dora-linear", "DoRA, detached norm, plain linear layout", dora_linear),
         Path("dora", "DoRA otherwise", dora),
     )
@@ -327,7 +349,7 @@ def choose_path(layer, x: torch.Tensor) -> str:
     if keeps_sum(layer):
         return "dora-keep-sum"
     if direct and (layer.detach_norm or not grad):
-        return "dora-linear"
+        return "dora-linear-rows" if _tokens(x) > x.shape[-1] and not is_compiling() else "dora-linear"
     return "dora"
 
 

@@ -151,6 +151,15 @@ CASES: Dict[str, List[Callable[[], Case]]] = {
         lambda: Case(_conv(), torch.randn(2, 3, 6, 6)),
         lambda: Case(randomize_adapter(_zero_row(_linear())), _tokens(5)),
     ],
+    "dora-linear-rows": [  # more tokens (20) than input features (12)
+        lambda: Case(_stale(_linear()), _tokens(20)),  # the norm due
+        lambda: Case(_stale(_linear(bias=False)), _tokens(20)),
+        lambda: Case(_fresh(_linear(), _tokens(20)), _tokens(20)),  # the norm kept
+        lambda: Case(_dropout(_linear(), "lowrank"), _tokens(20)),
+        lambda: Case(_gpt2(), _tokens(20)),
+        lambda: Case(_dvora(), _tokens(20)),
+        lambda: Case(_linear(adapter_dtype="base").to(torch.bfloat16), _tokens(20).to(torch.bfloat16), tol=3e-2),
+    ],
     "dora-linear": [
         lambda: Case(_stale(_linear()), _tokens(3)),  # the norm due, few tokens: [x; A] stacked
         lambda: Case(_stale(_linear(bias=False)), _tokens(8)),  # the norm due, separate matmuls
