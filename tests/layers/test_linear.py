@@ -459,10 +459,12 @@ def test_norm_cache_across_microbatches_and_steps(monkeypatch):
     torch.testing.assert_close(layer.weight_norm(), torch.linalg.vector_norm(w, dim=1), rtol=1e-5, atol=1e-6)
 
 
-def test_norm_cache_with_checkpoint_recomputation(monkeypatch, ref):
+@pytest.mark.parametrize("tokens,path", [(4, "dora-linear"), (40, "dora-linear-rows")])
+def test_norm_cache_with_checkpoint_recomputation(monkeypatch, ref, tokens, path):
     layer = ref.randomize_adapter(make_linear(in_f=16, out_f=16))
     calls = _count_norms(monkeypatch, layer)
-    x = torch.randn(4, 16, requires_grad=True)
+    x = torch.randn(tokens, 16, requires_grad=True)
+    assert choose_path(layer, x) == path
     y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
     y.pow(2).sum().backward()
     assert len(calls) == 1
