@@ -16,6 +16,8 @@ import dorafit
 
 METHODS = ["lora", "dora", "magnitude", "vera", "dvora"]
 IDS = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+# 80 tokens, more than any adapted layer's inputs (32, 64): g on the rows of W0 in "lowrank" mode.
+LONG_IDS = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
 
 
 def _model(method, dtype=torch.float32, dropout_mode="input"):
@@ -23,14 +25,14 @@ def _model(method, dtype=torch.float32, dropout_mode="input"):
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg).to(dtype)
     config = dorafit.AdapterConfig(method=method, rank=4, targets=["q_proj", "v_proj", "down_proj"], dropout=0.1,
                                    dropout_mode=dropout_mode, adapter_dtype="float32")
     return dorafit.attach(model, config)
 
 
-def _steps(model, default_device=None):
+def _steps(model, default_device=None, ids=IDS):
     """Two training steps (optimizer outside: torch's AdamW makes its own state tensors) and an
     evaluation forward, with ``default_device`` as torch's default device around dorafit's work."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -39,24 +41,25 @@ def _steps(model, default_device=None):
     for _ in range(2):
         with scope:
             model.train()
-            loss = model(input_ids=IDS, labels=IDS, use_cache=False).loss
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()
         losses.append(loss.detach())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     with scope, torch.no_grad():
         model.eval()
-        logits = model(input_ids=IDS, use_cache=False).logits
+        logits = model(input_ids=ids, use_cache=False).logits
     return losses, logits
 
 
+@pytest.mark.parametrize("ids", [IDS, LONG_IDS], ids=["12-tokens", "80-tokens"])
 @pytest.mark.parametrize("dropout_mode", ["input", "lowrank"])
 @pytest.mark.parametrize("method", METHODS)
-def test_steps_with_meta_as_default_device(method, dropout_mode):
+def test_steps_with_meta_as_default_device(method, dropout_mode, ids):
     torch.manual_seed(1)
-    want_losses, want_logits = _steps(_model(method, dropout_mode=dropout_mode))
+    want_losses, want_logits = _steps(_model(method, dropout_mode=dropout_mode), ids=ids)
     torch.manual_seed(1)
-    losses, logits = _steps(_model(method, dropout_mode=dropout_mode), default_device="meta")
+    losses, logits = _steps(_model(method, dropout_mode=dropout_mode), default_device="meta", ids=ids)
     assert logits.device.type == "cpu"
     torch.testing.assert_close(torch.stack(losses), torch.stack(want_losses))
     torch.testing.assert_close(logits, want_logits)
