@@ -15,7 +15,7 @@ per output feature (detached and kept per optimizer step unless ``detach_norm=Fa
     | lora                | y = base(x) + s B A x'                          | LoRA, VeRA otherwise                                |
     | magnitude           | y = (m / ‖W0‖) ⊙ (base(x) − b) + b              | magnitude-only                                      |
     | dora-no-grad-rows   | y = x (g ⊙ W0)ᵀ + b + (x Aᵀ)(g ⊙ s B)ᵀ          | DoRA, DVoRA, eager, no autograd, no dropout; plain  |
-    |                     |                                                 | float32 linear layout (*), more tokens than inputs  |
+    |                     |                                                 | linear layout (*), more tokens than inputs          |
     | dora-no-grad-addmm  | t = addmm(base(x), x Aᵀ, s Bᵀ); y = g ⊙ t +     | DoRA, DVoRA, eager, no autograd, no dropout; plain  |
     |                     | (1 − g) ⊙ b in place, g and (1 − g) ⊙ b kept    | linear layout (*)                                   |
     | dora-no-grad        | the same with t = base(x) + s B A x             | DoRA, DVoRA, eager, no autograd, no dropout         |
@@ -204,11 +204,11 @@ def dora_no_grad_rows(layer, x: torch.Tensor) -> torch.Tensor:
 
     With more tokens than input features the (out, in) temporary g ⊙ W0 is smaller than the
     (tokens, out) output, and the low-rank product is added in place: evaluation costs what
-    LoRA's does. Float32 only (g is float32).
+    LoRA's does. g is kept in W0's dtype (computed in float32, as everywhere).
     """
     a, b = layer.lowrank_factors()
     w, bias = layer.direct_weight(), base_bias(layer)
-    g = layer.norm_cache.scale(layer, torch.float32)[0].unsqueeze(1)  # (out, 1)
+    g = layer.norm_cache.scale(layer, w.dtype)[0].unsqueeze(1)  # (out, 1)
     x_2d = x.reshape(-1, x.shape[-1])
     w_scaled = w * g
     y = torch.mm(x_2d, w_scaled.t()) if bias is None else torch.addmm(bias, x_2d, w_scaled.t())
@@ -318,7 +318,7 @@ PATHS: Dict[str, Path] = {
         Path("lora-addmm", "LoRA / VeRA, plain linear layout", lora_addmm),
         Path("lora", "LoRA / VeRA otherwise", lora),
         Path("magnitude", "magnitude-only", magnitude_only),
-        Path("dora-no-grad-rows", "DoRA eager without autograd, plain float32 linear, tokens > in", dora_no_grad_rows),
+        Path("dora-no-grad-rows", "DoRA eager without autograd, plain linear layout, tokens > in", dora_no_grad_rows),
         Path("dora-no-grad-addmm", "DoRA eager without autograd, plain linear layout", dora_no_grad_addmm),
         Path("dora-no-grad", "DoRA eager without autograd otherwise", dora_no_grad),
         Path("dora-dropout", "DoRA training, dropout on the whole update", dora_dropout),
@@ -341,7 +341,7 @@ def choose_path(layer, x: torch.Tensor) -> str:
         return "magnitude"
     drop, grad = dropping(layer), torch.is_grad_enabled()
     if not grad and not drop and not is_compiling():
-        if direct and x.dtype == torch.float32 and _tokens(x) > x.shape[-1]:
+        if direct and _tokens(x) > x.shape[-1]:
             return "dora-no-grad-rows"
         return "dora-no-grad-addmm" if direct else "dora-no-grad"
     if drop and layer.dropout_mode == "input":

@@ -132,7 +132,11 @@ CASES: Dict[str, List[Callable[[], Case]]] = {
         lambda: Case(_linear("magnitude"), _tokens(5)),
         lambda: Case(_conv("magnitude"), torch.randn(2, 3, 6, 6)),
     ],
-    "dora-no-grad-rows": [lambda: Case(_linear().eval(), _tokens(40), NO_GRAD, grad=False)],
+    "dora-no-grad-rows": [
+        lambda: Case(_linear().eval(), _tokens(40), NO_GRAD, grad=False),
+        lambda: Case(_linear(adapter_dtype="base").to(torch.bfloat16).eval(), _tokens(40).to(torch.bfloat16), NO_GRAD,
+                     grad=False, tol=3e-2),
+    ],
     "dora-no-grad-addmm": [
         lambda: Case(_linear().eval(), _tokens(5), NO_GRAD, grad=False),
         lambda: Case(_gpt2().eval(), _tokens(5), NO_GRAD, grad=False),
