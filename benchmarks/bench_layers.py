@@ -99,9 +99,10 @@ def workload(name: str, device: torch.device, minilm_path: Optional[str] = None)
         return build_smollm2, lambda m: m(input_ids=ids, labels=ids, use_cache=False).loss, PAPER_TARGETS, 16, 1
     if name.startswith("layer") or name == "accum":
         tokens, _, width = ("64" if name == "accum" else name[len("layer"):]).partition("x")
-        if not tokens.isdigit() or not (width or "4096").isdigit():
+        width = width or "4096"
+        if not (tokens.isdigit() and width.isdigit()):
             raise SystemExit(f"unknown workload {name!r}: layerN (N tokens, 4096 wide) or layerNxW (a W × W layer)")
-        tokens, width = int(tokens), int(width or 4096)
+        tokens, width = int(tokens), int(width)
         # The input requires grad as it does for any layer but the first: the base backward
         # then costs what it costs in a model (4·N·in·out FLOPs per step with the forward).
         x = torch.randn(tokens, width, generator=g).to(device).requires_grad_(True)

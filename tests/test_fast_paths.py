@@ -192,21 +192,35 @@ def test_dora_linear_hand_zeroed_magnitude_gets_a_finite_zero_gradient(rows):
     assert torch.isfinite(grad_ref[others]).all()
 
 
-def test_dora_linear_keeps_only_lora_tensors_and_its_output():
-    """Saved: x (for A's gradient), h (for B's), the output y, the parameters and (out,)-sized
-    vectors; not z + s h Bᵀ. y is made in z's storage (the node's own temporary), not a new
-    (tokens, out) tensor."""
-    x = torch.randn(8, 12, requires_grad=True)
+def _node_tensors(tokens):
+    """x (tokens, 12), A (3, 12), B (16, 3), W0 (16, 12), m (16,) and h = x Aᵀ for a saved-tensor check."""
+    x = torch.randn(tokens, 12, requires_grad=True)
     a = torch.randn(3, 12, requires_grad=True)
     b = torch.randn(16, 3, requires_grad=True)
     w = torch.randn(16, 12)
     m = torch.rand(16, requires_grad=True)
-    saved = []
     with torch.no_grad():
-        z, h = x @ w.t(), x @ a.t()
+        h = x @ a.t()
+    return x, a, b, w, m, h
+
+
+def _saved_storages(node, larger_than):
+    """The output of ``node()`` and the storages of the tensors it saves for backward that have
+    more than ``larger_than`` elements."""
+    saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = DF.dora_linear(x, None, a, b, m, z, h, torch.ones(16), w, torch.zeros(16), 2.0)
-    ptrs = {t.untyped_storage().data_ptr() for t in saved if t.numel() > 16}
+        y = node()
+    return y, {t.untyped_storage().data_ptr() for t in saved if t.numel() > larger_than}
+
+
+def test_dora_linear_keeps_only_lora_tensors_and_its_output():
+    """Saved: x (for A's gradient), h (for B's), the output y, the parameters and (out,)-sized
+    vectors; not z + s h Bᵀ. y is made in z's storage (the node's own temporary), not a new
+    (tokens, out) tensor."""
+    x, a, b, w, m, h = _node_tensors(8)
+    with torch.no_grad():
+        z = x @ w.t()
+    y, ptrs = _saved_storages(lambda: DF.dora_linear(x, None, a, b, m, z, h, torch.ones(16), w, torch.zeros(16), 2.0), 16)
     allowed = {t.untyped_storage().data_ptr() for t in (y, h, x, a, b, w)}
     assert y.untyped_storage().data_ptr() in ptrs and ptrs <= allowed
     assert z.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
@@ -215,17 +229,9 @@ def test_dora_linear_keeps_only_lora_tensors_and_its_output():
 def test_dora_linear_rows_keeps_neither_the_scaled_weight_nor_the_sum():
     """With g on the rows: saved are x, h, y, the parameters and tensors of (out, r) size or
     less (g ⊙ B, g); g ⊙ W0 (out, in) is made again in backward, never kept."""
-    x = torch.randn(40, 12, requires_grad=True)
-    a = torch.randn(3, 12, requires_grad=True)
-    b = torch.randn(16, 3, requires_grad=True)
-    w = torch.randn(16, 12)
-    m = torch.rand(16, requires_grad=True)
-    saved = []
-    with torch.no_grad():
-        h = x @ a.t()
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = DF.dora_linear_rows(x, None, a, b, m, h, torch.ones(16), w, torch.zeros(16), 2.0)
-    ptrs = {t.untyped_storage().data_ptr() for t in saved if t.numel() > b.numel()}
+    x, a, b, w, m, h = _node_tensors(40)
+    node = lambda: DF.dora_linear_rows(x, None, a, b, m, h, torch.ones(16), w, torch.zeros(16), 2.0)  # noqa: E731
+    y, ptrs = _saved_storages(node, b.numel())
     assert ptrs == {t.untyped_storage().data_ptr() for t in (y, h, x, w)}
 
 

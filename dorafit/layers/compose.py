@@ -131,6 +131,12 @@ def _tokens(x: torch.Tensor) -> int:
     return x.numel() // max(1, x.shape[-1])
 
 
+def _scale_rows(x: torch.Tensor) -> bool:
+    """More tokens than input features: the (out, in) g ⊙ W0 is then smaller than the
+    (tokens, out) output, so g goes on the rows of W0 and B (the ``-rows`` paths)."""
+    return _tokens(x) > x.shape[-1]
+
+
 # ------------------------------------------------------------------------------------------------
 # LoRA, VeRA, magnitude-only
 
@@ -341,7 +347,7 @@ def choose_path(layer, x: torch.Tensor) -> str:
         return "magnitude"
     drop, grad = dropping(layer), torch.is_grad_enabled()
     if not grad and not drop and not is_compiling():
-        if direct and _tokens(x) > x.shape[-1]:
+        if direct and _scale_rows(x):
             return "dora-no-grad-rows"
         return "dora-no-grad-addmm" if direct else "dora-no-grad"
     if drop and layer.dropout_mode == "input":
@@ -349,7 +355,7 @@ def choose_path(layer, x: torch.Tensor) -> str:
     if keeps_sum(layer):
         return "dora-keep-sum"
     if direct and (layer.detach_norm or not grad):
-        return "dora-linear-rows" if _tokens(x) > x.shape[-1] and not is_compiling() else "dora-linear"
+        return "dora-linear-rows" if _scale_rows(x) and not is_compiling() else "dora-linear"
     return "dora"
 
 
