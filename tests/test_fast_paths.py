@@ -266,9 +266,9 @@ def _spy_stacked(monkeypatch):
 def test_stacked_first_forward_equals_its_followers_and_reference(monkeypatch):
     layer = _dora_linear()
     stacked = _spy_stacked(monkeypatch)
-    x = torch.randn(2, 4, 24, requires_grad=True)  # 8 tokens < 20 / 2 output features: stacked
+    x = torch.randn(2, 2, 24, requires_grad=True)  # 4 tokens < 20 / 4 output features: stacked
     params = [layer.lora_a, layer.lora_b, layer.magnitude]
-    g = torch.randn(2, 4, 20)
+    g = torch.randn(2, 2, 20)
     runs = []
     for _ in range(2):  # the first call stacks A's rows on the tokens, the second reads the norm
         xi = x.detach().clone().requires_grad_(True)
@@ -289,7 +289,7 @@ def test_stacked_path_fills_the_cache_used_by_the_next_micro_batch():
     calls = []
     compute = layer._compute_norm
     layer._compute_norm = lambda cross=None, gram=None: calls.append(cross is not None) or compute(cross, gram)
-    x = torch.randn(4, 24)
+    x = torch.randn(4, 24)  # 4 tokens < 20 / 4 output features: stacked
     layer(x)
     layer(x)
     assert calls == [True]  # one computation, with the cross term from the stacked matmul
@@ -312,7 +312,7 @@ def test_stacking_is_skipped_for_many_tokens_half_precision_and_hooks(monkeypatc
         return len(stacked) > before
 
     assert choose_path(layer, torch.randn(2, 24)) == "dora-linear" and stacks(torch.randn(2, 24))
-    assert not stacks(torch.randn(2, 5, 24))  # 10 tokens: copying x costs more
+    assert not stacks(torch.randn(5, 24))  # 5 tokens, not fewer than 20 / 4: copying x costs more
     assert choose_path(layer, torch.randn(2, 24, dtype=torch.bfloat16)) == "dora"  # input and adapter dtypes differ
     handle = layer.base.register_forward_hook(lambda *args: None)
     assert choose_path(layer, torch.randn(2, 24)) == "dora" and not stacks(torch.randn(2, 24))

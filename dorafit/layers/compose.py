@@ -252,12 +252,21 @@ def dora_dropout(layer, x: torch.Tensor) -> torch.Tensor:
     return DF.dora_compose_dropout(base_out, layer.base_nobias(xd), layer.lowrank(xd, a, b * layer.scaling), g)
 
 
+def _stack_norm_rows(x_2d: torch.Tensor, w: torch.Tensor) -> bool:
+    """Fewer tokens than a quarter of the output features: A's r rows then ride in the output's
+    matmul ([x; A] W0ᵀ), which saves a second read of W0 but copies x and makes y outside z's
+    storage. Measured on a CPU (``benchmarks/results/cross-layout.md``): the stacked rows cost
+    less at 64–256 tokens through 1024² and 4096² layers, more at 512 tokens × 576 → 1536 and
+    1024 tokens × 1024 → 2816, where W0 Aᵀ is its own matmul."""
+    return 4 * x_2d.shape[0] < w.shape[0]
+
+
 def _linear_products(layer, x_2d, low_2d, a, w):
     """x W0ᵀ, x' Aᵀ and the detached norm, without autograd: the norm kept, or computed now
     (its A W0ᵀ and A Aᵀ from the output's own matmuls where there are few tokens)."""
     kept = layer.norm_cache.kept_norm(layer)
     with torch.no_grad():
-        if kept is None and low_2d is None and 2 * x_2d.shape[0] < w.shape[0]:
+        if kept is None and low_2d is None and _stack_norm_rows(x_2d, w):
             z, h, cross, gram = DF.stacked_products(x_2d, a, w)
             norm = layer._compute_norm(cross, gram)
         else:

@@ -28,7 +28,7 @@ import pytest
 
 from dorafit.bench import count_layer_ops
 
-# (tokens, in, out): the matmuls apart; A's rows stacked (2 · tokens < out); g on W0's rows
+# (tokens, in, out): the matmuls apart; A's rows stacked (4 · tokens < out); g on W0's rows
 # (tokens > in). All above 2^15 outputs, where the magnitude's reduction is one batch-norm
 # backward call (below: mul and sum).
 SHAPES = [(256, 512, 384), (64, 256, 1024), (512, 256, 384)]
