@@ -12,6 +12,9 @@ Two questions, medians over rounds, r 16:
    the in-place addmm): "apart" adds W0 Aᵀ and the norm; "stacked" makes [x; A] W0ᵀ and
    [x; A] Aᵀ (``functional.stacked_products``: one read of W0, a copy of x, y outside z's
    storage). The last column is what ``compose._stack_norm_rows`` picks.
+3. Not the norm, noted here because it is the same effect: ∂L/∂B = s gradᵀ h of the low-rank
+   path (LoRA's autograd and dorafit's DoRA node alike) written as (out, r) rows, against s hᵀ
+   grad written as (r, out) rows, alone and with the copy that would give B's layout back.
 
     python benchmarks/probe_cross_layout.py
 """
@@ -101,12 +104,25 @@ def stacking() -> None:
               f"{'stacked' if stk < sep else 'apart'} | {picks} |")
 
 
+def b_gradient() -> None:
+    print("| tokens, out | gradᵀ h, (out, r) ms | hᵀ grad, (r, out) ms | ÷ | and its copy to (out, r) ms | ÷ |")
+    print("|---|---|---|---|---|---|")
+    for n, out_f in [(64, 4096), (512, 576), (512, 1536), (1024, 1024), (1024, 2816)]:
+        grad, h = torch.randn(n, out_f), torch.randn(n, RANK)
+        torch.testing.assert_close(grad.t() @ h, (h.t() @ grad).t(), rtol=1e-4, atol=1e-3)
+        cols = [median_ms(f) for f in (lambda: grad.t() @ h, lambda: h.t() @ grad,
+                                       lambda: (h.t() @ grad).t().contiguous())]
+        print(f"| {n}, {out_f} | {cols[0]:.3f} | {cols[1]:.3f} | {cols[1] / cols[0]:.2f} | {cols[2]:.3f} | {cols[2] / cols[0]:.2f} |")
+
+
 def main() -> None:
     print(f"torch {torch.__version__}, {cpu_model()}, {torch.get_num_threads()} threads, r {RANK}, float32")
     torch.manual_seed(0)
     layouts()
     print()
     stacking()
+    print()
+    b_gradient()
 
 
 if __name__ == "__main__":
