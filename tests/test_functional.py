@@ -73,6 +73,19 @@ def test_chunked_half_precision_paths(monkeypatch):
     torch.testing.assert_close(DF.weight_norm_per_output(w0), torch.linalg.vector_norm(w0.float(), dim=1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_term_is_the_transpose_of_a_contiguous_out_by_r(dtype, monkeypatch):
+    """A W0ᵀ (r, out) is made as W0 Aᵀ: its transpose is the contiguous (out, r) that the norm's
+    addmm reads (the faster layout on a CPU), whole or in row chunks, with A W0ᵀ's values."""
+    monkeypatch.setattr(DF, "_CHUNK_ELEMENTS", 40)
+    gen = torch.Generator().manual_seed(2)
+    w0 = torch.randn(13, 10, generator=gen).to(dtype)
+    a = torch.randn(3, 10, generator=gen)
+    cross = DF.rows_times_weight_t(a, w0)
+    assert cross.shape == (3, 13) and cross.dtype == torch.float32 and cross.t().is_contiguous()
+    torch.testing.assert_close(cross, a @ w0.float().t())
+
+
 def test_reference_dora_weight_is_eq5():
     gen = torch.Generator().manual_seed(2)
     w0, a, b = torch.randn(5, 6, generator=gen), torch.randn(2, 6, generator=gen), torch.randn(5, 2, generator=gen)
