@@ -17,10 +17,12 @@ Two questions, medians over rounds, r 16:
    grad written as (r, out) rows, alone and with the copy that would give B's layout back.
 
     python benchmarks/probe_cross_layout.py
+    python benchmarks/probe_cross_layout.py --device cuda     (from benchmarks/run_gpu.sh)
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -37,19 +39,34 @@ CALLS = [(512, 576, 576), (512, 576, 192), (512, 576, 1536), (512, 1536, 576), (
          (256, 1024, 2816), (64, 4096, 4096), (256, 4096, 4096)]
 
 
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def median_ms(fn, budget_s: float = 0.25, rounds: int = 9) -> float:
     """Median over ``rounds`` of the mean time of a batch of calls sized to ``budget_s``."""
     fn()
+    _sync()
     start = time.perf_counter()
     fn()
+    _sync()
     calls = max(3, int(budget_s / max(time.perf_counter() - start, 1e-6)))
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
+        _sync()
         times.append((time.perf_counter() - start) / calls)
     return statistics.median(times) * 1e3
+
+
+def randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, device=DEVICE)
 
 
 def norm_before(w0_sq, w, a, b):
@@ -65,8 +82,8 @@ def layouts() -> None:
     print("| out, in | A W0ᵀ ms | W0 Aᵀ ms | ÷ | norm, A W0ᵀ ms | norm, W0 Aᵀ ms | ÷ |")
     print("|---|---|---|---|---|---|---|")
     for out_f, in_f in LAYERS:
-        w, a = torch.randn(out_f, in_f) / in_f ** 0.5, torch.randn(RANK, in_f) / in_f ** 0.5
-        b, w0_sq = torch.randn(out_f, RANK) * 0.01, DF.weight_norm_sq_per_output(w)
+        w, a = randn(out_f, in_f) / in_f ** 0.5, randn(RANK, in_f) / in_f ** 0.5
+        b, w0_sq = randn(out_f, RANK) * 0.01, DF.weight_norm_sq_per_output(w)
         torch.testing.assert_close(norm_now(w0_sq, w, a, b), norm_before(w0_sq, w, a, b), rtol=1e-5, atol=1e-6)
         cols = [median_ms(f) for f in (lambda: a @ w.t(), lambda: (w @ a.t()).t(),
                                        lambda: norm_before(w0_sq, w, a, b), lambda: norm_now(w0_sq, w, a, b))]
@@ -78,8 +95,8 @@ def stacking() -> None:
     print("| tokens, in, out | LoRA's products ms | apart: DoRA − LoRA ms | stacked: DoRA − LoRA ms | cheaper | rule picks |")
     print("|---|---|---|---|---|---|")
     for n, in_f, out_f in CALLS:
-        x, w = torch.randn(n, in_f), torch.randn(out_f, in_f) / in_f ** 0.5
-        a, b = torch.randn(RANK, in_f) / in_f ** 0.5, torch.randn(out_f, RANK) * 0.01
+        x, w = randn(n, in_f), randn(out_f, in_f) / in_f ** 0.5
+        a, b = randn(RANK, in_f) / in_f ** 0.5, randn(out_f, RANK) * 0.01
         w0_sq = DF.weight_norm_sq_per_output(w)
 
         def lora():
@@ -108,7 +125,7 @@ def b_gradient() -> None:
     print("| tokens, out | gradᵀ h, (out, r) ms | hᵀ grad, (r, out) ms | ÷ | and its copy to (out, r) ms | ÷ |")
     print("|---|---|---|---|---|---|")
     for n, out_f in [(64, 4096), (512, 576), (512, 1536), (1024, 1024), (1024, 2816)]:
-        grad, h = torch.randn(n, out_f), torch.randn(n, RANK)
+        grad, h = randn(n, out_f), randn(n, RANK)
         torch.testing.assert_close(grad.t() @ h, (h.t() @ grad).t(), rtol=1e-4, atol=1e-3)
         cols = [median_ms(f) for f in (lambda: grad.t() @ h, lambda: h.t() @ grad,
                                        lambda: (h.t() @ grad).t().contiguous())]
@@ -116,7 +133,12 @@ def b_gradient() -> None:
 
 
 def main() -> None:
-    print(f"torch {torch.__version__}, {cpu_model()}, {torch.get_num_threads()} threads, r {RANK}, float32")
+    global DEVICE
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    DEVICE = torch.device(parser.parse_args().device)
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{cpu_model()}, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, r {RANK}, float32")
     torch.manual_seed(0)
     layouts()
     print()

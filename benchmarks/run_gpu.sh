@@ -3,7 +3,8 @@
 # bf16 base with fp32 adapters under autocast, then fp32, then torch.compile, each against PEFT;
 # then what the GPU launches (benchmarks/count_ops.py): aten operators, elementwise bytes and
 # host syncs per adapted layer, host syncs per step of a small LLaMA, and inductor's kernels per
-# compiled layer graph — so that the counts stand beside the timings they explain.
+# compiled layer graph — so that the counts stand beside the timings they explain; last, the
+# norm's cross-term layout and stacking rule on this device (benchmarks/probe_cross_layout.py).
 #
 #   benchmarks/run_gpu.sh                      # with the python on PATH (torch with CUDA, transformers, peft)
 #   PY=.venv/bin/python OUT_DIR=/tmp/gpu benchmarks/run_gpu.sh
@@ -67,3 +68,7 @@ echo "== $DEVICE-counts: benchmarks/count_ops.py --device $DEVICE ${COUNT_FLAGS:
 # shellcheck disable=SC2086  # COUNT_FLAGS is a list of flags
 "$PY" benchmarks/count_ops.py --device "$DEVICE" ${COUNT_FLAGS:---compiled} 2>&1 \
   | grep -v "USDT\|Warning\|warn(" | tee "$OUT/$DEVICE-counts.md"
+# The norm's cross-term layout and the stacking rule were chosen from CPU timings: whether the
+# device agrees (cross-layout.md on a CPU for comparison).
+echo "== $DEVICE-cross-layout: benchmarks/probe_cross_layout.py --device $DEVICE"
+"$PY" benchmarks/probe_cross_layout.py --device "$DEVICE" 2>&1 | tee "$OUT/$DEVICE-cross-layout.md"
