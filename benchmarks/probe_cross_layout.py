@@ -29,7 +29,7 @@ import time
 import torch
 
 from dorafit import functional as DF
-from dorafit.bench import cpu_model
+from dorafit.bench import _sync, cpu_model
 from dorafit.layers.compose import _stack_norm_rows
 
 RANK, SCALING = 16, 2.0
@@ -39,28 +39,23 @@ CALLS = [(512, 576, 576), (512, 576, 192), (512, 576, 1536), (512, 1536, 576), (
          (256, 1024, 2816), (64, 4096, 4096), (256, 4096, 4096)]
 
 
-DEVICE = torch.device("cpu")
-
-
-def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
+DEVICE = torch.device("cpu")  # --device
 
 
 def median_ms(fn, budget_s: float = 0.25, rounds: int = 9) -> float:
     """Median over ``rounds`` of the mean time of a batch of calls sized to ``budget_s``."""
     fn()
-    _sync()
+    _sync(DEVICE)
     start = time.perf_counter()
     fn()
-    _sync()
+    _sync(DEVICE)
     calls = max(3, int(budget_s / max(time.perf_counter() - start, 1e-6)))
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
-        _sync()
+        _sync(DEVICE)
         times.append((time.perf_counter() - start) / calls)
     return statistics.median(times) * 1e3
 
@@ -111,9 +106,9 @@ def stacking() -> None:
             norm = DF.factored_norm(w0_sq, cross, a, b, SCALING, gram=gram)
             return torch.addmm(z, h, b.t(), alpha=SCALING), norm
 
-        for (y1, n1), (y2, n2) in [(apart(), stacked())]:
-            torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(n1, n2, rtol=1e-4, atol=1e-5)
+        (y_apart, n_apart), (y_stacked, n_stacked) = apart(), stacked()
+        torch.testing.assert_close(y_apart, y_stacked, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(n_apart, n_stacked, rtol=1e-4, atol=1e-5)
         rounds = [[median_ms(f, rounds=3) for f in (lora, apart, stacked)] for _ in range(3)]
         base, sep, stk = (statistics.median(c) for c in zip(*rounds))
         picks = "stacked" if _stack_norm_rows(x, w) else "apart"
