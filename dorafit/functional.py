@@ -58,6 +58,12 @@ def weight_norm_per_output(weight_2d: torch.Tensor) -> torch.Tensor:
     return weight_norm_sq_per_output(weight_2d).sqrt()
 
 
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32, itself where it is float32 already (no operator call: the norm runs these
+    per layer and step, where a call costs more than the work)."""
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+
 def rows_times_weight_t(rows: torch.Tensor, weight_2d: torch.Tensor) -> torch.Tensor:
     """R Wᵀ in float32 for R (r, in) and W (out, in): (r, out), the transpose of a contiguous
     (out, r) made as W Rᵀ.
@@ -68,7 +74,7 @@ def rows_times_weight_t(rows: torch.Tensor, weight_2d: torch.Tensor) -> torch.Te
     half-precision one is converted in row chunks, so the result is exact to float32 without a
     float32 copy of W.
     """
-    rows_t = rows.to(torch.float32).t()
+    rows_t = _float32(rows).t()
     if weight_2d.dtype == torch.float32:
         return (weight_2d @ rows_t).t()
     step = max(1, _CHUNK_ELEMENTS // max(1, weight_2d.shape[1]))
@@ -97,18 +103,17 @@ def factored_norm_sq(
     by columns (rowwise tensor parallel) the result is a partial sum to all-reduce before the
     square root (``norm_from_squares``).
     """
-    a = lora_a_2d.to(torch.float32)
-    b = lora_b_2d.to(torch.float32)
-    gram = a @ a.t() if gram is None else gram.to(torch.float32)  # (r, r)
-    both = torch.addmm(cross.to(torch.float32).t(), b, gram, beta=2.0 * scaling, alpha=scaling * scaling)
-    rows = torch.baddbmm(w0_norm_sq.to(torch.float32).view(-1, 1, 1), b.unsqueeze(1), both.unsqueeze(2))
+    a, b = _float32(lora_a_2d), _float32(lora_b_2d)
+    gram = a @ a.t() if gram is None else _float32(gram)  # (r, r)
+    both = torch.addmm(_float32(cross).t(), b, gram, beta=2.0 * scaling, alpha=scaling * scaling)
+    rows = torch.baddbmm(_float32(w0_norm_sq).view(-1, 1, 1), b.unsqueeze(1), both.unsqueeze(2))
     return rows.view(-1)
 
 
 def norm_from_squares(norm_sq: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     """‖·‖ from ‖·‖², clamped at ``eps`` first: cancellation can leave a (numerically) zero row
-    slightly negative. The one square root of the factored norm."""
-    return norm_sq.clamp_min(eps).sqrt()
+    slightly negative. The one square root of the factored norm (in place on the clamped copy)."""
+    return norm_sq.clamp_min(eps).sqrt_()
 
 
 def factored_norm(

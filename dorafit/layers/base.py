@@ -238,7 +238,8 @@ class AdapterLayer(nn.Module):
         if self.method == "magnitude":
             return DF.norm_from_squares(self.w0_norm_sq)
         a, b = self.lowrank_factors()
-        a_2d, b_2d = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        a_2d = a if a.dim() == 2 else a.reshape(a.shape[0], -1)  # conv factors are (r, in, k...), (out, r, 1...)
+        b_2d = b if b.dim() == 2 else b.reshape(b.shape[0], -1)
         with compose.no_autocast(a.device.type):
             if cross is None:
                 cross = self.cross_term(a_2d)

@@ -57,6 +57,10 @@ from .. import functional as DF
 from .cache import base_bias, is_compiling
 
 
+# One call for every device type (torch >= 2.4), asked first where most calls run outside autocast.
+_IS_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def autocast_enabled(device_type: str) -> bool:
     """True inside an autocast region for this device type."""
     try:
@@ -70,7 +74,7 @@ def autocast_enabled(device_type: str) -> bool:
 def no_autocast(device_type: str):
     """Autocast off (the norm is float32), entered only where it is on: entering torch.autocast
     costs as much as a small kernel."""
-    if not autocast_enabled(device_type):
+    if (_IS_ANY_AUTOCAST is not None and not _IS_ANY_AUTOCAST()) or not autocast_enabled(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
 
@@ -106,8 +110,7 @@ def _adapter_dtype(layer) -> torch.dtype:
 def _any_autocast(x: torch.Tensor) -> bool:
     """Whether an autocast region is open (any device type: cheaper than asking x's, and a
     region for another device only sends the call to the generic path)."""
-    any_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
-    return any_enabled() if any_enabled is not None else autocast_enabled(x.device.type)
+    return _IS_ANY_AUTOCAST() if _IS_ANY_AUTOCAST is not None else autocast_enabled(x.device.type)
 
 
 def _direct(layer, x: torch.Tensor) -> bool:
