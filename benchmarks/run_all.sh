@@ -22,6 +22,8 @@ run dropout          --workload llama --dropout 0.05 --peft --repeats 3
 run bf16             --workload layer64 --dtype bf16 --peft --repeats 3
 run bf16-models      --workload llama --workload minilm --dtype bf16 --peft --no-step --repeats 3
 run compiled         --workload layer64 --workload layer512 --workload accum --compile --no-memory --repeats 9
+# What DoRA's step adds to LoRA's, part by part, inside whole-model steps.
+"$PY" benchmarks/probe_dora_extra.py --workload smollm2 --workload llama --repeats 11 2>&1 | grep -v "USDT\|Warning\|warn(\|Loading weights" | tee "$OUT/dora-extra.md"
 "$PY" benchmarks/profile_step.py --tokens 64 512 --repeats 5 2>&1 | grep -v USDT | tee "$OUT/profile.md"
 "$PY" benchmarks/profile_step.py --workload minilm --rounds 4 --top 12 2>&1 | grep -v "USDT\|Loading weights" | tee "$OUT/profile-minilm.md"
 # SmolLM2: the whole step by operator, then one layer call of each shape (the fixed cost per layer).
