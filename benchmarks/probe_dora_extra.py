@@ -17,9 +17,11 @@ recomputed (a stored one is returned) and whose backward skips the pass (grad_y 
 back instead). Those copies compute wrong gradients; they exist to be timed, nothing else.
 
     python benchmarks/probe_dora_extra.py --workload smollm2 --workload llama
+    python benchmarks/probe_dora_extra.py --device cuda --workload llama   (from benchmarks/run_gpu.sh)
 
-Results: ``benchmarks/results/dora-extra.md``. CPU only: on a GPU the timers of part 1 would
-measure kernel launches, not kernels.
+Results: ``benchmarks/results/dora-extra.md``. Part 1 runs on a CPU only: on a GPU its timers
+would measure kernel launches, not kernels. Part 2 runs anywhere (it waits for the device at the
+end of each step).
 """
 
 from __future__ import annotations
@@ -101,17 +103,17 @@ def tokens_per_call(model, loss_fn) -> int:
     return seen[0]
 
 
-def frozen_base(name: str):
+def frozen_base(name: str, device: torch.device):
     """(the frozen base model, its loss, the adapted module names, the rank) of a workload."""
-    factory, loss_fn, targets, rank, _ = BL.workload(name, torch.device("cpu"))
-    base = factory()
+    factory, loss_fn, targets, rank, _ = BL.workload(name, device)
+    base = factory().to(device)
     for p in base.parameters():
         p.requires_grad_(False)
     return base, loss_fn, targets, rank
 
 
 def part1(name: str, steps: int) -> list:
-    base, loss_fn, targets, rank = frozen_base(name)
+    base, loss_fn, targets, rank = frozen_base(name, torch.device("cpu"))
     variants = {m: make_variant(m, BL.dorafit_model(base, m, targets, rank, 0.0, "input"), loss_fn) for m in ("lora", "dora")}
     step_time, per_step = {}, {}
     for method, variant in variants.items():
@@ -142,8 +144,8 @@ def part1(name: str, steps: int) -> list:
     ]
 
 
-def part2(name: str, repeats: int) -> list:
-    base, loss_fn, targets, rank = frozen_base(name)
+def part2(name: str, repeats: int, device: torch.device) -> list:
+    base, loss_fn, targets, rank = frozen_base(name, device)
     models = {"LoRA": BL.dorafit_model(base, "lora", targets, rank, 0.0, "input")}
     for key in ("DoRA", "DoRA, norm stored", "DoRA, no backward pass", "DoRA, neither"):
         models[key] = BL.dorafit_model(base, "dora", targets, rank, 0.0, "input")
@@ -155,7 +157,7 @@ def part2(name: str, repeats: int) -> list:
         if key in ("DoRA, no backward pass", "DoRA, neither"):
             step = functools.partial(_with_skip, step)
         steps[key] = step
-    timings = time_alternating(steps, repeats, 2)
+    timings = time_alternating(steps, repeats, 2, device)
     lines = [f"part 2, {repeats} rounds, step ÷ LoRA's step in the same round (median, quartiles):"]
     for key in list(models)[1:]:
         lines.append(f"  {key:24s} {BL.paired_ratios(timings[key], timings['LoRA'])}; median step {1e3 * timings[key].median:.1f} ms")
@@ -173,12 +175,16 @@ def main(argv=None) -> int:
     parser.add_argument("--workload", action="append", help="smollm2, llama (bench_layers.py's workloads)")
     parser.add_argument("--steps", type=int, default=6, help="training steps timed in part 1")
     parser.add_argument("--repeats", type=int, default=9, help="rounds of part 2")
+    parser.add_argument("--device", default="cpu", help="part 2's device (part 1 runs on a CPU only)")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {cpu_model()}, {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()}, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}")
     for name in args.workload or ["smollm2"]:
         print(f"### {name}")
-        for line in part1(name, args.steps) + part2(name, args.repeats):
+        lines = part1(name, args.steps) if device.type == "cpu" else [f"part 1: not on {device.type} (its timers need a CPU)"]
+        for line in lines + part2(name, args.repeats, device):
             print(line, flush=True)
     return 0
 

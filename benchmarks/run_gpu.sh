@@ -3,8 +3,9 @@
 # bf16 base with fp32 adapters under autocast, then fp32, then torch.compile, each against PEFT;
 # then what the GPU launches (benchmarks/count_ops.py): aten operators, elementwise bytes and
 # host syncs per adapted layer, host syncs per step of a small LLaMA, and inductor's kernels per
-# compiled layer graph — so that the counts stand beside the timings they explain; last, the
-# norm's cross-term layout and stacking rule on this device (benchmarks/probe_cross_layout.py).
+# compiled layer graph — so that the counts stand beside the timings they explain; then the
+# norm's cross-term layout and stacking rule on this device (benchmarks/probe_cross_layout.py);
+# last, DoRA's step taken apart (benchmarks/probe_dora_extra.py).
 #
 #   benchmarks/run_gpu.sh                      # with the python on PATH (torch with CUDA, transformers, peft)
 #   PY=.venv/bin/python OUT_DIR=/tmp/gpu benchmarks/run_gpu.sh
@@ -72,3 +73,8 @@ echo "== $DEVICE-counts: benchmarks/count_ops.py --device $DEVICE ${COUNT_FLAGS:
 # device agrees (cross-layout.md on a CPU for comparison).
 echo "== $DEVICE-cross-layout: benchmarks/probe_cross_layout.py --device $DEVICE"
 "$PY" benchmarks/probe_cross_layout.py --device "$DEVICE" 2>&1 | tee "$OUT/$DEVICE-cross-layout.md"
+# What DoRA's step adds to LoRA's, taken apart: DoRA against itself without the norm and without
+# the backward's pass (dora-extra.md on a CPU for comparison).
+echo "== $DEVICE-dora-extra: benchmarks/probe_dora_extra.py --device $DEVICE --workload llama --repeats $REPEATS"
+"$PY" benchmarks/probe_dora_extra.py --device "$DEVICE" --workload llama --repeats "$REPEATS" 2>&1 \
+  | grep -v "USDT\|Warning\|warn(" | tee "$OUT/$DEVICE-dora-extra.md"
