@@ -46,6 +46,16 @@ import bench_layers as BL  # noqa: E402
 
 
 @contextlib.contextmanager
+def replaced(owner, name: str, value):
+    """``owner.name`` is ``value`` while open, then what it was."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
 def timed(owner, name: str, totals: dict, key: str):
     """Add the wall-clock time of every call of ``owner.name`` to ``totals[key]`` while open."""
     original = getattr(owner, name)
@@ -57,21 +67,7 @@ def timed(owner, name: str, totals: dict, key: str):
         finally:
             totals[key] += time.perf_counter() - start
 
-    setattr(owner, name, wrapper)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
-
-
-@contextlib.contextmanager
-def replaced(owner, name: str, value):
-    original = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
+    return replaced(owner, name, wrapper)
 
 
 def skip_pass(grad_y, saved, scale, bias, need):
