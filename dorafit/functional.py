@@ -247,6 +247,43 @@ def _scaled_grad_and_sums(grad_y, saved, scale, bias, need):
     return (restore(grad) if need_grad else None), dot, grad_sum
 
 
+class _LoraLinear(torch.autograd.Function):
+    """LoRA on a linear layer in one autograd node, all 2-D and of one dtype:
+
+        y = x W0ᵀ + b + s · h Bᵀ,   h = x' Aᵀ
+
+    The second matmul adds into the first one's output in place (no copy of x W0ᵀ) with s as
+    its alpha (no scaled copy of B), and backward is ``_linear_grads``: the five matmuls of the
+    gradients, the input's two summed by an in-place addmm. No elementwise pass over a
+    (tokens, out) or (tokens, in) tensor either way. ``_DoraLinear`` is this node with g on
+    the output. Saves x' (x), h, A, B and W0, what autograd would keep for the same matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_low, a, b, weight, bias, scaling):
+        z = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+        low = x if x_low is None else x_low
+        h = low @ a.t()
+        ctx.scaling, ctx.own_low = scaling, x_low is not None
+        ctx.save_for_backward(low, h, a, b, weight)
+        return z.addmm_(h, b.t(), alpha=scaling)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        low, h, a, b, weight = ctx.saved_tensors
+        grads = _linear_grads(ctx, grad_y, low, h, a, b, lambda: weight)
+        grad_bias = grad_y.sum(0) if ctx.needs_input_grad[5] else None
+        return grads + (None, grad_bias, None)
+
+
+def lora_linear(x_2d, x_low_2d, a, b, weight, bias, scaling: float) -> torch.Tensor:
+    """y = x W0ᵀ + b + s · (x' Aᵀ) Bᵀ in one autograd node (``_LoraLinear``): gradients to x (N, in),
+    x' (or None: x' = x), A (r, in), B (out, r) and a bias that needs one. x, A, B, W0 and the
+    bias of one dtype. Reference: ``F.linear(x, W0, b) + s · F.linear(F.linear(x', A), B)``.
+    """
+    return _LoraLinear.apply(x_2d, x_low_2d, a, b, weight, bias, scaling)
+
+
 class _DoraLinear(torch.autograd.Function):
     """DoRA on a linear layer in one autograd node, all 2-D and of one dtype:
 

@@ -10,14 +10,16 @@ per output feature (detached and kept per optimizer step unless ``detach_norm=Fa
     | path                | computes                                        | runs when                                           |
     |---------------------|-------------------------------------------------|-----------------------------------------------------|
     | base                | y = base(x)                                     | the adapter is disabled (``disable_adapter``)       |
-    | lora-addmm          | y = base(x) + s B A x', the sum inside the      | LoRA, VeRA on a plain linear layout (*)             |
-    |                     | second matmul (addmm)                           |                                                     |
+    | lora-addmm          | y = x W0ᵀ + b + s (x' Aᵀ) Bᵀ in one autograd    | LoRA, VeRA on a plain linear layout (*)             |
+    |                     | node, the sum made in place by the second       |                                                     |
+    |                     | matmul (``functional.lora_linear``)             |                                                     |
     | lora                | y = base(x) + s B A x'                          | LoRA, VeRA otherwise                                |
     | magnitude           | y = (m / ‖W0‖) ⊙ (base(x) − b) + b              | magnitude-only                                      |
     | dora-no-grad-rows   | y = x (g ⊙ W0)ᵀ + b + (x Aᵀ)(g ⊙ s B)ᵀ          | DoRA, DVoRA, eager, no autograd, no dropout; plain  |
     |                     |                                                 | linear layout (*), more tokens than inputs          |
-    | dora-no-grad-addmm  | t = addmm(base(x), x Aᵀ, s Bᵀ); y = g ⊙ t +     | DoRA, DVoRA, eager, no autograd, no dropout; plain  |
-    |                     | (1 − g) ⊙ b in place, g and (1 − g) ⊙ b kept    | linear layout (*)                                   |
+    | dora-no-grad-addmm  | t = x W0ᵀ + b + (x Aᵀ)(s B)ᵀ (addmm_), then     | DoRA, DVoRA, eager, no autograd, no dropout; plain  |
+    |                     | y = g ⊙ t + (1 − g) ⊙ b in place, g and         | linear layout (*)                                   |
+    |                     | (1 − g) ⊙ b kept                                |                                                     |
     | dora-no-grad        | the same with t = base(x) + s B A x             | DoRA, DVoRA, eager, no autograd, no dropout         |
     | dora-dropout        | y = base(x) + (g − 1) ⊙ W0 x' + g ⊙ s B A x'    | DoRA, DVoRA training with dropout > 0 on the whole  |
     |                     |                                                 | update (``dropout_mode="input"``, the default)      |
@@ -158,13 +160,13 @@ def lora(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def lora_addmm(layer, x: torch.Tensor) -> torch.Tensor:
-    """y = base(x) + (x' Aᵀ)(s B)ᵀ with the sum made by the second matmul (addmm)."""
+    """y = x W0ᵀ + b + (x' Aᵀ)(s B)ᵀ in one autograd node (``functional.lora_linear``): the sum made
+    in place by the second matmul, s its alpha, and no elementwise pass forward or backward."""
     a, b = layer.lowrank_factors()
-    xd = layer.dropout(x) if dropping(layer) else x
-    base_out = _base(layer)(x)
-    h = F.linear(xd, a)  # (..., r)
-    y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), (b * layer.scaling).t())
-    return y.view(base_out.shape)
+    x_2d = x.reshape(-1, x.shape[-1])
+    low_2d = layer.dropout(x).reshape(x_2d.shape) if dropping(layer) else None
+    y = DF.lora_linear(x_2d, low_2d, a, b, layer.direct_weight(), base_bias(layer), layer.scaling)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def magnitude_only(layer, x: torch.Tensor) -> torch.Tensor:
@@ -198,14 +200,14 @@ def dora_no_grad(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def dora_no_grad_addmm(layer, x: torch.Tensor) -> torch.Tensor:
-    """y = g ⊙ t + (1 − g) ⊙ b with t = addmm(base(x), x Aᵀ, Bᵀ, alpha=s), scaled in place:
-    LoRA's kernels, then the scaling (g and (1 − g) ⊙ b kept as in ``dora_no_grad``)."""
+    """y = g ⊙ t + (1 − g) ⊙ b with t = x W0ᵀ + b + (x Aᵀ)(s B)ᵀ, the sum made in place by the
+    second matmul (LoRA's kernels: ``lora_addmm``), then scaled in place (g and (1 − g) ⊙ b kept
+    as in ``dora_no_grad``). W0 is read directly, so t is this call's own tensor."""
     a, b = layer.lowrank_factors()
-    base_out = _base(layer)(x)
-    h = F.linear(x, a)  # (..., r)
-    t = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=layer.scaling)
+    x_2d = x.reshape(-1, x.shape[-1])
+    t = F.linear(x_2d, layer.direct_weight(), base_bias(layer)).addmm_(F.linear(x_2d, a), b.t(), alpha=layer.scaling)
     g, shift = layer.norm_cache.scale(layer, t.dtype)  # kept between calls; features are t's last axis
-    return DF.dora_scale_shift_(t, g, shift).view(base_out.shape)
+    return DF.dora_scale_shift_(t, g, shift).view(*x.shape[:-1], t.shape[-1])
 
 
 def dora_no_grad_rows(layer, x: torch.Tensor) -> torch.Tensor:
