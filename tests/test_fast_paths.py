@@ -146,6 +146,23 @@ def test_dora_linear_matches_reference(bias_kind, own_low, rows):
     assert torch.autograd.gradcheck(lambda *t: _node(*t, w, bias, norm, rows=rows), (x, low, a, b, m))
 
 
+@pytest.mark.parametrize("own_low", [False, True], ids=["x", "own-dropout-input"])
+@pytest.mark.parametrize("bias_kind", ["none", "frozen", "trained"])
+def test_lora_linear_matches_reference(bias_kind, own_low):
+    """LoRA's node (the sum made in place, s as addmm's alpha, the input gradients summed in
+    place) against F.linear(x, W0, b) + s · B A x' through plain autograd."""
+    x, low, a, b, _, w, bias, _ = _linear_case(bias_kind, own_low)
+    node = lambda *t: DF.lora_linear(*t, w, bias, 0.7)  # noqa: E731
+    y = node(x, low, a, b)
+    y_ref = F.linear(x, w, bias) + 0.7 * F.linear(F.linear(x if low is None else low, a), b)
+    torch.testing.assert_close(y, y_ref)
+    grad_out = torch.randn_like(y)
+    leaves = [t for t in (x, low, a, b, bias) if t is not None and t.requires_grad]
+    for g, g_ref in zip(_grads(y, leaves, grad_out), _grads(y_ref, leaves, grad_out)):
+        torch.testing.assert_close(g, g_ref)
+    assert torch.autograd.gradcheck(node, (x, low, a, b))
+
+
 @NODES
 def test_dora_linear_zero_magnitude_on_a_zero_row_is_exact_and_syncs_nothing(rows):
     """m_i = 0 on a zero row (W0_i = 0, B_i = 0): y_i = b_i, and 0 / 0 in the magnitude's
