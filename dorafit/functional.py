@@ -247,6 +247,15 @@ def _scaled_grad_and_sums(grad_y, saved, scale, bias, need):
     return (restore(grad) if need_grad else None), dot, grad_sum
 
 
+def lora_sum(x, x_low, a, b, weight, bias, scaling: float):
+    """(x W0ᵀ + b + s · h Bᵀ, h) with h = x' Aᵀ (x' = x where ``x_low`` is None), no autograd: the
+    sum made in place in x W0ᵀ + b, this call's own tensor, by a second matmul with s as its alpha.
+    LoRA's forward (``_LoraLinear``) and DoRA's before its scaling without autograd."""
+    z = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+    h = (x if x_low is None else x_low) @ a.t()
+    return z.addmm_(h, b.t(), alpha=scaling), h
+
+
 class _LoraLinear(torch.autograd.Function):
     """LoRA on a linear layer in one autograd node, all 2-D and of one dtype:
 
@@ -261,12 +270,10 @@ class _LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_low, a, b, weight, bias, scaling):
-        z = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
-        low = x if x_low is None else x_low
-        h = low @ a.t()
+        y, h = lora_sum(x, x_low, a, b, weight, bias, scaling)
         ctx.scaling, ctx.own_low = scaling, x_low is not None
-        ctx.save_for_backward(low, h, a, b, weight)
-        return z.addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(x if x_low is None else x_low, h, a, b, weight)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):

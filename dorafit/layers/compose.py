@@ -201,11 +201,11 @@ def dora_no_grad(layer, x: torch.Tensor) -> torch.Tensor:
 
 def dora_no_grad_addmm(layer, x: torch.Tensor) -> torch.Tensor:
     """y = g ⊙ t + (1 − g) ⊙ b with t = x W0ᵀ + b + (x Aᵀ)(s B)ᵀ, the sum made in place by the
-    second matmul (LoRA's kernels: ``lora_addmm``), then scaled in place (g and (1 − g) ⊙ b kept
+    second matmul (``functional.lora_sum``, LoRA's forward), then scaled in place (g and (1 − g) ⊙ b kept
     as in ``dora_no_grad``). W0 is read directly, so t is this call's own tensor."""
     a, b = layer.lowrank_factors()
     x_2d = x.reshape(-1, x.shape[-1])
-    t = F.linear(x_2d, layer.direct_weight(), base_bias(layer)).addmm_(F.linear(x_2d, a), b.t(), alpha=layer.scaling)
+    t, _ = DF.lora_sum(x_2d, None, a, b, layer.direct_weight(), base_bias(layer), layer.scaling)
     g, shift = layer.norm_cache.scale(layer, t.dtype)  # kept between calls; features are t's last axis
     return DF.dora_scale_shift_(t, g, shift).view(*x.shape[:-1], t.shape[-1])
 
