@@ -2,7 +2,7 @@
 
 DoRA's step does LoRA's matmuls plus, per adapted layer, three things LoRA does not:
 
-    the norm      ‖W0 + s B A‖ once per optimizer step (``AdapterLayer._compute_norm``): the cross
+    the norm      ‖W0 + s B A‖ once per optimizer step (``AdapterLayer._compute_norm_sq``): the cross
                   term W0 Aᵀ (r · in · out multiply-adds, ``functional.rows_times_weight_t``) and
                   a few (out, r)-sized operations after it;
     the passes    forward, g ⊙ y in place; backward, g ⊙ grad_y and Σ grad_y ⊙ (y − b) in one
@@ -82,8 +82,8 @@ def freeze_norms(model) -> None:
     for layer in model.modules():
         if isinstance(layer, AdapterLayer) and layer.magnitude is not None:
             with torch.no_grad():
-                stored = layer._compute_norm()
-            layer._compute_norm = lambda cross=None, gram=None, stored=stored: stored
+                stored = layer._compute_norm_sq()
+            layer._compute_norm_sq = lambda cross=None, gram=None, stored=stored: stored
 
 
 def tokens_per_call(model, loss_fn) -> int:
@@ -116,7 +116,7 @@ def part1(name: str, steps: int) -> list:
         for _ in range(2):
             variant.train_step()
         totals: dict = collections.defaultdict(float)
-        with timed(AdapterLayer, "_compute_norm", totals, "norm"), \
+        with timed(AdapterLayer, "_compute_norm_sq", totals, "norm"), \
                 timed(DF, "rows_times_weight_t", totals, "cross term"), \
                 timed(DF, "_scaled_grad_and_sums", totals, "backward pass"), \
                 timed(torch.optim.AdamW, "step", totals, "optimizer"):

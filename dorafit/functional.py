@@ -92,7 +92,9 @@ def factored_norm_sq(
 ) -> torch.Tensor:
     """‖W0 + s B A‖² per output feature without forming the (out, in) matrix: (out,), float32.
 
-    w0_norm_sq: (out,) ‖W0_i‖²; cross: (r, out) = A W0ᵀ; lora_a_2d: (r, in); lora_b_2d: (out, r);
+    w0_norm_sq: (out,) ‖W0_i‖²; cross: (r, out) = A W0ᵀ, either the transpose of a contiguous
+    (out, r) or contiguous itself (the addmm reads each in its own layout: reading (r, out) rows
+    transposed took 1.8× as long at 4096², r 16, on a CPU); lora_a_2d: (r, in); lora_b_2d: (out, r);
     gram: A Aᵀ (r, r) where the caller has it already. Two small operations besides the gram, as
     this runs once per optimizer step and layer:
 
@@ -103,17 +105,27 @@ def factored_norm_sq(
     by columns (rowwise tensor parallel) the result is a partial sum to all-reduce before the
     square root (``norm_from_squares``).
     """
-    a, b = _float32(lora_a_2d), _float32(lora_b_2d)
+    a, b, cross = _float32(lora_a_2d), _float32(lora_b_2d), _float32(cross)
     gram = a @ a.t() if gram is None else _float32(gram)  # (r, r)
-    both = torch.addmm(_float32(cross).t(), b, gram, beta=2.0 * scaling, alpha=scaling * scaling)
+    beta, alpha = 2.0 * scaling, scaling * scaling
+    if cross.t().is_contiguous():  # (out, r) in memory: W0 Aᵀ as ``rows_times_weight_t`` makes it
+        both = torch.addmm(cross.t(), b, gram, beta=beta, alpha=alpha)
+    else:  # (r, out) rows ([x; A] W0ᵀ): the same sum transposed, gram symmetric, read in its own layout
+        both = torch.addmm(cross, gram, b.t(), beta=beta, alpha=alpha).t()
     rows = torch.baddbmm(_float32(w0_norm_sq).view(-1, 1, 1), b.unsqueeze(1), both.unsqueeze(2))
     return rows.view(-1)
 
 
+def floor_squares(norm_sq: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """‖·‖² clamped at ``eps``: cancellation can leave a (numerically) zero row slightly
+    negative. What the norm cache keeps (n², whose square root is n)."""
+    return norm_sq.clamp_min(eps)
+
+
 def norm_from_squares(norm_sq: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
-    """‖·‖ from ‖·‖², clamped at ``eps`` first: cancellation can leave a (numerically) zero row
-    slightly negative. The one square root of the factored norm (in place on the clamped copy)."""
-    return norm_sq.clamp_min(eps).sqrt_()
+    """‖·‖ from ‖·‖², clamped at ``eps`` first (``floor_squares``), the square root in place on
+    the clamped copy."""
+    return floor_squares(norm_sq, eps).sqrt_()
 
 
 def factored_norm(
@@ -159,6 +171,23 @@ def reference_norm(w0_2d: torch.Tensor, lora_a_2d: torch.Tensor, lora_b_2d: torc
 def magnitude_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """g = m / ‖W0 + s B A‖: (out,), float32."""
     return magnitude.to(torch.float32) / norm
+
+
+def scale_from_squares(
+    magnitude: torch.Tensor, norm_sq: torch.Tensor, zeros: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """g = m / √n² from the floored squares n² (``floor_squares``) in one operator, without
+    autograd through n²: (out,), float32 (float64 for a float64 m).
+
+    Batch norm in evaluation mode over one row computes (m − mean) / √(var + eps) per feature;
+    with mean 0 (``zeros``, or made here), var n² and eps 0 that is g, where a square root and a
+    division would be two launches. Reference: ``magnitude_scale(m, floored.sqrt())``.
+    """
+    stat = torch.float64 if magnitude.dtype == torch.float64 else torch.float32
+    var = norm_sq.to(stat)
+    mean = zeros if zeros is not None and zeros.dtype == stat else torch.zeros_like(var)
+    g, _, _ = torch.ops.aten.native_batch_norm(magnitude.to(stat).view(1, -1), None, None, mean, var, False, 0.0, 0.0)
+    return g.view(-1)
 
 
 class _ScaleShift(torch.autograd.Function):
@@ -216,9 +245,10 @@ def _features_second(grad_y, saved, scale_shape):
     return moved(grad_y), moved(saved), lambda t: t.squeeze(0).movedim(0, axis)
 
 
-def _scaled_grad_and_sums(grad_y, saved, scale, bias, need):
+def _scaled_grad_and_sums(grad_y, saved, scale, bias, need, zeros=None):
     """(g ⊙ grad_y, Σ grad_y ⊙ (saved − b), Σ grad_y), sums over every axis but the output
-    feature's, in float32 (float64 for float64); ``need`` says which of the three to compute.
+    feature's, in float32 (float64 for float64); ``need`` says which of the three to compute;
+    ``zeros``: an (out,) zero vector of that dtype kept by the caller, or None (made here).
 
     One pass of batch norm's backward in evaluation mode computes exactly these per channel —
     grad_input = grad ⊙ weight ⊙ invstd, grad_weight = Σ grad ⊙ (input − running_mean) ⊙ invstd,
@@ -239,7 +269,8 @@ def _scaled_grad_and_sums(grad_y, saved, scale, bias, need):
         if need_dot and bias is not None:
             dot = torch.addcmul(dot, bias.reshape(-1).to(stat), grad_sum, value=-1)
         return grad, dot, grad_sum
-    zeros = torch.zeros_like(flat, dtype=stat)
+    if zeros is None or zeros.dtype != stat:
+        zeros = torch.zeros_like(flat, dtype=stat)
     mean = zeros if bias is None else bias.reshape(-1).to(stat)
     grad, dot, grad_sum = torch.ops.aten.native_batch_norm_backward(
         grad_2d, saved_2d, flat.to(stat), mean, zeros, None, None, False, 1.0, [need_grad, need_dot, need_sum]
@@ -296,11 +327,12 @@ class _DoraLinear(torch.autograd.Function):
 
         y = g ⊙ (z + s · h Bᵀ) + b,   z = x W0ᵀ (no bias), h = x' Aᵀ, g = m / n
 
-    with the detached norm n (paper section 4.3) and x' = x unless the low-rank path has its own
-    dropout. z and h come in already computed without autograd (``stacked_products`` or two
-    matmuls); the node gives x, x', A, B and m their gradients, so that the layer costs LoRA's
-    matmuls plus, forward, g and one in-place scaling of the output (s rides in the addmm), and,
-    backward, Σ grad_y ⊙ (y − b) for the magnitude and g ⊙ grad_y for the matmuls:
+    with the detached norm n (paper section 4.3), given as its floored square n² (``g`` in one
+    operator, ``scale_from_squares``), and x' = x unless the low-rank path has its own dropout. z
+    and h come in already computed without autograd (``stacked_products`` or two matmuls); the
+    node gives x, x', A, B and m their gradients, so that the layer costs LoRA's matmuls plus,
+    forward, g and one in-place scaling of the output (s rides in the addmm), and, backward,
+    Σ grad_y ⊙ (y − b) for the magnitude and g ⊙ grad_y for the matmuls:
 
         ∂L/∂m = Σ_tokens grad_y ⊙ (y − b) / m        (g n = m: y − b = g ⊙ (z + s h Bᵀ))
         ∂L/∂B = s (g ⊙ grad_y)ᵀ h,  ∂L/∂h = s (g ⊙ grad_y) B,  ∂L/∂x = (g ⊙ grad_y) W0 + ∂L/∂h A
@@ -314,8 +346,8 @@ class _DoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, x_low, a, b, magnitude, z, h, norm, weight, bias, scaling, in_place):
-        g = (magnitude / norm).to(z.dtype)  # (out,), computed in at least float32 (n is float32)
+    def forward(ctx, x, x_low, a, b, magnitude, z, h, norm_sq, weight, bias, scaling, in_place, zeros):
+        g = scale_from_squares(magnitude, norm_sq, zeros).to(z.dtype)  # (out,), computed in at least float32
         if in_place:  # z becomes y: no new (N, out) tensor
             ctx.mark_dirty(z)
             y = z.addmm_(h, b.t(), alpha=scaling)
@@ -323,18 +355,18 @@ class _DoraLinear(torch.autograd.Function):
             y = torch.addmm(z, h, b.t(), alpha=scaling)
         y = y.mul_(g) if bias is None else torch.addcmul(bias, y, g, out=y)
         ctx.scaling, ctx.own_low = scaling, x_low is not None
-        ctx.save_for_backward(x if x_low is None else x_low, h, a, b, weight, y, g, magnitude, bias)
+        ctx.save_for_backward(x if x_low is None else x_low, h, a, b, weight, y, g, magnitude, bias, zeros)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_low, h, a, b, weight, y, g, magnitude, bias = ctx.saved_tensors
+        x_low, h, a, b, weight, y, g, magnitude, bias, zeros = ctx.saved_tensors
         need_m, need_bias = ctx.needs_input_grad[4], ctx.needs_input_grad[9]
         # g ⊙ grad_y (the gradient of z + s h Bᵀ), Σ grad_y ⊙ (y − b) and Σ grad_y, in one pass.
-        grad_t, dot, grad_sum = _scaled_grad_and_sums(grad_y, y, g, bias, (True, need_m, need_bias))
+        grad_t, dot, grad_sum = _scaled_grad_and_sums(grad_y, y, g, bias, (True, need_m, need_bias), zeros)
         grad_m, grad_bias = _magnitude_and_bias_grads(dot, grad_sum, magnitude, bias, need_m, need_bias)
         grads = _linear_grads(ctx, grad_t, x_low, h, a, b, lambda: weight)
-        return grads + (grad_m, None, None, None, None, grad_bias, None, None)
+        return grads + (grad_m, None, None, None, None, grad_bias, None, None, None)
 
 
 def _magnitude_and_bias_grads(dot, grad_sum, magnitude, bias, need_m, need_bias):
@@ -383,8 +415,8 @@ class _DoraLinearRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, x_low, a, b, magnitude, h, norm, weight, bias, scaling):
-        g = (magnitude / norm).to(weight.dtype)  # (out,), computed in at least float32
+    def forward(ctx, x, x_low, a, b, magnitude, h, norm_sq, weight, bias, scaling, zeros):
+        g = scale_from_squares(magnitude, norm_sq, zeros).to(weight.dtype)  # (out,), computed in at least float32
         rows = g.unsqueeze(1)
         weight_g = weight * rows  # (out, in), dropped after the matmul
         y = torch.mm(x, weight_g.t()) if bias is None else torch.addmm(bias, x, weight_g.t())
@@ -392,43 +424,48 @@ class _DoraLinearRows(torch.autograd.Function):
         b_g = b * rows
         y.addmm_(h, b_g.t(), alpha=scaling)
         ctx.scaling, ctx.own_low = scaling, x_low is not None
-        ctx.save_for_backward(x if x_low is None else x_low, h, a, b_g, weight, y, g, magnitude, bias)
+        ctx.save_for_backward(x if x_low is None else x_low, h, a, b_g, weight, y, g, magnitude, bias, zeros)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_low, h, a, b_g, weight, y, g, magnitude, bias = ctx.saved_tensors
+        x_low, h, a, b_g, weight, y, g, magnitude, bias, zeros = ctx.saved_tensors
         need_m, need_bias = ctx.needs_input_grad[4], ctx.needs_input_grad[8]
         # Σ grad_y ⊙ (y − b) and Σ grad_y in one pass that writes nothing of (tokens, out) size.
-        _, dot, grad_sum = _scaled_grad_and_sums(grad_y, y, g, bias, (False, need_m, need_bias))
+        _, dot, grad_sum = _scaled_grad_and_sums(grad_y, y, g, bias, (False, need_m, need_bias), zeros)
         grad_m, grad_bias = _magnitude_and_bias_grads(dot, grad_sum, magnitude, bias, need_m, need_bias)
         rows = g.unsqueeze(1)
         grads = _linear_grads(ctx, grad_y, x_low, h, a, b_g, lambda: weight * rows, b_rows=rows)
-        return grads + (grad_m, None, None, None, grad_bias, None)
+        return grads + (grad_m, None, None, None, grad_bias, None, None)
 
 
 def dora_linear(
-    x_2d, x_low_2d, a, b, magnitude, z, h, norm, weight, bias, scaling: float, in_place: bool = True
+    x_2d, x_low_2d, a, b, magnitude, z, h, norm_sq, weight, bias, scaling: float, in_place: bool = True,
+    zeros: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """y = g ⊙ (z + s · h Bᵀ) + b with g = m / n, for z = x W0ᵀ and h = x' Aᵀ computed without
     autograd; gradients to x (N, in), x' (or None: x' = x), A (r, in), B (out, r) and m (out,).
 
-    One autograd node (``_DoraLinear``); x, A, B, W0 and the bias of one dtype, n float32.
+    One autograd node (``_DoraLinear``); x, A, B, W0 and the bias of one dtype; ``norm_sq`` the
+    floored n² (``floor_squares``), float32; ``zeros`` an (out,) float32 zero vector the caller
+    keeps (batch norm's statistics forward and backward), or None to make one.
     With ``in_place`` z, the caller's own temporary, is overwritten: y is made in its storage.
     Not for a view (``stacked_products``' rows: y would keep the rest of that storage alive,
     and autograd forbids writing a view made without it) nor under torch.compile.
     Reference: ``reference_dora_compose(x W0ᵀ + b, s (x' Aᵀ) Bᵀ, m / n, b)``.
     """
-    return _DoraLinear.apply(x_2d, x_low_2d, a, b, magnitude, z, h, norm, weight, bias, scaling, in_place)
+    return _DoraLinear.apply(x_2d, x_low_2d, a, b, magnitude, z, h, norm_sq, weight, bias, scaling, in_place, zeros)
 
 
-def dora_linear_rows(x_2d, x_low_2d, a, b, magnitude, h, norm, weight, bias, scaling: float) -> torch.Tensor:
+def dora_linear_rows(
+    x_2d, x_low_2d, a, b, magnitude, h, norm_sq, weight, bias, scaling: float, zeros: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """y = x (g ⊙ W0)ᵀ + b + s · h (g ⊙ B)ᵀ with g = m / n, for h = x' Aᵀ computed without
     autograd: ``dora_linear``'s output and gradients with g on the rows of W0 and B
     (``_DoraLinearRows``), for calls with more tokens than input features. Same arguments as
     ``dora_linear`` less z. Reference: ``reference_dora_compose(x W0ᵀ + b, s (x' Aᵀ) Bᵀ, m / n, b)``.
     """
-    return _DoraLinearRows.apply(x_2d, x_low_2d, a, b, magnitude, h, norm, weight, bias, scaling)
+    return _DoraLinearRows.apply(x_2d, x_low_2d, a, b, magnitude, h, norm_sq, weight, bias, scaling, zeros)
 
 
 def dora_scale_shift(

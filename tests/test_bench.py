@@ -85,12 +85,13 @@ def test_measure_variants_lora_against_dora():
     assert set(lora) == {"step", "eval", "saved", "peak"}
     assert len(dora["step"].samples) == 2
     # DoRA saves each layer's output y. The loss's pow keeps the last one anyway; tanh keeps its
-    # own output, not its input, so the first layer's 64×48 floats are extra, plus g, (out,) per
+    # own output, not its input, so the first layer's 64×48 floats are extra, plus g and the
+    # zero vector of batch norm's statistics (kept by the layer across steps), (out,) each per
     # layer. With more tokens than inputs (64 > 32, 48) g scales B's rows, and the node keeps
     # g ⊙ B (out, r) in place of B, while LoRA's node keeps B itself, a parameter (s rides in its
     # addmm), so nothing of its own.
     extra = dora["saved"] - lora["saved"]
-    assert extra == 64 * 48 * 4 + 4 * (48 + 16) + 4 * 4 * (48 + 16)
+    assert extra == 64 * 48 * 4 + 2 * 4 * (48 + 16) + 4 * 4 * (48 + 16)
     assert dora["peak"] > 0 and lora["peak"] > 0
 
 

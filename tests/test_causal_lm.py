@@ -41,13 +41,13 @@ def test_unmerged_generation_with_kv_cache_equals_merged_and_norm_is_computed_on
     batch = tokenizer(["Question: is the sky blue? Answer:", "The capital of France is"],
                       return_tensors="pt", padding=True)
     calls = []
-    real_norm = DF.factored_norm
+    real_norm = DF.factored_norm_sq
 
     def counted_norm(*args, **kwargs):
         calls.append(1)
         return real_norm(*args, **kwargs)
 
-    monkeypatch.setattr(DF, "factored_norm", counted_norm)
+    monkeypatch.setattr(DF, "factored_norm_sq", counted_norm)
     with torch.no_grad():
         cached = model.generate(**batch, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
     assert cached.past_key_values is not None  # the KV cache was used

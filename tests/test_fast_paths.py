@@ -109,25 +109,25 @@ def _linear_case(bias_kind, own_low, zero_row=False, seed=0):
     b.requires_grad_(True)
     m.requires_grad_(True)
     bias = None if bias_kind == "none" else torch.randn(out_f, dtype=torch.float64, requires_grad=bias_kind == "trained")
-    norm = torch.linalg.vector_norm(w + 0.7 * b.detach() @ a.detach(), dim=1).clamp_min(1e-6)
-    return x, low, a, b, m, w, bias, norm
+    norm_sq = torch.linalg.vector_norm(w + 0.7 * b.detach() @ a.detach(), dim=1).square().clamp_min(1e-12)
+    return x, low, a, b, m, w, bias, norm_sq
 
 
-def _node(x, low, a, b, m, w, bias, norm, scaling=0.7, rows=False):
+def _node(x, low, a, b, m, w, bias, norm_sq, scaling=0.7, rows=False):
     with torch.no_grad():
         z, h = x @ w.t(), (x if low is None else low) @ a.t()
     if rows:
-        return DF.dora_linear_rows(x, low, a, b, m, h, norm, w, bias, scaling)
-    return DF.dora_linear(x, low, a, b, m, z, h, norm, w, bias, scaling)
+        return DF.dora_linear_rows(x, low, a, b, m, h, norm_sq, w, bias, scaling)
+    return DF.dora_linear(x, low, a, b, m, z, h, norm_sq, w, bias, scaling)
 
 
 NODES = pytest.mark.parametrize("rows", [False, True], ids=["scaled-output", "scaled-rows"])
 
 
-def _node_reference(x, low, a, b, m, w, bias, norm, scaling=0.7):
+def _node_reference(x, low, a, b, m, w, bias, norm_sq, scaling=0.7):
     base = F.linear(x, w, bias)
     lowrank = scaling * F.linear(F.linear(x if low is None else low, a), b)
-    return DF.reference_dora_compose(base, lowrank, m / norm, bias)
+    return DF.reference_dora_compose(base, lowrank, m / norm_sq.sqrt(), bias)
 
 
 @NODES
@@ -135,7 +135,7 @@ def _node_reference(x, low, a, b, m, w, bias, norm, scaling=0.7):
 @pytest.mark.parametrize("bias_kind", ["none", "frozen", "trained"])
 def test_dora_linear_matches_reference(bias_kind, own_low, rows):
     case = _linear_case(bias_kind, own_low)
-    x, low, a, b, m, w, bias, norm = case
+    x, low, a, b, m, w, bias, norm_sq = case
     y = _node(*case, rows=rows)
     y_ref = _node_reference(*case)
     torch.testing.assert_close(y, y_ref)
@@ -143,7 +143,7 @@ def test_dora_linear_matches_reference(bias_kind, own_low, rows):
     leaves = [t for t in (x, low, a, b, m, bias) if t is not None and t.requires_grad]
     for g, g_ref in zip(_grads(y, leaves, grad_out), _grads(y_ref, leaves, grad_out)):
         torch.testing.assert_close(g, g_ref)
-    assert torch.autograd.gradcheck(lambda *t: _node(*t, w, bias, norm, rows=rows), (x, low, a, b, m))
+    assert torch.autograd.gradcheck(lambda *t: _node(*t, w, bias, norm_sq, rows=rows), (x, low, a, b, m))
 
 
 @pytest.mark.parametrize("own_low", [False, True], ids=["x", "own-dropout-input"])
@@ -179,7 +179,7 @@ def test_dora_linear_zero_magnitude_on_a_zero_row_is_exact_and_syncs_nothing(row
 
     for bias_kind in ("none", "frozen"):
         case = _linear_case(bias_kind, False, zero_row=True)
-        x, low, a, b, m, w, bias, norm = case
+        x, low, a, b, m, w, bias, norm_sq = case
         grad_out = torch.randn(6, 9, dtype=torch.float64)
         with Syncs():
             y = _node(*case, rows=rows)
@@ -197,7 +197,7 @@ def test_dora_linear_hand_zeroed_magnitude_gets_a_finite_zero_gradient(rows):
     """A magnitude set to 0 by hand on a non-zero row: y_i = b_i keeps nothing of that row's
     W0 x + s B A x, so its gradient reads 0 (documented: such a row stays switched off)."""
     case = _linear_case("frozen", False)
-    x, low, a, b, m, w, bias, norm = case
+    x, low, a, b, m, w, bias, norm_sq = case
     with torch.no_grad():
         m[2] = 0.0
     y = _node(*case, rows=rows)
@@ -304,8 +304,8 @@ def test_stacked_first_forward_equals_its_followers_and_reference(monkeypatch):
 def test_stacked_path_fills_the_cache_used_by_the_next_micro_batch():
     layer = _dora_linear()
     calls = []
-    compute = layer._compute_norm
-    layer._compute_norm = lambda cross=None, gram=None: calls.append(cross is not None) or compute(cross, gram)
+    compute = layer._compute_norm_sq
+    layer._compute_norm_sq = lambda cross=None, gram=None: calls.append(cross is not None) or compute(cross, gram)
     x = torch.randn(4, 24)  # 4 tokens < 20 / 4 output features: stacked
     layer(x)
     layer(x)
@@ -381,8 +381,8 @@ def test_dora_linear_on_a_large_reduction_matches_reference(bias_kind, rows):
     w = torch.randn(out_f, in_f, dtype=torch.float64)
     m = (torch.rand(out_f, dtype=torch.float64) + 0.5).requires_grad_(True)
     bias = None if bias_kind == "none" else torch.randn(out_f, dtype=torch.float64, requires_grad=True)
-    norm = torch.linalg.vector_norm(w + 0.7 * b.detach() @ a.detach(), dim=1)
-    case = (x, None, a, b, m, w, bias, norm)
+    norm_sq = torch.linalg.vector_norm(w + 0.7 * b.detach() @ a.detach(), dim=1).square()
+    case = (x, None, a, b, m, w, bias, norm_sq)
     y, y_ref = _node(*case, rows=rows), _node_reference(*case)
     torch.testing.assert_close(y, y_ref)
     leaves = [t for t in (x, a, b, m, bias) if t is not None]

@@ -106,6 +106,25 @@ def test_magnitude_scale_is_m_over_norm():
     torch.testing.assert_close(out, torch.tensor([0.5, 0.5]))
 
 
+@pytest.mark.parametrize("m_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_scale_from_squares_is_m_over_the_root(m_dtype):
+    """g from the floored squares in one batch-norm call equals m / √n² (negative magnitudes,
+    a floored zero row and a zero magnitude included), in float32 (float64 for float64)."""
+    gen = torch.Generator().manual_seed(5)
+    m = (torch.randn(300, generator=gen) * 2).to(m_dtype)
+    m[7] = 0.0
+    norm_sq = DF.floor_squares(torch.rand(300, generator=gen, dtype=torch.float64).to(m_dtype if m_dtype == torch.float64 else torch.float32) * 9)
+    norm_sq[3] = DF.floor_squares(torch.tensor(-1e-9))  # cancellation below zero: the floor
+    want = DF.magnitude_scale(m, norm_sq.sqrt()) if m_dtype != torch.float64 else m / norm_sq.sqrt()
+    kept_zeros = torch.zeros(300)
+    for zeros in (None, kept_zeros):
+        g = DF.scale_from_squares(m, norm_sq, zeros)
+        assert g.dtype == (torch.float64 if m_dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(g, want, rtol=2e-7 if m_dtype != torch.float64 else 1e-15, atol=0)
+        assert g[7] == 0 and torch.isfinite(g).all()
+    assert not kept_zeros.any()  # only read
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("with_lowrank", [True, False])
 def test_dora_compose_matches_plain_formula(with_bias, with_lowrank):

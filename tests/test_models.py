@@ -177,8 +177,8 @@ def test_llama_gradient_checkpointing_matches(ref, dtype):
         model.train()
         counts = []
         for _, a in dorafit.adapter_modules(model):
-            real = a._compute_norm
-            a._compute_norm = (lambda *args, real=real, **kwargs: counts.append(1) or real(*args, **kwargs))
+            real = a._compute_norm_sq
+            a._compute_norm_sq = (lambda *args, real=real, **kwargs: counts.append(1) or real(*args, **kwargs))
         if ckpt:
             kwargs = {"use_reentrant": False}
             if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x name

@@ -226,24 +226,29 @@ class AdapterLayer(nn.Module):
         """‖W0‖² per output feature, float32 (kept by the cache until W0 changes)."""
         return self.norm_cache.w0_norm_sq(self)
 
-    def _compute_norm(self, cross: Optional[torch.Tensor] = None, gram: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """‖W0 + s B A‖ per output feature, (out,) float32, computed now (the cache decides when).
+    def _compute_norm_sq(self, cross: Optional[torch.Tensor] = None, gram: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """‖W0 + s B A‖² per output feature floored at NORM_EPS, (out,) float32, computed now (the
+        cache decides when).
 
-        The one place a layer's norm is computed: ``functional.factored_norm``, i.e. the squared
-        norm (``factored_norm_sq``) and its square root (``norm_from_squares``), which a layer with
-        a column-sharded W0 would call apart to all-reduce the squares in between. ``cross`` =
-        A W0ᵀ and ``gram`` = A Aᵀ where the caller got them from its own matmuls. Float32 even
-        inside autocast.
+        The one place a layer's norm is computed: ``functional.factored_norm_sq``, then
+        ``floor_squares``; a layer with a column-sharded W0 all-reduces the squares in between.
+        ``cross`` = A W0ᵀ and ``gram`` = A Aᵀ where the caller got them from its own matmuls.
+        Float32 even inside autocast.
         """
         if self.method == "magnitude":
-            return DF.norm_from_squares(self.w0_norm_sq)
+            return DF.floor_squares(self.w0_norm_sq)
         a, b = self.lowrank_factors()
         a_2d = a if a.dim() == 2 else a.reshape(a.shape[0], -1)  # conv factors are (r, in, k...), (out, r, 1...)
         b_2d = b if b.dim() == 2 else b.reshape(b.shape[0], -1)
         with compose.no_autocast(a.device.type):
             if cross is None:
                 cross = self.cross_term(a_2d)
-            return DF.factored_norm(self.w0_norm_sq, cross, a_2d, b_2d, self.scaling, gram=gram)
+            return DF.floor_squares(DF.factored_norm_sq(self.w0_norm_sq, cross, a_2d, b_2d, self.scaling, gram=gram))
+
+    def _compute_norm(self, cross: Optional[torch.Tensor] = None, gram: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """‖W0 + s B A‖ per output feature, (out,) float32: the square root of ``_compute_norm_sq``,
+        with its gradient where autograd records (``detach_norm=False``)."""
+        return self._compute_norm_sq(cross, gram).sqrt()
 
     def weight_norm(self) -> torch.Tensor:
         """‖W0 + s B A‖ per output feature, (out,) float32 (factored, never materialised).

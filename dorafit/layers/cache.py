@@ -3,17 +3,20 @@
 Per adapted layer (``AdapterLayer.norm_cache``) dorafit keeps
 
     ‖W0‖²              (out,) float32   from the frozen base, again only when W0 changes
-    n = ‖W0 + s B A‖   (out,) float32   detached (paper section 4.3), for calls with autograd and
-                                        compiled calls: paid once per optimizer step, reused by the
-                                        gradient-accumulation micro-batches, activation-checkpoint
-                                        recomputation and evaluation that follow
+    n² = ‖W0 + s B A‖² (out,) float32   detached (paper section 4.3) and floored at NORM_EPS, for
+                                        calls with autograd and compiled calls: paid once per
+                                        optimizer step, reused by the gradient-accumulation
+                                        micro-batches, activation-checkpoint recomputation and
+                                        evaluation that follow; n, its square root, beside it once
+                                        a path asks for n (the one-node paths take g from n² alone)
     g, (1 − g) ⊙ b     (out,)           g = m / n for eager calls without autograd (evaluation,
                                         generation), in the output's dtype
+    zeros              (out,) float32   batch norm's statistics in the one-node DoRA paths
     w0_zero_rows       bool             whether W0 has a zero row (``compose.keeps_sum``), read
                                         on the host when ‖W0‖² is computed for a new W0
 
-The layer asks (``w0_norm_sq``, ``kept_norm`` / ``keep_norm``, ``norm``, ``scale``); the cache
-decides. The rule: a kept value is valid while nothing it was computed from changed — no optimizer
+The layer asks (``w0_norm_sq``, ``kept_norm_sq`` / ``keep_norm_sq``, ``norm_sq``, ``norm``,
+``scale``, ``zeros``); the cache decides. The rule: a kept value is valid while nothing it was computed from changed — no optimizer
 step ran since (any optimizer, fused ones included: ``OPTIMIZER_STEPS`` counts them), and A, B,
 W0 (the layer's ``norm_inputs()``; for g also m and the bias) are the same tensors at the same
 version (in-place writes bump it; a tensor-parallel layer compares the parameter objects rather
@@ -132,12 +135,13 @@ class NormCache:
         # the output cannot stand in for z + s B A x in backward: ``compose`` keeps the sum).
         # Read on the host when ‖W0‖² is computed for a new W0, never in a step.
         self.w0_zero_rows = w0_zero_rows
-        self.norm_entry: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, n), eager
+        self.norm_entry: Optional[tuple] = None  # (key, n², n or None), eager
         self.scale_entry: Optional[tuple] = None  # (key, g, (1 − g) ⊙ b or None), eager, no autograd
-        # Inside compiled graphs: (norm kept for calls with autograd, norm kept for calls without).
+        self.zero_entry: Optional[torch.Tensor] = None
+        # Inside compiled graphs: (n² kept for calls with autograd, n² kept for calls without).
         self.compiled: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
         self.compiled_fresh = False
-        self._pending: Optional[tuple] = None  # the key ``kept_norm`` found invalid, for ``keep_norm``
+        self._pending: Optional[tuple] = None  # the key ``kept_norm_sq`` found invalid, for ``keep_norm_sq``
         OPTIMIZER_STEPS.watch(self)
 
     def __reduce__(self):
@@ -165,8 +169,9 @@ class NormCache:
             self.w0 = (key, norm_sq)
         return self.w0[1]
 
-    def kept_norm(self, layer: nn.Module) -> Optional[torch.Tensor]:
-        """The detached norm ‖W0 + s B A‖ valid for this call, or None (then ``keep_norm``)."""
+    def kept_norm_sq(self, layer: nn.Module) -> Optional[torch.Tensor]:
+        """The detached, floored n² = ‖W0 + s B A‖² valid for this call, or None (then
+        ``keep_norm_sq``)."""
         if is_compiling():
             return self.compiled[0 if torch.is_grad_enabled() else 1] if self.compiled_fresh else None
         key = self._norm_key(layer)
@@ -175,33 +180,55 @@ class NormCache:
         self._pending = key
         return None
 
-    def keep_norm(self, layer: nn.Module, norm: torch.Tensor) -> torch.Tensor:
-        """Keep a norm this call computed (after ``kept_norm`` found none); returns it. Called in
-        the call's own grad mode (not inside its ``no_grad`` block)."""
+    def keep_norm_sq(self, layer: nn.Module, norm_sq: torch.Tensor) -> torch.Tensor:
+        """Keep an n² this call computed (after ``kept_norm_sq`` found none); returns it. Called
+        in the call's own grad mode (not inside its ``no_grad`` block)."""
         if is_compiling():
             # Training and no-grad calls keep their own: one made without autograd (under
             # inference_mode) could not be saved for backward. Dynamo replays this write.
             slots = self.compiled if self.compiled_fresh else (None, None)
-            self.compiled = (norm, slots[1]) if torch.is_grad_enabled() else (slots[0], norm)
+            self.compiled = (norm_sq, slots[1]) if torch.is_grad_enabled() else (slots[0], norm_sq)
             self.compiled_fresh = True
-            return norm
+            return norm_sq
         key = self._pending if self._pending is not None else self._norm_key(layer)
-        self.norm_entry, self._pending = (key, norm), None
+        self.norm_entry, self._pending = (key, norm_sq, None), None
         self.compiled_fresh = False  # A, B or W0 changed: so has the norm a graph kept
-        return norm
+        return norm_sq
+
+    def norm_sq(self, layer: nn.Module) -> torch.Tensor:
+        """The detached, floored n² of this call: the kept one, or computed through the base
+        layer and kept."""
+        norm_sq = self.kept_norm_sq(layer)
+        if norm_sq is None:
+            with torch.no_grad():
+                norm_sq = layer._compute_norm_sq()
+            norm_sq = self.keep_norm_sq(layer, norm_sq)  # outside no_grad: the compiled slot is per mode
+        return norm_sq
 
     def norm(self, layer: nn.Module) -> torch.Tensor:
-        """The norm of this call: with its gradient where ``detach_norm=False`` and autograd
-        records (never kept), else detached, the kept one or computed through the base layer
-        and kept."""
+        """The norm n of this call: with its gradient where ``detach_norm=False`` and autograd
+        records (never kept), else the square root of ``norm_sq``, kept beside it."""
         if not layer.detach_norm and torch.is_grad_enabled():
             return layer._compute_norm()
-        norm = self.kept_norm(layer)
+        norm_sq = self.norm_sq(layer)
+        if is_compiling():
+            return norm_sq.sqrt()
+        key, kept_sq, norm = self.norm_entry
         if norm is None:
-            with torch.no_grad():
-                norm = layer._compute_norm()
-            norm = self.keep_norm(layer, norm)  # outside no_grad: the compiled slot is per mode
+            norm = kept_sq.sqrt()
+            self.norm_entry = (key, kept_sq, norm)
         return norm
+
+    def zeros(self, like: torch.Tensor) -> torch.Tensor:
+        """An (out,) zero vector like ``like`` (n²), made once rather than in every step: batch
+        norm's mean and variance in the one-node DoRA paths. Made in the graph when compiled."""
+        kept = self.zero_entry
+        if is_compiling():
+            return torch.zeros_like(like)
+        if kept is None or kept.shape != like.shape or kept.dtype != like.dtype or kept.device != like.device \
+                or (kept.is_inference() and not torch.is_inference_mode_enabled()):
+            kept = self.zero_entry = torch.zeros_like(like)
+        return kept
 
     def scale(self, layer: nn.Module, dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(g, (1 − g) ⊙ b) in ``dtype`` for an eager call without autograd, kept while valid."""
@@ -210,7 +237,7 @@ class NormCache:
         key = _key(deps, layer.scaling, OPTIMIZER_STEPS.count, dtype, by_identity=_keyed_by_identity(layer))
         if _usable(self.scale_entry, key):
             return self.scale_entry[1], self.scale_entry[2]
-        g = DF.magnitude_scale(layer.magnitude, self.norm(layer))
+        g = DF.scale_from_squares(layer.magnitude, self.norm_sq(layer))
         shift = None if bias is None else ((1 - g) * bias.to(torch.float32)).to(dtype)
         self.scale_entry = (key, g.to(dtype), shift)
         return self.scale_entry[1], shift
@@ -220,7 +247,7 @@ class NormCache:
         self.compiled, self.compiled_fresh = (None, None), False
 
     def forget(self) -> None:
-        self.w0 = self.norm_entry = self.scale_entry = self._pending = None
+        self.w0 = self.norm_entry = self.scale_entry = self.zero_entry = self._pending = None
         self.forget_compiled()
 
     def _norm_key(self, layer: nn.Module) -> tuple:

@@ -267,17 +267,17 @@ def _stack_norm_rows(x_2d: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def _linear_products(layer, x_2d, low_2d, a, w):
-    """x W0ᵀ, x' Aᵀ and the detached norm, without autograd: the norm kept, or computed now
-    (its A W0ᵀ and A Aᵀ from the output's own matmuls where there are few tokens)."""
-    kept = layer.norm_cache.kept_norm(layer)
+    """x W0ᵀ, x' Aᵀ and the detached n², without autograd: n² kept, or computed now (its A W0ᵀ
+    and A Aᵀ from the output's own matmuls where there are few tokens)."""
+    kept = layer.norm_cache.kept_norm_sq(layer)
     with torch.no_grad():
         if kept is None and low_2d is None and _stack_norm_rows(x_2d, w):
             z, h, cross, gram = DF.stacked_products(x_2d, a, w)
-            norm = layer._compute_norm(cross, gram)
+            norm_sq = layer._compute_norm_sq(cross, gram)
         else:
             z, h = x_2d @ w.t(), (x_2d if low_2d is None else low_2d) @ a.t()
-            norm = layer._compute_norm() if kept is None else kept
-    return z, h, kept if kept is not None else layer.norm_cache.keep_norm(layer, norm)
+            norm_sq = layer._compute_norm_sq() if kept is None else kept
+    return z, h, kept if kept is not None else layer.norm_cache.keep_norm_sq(layer, norm_sq)
 
 
 def dora_linear(layer, x: torch.Tensor) -> torch.Tensor:
@@ -293,9 +293,10 @@ def dora_linear(layer, x: torch.Tensor) -> torch.Tensor:
     w = layer.direct_weight()
     x_2d = x.reshape(-1, x.shape[-1])
     low_2d = layer.dropout(x).reshape(x_2d.shape) if dropping(layer) else None  # "lowrank" mode
-    z, h, norm = _linear_products(layer, x_2d, low_2d, a, w)
+    z, h, norm_sq = _linear_products(layer, x_2d, low_2d, a, w)
     own_z = not is_compiling() and not z._is_view()  # y is made in z's storage (not the stacked rows')
-    y = DF.dora_linear(x_2d, low_2d, a, b, layer.magnitude, z, h, norm, w, base_bias(layer), layer.scaling, own_z)
+    zeros = layer.norm_cache.zeros(norm_sq)
+    y = DF.dora_linear(x_2d, low_2d, a, b, layer.magnitude, z, h, norm_sq, w, base_bias(layer), layer.scaling, own_z, zeros)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -310,11 +311,12 @@ def dora_linear_rows(layer, x: torch.Tensor) -> torch.Tensor:
     a, b = layer.lowrank_factors()
     x_2d = x.reshape(-1, x.shape[-1])
     low_2d = layer.dropout(x).reshape(x_2d.shape) if dropping(layer) else None  # "lowrank" mode
-    norm = layer.norm_cache.norm(layer)
+    norm_sq = layer.norm_cache.norm_sq(layer)
     with torch.no_grad():
         h = (x_2d if low_2d is None else low_2d) @ a.t()
     w, bias = layer.direct_weight(), base_bias(layer)
-    y = DF.dora_linear_rows(x_2d, low_2d, a, b, layer.magnitude, h, norm, w, bias, layer.scaling)
+    zeros = layer.norm_cache.zeros(norm_sq)
+    y = DF.dora_linear_rows(x_2d, low_2d, a, b, layer.magnitude, h, norm_sq, w, bias, layer.scaling, zeros)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

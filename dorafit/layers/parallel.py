@@ -14,8 +14,8 @@ the forward works on the local parts:
                         columns, summed in forward
     ‖W0 + s B A‖²       colwise: complete for this rank's rows; rowwise: the partial squares of
                         the local columns (cross term A W0ᵀ, A Aᵀ) summed over the ranks before
-                        the square root (``functional.factored_norm_sq`` then
-                        ``functional.norm_from_squares``)
+                        the floor and square root (``functional.factored_norm_sq`` then
+                        ``functional.floor_squares``; the cache keeps n² and takes n from it)
     g = m / ‖·‖         per output feature of this rank's output (its rows, or all of them)
 
 The base is always called as a module (its hooks do the redistribution), so the layer runs the
@@ -99,20 +99,20 @@ class TensorParallelLinearAdapter(LinearAdapter):
 
         return row_norms_sq(self)[0]
 
-    def _compute_norm(self, cross=None, gram=None) -> torch.Tensor:
-        """‖W0 + s B A‖ for this rank's output features (see the module docstring)."""
+    def _compute_norm_sq(self, cross=None, gram=None) -> torch.Tensor:
+        """‖W0 + s B A‖², floored, for this rank's output features (see the module docstring)."""
         w0_sq = self.w0_norm_sq
         if self.method == "magnitude":
-            return DF.norm_from_squares(w0_sq)
+            return DF.floor_squares(w0_sq)
         a, b = self.lowrank_factors()
         tp, s = self.parallel, self.scaling
         with compose.no_autocast(a.device.type):
             if tp.style == "rowwise":  # partial over the columns: summed, then W0's complete squares
                 a, b_used = a.float(), tp.replicated_use(b)
                 part = DF.factored_norm_sq(torch.zeros_like(w0_sq), DF.rows_times_weight_t(a, self.local_weight()), a, b_used, s)
-                return DF.norm_from_squares(w0_sq + tp.complete_norm_sq(part))
+                return DF.floor_squares(w0_sq + tp.complete_norm_sq(part))
             a_used = tp.replicated_use(a)
-            return DF.factored_norm(w0_sq, DF.rows_times_weight_t(a_used, self.local_weight()), a_used, b, s)
+            return DF.floor_squares(DF.factored_norm_sq(w0_sq, DF.rows_times_weight_t(a_used, self.local_weight()), a_used, b, s))
 
     def magnitude_scale(self) -> torch.Tensor:
         return DF.magnitude_scale(self.local_magnitude(), self.weight_norm())

@@ -135,13 +135,13 @@ def test_norm_cached_under_checkpoint_recomputation(ref):
     """Activation-checkpoint recomputation reuses the norm (one computation) and gives the same grads."""
     layer = ref.randomize_adapter(make_conv(2, padding=1), scale=0.3)
     calls = []
-    real = layer._compute_norm
+    real = layer._compute_norm_sq
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    layer._compute_norm = counted
+    layer._compute_norm_sq = counted
     x = inputs(2).requires_grad_(True)
     torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False).pow(2).sum().backward()
     assert len(calls) == 1

@@ -428,13 +428,13 @@ def test_cross_term_runs_the_base_layer():
 
 def _count_norms(monkeypatch, layer):
     calls = []
-    real = layer._compute_norm
+    real = layer._compute_norm_sq
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(layer, "_compute_norm", counted)
+    monkeypatch.setattr(layer, "_compute_norm_sq", counted)
     return calls
 
 
@@ -457,6 +457,30 @@ def test_norm_cache_across_microbatches_and_steps(monkeypatch):
     assert len(calls) == 2  # kept in eval
     w = layer.base.weight.detach() + layer.scaling * layer.lora_b.detach() @ layer.lora_a.detach()
     torch.testing.assert_close(layer.weight_norm(), torch.linalg.vector_norm(w, dim=1), rtol=1e-5, atol=1e-6)
+
+
+def test_kept_zeros_made_once_and_again_only_where_they_cannot_serve():
+    """The one-node paths' batch-norm statistics: one zero vector per layer across steps, a new
+    one after a cast (its dtype) and none made in inference mode handed to autograd calls."""
+    layer = make_linear(in_f=16, out_f=16)
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    kept = []
+    for _ in range(3):
+        layer(torch.randn(4, 16)).pow(2).sum().backward()
+        opt.step()
+        kept.append(layer.norm_cache.zero_entry)
+    assert kept[0] is kept[1] is kept[2] and not kept[0].any()
+    layer.double()
+    layer(torch.randn(4, 16, dtype=torch.float64)).sum().backward()
+    assert layer.norm_cache.zero_entry.dtype == torch.float32  # n² stays float32 for a float64 base
+    assert layer.norm_cache.zero_entry is not kept[0]  # the cast forgot it
+    layer = make_linear(in_f=16, out_f=16)
+    with torch.inference_mode():
+        layer.norm_cache.zeros(torch.ones(16))
+    assert layer.norm_cache.zero_entry.is_inference()
+    y = layer(torch.randn(4, 16))
+    y.pow(2).sum().backward()  # saved for backward: not the inference tensor
+    assert not layer.norm_cache.zero_entry.is_inference()
 
 
 @pytest.mark.parametrize("tokens,path", [(4, "dora-linear"), (40, "dora-linear-rows")])
@@ -559,13 +583,13 @@ def test_norm_cache_after_write_through_data():
 def _count_scales(monkeypatch, layer):
     """Counts the computations of g = m / n (the no-grad path computes g only in the cache)."""
     calls = []
-    real = DF.magnitude_scale
+    real = DF.scale_from_squares
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(DF, "magnitude_scale", counted)
+    monkeypatch.setattr(DF, "scale_from_squares", counted)
     return calls
 
 
