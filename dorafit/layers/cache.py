@@ -222,11 +222,11 @@ class NormCache:
     def zeros(self, like: torch.Tensor) -> torch.Tensor:
         """An (out,) zero vector like ``like`` (n²), made once rather than in every step: batch
         norm's mean and variance in the one-node DoRA paths. Made in the graph when compiled."""
-        kept = self.zero_entry
         if is_compiling():
             return torch.zeros_like(like)
-        if kept is None or kept.shape != like.shape or kept.dtype != like.dtype or kept.device != like.device \
-                or (kept.is_inference() and not torch.is_inference_mode_enabled()):
+        kept = self.zero_entry
+        alike = kept is not None and (kept.shape, kept.dtype, kept.device) == (like.shape, like.dtype, like.device)
+        if not alike or (kept.is_inference() and not torch.is_inference_mode_enabled()):
             kept = self.zero_entry = torch.zeros_like(like)
         return kept
 
