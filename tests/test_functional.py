@@ -40,6 +40,20 @@ def test_factored_norm_equals_direct(out_f, in_f, rank, scaling, dtype, seed):
     torch.testing.assert_close(DF.reference_norm(w0, a, b, scaling).double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_factored_norm_reads_either_layout_of_the_cross_term():
+    """A W0ᵀ as the transpose of a contiguous (out, r) (``rows_times_weight_t``) or as contiguous
+    (r, out) rows (the stacked [x; A] W0ᵀ): one result, the direct norm's."""
+    gen = torch.Generator().manual_seed(4)
+    w0, a, b = torch.randn(40, 24, generator=gen), torch.randn(5, 24, generator=gen), torch.randn(40, 5, generator=gen)
+    w0_sq = DF.weight_norm_sq_per_output(w0)
+    transposed, rows = DF.rows_times_weight_t(a, w0), (a @ w0.t()).contiguous()
+    assert transposed.t().is_contiguous() and rows.is_contiguous()
+    want = direct_norm(w0, a, b, 0.8).square()
+    for cross in (transposed, rows):
+        got = DF.factored_norm_sq(w0_sq, cross, a, b, 0.8)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
 def test_factored_norm_full_gradient_matches_direct():
     gen = torch.Generator().manual_seed(0)
     w0 = torch.randn(9, 7, generator=gen)
