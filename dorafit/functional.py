@@ -186,7 +186,7 @@ def scale_from_squares(
     stat = torch.float64 if magnitude.dtype == torch.float64 else torch.float32
     var = norm_sq.to(stat)
     mean = zeros if zeros is not None and zeros.dtype == stat else torch.zeros_like(var)
-    g, _, _ = torch.ops.aten.native_batch_norm(magnitude.to(stat).view(1, -1), None, None, mean, var, False, 0.0, 0.0)
+    g, _, _ = torch.native_batch_norm(magnitude.to(stat).view(1, -1), None, None, mean, var, False, 0.0, 0.0)
     return g.view(-1)
 
 
