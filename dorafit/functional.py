@@ -103,7 +103,7 @@ def factored_norm_sq(
 
     Every sum over the input dimension happens in ``cross``, ``gram`` and ‖W0‖²: with W0 sharded
     by columns (rowwise tensor parallel) the result is a partial sum to all-reduce before the
-    square root (``norm_from_squares``).
+    floor (``floor_squares``).
     """
     a, b, cross = _float32(lora_a_2d), _float32(lora_b_2d), _float32(cross)
     gram = a @ a.t() if gram is None else _float32(gram)  # (r, r)
