@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,17 @@ from dorafit import bench
 from dorafit.cli import main as cli_main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def test_probe_stand_ins_fit_what_they_replace(monkeypatch):
+    """benchmarks/probe_dora_extra.py times DoRA against copies whose norm and backward pass are
+    stand-ins with the signatures of what they replace: both parts run through on a tiny layer,
+    so a changed signature fails here rather than in a measurement."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    probe = importlib.import_module("probe_dora_extra")
+    lines = probe.part1("layer8x32", 1) + probe.part2("layer8x32", 1, torch.device("cpu"))
+    for variant in ("DoRA, norm stored", "DoRA, no backward pass", "DoRA, neither"):
+        assert sum(line.startswith(f"  {variant} ") for line in lines) == 1, lines
 
 
 def test_time_alternating_interleaves_rounds():
