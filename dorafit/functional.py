@@ -93,8 +93,9 @@ def factored_norm_sq(
     """‖W0 + s B A‖² per output feature without forming the (out, in) matrix: (out,), float32.
 
     w0_norm_sq: (out,) ‖W0_i‖²; cross: (r, out) = A W0ᵀ, either the transpose of a contiguous
-    (out, r) or contiguous itself (the addmm reads each in its own layout: reading (r, out) rows
-    transposed took 1.8× as long at 4096², r 16, on a CPU); lora_a_2d: (r, in); lora_b_2d: (out, r);
+    (out, r) or contiguous itself (the addmm reads each in its own layout: with (r, out) rows read
+    transposed, the addmm and the row dot took 1.8× as long at 4096², r 16, on a CPU);
+    lora_a_2d: (r, in); lora_b_2d: (out, r);
     gram: A Aᵀ (r, r) where the caller has it already. Two small operations besides the gram, as
     this runs once per optimizer step and layer:
 
