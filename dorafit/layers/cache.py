@@ -23,7 +23,7 @@ version (in-place writes bump it; a tensor-parallel layer compares the parameter
 than their storage, so that every rank of its group decides alike). A value made under ``torch.inference_mode`` is not handed to
 calls outside it (it could not be saved for backward).
 
-Where the norm of a call comes from (``dorafit.layers.compose`` asks):
+Where the norm of a call comes from (kept as n²; ``dorafit.layers.compose`` asks):
 
     | the call                                     | its norm                                       |
     |----------------------------------------------|------------------------------------------------|
