@@ -182,7 +182,8 @@ def scale_from_squares(
 
     Batch norm in evaluation mode over one row computes (m − mean) / √(var + eps) per feature;
     with mean 0 (``zeros``, or made here), var n² and eps 0 that is g, where a square root and a
-    division would be two launches. Reference: ``magnitude_scale(m, floored.sqrt())``.
+    division would be two launches. Reference: ``magnitude_scale(m, floored.sqrt())``; this is
+    m · (1 / √n²), which can differ from the division by 1 ulp (the kept no-grad g divides).
     """
     stat = torch.float64 if magnitude.dtype == torch.float64 else torch.float32
     var = norm_sq.to(stat)

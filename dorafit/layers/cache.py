@@ -231,13 +231,18 @@ class NormCache:
         return kept
 
     def scale(self, layer: nn.Module, dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(g, (1 − g) ⊙ b) in ``dtype`` for an eager call without autograd, kept while valid."""
+        """(g, (1 − g) ⊙ b) in ``dtype`` for an eager call without autograd, kept while valid.
+
+        g = m / n by a division (n = √n², kept), not by ``scale_from_squares``: the division is
+        correctly rounded, so g is exactly 1 where m = ‖W0‖ and B = 0, and an adapter just
+        attached evaluates bit for bit as its base. Batch norm's m · (1 / √n²) can be 1 ulp off.
+        Made once per refresh, so the extra operator is not paid per call."""
         bias = base_bias(layer)
         deps = layer.norm_inputs() + [layer.magnitude] + ([bias] if bias is not None else [])
         key = _key(deps, layer.scaling, OPTIMIZER_STEPS.count, dtype, by_identity=_keyed_by_identity(layer))
         if _usable(self.scale_entry, key):
             return self.scale_entry[1], self.scale_entry[2]
-        g = DF.scale_from_squares(layer.magnitude, self.norm_sq(layer))
+        g = DF.magnitude_scale(layer.magnitude, self.norm(layer))
         shift = None if bias is None else ((1 - g) * bias.to(torch.float32)).to(dtype)
         self.scale_entry = (key, g.to(dtype), shift)
         return self.scale_entry[1], shift

@@ -97,6 +97,22 @@ def test_step0_identity(kind, method):
     assert layer.magnitude is None if method == "lora" else layer.magnitude is not None
 
 
+@pytest.mark.parametrize("kind", list(FACTORIES))
+@pytest.mark.parametrize("tokens", [1, 5, 40])  # decode; fewer and more tokens than inputs (12)
+def test_step0_identity_without_autograd_is_bit_exact(kind, tokens):
+    """Just attached (B = 0, m = ‖W0‖), a DoRA layer evaluates exactly as its base: g = m / n is a
+    correctly rounded division, 1 where m = n (batch norm's m · (1 / √n²) is 1 ulp off for about
+    a quarter of the rows). Rows of very different norms, so that g ≠ 1 would show."""
+    layer = FACTORIES[kind](method="dora").eval()
+    with torch.no_grad():
+        layer.base.weight.mul_(torch.logspace(-2, 2, layer.base.weight.numel()).reshape(layer.base.weight.shape))
+    dorafit.invalidate_norm_caches(layer)
+    layer.magnitude.data = layer.w0_norm_sq.sqrt()
+    x = torch.randn(tokens, 12)
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.base(x))
+
+
 # ------------------------------------------------------------------------------------------
 # Eq. 5: outputs and gradients
 
@@ -583,13 +599,13 @@ def test_norm_cache_after_write_through_data():
 def _count_scales(monkeypatch, layer):
     """Counts the computations of g = m / n (the no-grad path computes g only in the cache)."""
     calls = []
-    real = DF.scale_from_squares
+    real = DF.magnitude_scale
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(DF, "scale_from_squares", counted)
+    monkeypatch.setattr(DF, "magnitude_scale", counted)
     return calls
 
 
